@@ -1,0 +1,220 @@
+"""PII redaction with conversation-stable placeholders, and streaming restore.
+
+Placeholders look like ``<EMAIL_1>``; the same value (in canonical form: e-mail
+lower-cased, phone as E.164, card/IBAN without spaces) keeps its number for the
+whole conversation because the ``PlaceholderMap`` is stored with it.
+
+Visitor-typed placeholders. A visitor may type ``<EMAIL_1>`` themselves. Such
+tokens are forwarded unchanged, but the map's counters skip past their numbers,
+so a placeholder the map issues later never equals a token the visitor typed and
+that token is never restored. A typed token whose number was already issued for
+this conversation can be restored, but only to a value this same visitor sent in
+this conversation (the map is per conversation), so nothing of anyone else's can
+leak. Restoring maps only placeholders the map issued; others pass through.
+
+Redaction fails closed: nothing here catches exceptions; if detection fails the
+caller gets the exception and must not forward the text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .detect import DEFAULT_PHONE_REGIONS, Match, detectors, resolve
+from .schema import ENTITIES
+
+PLACEHOLDER_NAMES: dict[str, str] = {e: e.upper() for e in ENTITIES}
+_ENTITY_BY_NAME = {v: k for k, v in PLACEHOLDER_NAMES.items()}
+MAX_COUNTER = 999_999_999
+# Any placeholder-shaped token; only ones the map issued are ever replaced.
+_NAMES_ALT = "|".join(sorted(PLACEHOLDER_NAMES.values(), key=len, reverse=True))
+PLACEHOLDER_RE = re.compile(r"<(" + _NAMES_ALT + r")_([1-9]\d{0,8})>")
+_MAP_FORMAT = 1
+
+
+class Remark(NamedTuple):
+    """Why a span of the ORIGINAL text was replaced; never holds the value."""
+
+    entity: str
+    rule: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class RedactionResult:
+    """Redacted text plus per-entity counts and one remark per replacement."""
+
+    text: str
+    counts: dict[str, int]
+    remarks: tuple[Remark, ...]
+
+
+class PlaceholderMap:
+    """Per-conversation value <-> placeholder table with per-entity counters."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], str] = {}
+        self._values: dict[str, str] = {}
+        self._counters: dict[str, int] = {}
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no placeholder was issued yet."""
+        return not self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def placeholder_for(self, entity: str, key: str, value: str) -> str:
+        """Return the placeholder of ``key`` (canonical form), issuing one if new."""
+        existing = self._by_key.get((entity, key))
+        if existing is not None:
+            return existing
+        number = self._counters.get(entity, 0) + 1
+        if number > MAX_COUNTER:
+            raise OverflowError(f"too many {entity} placeholders in one conversation")
+        self._counters[entity] = number
+        placeholder = f"<{PLACEHOLDER_NAMES[entity]}_{number}>"
+        self._by_key[(entity, key)] = placeholder
+        self._values[placeholder] = value
+        return placeholder
+
+    def reserve(self, entity: str, number: int) -> None:
+        """Never issue ``number`` (or below) for ``entity``: the visitor typed it literally."""
+        if self._counters.get(entity, 0) < number <= MAX_COUNTER:
+            self._counters[entity] = number
+
+    def value_of(self, placeholder: str) -> str | None:
+        """Return the original value of an issued placeholder, else None."""
+        return self._values.get(placeholder)
+
+    def placeholders(self) -> frozenset[str]:
+        """Return every placeholder issued so far."""
+        return frozenset(self._values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able form for (encrypted) storage."""
+        return {
+            "v": _MAP_FORMAT,
+            "entries": [
+                [entity, key, placeholder, self._values[placeholder]]
+                for (entity, key), placeholder in self._by_key.items()
+            ],
+            "counters": dict(sorted(self._counters.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlaceholderMap:
+        """Rebuild a map from ``to_dict`` output; raise ValueError if it is malformed."""
+        if not isinstance(data, Mapping) or data.get("v") != _MAP_FORMAT:
+            raise ValueError("unsupported placeholder map format")
+        out = cls()
+        counters = data.get("counters")
+        entries = data.get("entries")
+        if not isinstance(counters, Mapping) or not isinstance(entries, list):
+            raise ValueError("malformed placeholder map")
+        for entity, n in counters.items():
+            if entity not in PLACEHOLDER_NAMES or type(n) is not int or not 0 <= n <= MAX_COUNTER:
+                raise ValueError("malformed placeholder map counter")
+            out._counters[entity] = n
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 4
+                    and all(isinstance(x, str) for x in entry)):
+                raise ValueError("malformed placeholder map entry")
+            entity, key, placeholder, value = entry
+            m = PLACEHOLDER_RE.fullmatch(placeholder)
+            if (m is None or _ENTITY_BY_NAME[m.group(1)] != entity
+                    or int(m.group(2)) > out._counters.get(entity, 0)
+                    or placeholder in out._values):
+                raise ValueError("malformed placeholder map entry")
+            out._by_key[(entity, key)] = placeholder
+            out._values[placeholder] = value
+        return out
+
+
+class Redactor:
+    """Finds and replaces the configured PII entities; built once per policy version."""
+
+    def __init__(
+        self, entities: Iterable[str], phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS
+    ) -> None:
+        ents = frozenset(entities)
+        unknown = ents - set(ENTITIES)
+        if unknown:
+            raise ValueError(f"unknown entities: {', '.join(sorted(unknown))}")
+        self.entities = ents
+        self.phone_regions = tuple(phone_regions)
+        self._detectors = detectors(ents, self.phone_regions)
+
+    def find(self, text: str) -> list[Match]:
+        """Return the non-overlapping matches in ``text``, left to right."""
+        found: list[Match] = []
+        for detect in self._detectors:
+            found.extend(detect(text))
+        return resolve(found)
+
+    def redact(self, text: str, mapping: PlaceholderMap) -> RedactionResult:
+        """Replace every match with its placeholder, recording it in ``mapping``."""
+        # Reserve first, so a value found in this very message cannot be issued a number
+        # the visitor typed literally.
+        for m in PLACEHOLDER_RE.finditer(text):
+            mapping.reserve(_ENTITY_BY_NAME[m.group(1)], int(m.group(2)))
+        matches = self.find(text)
+        parts: list[str] = []
+        counts: dict[str, int] = {}
+        remarks: list[Remark] = []
+        pos = 0
+        for hit in matches:
+            parts.append(text[pos : hit.start])
+            parts.append(mapping.placeholder_for(hit.entity, hit.key, text[hit.start : hit.end]))
+            counts[hit.entity] = counts.get(hit.entity, 0) + 1
+            remarks.append(Remark(hit.entity, hit.rule, hit.start, hit.end))
+            pos = hit.end
+        parts.append(text[pos:])
+        return RedactionResult("".join(parts), counts, tuple(remarks))
+
+
+def restore_text(text: str, mapping: PlaceholderMap) -> str:
+    """Replace every placeholder the map issued by its value; leave others unchanged."""
+    if mapping.is_empty or "<" not in text:
+        return text
+
+    def sub(m: re.Match[str]) -> str:
+        value = mapping.value_of(m.group())
+        return m.group() if value is None else value
+
+    return PLACEHOLDER_RE.sub(sub, text)
+
+
+class ReplyRestorer:
+    """Restores placeholders in a streamed reply, whatever the chunk boundaries."""
+
+    def __init__(self, mapping: PlaceholderMap) -> None:
+        self._mapping = mapping
+        # Every proper prefix ("<", "<E", ... "<EMAIL_1") of an issued placeholder: a chunk
+        # ending in one of these may still become a placeholder, so it is held back.
+        self._prefixes = frozenset(
+            p[:i] for p in mapping.placeholders() for i in range(1, len(p))
+        )
+        self._pending = ""
+
+    def feed(self, chunk: str) -> str:
+        """Return the text that is safe to show now."""
+        buffer = self._pending + chunk
+        self._pending = ""
+        # A placeholder has exactly one "<", at its start, so only the tail after the last
+        # "<" can be an unfinished one; it is at most (longest placeholder - 1) chars.
+        cut = buffer.rfind("<")
+        if cut >= 0 and buffer[cut:] in self._prefixes:
+            self._pending = buffer[cut:]
+            buffer = buffer[:cut]
+        return restore_text(buffer, self._mapping)
+
+    def flush(self) -> str:
+        """Return whatever was held back; call once when the reply ends."""
+        rest, self._pending = self._pending, ""
+        return rest
