@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import signal
 import time
 import uuid
@@ -31,6 +30,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from gateway.upstream import split_words
 
 MODES = frozenset(
     {
@@ -45,7 +46,6 @@ MODES = frozenset(
         "keepalive",
     }
 )
-_WORDS = re.compile(r"\s*\S+\s*")
 # Lines a sloppy or broken upstream might emit; the client must skip them.
 _BAD_LINES = (b"data: {not json", b"data: hello world", b'data: {"choices": [')
 
@@ -56,12 +56,6 @@ class Behaviour:
 
     mode: str
     params: dict[str, Any] = field(default_factory=dict)
-
-
-def split_words(text: str) -> list[str]:
-    """Split text into word pieces that keep their whitespace, so joining restores it."""
-    pieces = _WORDS.findall(text)
-    return pieces if pieces else ([text] if text else [])
 
 
 def merge_pieces(pieces: list[str], n: int | None) -> list[str]:

@@ -1,0 +1,530 @@
+"""Streaming client for OpenAI-compatible Chat Completions, and the built-in offline model.
+
+Both implement `ChatModel.stream_chat`, which returns a `ChatStream`: an async
+iterator of reply pieces whose `finish_reason` is set once it is exhausted.
+Failures surface as `UpstreamError` carrying one of the protocol error codes
+(`upstream_unavailable`, `upstream_timeout`, `upstream_rejected`) and a short
+`kind` for metrics. No error message ever contains message text or the api key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal, Protocol
+
+import aiohttp
+import orjson
+
+log = logging.getLogger(__name__)
+
+ErrorCode = Literal["upstream_unavailable", "upstream_timeout", "upstream_rejected"]
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-4o-mini"
+_MAX_LINE = 1 << 20  # one SSE line larger than this is a broken upstream, not a reply
+_MAX_ERROR_BODY = 1 << 16
+_WORDS = re.compile(r"\s*\S+\s*")
+# Failures where nothing reached the model's output yet, so a retry cannot duplicate text.
+_RETRYABLE_KINDS = frozenset({"status_429", "status_5xx", "connect", "first_token_timeout", "cut"})
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Where and how to reach one OpenAI-compatible upstream."""
+
+    base_url: str
+    api_key: str = field(repr=False)  # keep the key out of reprs and so out of logs
+    model: str
+    first_token_timeout: float = 30
+    idle_timeout: float = 30
+    connect_timeout: float = 10
+    retries: int = 2
+    backoff_base: float = 0.25
+    max_retry_after: float = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], model: str = DEFAULT_MODEL) -> UpstreamConfig | None:
+        """Build the config from OMNIGATE_* variables; None when OPENAI_API_KEY is unset."""
+        key = env.get("OPENAI_API_KEY", "").strip()
+        if not key:
+            return None
+        return cls(
+            base_url=env.get("OMNIGATE_UPSTREAM_URL") or DEFAULT_BASE_URL,
+            api_key=key,
+            model=model,
+            first_token_timeout=float(env.get("OMNIGATE_UPSTREAM_FIRST_TOKEN_TIMEOUT", 30)),
+            idle_timeout=float(env.get("OMNIGATE_UPSTREAM_IDLE_TIMEOUT", 30)),
+            retries=int(env.get("OMNIGATE_UPSTREAM_RETRIES", 2)),
+        )
+
+
+class UpstreamError(Exception):
+    """A typed upstream failure; the message is log-safe (no content, no key)."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        kind: str,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.kind = kind
+        self.retry_after = retry_after
+        self.status = status
+
+
+class SSEParser:
+    """Incremental Server-Sent Events parser returning each event's data payload."""
+
+    def __init__(self, max_line: int = _MAX_LINE) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+        self._max_line = max_line
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Consume bytes from the wire; return the data of events completed by them."""
+        buf = self._buf + chunk
+        # A trailing CR may be the first half of a CRLF split across TCP reads.
+        hold = buf.endswith(b"\r")
+        if hold:
+            buf = buf[:-1]
+        lines = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._buf = lines.pop() + (b"\r" if hold else b"")
+        if len(self._buf) > self._max_line:
+            raise ValueError("SSE line too long")
+        out: list[str] = []
+        for line in lines:
+            self._line(line.decode("utf-8", "replace"), out)
+        return out
+
+    def flush(self) -> list[str]:
+        """At end of stream, return any event left without its terminating blank line."""
+        out: list[str] = []
+        if self._buf.strip(b"\r"):
+            self._line(self._buf.rstrip(b"\r").decode("utf-8", "replace"), out)
+        self._buf = b""
+        self._line("", out)
+        return out
+
+    def _line(self, line: str, out: list[str]) -> None:
+        if not line:
+            if self._data:
+                out.append("\n".join(self._data))
+                self._data = []
+            return
+        if line.startswith(":"):  # comment, e.g. ": keep-alive"
+            return
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        # event:, id:, retry: carry nothing the Chat Completions stream needs.
+
+
+_Producer = Callable[["ChatStream"], AsyncGenerator[str, None]]
+
+
+class ChatStream:
+    """Async iterator of reply pieces; `finish_reason` is set once it is exhausted."""
+
+    def __init__(self, producer: _Producer) -> None:
+        self.finish_reason: str | None = None
+        self.malformed_lines = 0
+        self.attempts = 0
+        self.retried: list[str] = []  # kinds of the failures that were retried, for metrics
+        self._gen = producer(self)
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop early and release the upstream connection."""
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+
+class ChatModel(Protocol):
+    """Anything the gateway can stream a reply from."""
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        model: str | None = None,
+        config: UpstreamConfig | None = None,
+    ) -> ChatStream:
+        """Start streaming a reply to messages."""
+        ...
+
+
+def split_words(text: str) -> list[str]:
+    """Split text into word pieces that keep their whitespace, so joining restores it."""
+    pieces: list[str] = _WORDS.findall(text)
+    return pieces if pieces else ([text] if text else [])
+
+
+def _last_user_text(messages: Sequence[Mapping[str, str]]) -> str:
+    for msg in reversed(messages):
+        if msg.get("role") == "user":
+            return str(msg.get("content", ""))
+    return ""
+
+
+class OfflineModel:
+    """The built-in `offline` model: streams back the forwarded user text word by word."""
+
+    name = "offline"
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        model: str | None = None,
+        config: UpstreamConfig | None = None,
+    ) -> ChatStream:
+        """Echo the last user message, one whitespace-preserving word at a time."""
+        text = _last_user_text(messages)
+
+        async def produce(cs: ChatStream) -> AsyncGenerator[str, None]:
+            cs.attempts = 1
+            for piece in split_words(text):
+                yield piece
+                await asyncio.sleep(0)  # let other sockets run, as a real stream would
+            cs.finish_reason = "stop"
+
+        return ChatStream(produce)
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(ms) / 1000)
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def backoff_delay(attempt: int, cfg: UpstreamConfig) -> float:
+    """Exponential backoff with equal jitter, capped by max_retry_after."""
+    full = min(cfg.backoff_base * 2.0**attempt, cfg.max_retry_after)
+    return full / 2 + random.uniform(0, full / 2)
+
+
+def _retry_wait(err: UpstreamError, attempt: int, cfg: UpstreamConfig) -> float | None:
+    """How long to wait before retrying err, or None when it must not be retried."""
+    if err.kind not in _RETRYABLE_KINDS:
+        return None
+    if err.retry_after is not None:
+        # Retrying sooner than the upstream asked only earns another 429; past the cap
+        # we give up and hand the visitor the upstream's own estimate instead.
+        if err.retry_after > cfg.max_retry_after:
+            return None
+        return max(err.retry_after, backoff_delay(attempt, cfg))
+    return backoff_delay(attempt, cfg)
+
+
+class UpstreamClient:
+    """Pooled streaming client for OpenAI-compatible `/chat/completions`.
+
+    Retries (exponential backoff with jitter) happen only before the first content
+    piece: on 429 (honouring Retry-After up to max_retry_after), 5xx, connection
+    errors, first-token timeouts and streams cut before any content. Once a piece
+    has been yielded nothing is retried: a stream that ends before `[DONE]` or a
+    finish_reason raises `upstream_unavailable` with kind "cut".
+    """
+
+    def __init__(self, config: UpstreamConfig, *, pool_limit: int = 200) -> None:
+        self.config = config
+        self._pool_limit = pool_limit
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the pooled HTTP session."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._pool_limit, keepalive_timeout=30, ttl_dns_cache=300
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),  # our own deadlines apply per read
+                raise_for_status=False,
+            )
+
+    async def close(self) -> None:
+        """Close the session and every pooled connection."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def __aenter__(self) -> UpstreamClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        model: str | None = None,
+        config: UpstreamConfig | None = None,
+    ) -> ChatStream:
+        """Stream a reply; `config` overrides the upstream (a tenant's own key and URL)."""
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
+        cfg = config or self.config
+        body = orjson.dumps(
+            {"model": model or cfg.model, "messages": [dict(m) for m in messages], "stream": True}
+        )
+        session = self._session
+
+        async def produce(cs: ChatStream) -> AsyncGenerator[str, None]:
+            async for piece in self._with_retries(cs, session, cfg, body):
+                yield piece
+
+        return ChatStream(produce)
+
+    async def _with_retries(
+        self, cs: ChatStream, session: aiohttp.ClientSession, cfg: UpstreamConfig, body: bytes
+    ) -> AsyncGenerator[str, None]:
+        attempt = 0
+        while True:
+            cs.attempts += 1
+            yielded = False
+            try:
+                # aclosing: leaving early (cancel, aclose) must release the response now.
+                async with contextlib.aclosing(self._attempt(cs, session, cfg, body)) as pieces:
+                    async for piece in pieces:
+                        yielded = True
+                        yield piece
+                return
+            except UpstreamError as err:
+                wait = None if yielded or attempt >= cfg.retries else _retry_wait(err, attempt, cfg)
+                if wait is None:
+                    if err.kind == "status_429" and err.retry_after is None:
+                        err.retry_after = backoff_delay(attempt, cfg)
+                    raise
+                log.info("upstream %s, retry %d in %.2fs", err.kind, attempt + 1, wait)
+                cs.retried.append(err.kind)
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def _attempt(
+        self, cs: ChatStream, session: aiohttp.ClientSession, cfg: UpstreamConfig, body: bytes
+    ) -> AsyncGenerator[str, None]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.first_token_timeout
+        url = cfg.base_url.rstrip("/") + "/chat/completions"
+        headers = {
+            "Authorization": f"Bearer {cfg.api_key}",
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        }
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await session.post(url, data=body, headers=headers, timeout=timeout)
+        except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's timeouts are both
+            raise UpstreamError(
+                "upstream_unavailable", "connect", "could not connect to upstream"
+            ) from exc
+        except TimeoutError:
+            raise _timeout(first=True) from None
+        completed = False
+        try:
+            if resp.status != 200:
+                raise await _status_error(resp, deadline)
+            if resp.content_type == "application/json":
+                text = await _read_completion(resp, cs, deadline)
+                completed = True
+                if text:
+                    yield text
+                return
+            async for piece in _read_events(resp, cs, cfg, deadline):
+                yield piece
+            completed = True
+        finally:
+            if completed:
+                resp.release()  # back to the pool for keep-alive reuse
+            else:
+                resp.close()  # drop the socket so the upstream stops generating
+
+
+def _timeout(*, first: bool) -> UpstreamError:
+    if first:
+        return UpstreamError(
+            "upstream_timeout", "first_token_timeout", "upstream sent no reply in time"
+        )
+    return UpstreamError("upstream_timeout", "idle_timeout", "upstream stalled mid-reply")
+
+
+def _cut() -> UpstreamError:
+    return UpstreamError("upstream_unavailable", "cut", "upstream stream ended before completion")
+
+
+async def _read_events(
+    resp: aiohttp.ClientResponse, cs: ChatStream, cfg: UpstreamConfig, first_deadline: float
+) -> AsyncGenerator[str, None]:
+    """Yield content from an SSE body; deadlines reset only on valid data, not keep-alives."""
+    loop = asyncio.get_running_loop()
+    parser = SSEParser()
+    deadline = first_deadline
+    got_content = valid = False
+    eof = False
+    while not eof:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await resp.content.readany()
+        except TimeoutError:
+            raise _timeout(first=not got_content) from None
+        except aiohttp.ClientError:
+            raise _cut() from None
+        eof = not chunk
+        try:
+            payloads = parser.flush() if eof else parser.feed(chunk)
+        except ValueError:
+            raise UpstreamError(
+                "upstream_unavailable", "malformed", "upstream sent an oversized line"
+            ) from None
+        for payload in payloads:
+            for obj in _decode(payload, cs):
+                if obj == "[DONE]":
+                    _check_valid(valid, cs)
+                    return
+                valid = True
+                for piece in _interpret(obj, cs):
+                    got_content = True
+                    yield piece
+                # Time the consumer spent on the piece is not the upstream's idleness.
+                if got_content:
+                    deadline = loop.time() + cfg.idle_timeout
+    _check_valid(valid, cs)
+    if cs.finish_reason is None:
+        raise _cut()
+
+
+def _check_valid(valid: bool, cs: ChatStream) -> None:
+    if not valid and cs.malformed_lines:
+        raise UpstreamError("upstream_unavailable", "malformed", "upstream sent no valid chunk")
+
+
+def _decode(payload: str, cs: ChatStream) -> list[Any]:
+    """Parse one event's data; a bad line is counted and skipped, never fatal here."""
+    if payload == "[DONE]":
+        return ["[DONE]"]
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        if "\n" not in payload:
+            cs.malformed_lines += 1
+            return []
+        # Some servers omit the blank line between events; read each data line alone.
+        return [o for line in payload.split("\n") for o in _decode(line, cs)]
+    if not isinstance(obj, dict) or not isinstance(obj.get("choices", []), list):
+        cs.malformed_lines += 1
+        return []
+    return [obj]
+
+
+def _interpret(obj: dict[str, Any], cs: ChatStream) -> list[str]:
+    """Pull content pieces and finish_reason out of one chunk object."""
+    if "error" in obj:
+        raise UpstreamError("upstream_unavailable", "stream_error", "upstream reported an error")
+    pieces: list[str] = []
+    for choice in obj.get("choices", []):
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            # A refusal streams in its own field; the visitor should still see it.
+            for key in ("content", "refusal"):
+                if isinstance(delta.get(key), str) and delta[key]:
+                    pieces.append(delta[key])
+        if isinstance(choice.get("finish_reason"), str):
+            cs.finish_reason = choice["finish_reason"]
+    return pieces
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, deadline: float, limit: int) -> bytes:
+    buf = b""
+    async with asyncio.timeout_at(deadline):
+        while len(buf) < limit:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+async def _read_completion(resp: aiohttp.ClientResponse, cs: ChatStream, deadline: float) -> str:
+    """Handle an upstream that ignored stream=true and sent one chat.completion object."""
+    try:
+        raw = await _read_limited(resp, deadline, _MAX_LINE)
+        obj = orjson.loads(raw)
+        choice = obj["choices"][0]
+        text = choice["message"].get("content") or ""
+        cs.finish_reason = choice.get("finish_reason") or "stop"
+    except TimeoutError:
+        raise _timeout(first=True) from None
+    except aiohttp.ClientError:
+        raise _cut() from None
+    except (orjson.JSONDecodeError, LookupError, TypeError, AttributeError):
+        cs.malformed_lines += 1
+        raise UpstreamError(
+            "upstream_unavailable", "malformed", "upstream sent an unreadable completion"
+        ) from None
+    return str(text)
+
+
+async def _status_error(resp: aiohttp.ClientResponse, deadline: float) -> UpstreamError:
+    """Map a non-200 answer to an UpstreamError; only the error code is read from the body."""
+    status = resp.status
+    err_code = None
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
+        obj = orjson.loads(await _read_limited(resp, deadline, _MAX_ERROR_BODY))
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+            err_code = obj["error"].get("code")
+    msg = f"upstream answered HTTP {status}"
+    if status == 429:
+        if err_code == "insufficient_quota":  # a billing problem: waiting will not fix it
+            return UpstreamError("upstream_unavailable", "quota", msg, status=status)
+        retry_after = parse_retry_after(resp.headers)
+        return UpstreamError(
+            "upstream_unavailable", "status_429", msg, retry_after=retry_after, status=status
+        )
+    if status >= 500:
+        return UpstreamError("upstream_unavailable", "status_5xx", msg, status=status)
+    if status in (401, 403):
+        return UpstreamError("upstream_rejected", "auth", msg, status=status)
+    return UpstreamError("upstream_rejected", "status_4xx", msg, status=status)

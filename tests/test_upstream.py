@@ -1,0 +1,433 @@
+"""The streaming upstream client, over real sockets against the fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.fake_upstream import FakeUpstream, fake_upstream
+from gateway.upstream import (
+    ChatModel,
+    ChatStream,
+    OfflineModel,
+    SSEParser,
+    UpstreamClient,
+    UpstreamConfig,
+    UpstreamError,
+    backoff_delay,
+    parse_retry_after,
+    split_words,
+)
+
+KEY = "sk-secret-test-key"
+TEXT = "Hello there, general Kenobi"
+MESSAGES = [
+    {"role": "system", "content": "be helpful"},
+    {"role": "user", "content": "earlier"},
+    {"role": "assistant", "content": "noted"},
+    {"role": "user", "content": TEXT},
+]
+
+
+def make_config(base_url: str, **overrides: Any) -> UpstreamConfig:
+    cfg = UpstreamConfig(
+        base_url=base_url,
+        api_key=KEY,
+        model="gpt-test",
+        first_token_timeout=2,
+        idle_timeout=2,
+        connect_timeout=1,
+        retries=2,
+        backoff_base=0.01,
+        max_retry_after=2,
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[FakeUpstream, str]]:
+    async with fake_upstream() as pair:
+        yield pair
+
+
+@pytest.fixture
+async def client(upstream: tuple[FakeUpstream, str]) -> AsyncIterator[UpstreamClient]:
+    async with UpstreamClient(make_config(upstream[1])) as c:
+        yield c
+
+
+async def collect(stream: ChatStream) -> list[str]:
+    return [piece async for piece in stream]
+
+
+async def fail(stream: ChatStream) -> tuple[UpstreamError, list[str]]:
+    """Consume until the stream raises; return the error and what arrived before it."""
+    got: list[str] = []
+    with pytest.raises(UpstreamError) as info:
+        async for piece in stream:
+            got.append(piece)
+    err = info.value
+    # Log safety: neither the key nor any message content may appear in the error text.
+    for secret in (KEY, "Kenobi", "earlier"):
+        assert secret not in str(err) and secret not in repr(err.args)
+    return err, got
+
+
+async def test_full_stream(upstream: tuple[FakeUpstream, str], client: UpstreamClient) -> None:
+    fake, _ = upstream
+    stream = client.stream_chat(MESSAGES)
+    pieces = await collect(stream)
+    assert pieces == split_words(TEXT)
+    assert stream.finish_reason == "stop"
+    assert (stream.attempts, stream.malformed_lines, stream.retried) == (1, 0, [])
+    [req] = fake.requests
+    assert req["body"] == {"model": "gpt-test", "messages": MESSAGES, "stream": True}
+    assert req["authorization"] is True
+    assert req["headers"]["Accept"] == "text/event-stream"
+    assert KEY not in repr(fake.requests)
+
+
+async def test_per_call_config_overrides_model_and_key(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, url = upstream
+    tenant = make_config(url, api_key="sk-tenant", model="tenant-model")
+    assert await collect(client.stream_chat(MESSAGES, config=tenant)) == split_words(TEXT)
+    await collect(client.stream_chat(MESSAGES, model="policy-model"))
+    assert [r["body"]["model"] for r in fake.requests] == ["tenant-model", "policy-model"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "params"),
+    [
+        ("keepalive", {}),
+        ("keepalive", {"crlf": True, "every": 2}),
+        ("ok", {"nospace": True}),
+        ("ok", {"chunks": 1}),
+        ("ok", {"ignore_stream": True}),
+    ],
+    ids=["keepalive", "keepalive-crlf", "data-without-space", "one-chunk", "json-not-sse"],
+)
+async def test_stream_variants_yield_the_same_text(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient, mode: str, params: dict[str, Any]
+) -> None:
+    upstream[0].queue(mode, **params)
+    stream = client.stream_chat(MESSAGES)
+    assert "".join(await collect(stream)) == TEXT
+    assert stream.finish_reason == "stop"
+    assert stream.malformed_lines == 0
+
+
+async def test_malformed_lines_are_skipped_and_counted(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    upstream[0].queue("malformed", every=2)
+    stream = client.stream_chat(MESSAGES)
+    assert "".join(await collect(stream)) == TEXT
+    assert stream.malformed_lines == 2
+    assert stream.finish_reason == "stop"
+
+
+async def test_only_malformed_lines_fail_without_retry(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    upstream[0].queue("malformed", valid=False)
+    err, _ = await fail(client.stream_chat(MESSAGES))
+    assert (err.code, err.kind) == ("upstream_unavailable", "malformed")
+    assert len(upstream[0].requests) == 1
+
+
+async def test_rate_limit_waits_retry_after_then_succeeds(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, _ = upstream
+    fake.queue("rate_limit", retry_after=0.3)
+    fake.queue("ok")
+    started = time.monotonic()
+    stream = client.stream_chat(MESSAGES)
+    assert "".join(await collect(stream)) == TEXT
+    assert time.monotonic() - started >= 0.3
+    assert len(fake.requests) == 2
+    assert (stream.attempts, stream.retried) == (2, ["status_429"])
+
+
+async def test_rate_limit_exhausting_retries(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, _ = upstream
+    fake.script("rate_limit", retry_after=0.05)
+    err, _ = await fail(client.stream_chat(MESSAGES))
+    assert (err.code, err.kind, err.status) == ("upstream_unavailable", "status_429", 429)
+    assert err.retry_after == pytest.approx(0.05)
+    assert len(fake.requests) == 3  # first try + retries=2
+
+
+async def test_rate_limit_beyond_cap_gives_up_at_once(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, _ = upstream
+    fake.queue("rate_limit", retry_after=30)
+    err, _ = await fail(client.stream_chat(MESSAGES))
+    assert (err.code, err.retry_after) == ("upstream_unavailable", 30)
+    assert len(fake.requests) == 1
+
+
+async def test_rate_limit_without_header_still_reports_retry_after(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    upstream[0].script("rate_limit", retry_after=None)
+    err, _ = await fail(client.stream_chat(MESSAGES))
+    assert err.retry_after is not None and err.retry_after > 0
+
+
+async def test_quota_429_is_not_retried(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    upstream[0].queue("rate_limit", code="insufficient_quota")
+    err, _ = await fail(client.stream_chat(MESSAGES))
+    assert (err.code, err.kind) == ("upstream_unavailable", "quota")
+    assert len(upstream[0].requests) == 1
+
+
+async def test_server_error_is_retried_then_unavailable(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    upstream[0].script("error", status=500)
+    err, _ = await fail(client.stream_chat(MESSAGES))
+    assert (err.code, err.kind, err.status) == ("upstream_unavailable", "status_5xx", 500)
+    assert len(upstream[0].requests) == 3
+
+
+async def test_server_error_then_success(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    upstream[0].queue("error", status=502)
+    stream = client.stream_chat(MESSAGES)
+    assert "".join(await collect(stream)) == TEXT
+    assert stream.retried == ["status_5xx"]
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, "status_4xx"), (401, "auth"), (403, "auth"), (404, "status_4xx"), (422, "status_4xx")],
+    ids=["400", "401", "403", "404", "422"],
+)
+async def test_client_errors_are_rejected_without_retry(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient, status: int, kind: str
+) -> None:
+    upstream[0].queue("error", status=status, message="bad Kenobi")
+    err, _ = await fail(client.stream_chat(MESSAGES))
+    assert (err.code, err.kind, err.status) == ("upstream_rejected", kind, status)
+    assert len(upstream[0].requests) == 1
+
+
+async def test_missing_key_is_rejected_as_auth(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    err, _ = await fail(client.stream_chat(MESSAGES, config=make_config(upstream[1], api_key="")))
+    assert (err.code, err.kind) == ("upstream_rejected", "auth")
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once the socket is closed
+    cfg = make_config(f"http://127.0.0.1:{port}/v1", retries=1)
+    async with UpstreamClient(cfg) as client:
+        stream = client.stream_chat(MESSAGES)
+        err, _ = await fail(stream)
+    assert (err.code, err.kind) == ("upstream_unavailable", "connect")
+    assert stream.attempts == 2
+
+
+@pytest.mark.parametrize("send_headers", [False, True], ids=["no-headers", "headers-only"])
+async def test_hang_before_first_token_times_out(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient, send_headers: bool
+) -> None:
+    fake, url = upstream
+    fake.script("hang_before_first", send_headers=send_headers)
+    cfg = make_config(url, first_token_timeout=0.3, retries=1)
+    started = time.monotonic()
+    err, _ = await fail(client.stream_chat(MESSAGES, config=cfg))
+    elapsed = time.monotonic() - started
+    assert (err.code, err.kind) == ("upstream_timeout", "first_token_timeout")
+    assert 0.6 <= elapsed < 1.5  # two attempts of 0.3 s plus a tiny backoff
+    assert len(fake.requests) == 2
+    await asyncio.wait_for(_until(lambda: fake.disconnects == 2), 2)
+
+
+async def test_idle_between_chunks_times_out_without_retry(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, url = upstream
+    fake.queue("slow", delay_ms=400)
+    cfg = make_config(url, first_token_timeout=2, idle_timeout=0.15)
+    started = time.monotonic()
+    err, got = await fail(client.stream_chat(MESSAGES, config=cfg))
+    assert (err.code, err.kind) == ("upstream_timeout", "idle_timeout")
+    assert got == ["Hello "]
+    assert time.monotonic() - started < 1.0
+    assert len(fake.requests) == 1
+
+
+async def test_cut_after_tokens_is_not_retried(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    upstream[0].queue("cut", after=2)
+    err, got = await fail(client.stream_chat(MESSAGES))
+    assert (err.code, err.kind) == ("upstream_unavailable", "cut")
+    assert got == ["Hello ", "there, "]
+    assert len(upstream[0].requests) == 1
+
+
+async def test_cut_before_any_token_is_retried(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    upstream[0].queue("cut", after=0)
+    stream = client.stream_chat(MESSAGES)
+    assert "".join(await collect(stream)) == TEXT
+    assert stream.retried == ["cut"]
+
+
+async def _until(predicate: Any) -> None:
+    # The fake's counters have no event per value; a short poll is simplest in a test.
+    while not predicate():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+
+async def test_cancelling_the_consumer_drops_the_upstream_request(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, _ = upstream
+    fake.queue("slow", delay_ms=100)
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in client.stream_chat(MESSAGES):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(fake.disconnected.wait(), 2)
+    assert fake.disconnects == 1
+
+
+async def test_cancelling_while_waiting_for_first_token(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, _ = upstream
+    fake.queue("hang_before_first", send_headers=True)
+    task = asyncio.create_task(collect(client.stream_chat(MESSAGES)))
+    await asyncio.wait_for(_until(lambda: len(fake.requests) == 1), 2)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(fake.disconnected.wait(), 2)
+
+
+async def test_aclose_stops_early_and_drops_the_request(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, _ = upstream
+    fake.queue("slow", delay_ms=100)
+    async with client.stream_chat(MESSAGES) as stream:
+        async for piece in stream:
+            assert piece == "Hello "
+            break
+    await asyncio.wait_for(fake.disconnected.wait(), 2)
+    assert stream.finish_reason is None
+
+
+async def test_stream_before_start_is_an_error() -> None:
+    client = UpstreamClient(make_config("http://127.0.0.1:9/v1"))
+    with pytest.raises(RuntimeError):
+        client.stream_chat(MESSAGES)
+
+
+async def test_offline_model_echoes_last_user_message_word_by_word() -> None:
+    model: ChatModel = OfflineModel()
+    stream = model.stream_chat(MESSAGES)
+    pieces = await collect(stream)
+    assert pieces == ["Hello ", "there, ", "general ", "Kenobi"]
+    assert stream.finish_reason == "stop"
+    empty = model.stream_chat([{"role": "system", "content": "x"}])
+    assert await collect(empty) == [] and empty.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("chunks", "events"),
+    [
+        ([b"data: a\n\n"], ["a"]),
+        ([b"data:a\r\n\r\n"], ["a"]),
+        ([b"data: a\r", b"\n\r\n"], ["a"]),
+        ([bytes([c]) for c in b"data: {\"x\": 1}\n\ndata: [DONE]\n\n"], ['{"x": 1}', "[DONE]"]),
+        ([b": keep-alive\n\n\n\ndata: b\n\n"], ["b"]),
+        ([b"event: message\nid: 7\ndata: one\ndata: two\n\n"], ["one\ntwo"]),
+        ([b"data: tail-without-blank-line"], ["tail-without-blank-line"]),
+        ([b"data: caf\xc3", b"\xa9\n\n"], ["caf\u00e9"]),
+    ],
+    ids=["plain", "crlf-nospace", "crlf-split", "byte-by-byte", "comments", "multiline", "eof",
+         "utf8-split"],
+)  # fmt: skip
+def test_sse_parser(chunks: list[bytes], events: list[str]) -> None:
+    parser = SSEParser()
+    got = [e for chunk in chunks for e in parser.feed(chunk)]
+    assert got + parser.flush() == events
+
+
+def test_sse_parser_refuses_endless_lines() -> None:
+    with pytest.raises(ValueError, match="too long"):
+        SSEParser(max_line=8).feed(b"data: 0123456789")
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"Retry-After": "2"}, 2.0),
+        ({"Retry-After": "0.5", "retry-after-ms": "250"}, 0.25),
+        ({"Retry-After": "-3"}, 0.0),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),
+        ({"Retry-After": "soon"}, None),
+    ],
+    ids=["absent", "seconds", "ms-wins", "negative", "past-date", "garbage"],
+)
+def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
+    assert parse_retry_after(headers) == expected
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    cfg = make_config("http://x", backoff_base=0.1, max_retry_after=0.5)
+    for attempt, full in [(0, 0.1), (1, 0.2), (2, 0.4), (5, 0.5)]:
+        delays = [backoff_delay(attempt, cfg) for _ in range(50)]
+        assert all(full / 2 <= d <= full for d in delays)
+
+
+def test_config_repr_and_env_hide_nothing_but_the_key() -> None:
+    cfg = make_config("http://x")
+    assert KEY not in repr(cfg)
+    assert UpstreamConfig.from_env({}) is None
+    env = {
+        "OPENAI_API_KEY": KEY,
+        "OMNIGATE_UPSTREAM_URL": "http://up/v1",
+        "OMNIGATE_UPSTREAM_FIRST_TOKEN_TIMEOUT": "5",
+        "OMNIGATE_UPSTREAM_RETRIES": "0",
+    }
+    loaded = UpstreamConfig.from_env(env, model="m")
+    assert loaded is not None
+    assert (loaded.base_url, loaded.model, loaded.first_token_timeout, loaded.retries) == (
+        "http://up/v1",
+        "m",
+        5.0,
+        0,
+    )
