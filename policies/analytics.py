@@ -1,0 +1,101 @@
+"""Coarse, non-identifying analytics fields: all that is kept from the browser.
+
+The user agent is reduced to a browser family, its major version and a device
+class; the referrer to its origin; the page URL to its path. Query strings and
+fragments (where tokens, e-mails and campaign ids live) are always dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+MAX_PATH_CHARS = 512
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+_BOT_RE = re.compile(
+    r"bot\b|bot/|crawl|spider|slurp|headless|lighthouse|curl/|wget/|python-|java/|go-http|"
+    r"okhttp|axios/|node-fetch|httpclient|facebookexternalhit|preview",
+    re.IGNORECASE,
+)
+# Order matters: Edge and Opera also say "Chrome", Chrome also says "Safari".
+_BROWSERS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("edge", re.compile(r"\b(?:Edg|EdgA|EdgiOS|Edge)/(\d+)")),
+    ("opera", re.compile(r"\b(?:OPR|OPiOS|OPT)/(\d+)|\bOpera[/ ](\d+)")),
+    ("firefox", re.compile(r"\b(?:Firefox|FxiOS)/(\d+)")),
+    ("other", re.compile(r"\b(?:SamsungBrowser|UCBrowser|YaBrowser|Vivaldi|Brave)/(\d+)")),
+    ("chrome", re.compile(r"\b(?:Chrome|CriOS|HeadlessChrome|Chromium)/(\d+)")),
+    ("safari", re.compile(r"\bVersion/(\d+)[\d.]* (?:Mobile/\w+ )?Safari/")),
+)
+_TABLET_RE = re.compile(r"iPad|Tablet|PlayBook|Kindle|Silk/|Nexus (?:7|9|10)\b", re.IGNORECASE)
+_MOBILE_RE = re.compile(r"Mobi|iPhone|iPod|Windows Phone|BlackBerry", re.IGNORECASE)
+_DESKTOP_RE = re.compile(r"Windows NT|Macintosh|Mac OS X|X11|Linux|CrOS", re.IGNORECASE)
+
+
+def coarse_client(user_agent: str | None) -> dict[str, str | int | None]:
+    """Return browser_family, browser_major and device_class from a User-Agent."""
+    ua = (user_agent or "")[:1024]  # bounded: a huge header must not cost regex time
+    family, major = "other", None
+    for name, pattern in _BROWSERS:
+        m = pattern.search(ua)
+        if m:
+            digits = next((g for g in m.groups() if g), None)
+            family = name
+            major = int(digits) if digits and len(digits) <= 4 else None
+            break
+    if not ua.strip():
+        device = "other"
+    elif _BOT_RE.search(ua):
+        device = "bot"
+    elif _TABLET_RE.search(ua) or ("Android" in ua and "Mobile" not in ua):
+        # Android tablets are Android without "Mobile"; Android phones always say Mobile.
+        device = "tablet"
+    elif _MOBILE_RE.search(ua) or "Android" in ua:
+        device = "mobile"
+    elif _DESKTOP_RE.search(ua):
+        device = "desktop"
+    else:
+        device = "other"
+    return {"browser_family": family, "browser_major": major, "device_class": device}
+
+
+def referrer_origin(url: str | None) -> str | None:
+    """Return scheme://host[:port] of an http(s) referrer, else None."""
+    if not url or not isinstance(url, str) or len(url) > 4096:
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+def page_path(url_or_path: str | None) -> str | None:
+    """Return only the path of a page URL or path (no query/fragment, max 512 chars)."""
+    if not url_or_path or not isinstance(url_or_path, str):
+        return None
+    text = url_or_path.strip()
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return None
+    if parts.scheme:
+        if parts.scheme.lower() not in _DEFAULT_PORTS:
+            return None
+        path = parts.path or "/"
+    elif text.startswith("//"):
+        path = parts.path or "/"  # scheme-relative URL: the netloc is not a path
+    elif text.startswith("/"):
+        path = parts.path
+    else:
+        return None
+    return path[:MAX_PATH_CHARS]
