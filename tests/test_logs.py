@@ -83,8 +83,9 @@ def test_exception_message_and_traceback_are_scrubbed(
 
     raw = stream.getvalue()
     (record,) = lines(stream)
-    for original in (IPV4, IPV6, MAPPED, "198.51.100.23", EMAIL, "adm1n-K3y.value",
-                     URLSAFE_TOKEN, "555-0132", MESSAGE_TEXT):  # fmt: skip
+    originals = (IPV4, IPV6, MAPPED, "198.51.100.23", EMAIL, "adm1n-K3y.value")
+    originals += (URLSAFE_TOKEN, "555-0132", MESSAGE_TEXT)
+    for original in originals:
         assert original not in raw, original
     exc = record["exc"]
     assert isinstance(exc, str)
@@ -156,7 +157,7 @@ SCRUB_CASES = [
     (
         "ConnectionRefusedError in handle_incoming_message",
         "ConnectionRefusedError in handle_incoming_message",
-    ),  # fmt: skip
+    ),
     ("at 2025-01-01T12:00:00.123Z took 12.5 ms", "at 2025-01-01T12:00:00.123Z took 12.5 ms"),
     ("slice a[::2] line 42", "slice a[::2] line 42"),
 ]
