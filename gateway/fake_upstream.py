@@ -9,8 +9,8 @@ request: `queue(mode, **params)` appends one-shot behaviours consumed in order,
 `script(mode, **params)` sets the sticky behaviour used once the queue is empty.
 
 Modes: ``ok``, ``reply`` (text=), ``error`` (status=, message=, type=, code=),
-``rate_limit`` (retry_after=), ``hang_before_first`` (send_headers=), ``slow``
-(delay_ms=), ``cut`` (after=), ``malformed`` (every=, valid=), ``keepalive``
+``rate_limit`` (retry_after=, code=), ``hang_before_first`` (send_headers=), ``slow``
+(delay_ms=), ``cut`` (after=), ``malformed`` (every=, valid=, lines=), ``keepalive``
 (every=). Streaming modes also take reply=, chunks=, delay_ms=, first_delay_ms=,
 crlf=, nospace= and ignore_stream= (answer a plain JSON completion).
 """
@@ -267,7 +267,8 @@ class FakeUpstream:
                     request.transport.close()
                     return resp
                 if b.mode == "malformed" and i % every == 0:
-                    await resp.write(_BAD_LINES[i % len(_BAD_LINES)] + eol + eol)
+                    bad = p.get("lines", _BAD_LINES)
+                    await resp.write(bad[i % len(bad)] + eol + eol)
                 if b.mode == "keepalive" and i % every == 0:
                     await resp.write(b": keep-alive" + eol + eol + eol)
                 if valid:

@@ -26,13 +26,20 @@ import orjson
 log = logging.getLogger(__name__)
 
 ErrorCode = Literal["upstream_unavailable", "upstream_timeout", "upstream_rejected"]
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_MODEL = "gpt-4o-mini"
 _MAX_LINE = 1 << 20  # one SSE line larger than this is a broken upstream, not a reply
 _MAX_ERROR_BODY = 1 << 16
 _WORDS = re.compile(r"\s*\S+\s*")
-# Failures where nothing reached the model's output yet, so a retry cannot duplicate text.
-_RETRYABLE_KINDS = frozenset({"status_429", "status_5xx", "connect", "first_token_timeout", "cut"})
+#: Every `UpstreamError.kind`: a closed set, safe as a metric label.
+ERROR_KINDS = frozenset(
+    {
+        "status_429", "status_5xx", "status_4xx", "auth", "quota", "connect",
+        "first_token_timeout", "idle_timeout", "cut", "malformed", "stream_error",
+    }
+)  # fmt: skip
+# Transient failures; retried only while nothing has been yielded, so text is never duplicated.
+_RETRYABLE_KINDS = frozenset(
+    {"status_429", "status_5xx", "connect", "first_token_timeout", "cut", "stream_error"}
+)
 
 
 @dataclass(frozen=True)
@@ -48,21 +55,6 @@ class UpstreamConfig:
     retries: int = 2
     backoff_base: float = 0.25
     max_retry_after: float = 10
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], model: str = DEFAULT_MODEL) -> UpstreamConfig | None:
-        """Build the config from OMNIGATE_* variables; None when OPENAI_API_KEY is unset."""
-        key = env.get("OPENAI_API_KEY", "").strip()
-        if not key:
-            return None
-        return cls(
-            base_url=env.get("OMNIGATE_UPSTREAM_URL") or DEFAULT_BASE_URL,
-            api_key=key,
-            model=model,
-            first_token_timeout=float(env.get("OMNIGATE_UPSTREAM_FIRST_TOKEN_TIMEOUT", 30)),
-            idle_timeout=float(env.get("OMNIGATE_UPSTREAM_IDLE_TIMEOUT", 30)),
-            retries=int(env.get("OMNIGATE_UPSTREAM_RETRIES", 2)),
-        )
 
 
 class UpstreamError(Exception):
@@ -306,12 +298,7 @@ class UpstreamClient:
             {"model": model or cfg.model, "messages": [dict(m) for m in messages], "stream": True}
         )
         session = self._session
-
-        async def produce(cs: ChatStream) -> AsyncGenerator[str, None]:
-            async for piece in self._with_retries(cs, session, cfg, body):
-                yield piece
-
-        return ChatStream(produce)
+        return ChatStream(lambda cs: self._with_retries(cs, session, cfg, body))
 
     async def _with_retries(
         self, cs: ChatStream, session: aiohttp.ClientSession, cfg: UpstreamConfig, body: bytes
@@ -371,8 +358,9 @@ class UpstreamClient:
                 if text:
                     yield text
                 return
-            async for piece in _read_events(resp, cs, cfg, deadline):
-                yield piece
+            async with contextlib.aclosing(_read_events(resp, cs, cfg, deadline)) as pieces:
+                async for piece in pieces:
+                    yield piece
             completed = True
         finally:
             if completed:

@@ -13,6 +13,8 @@ import pytest
 
 from gateway.fake_upstream import FakeUpstream, fake_upstream
 from gateway.upstream import (
+    _RETRYABLE_KINDS,
+    ERROR_KINDS,
     ChatModel,
     ChatStream,
     OfflineModel,
@@ -73,6 +75,7 @@ async def fail(stream: ChatStream) -> tuple[UpstreamError, list[str]]:
         async for piece in stream:
             got.append(piece)
     err = info.value
+    assert err.kind in ERROR_KINDS  # metric labels stay a closed set
     # Log safety: neither the key nor any message content may appear in the error text.
     for secret in (KEY, "Kenobi", "earlier"):
         assert secret not in str(err) and secret not in repr(err.args)
@@ -141,6 +144,20 @@ async def test_only_malformed_lines_fail_without_retry(
     err, _ = await fail(client.stream_chat(MESSAGES))
     assert (err.code, err.kind) == ("upstream_unavailable", "malformed")
     assert len(upstream[0].requests) == 1
+
+
+async def test_error_event_before_any_token_is_retried(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    error_line = b'data: {"error": {"message": "overloaded", "type": "server_error"}}'
+    upstream[0].queue("malformed", lines=[error_line], every=100)
+    stream = client.stream_chat(MESSAGES)
+    assert "".join(await collect(stream)) == TEXT
+    assert stream.retried == ["stream_error"]
+
+
+def test_retryable_kinds_are_error_kinds() -> None:
+    assert _RETRYABLE_KINDS <= ERROR_KINDS
 
 
 async def test_rate_limit_waits_retry_after_then_succeeds(
@@ -413,21 +430,5 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
         assert all(full / 2 <= d <= full for d in delays)
 
 
-def test_config_repr_and_env_hide_nothing_but_the_key() -> None:
-    cfg = make_config("http://x")
-    assert KEY not in repr(cfg)
-    assert UpstreamConfig.from_env({}) is None
-    env = {
-        "OPENAI_API_KEY": KEY,
-        "OMNIGATE_UPSTREAM_URL": "http://up/v1",
-        "OMNIGATE_UPSTREAM_FIRST_TOKEN_TIMEOUT": "5",
-        "OMNIGATE_UPSTREAM_RETRIES": "0",
-    }
-    loaded = UpstreamConfig.from_env(env, model="m")
-    assert loaded is not None
-    assert (loaded.base_url, loaded.model, loaded.first_token_timeout, loaded.retries) == (
-        "http://up/v1",
-        "m",
-        5.0,
-        0,
-    )
+def test_config_repr_hides_the_key() -> None:
+    assert KEY not in repr(make_config("http://x"))
