@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -154,3 +156,18 @@ def test_multiprocess_mode_sums_workers(tmp_path: Path) -> None:
     # Counters survive a worker's death; its live gauges do not.
     assert sample_value(body, "omnigate_messages_total", {"outcome": "answered"}) == 2
     assert sample_value(body, "omnigate_ws_connections") == 0
+
+
+def test_grafana_dashboard_uses_only_exported_metrics() -> None:
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    assert dashboard["schemaVersion"] >= 39
+    assert any(v["type"] == "datasource" for v in dashboard["templating"]["list"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"omnigate_\w+", e)}
+    body, _ = metrics.render_metrics()
+    families = list(text_string_to_metric_families(body.decode()))
+    # Labelled metrics without children yet have no samples: use family names too.
+    exported = {s.name for f in families for s in f.samples}
+    exported |= {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    exported |= {f.name + "_bucket" for f in families if f.type == "histogram"}
+    assert used and used <= exported, used - exported
