@@ -88,16 +88,22 @@ ERROR_CODES = frozenset(
     }
 )
 
-#: ``omnigate_upstream_errors_total{kind}``: why a call to the model failed.
+#: ``omnigate_upstream_errors_total{kind}``: why a call to the model failed. Mirrors
+#: ``gateway.upstream.ERROR_KINDS`` (a test keeps them equal); not imported from there
+#: so that this module stays importable before anything else.
 UPSTREAM_ERROR_KINDS = frozenset(
     {
+        "status_429",
+        "status_5xx",
+        "status_4xx",
+        "auth",  # 401/403: our key
+        "quota",  # 429 insufficient_quota: not retried
         "connect",  # connection refused/reset, DNS, TLS
         "first_token_timeout",
         "idle_timeout",
-        "rate_limited",  # upstream 429
-        "server_error",  # upstream 5xx
-        "rejected",  # upstream 4xx other than 429
-        "protocol",  # malformed stream or body
+        "cut",  # stream ended before completion
+        "malformed",
+        "stream_error",
     }
 )
 

@@ -171,3 +171,8 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     exported |= {f.name + ("_total" if f.type == "counter" else "") for f in families}
     exported |= {f.name + "_bucket" for f in families if f.type == "histogram"}
     assert used and used <= exported, used - exported
+
+
+def test_upstream_error_kinds_match_the_upstream_client() -> None:
+    upstream = pytest.importorskip("gateway.upstream")
+    assert metrics.UPSTREAM_ERROR_KINDS == upstream.ERROR_KINDS
