@@ -1,0 +1,170 @@
+"""The aiohttp application factory: services in cleanup_ctx, routes, middlewares."""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from gateway import metrics, ws
+from gateway.appkeys import CONNECTIONS, SERVICES, SETTINGS
+from gateway.config import Settings
+from gateway.crypto import DataKeyCache, KeyRing, dev_master_keys
+from gateway.db import check_app_role, create_pool, migrations_current
+from gateway.services import Services
+from gateway.tenants import TenantRegistry
+from gateway.upstream import ChatModel, OfflineModel, UpstreamClient, UpstreamConfig
+from gateway.vault import Vault
+from policies import SaltRing
+
+log = logging.getLogger("omnigate.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The widget and demo page need no inline script or eval (issue 7).
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": CSP,
+    "Cross-Origin-Resource-Policy": "cross-origin",
+}
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer unexpected failures with a JSON 500 and count every response by route template."""
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else None
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        metrics.count_http_request(template, exc.status)
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"route": template})
+        metrics.count_http_request(template, 500)
+        return web.json_response(
+            {"error": {"code": "internal", "message": "internal error"}}, status=500
+        )
+    metrics.count_http_request(template, response.status)
+    return response
+
+
+def build_services(
+    settings: Settings, pool: object, model: ChatModel, upstream: UpstreamConfig | None
+) -> Services:
+    """Assemble the per-process services around an open pool."""
+    keys = settings.master_keys or dev_master_keys(settings.state_dir)
+    keyring = KeyRing(keys)
+    return Services(
+        settings=settings,
+        pool=pool,
+        keyring=keyring,
+        vault=Vault(keyring, DataKeyCache()),  # type: ignore[arg-type]
+        tenants=TenantRegistry(pool),  # type: ignore[arg-type]
+        model=model,
+        upstream=upstream,
+        salts=SaltRing(os.urandom),
+    )
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if not settings.database_url:
+        raise RuntimeError("create_app needs settings.database_url (the CLI fills it)")
+    pool = await create_pool(settings.database_url)
+    client: UpstreamClient | None = None
+    try:
+        await check_app_role(pool)
+        upstream = None
+        model: ChatModel = OfflineModel()
+        if not settings.offline:
+            assert settings.openai_api_key is not None
+            upstream = UpstreamConfig(
+                base_url=settings.upstream_url,
+                api_key=settings.openai_api_key,
+                model=settings.upstream_model,
+                first_token_timeout=settings.first_token_timeout,
+                idle_timeout=settings.idle_timeout,
+                retries=settings.upstream_retries,
+            )
+            client = UpstreamClient(upstream)
+            await client.start()
+            model = client
+        app[SERVICES] = build_services(settings, pool, model, upstream)
+        yield
+    finally:
+        await ws.close_all(app[CONNECTIONS])
+        if client is not None:
+            await client.close()
+        await pool.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Database reachable and migrations current."""
+    svc = request.app[SERVICES]
+    checks: dict[str, str] = {}
+    try:
+        checks["database"] = "ok" if await migrations_current(svc.pool) else "migrations_pending"
+    except Exception as exc:
+        checks["database"] = f"unreachable ({type(exc).__name__})"
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+    )
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus text; bearer token when configured, else loopback peers only."""
+    token = request.app[SETTINGS].metrics_token
+    if token:
+        import hmac
+
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise web.HTTPUnauthorized(text="metrics need a bearer token")
+    elif request.remote not in ("127.0.0.1", "::1"):
+        raise web.HTTPForbidden(text="metrics are served to loopback only")
+    body, content_type = metrics.render_metrics()
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = content_type
+    return resp
+
+
+def setup_routes(app: web.Application) -> None:
+    """Bind every route group."""
+    app.router.add_get("/v1/widget/ws", ws.widget_ws)
+    app.router.add_post("/v1/widget/chat", ws.widget_chat)
+    app.router.add_route("OPTIONS", "/v1/widget/chat", ws.widget_chat_preflight)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The gateway application for these settings."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app[SETTINGS] = settings
+    app[CONNECTIONS] = weakref.WeakSet()
+    app.cleanup_ctx.append(_services_ctx)
+    app.on_response_prepare.append(_security_headers)
+    setup_routes(app)
+    metrics.register_routes(r.canonical for r in app.router.resources())
+    return app

@@ -1,0 +1,281 @@
+"""The message path: enforce the policy, store, forward, stream back, store the reply.
+
+Order (DESIGN §4): rate limit → consent → size → redaction → encrypt and store →
+forward → stream back (restoring placeholders) → encrypt and store the reply.
+Nothing reaches the model before the visitor's message is durably stored (when
+the policy keeps transcripts), and nothing is acknowledged that is not stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import uuid4
+
+import asyncpg
+import orjson
+
+from gateway import metrics, protocol, store
+from gateway.crypto import CryptoError
+from gateway.db import tenant_tx
+from gateway.protocol import ProtocolError
+from gateway.services import Services
+from gateway.upstream import UpstreamError
+from gateway.visitor import CONTEXT_MESSAGES, Visitor
+from policies import CompiledPolicy, ReplyRestorer, decide_chat
+
+log = logging.getLogger("omnigate.chat")
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+# Failures of the database that mean "not stored", as opposed to a bug.
+STORAGE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+def _storage_error(msg_id: str) -> ProtocolError:
+    return ProtocolError(
+        protocol.STORAGE_UNAVAILABLE,
+        "the message could not be stored; send it again",
+        id=msg_id,
+        retry_after=1.0,
+    )
+
+
+async def handle_message(svc: Services, v: Visitor, msg_id: str, text: str, emit: Emit) -> None:
+    """Carry one visitor message through every check to a `done` or a typed `error`."""
+    cp = await svc.tenants.policy(v.tenant_id)
+    outcome = "answered"
+    try:
+        await _checks(svc, v, cp, msg_id, text, emit)
+        await _exchange(svc, v, cp, msg_id, text, emit)
+    except ProtocolError as exc:
+        outcome = OUTCOME_BY_CODE.get(exc.code, "error")
+        if exc.id is None:
+            exc.id = msg_id
+        await emit(protocol.error_frame(exc))
+    finally:
+        metrics.count_message(outcome)
+
+
+OUTCOME_BY_CODE = {
+    protocol.RATE_LIMITED: "rate_limited",
+    protocol.CONSENT_REQUIRED: "refused_consent",
+    protocol.TOO_LARGE: "too_large",
+    protocol.UPSTREAM_UNAVAILABLE: "upstream_error",
+    protocol.UPSTREAM_TIMEOUT: "upstream_error",
+    protocol.UPSTREAM_REJECTED: "upstream_error",
+    protocol.STORAGE_UNAVAILABLE: "storage_error",
+    protocol.INTERNAL: "redaction_failed",
+}
+
+
+async def _checks(
+    svc: Services, v: Visitor, cp: CompiledPolicy, msg_id: str, text: str, emit: Emit
+) -> None:
+    """Rate limit, consent, restriction and size, in the order of DESIGN §4."""
+    with metrics.timed("policy"):
+        limits = cp.policy.rate_limit
+        keys = [
+            (f"s:{v.tenant_id}:{v.session_id}", limits.per_session_per_minute),
+            (f"t:{v.tenant_id}", limits.per_tenant_per_minute),
+        ]
+        if v.ip_key:
+            keys.append((f"i:{v.tenant_id}:{v.ip_key}", limits.per_ip_per_minute))
+    for key, per_minute in keys:
+        wait = await svc.limiter.hit(key, per_minute)
+        if wait is not None:
+            raise ProtocolError(
+                protocol.RATE_LIMITED, "too many messages; slow down", id=msg_id, retry_after=wait
+            )
+    decision = decide_chat(cp, v.consent, v.signals)
+    if not decision.allowed:
+        await emit(protocol.consent_required(list(decision.missing)))
+        raise ProtocolError(
+            protocol.CONSENT_REQUIRED, "consent is needed before chatting", id=msg_id
+        )
+    if v.restricted:
+        raise ProtocolError(
+            protocol.CONSENT_REQUIRED, "processing is restricted at your request", id=msg_id
+        )
+    if len(text) > cp.policy.max_message_chars:
+        raise ProtocolError(
+            protocol.TOO_LARGE,
+            f"messages are limited to {cp.policy.max_message_chars} characters",
+            id=msg_id,
+        )
+
+
+async def _exchange(
+    svc: Services, v: Visitor, cp: CompiledPolicy, msg_id: str, text: str, emit: Emit
+) -> None:
+    decision = decide_chat(cp, v.consent, v.signals)
+    keep = decision.store_transcript
+    try:
+        with metrics.timed("redaction"):
+            redacted = cp.redactor.redact(text, v.placeholders)
+    except Exception:
+        # fail closed: nothing leaves for the model when the rules could not run
+        log.exception("redaction failed", extra={"tenant_id": str(v.tenant_id)})
+        raise ProtocolError(
+            protocol.INTERNAL, "privacy rules could not be applied; nothing was sent", id=msg_id
+        ) from None
+    for entity, n in redacted.counts.items():
+        metrics.count_redaction(entity, n)
+
+    client_ref = svc.keyring.keyed_hash(v.conversation_id.bytes, msg_id.encode())
+    if keep:
+        stored = await _store_user(svc, v, msg_id, text, client_ref, bool(redacted.counts), emit)
+        if stored is None:
+            return  # a re-send answered from storage
+        user_seq: int | None = stored
+    else:
+        if msg_id in v.unstored:
+            await emit(protocol.ack(msg_id, None))
+            await emit(protocol.delta(msg_id, v.unstored[msg_id]))
+            await emit(protocol.done(msg_id, None, "stop"))
+            return
+        user_seq = None
+    await emit(protocol.ack(msg_id, user_seq))
+
+    prompt = [
+        {"role": "system", "content": cp.policy.system_prompt},
+        *v.context,
+        {"role": "user", "content": redacted.text},
+    ]
+    reply, raw_reply, finish = await _stream_reply(svc, v, cp, msg_id, prompt, emit)
+
+    reply_seq: int | None = None
+    if keep:
+        try:
+            async with tenant_tx(svc.pool, v.tenant_id) as conn:
+                cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
+                mid = uuid4()
+                with metrics.timed("crypto"):
+                    blob = svc.vault.seal_text(
+                        cipher, v.tenant_id, v.conversation_id, mid, "assistant", reply
+                    )
+                with metrics.timed("database"):
+                    reply_seq = await store.insert_message(
+                        conn,
+                        v.tenant_id,
+                        v.conversation_id,
+                        mid,
+                        "assistant",
+                        blob,
+                        reply_to=user_seq,
+                        finish_reason=finish,
+                    )
+        except (*STORAGE_ERRORS, CryptoError):
+            raise _storage_error(msg_id) from None
+    else:
+        v.unstored[msg_id] = reply
+        if len(v.unstored) > 256:
+            v.unstored.pop(next(iter(v.unstored)))
+    v.context.extend(
+        ({"role": "user", "content": redacted.text}, {"role": "assistant", "content": raw_reply})
+    )
+    del v.context[:-CONTEXT_MESSAGES]
+    await emit(protocol.done(msg_id, reply_seq, finish))
+
+
+async def _store_user(
+    svc: Services,
+    v: Visitor,
+    msg_id: str,
+    text: str,
+    client_ref: bytes,
+    map_changed: bool,
+    emit: Emit,
+) -> int | None:
+    """Store the visitor's message; None when it was a re-send already answered."""
+    try:
+        async with tenant_tx(svc.pool, v.tenant_id) as conn:
+            cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
+            mid = uuid4()
+            with metrics.timed("crypto"):
+                blob = svc.vault.seal_text(
+                    cipher, v.tenant_id, v.conversation_id, mid, "user", text
+                )
+                sealed_map = None
+                if map_changed:
+                    sealed_map = svc.vault.seal_blob(
+                        cipher,
+                        v.tenant_id,
+                        v.conversation_id,
+                        "redaction",
+                        orjson.dumps(v.placeholders.to_dict()),
+                    )
+            with metrics.timed("database"):
+                seq = await store.insert_message(
+                    conn,
+                    v.tenant_id,
+                    v.conversation_id,
+                    mid,
+                    "user",
+                    blob,
+                    client_ref=client_ref,
+                    redaction_sealed=sealed_map,
+                )
+            if seq is not None:
+                return seq
+            found = await store.message_by_client_ref(
+                conn, v.tenant_id, v.conversation_id, client_ref
+            )
+    except (*STORAGE_ERRORS, CryptoError):
+        raise _storage_error(msg_id) from None
+    assert found is not None
+    user, reply = found
+    if reply is None:
+        # stored but never answered (the connection dropped): answer it now
+        return user.seq
+    text_out = svc.vault.open_text(
+        cipher, v.tenant_id, v.conversation_id, reply.message_id, "assistant", reply.ciphertext
+    )
+    await emit(protocol.ack(msg_id, user.seq))
+    await emit(protocol.delta(msg_id, text_out))
+    await emit(protocol.done(msg_id, reply.seq, reply.finish_reason or "stop"))
+    return None
+
+
+async def _stream_reply(
+    svc: Services,
+    v: Visitor,
+    cp: CompiledPolicy,
+    msg_id: str,
+    prompt: list[dict[str, str]],
+    emit: Emit,
+) -> tuple[str, str, str]:
+    """Stream the model's reply to the visitor; returns (shown text, model text, finish)."""
+    restorer = ReplyRestorer(v.placeholders) if cp.policy.redact.restore_in_reply else None
+    shown: list[str] = []
+    raw: list[str] = []
+    config = svc.upstream_for(v.tenant_id, cp)
+    stream = svc.model.stream_chat(prompt, config=config)
+    try:
+        # leaving this block early (visitor gone) closes the upstream request
+        async with stream:
+            async for piece in stream:
+                raw.append(piece)
+                out = restorer.feed(piece) if restorer else piece
+                if out:
+                    shown.append(out)
+                    await emit(protocol.delta(msg_id, out))
+    except UpstreamError as exc:
+        metrics.count_upstream_error(exc.kind)
+        raise ProtocolError(
+            exc.code, UPSTREAM_MESSAGES[exc.code], id=msg_id, retry_after=exc.retry_after
+        ) from None
+    if restorer:
+        tail = restorer.flush()
+        if tail:
+            shown.append(tail)
+            await emit(protocol.delta(msg_id, tail))
+    return "".join(shown), "".join(raw), stream.finish_reason or "stop"
+
+
+UPSTREAM_MESSAGES = {
+    protocol.UPSTREAM_UNAVAILABLE: "the assistant is unavailable right now; try again shortly",
+    protocol.UPSTREAM_TIMEOUT: "the assistant took too long to answer",
+    protocol.UPSTREAM_REJECTED: "the assistant refused this request",
+}

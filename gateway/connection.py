@@ -1,0 +1,201 @@
+"""The widget protocol state machine for one connection, driven by a `send` callable.
+
+It knows nothing of sockets: the WebSocket handler feeds it text frames and
+gives it `send`; tests can give it `list.append` wrapped in a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+from gateway import chat, metrics, protocol, store
+from gateway.crypto import CryptoError
+from gateway.db import tenant_tx
+from gateway.protocol import Frame, ProtocolError
+from gateway.services import Services
+from gateway.visitor import (
+    RequestContext,
+    Visitor,
+    apply_consent,
+    consent_changes,
+    open_session,
+    welcome,
+)
+from policies import decide_chat
+
+log = logging.getLogger("omnigate.connection")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# Messages waiting behind the one being answered; more is a flood.
+PENDING_MESSAGES = 8
+
+
+class Connection:
+    """One widget connection: hello first, then messages answered in order."""
+
+    def __init__(self, svc: Services, tenant_id: UUID, ctx: RequestContext, send: Send) -> None:
+        self.svc = svc
+        self.tenant_id = tenant_id
+        self.ctx = ctx
+        self.send = send
+        self.visitor: Visitor | None = None
+        self.bad_frames = 0
+        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue(PENDING_MESSAGES)
+        self._worker: asyncio.Task[None] | None = None
+        self._in_flight = False
+
+    async def receive(self, raw: str | bytes) -> None:
+        """Handle one client frame; every failure becomes an `error` frame."""
+        try:
+            frame = protocol.parse_frame(raw)
+            await self.dispatch(frame)
+        except ProtocolError as exc:
+            if exc.code in (protocol.BAD_REQUEST, protocol.UNKNOWN_TYPE, protocol.TOO_LARGE):
+                self.bad_frames += 1
+            await self.error(exc)
+        except chat.STORAGE_ERRORS:
+            await self.error(
+                ProtocolError(
+                    protocol.STORAGE_UNAVAILABLE,
+                    "storage is unavailable; try again",
+                    retry_after=1.0,
+                )
+            )
+        except Exception:
+            log.exception("unexpected failure handling a frame")
+            await self.error(ProtocolError(protocol.INTERNAL, "internal error"))
+
+    async def error(self, exc: ProtocolError) -> None:
+        """Send a typed error frame and count it."""
+        metrics.count_error_frame(exc.code)
+        await self.send(protocol.error_frame(exc))
+
+    async def dispatch(self, frame: Frame) -> None:
+        """Route a validated frame to its handler."""
+        if frame.type == "ping":
+            await self.send({"type": "pong"})
+            return
+        if frame.type == "hello":
+            await self.hello(frame.data)
+            return
+        if self.visitor is None:
+            raise ProtocolError(protocol.SESSION_INVALID, "send hello first")
+        handler = _HANDLERS[frame.type]
+        await handler(self, self.visitor, frame.data)
+
+    async def hello(self, data: dict[str, Any]) -> None:
+        """Open or resume the session and answer `welcome` (and `consent_required`)."""
+        if self.visitor is not None:
+            raise ProtocolError(protocol.BAD_REQUEST, "hello was already sent")
+        cp = await self.svc.tenants.policy(self.tenant_id)
+        self.visitor = await open_session(self.svc, self.tenant_id, cp, self.ctx, data)
+        metrics.SESSIONS_ACTIVE.inc()
+        for signal in ("dnt", "gpc"):
+            if getattr(self.visitor.signals, signal):
+                metrics.count_privacy_signal(signal)
+        await self.send(welcome(self.visitor, cp))
+        await self._ask_consent_if_needed()
+
+    async def _ask_consent_if_needed(self) -> None:
+        assert self.visitor is not None
+        cp = await self.svc.tenants.policy(self.tenant_id)
+        decision = decide_chat(cp, self.visitor.consent, self.visitor.signals)
+        if not decision.allowed:
+            await self.send(protocol.consent_required(list(decision.missing)))
+
+    async def on_message(self, v: Visitor, data: dict[str, Any]) -> None:
+        """Queue a visitor message behind the one being answered."""
+        try:
+            self._queue.put_nowait((data["id"], data["text"]))
+        except asyncio.QueueFull:
+            raise ProtocolError(
+                protocol.RATE_LIMITED, "wait for the current reply", id=data["id"], retry_after=1.0
+            ) from None
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._answer_in_order(v))
+
+    async def _answer_in_order(self, v: Visitor) -> None:
+        while True:
+            msg_id, text = await self._queue.get()
+            self._in_flight = True
+            try:
+                await chat.handle_message(self.svc, v, msg_id, text, self.send)
+            except Exception:
+                log.exception("unexpected failure answering a message")
+                await self.error(ProtocolError(protocol.INTERNAL, "internal error", id=msg_id))
+            finally:
+                self._in_flight = False
+
+    async def on_consent(self, v: Visitor, data: dict[str, Any]) -> None:
+        """Grant or revoke purposes, record them, and answer with a fresh welcome."""
+        cp = await self.svc.tenants.policy(self.tenant_id)
+        grant, revoke = consent_changes(data)
+        async with tenant_tx(self.svc.pool, self.tenant_id) as conn:
+            await apply_consent(conn, v, cp, grant, revoke, data.get("age_confirmed"), "widget")
+        for p in grant:
+            metrics.count_consent(p, "granted")
+        for p in revoke:
+            metrics.count_consent(p, "revoked")
+        v.resumed = True
+        await self.send(welcome(v, cp))
+        await self._ask_consent_if_needed()
+
+    async def on_history(self, v: Visitor, data: dict[str, Any]) -> None:
+        """A page of this session's conversation, decrypted for its visitor."""
+        limit = data.get("limit") or 50
+        async with tenant_tx(self.svc.pool, self.tenant_id) as conn:
+            try:
+                cipher = await self.svc.vault.cipher(conn, v.tenant_id, v.subject_id)
+            except CryptoError:
+                raise ProtocolError(
+                    protocol.SESSION_INVALID, "this session's data was erased"
+                ) from None
+            rows = await store.history(
+                conn, v.tenant_id, v.conversation_id, data.get("before"), limit
+            )
+        messages = [
+            {
+                "seq": m.seq,
+                "role": m.role,
+                "at": m.created_at.isoformat(),
+                "status": m.status,
+                "reply_to": m.reply_to,
+                "text": self.svc.vault.open_text(
+                    cipher, v.tenant_id, v.conversation_id, m.message_id, m.role, m.ciphertext
+                ),
+            }
+            for m in rows
+        ]
+        await self.send({"type": "history", "messages": messages})
+
+    async def close(self) -> None:
+        """Stop answering: the in-flight reply's upstream request is cancelled."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        if self.visitor is not None:
+            metrics.SESSIONS_ACTIVE.dec()
+
+    async def drain(self, timeout: float) -> None:
+        """Let the queued and in-flight replies finish, up to `timeout` seconds."""
+        if self._worker is None:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (
+            self._queue.qsize() or self._in_flight
+        ) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+
+_HANDLERS: dict[str, Callable[[Connection, Visitor, dict[str, Any]], Awaitable[None]]] = {
+    "message": Connection.on_message,
+    "consent": Connection.on_consent,
+    "history": Connection.on_history,
+}

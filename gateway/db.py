@@ -1,0 +1,178 @@
+"""PostgreSQL access: the pool, tenant-scoped transactions, role checks and migrations.
+
+Every read and write of tenant data runs inside `tenant_tx`, which sets
+`app.tenant_id` with `set_config(..., true)`: transaction-local, so the pattern
+survives PgBouncer in transaction mode and leaves nothing on the connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+from uuid import UUID
+
+import asyncpg
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+APP_GROUP_ROLE = "omnigate_app"
+
+
+class DatabaseError(Exception):
+    """The database cannot be used as configured; the message is safe to print."""
+
+
+Pool = asyncpg.Pool
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> Pool:
+    """Open a pool; statement cache off would break nothing, so keep asyncpg's default."""
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=30,
+            server_settings={"application_name": "omnigate"},
+        )
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL ({type(exc).__name__})") from None
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def tenant_tx(pool: Pool, tenant_id: UUID) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction in which row-level security exposes exactly one tenant."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT set_config('app.tenant_id', $1, true)", str(tenant_id))
+        yield conn
+
+
+@asynccontextmanager
+async def lookup_tx(pool: Pool, secret_hash: bytes) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that may see only the rows whose secret hashes to `secret_hash`."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT set_config('app.lookup_hash', $1, true)", secret_hash.hex())
+        yield conn
+
+
+async def check_app_role(pool: Pool) -> None:
+    """Refuse a role that would bypass row-level security: superuser, BYPASSRLS or owner."""
+    row = await pool.fetchrow(
+        """
+        SELECT r.rolname, r.rolsuper, r.rolbypassrls,
+               EXISTS (SELECT 1 FROM pg_tables t
+                       WHERE t.schemaname = current_schema() AND t.tableowner = current_user
+                         AND t.tablename IN ('messages', 'sessions', 'tenants')) AS owns
+        FROM pg_roles r WHERE r.rolname = current_user
+        """
+    )
+    assert row is not None
+    if row["rolsuper"] or row["rolbypassrls"] or row["owns"]:
+        why = "superuser" if row["rolsuper"] else "BYPASSRLS" if row["rolbypassrls"] else "owner"
+        raise DatabaseError(
+            f"refusing to serve as database role {row['rolname']!r}: it is {why} and would "
+            "bypass row-level security; use an app role (see docs/operations.md)"
+        )
+
+
+def migration_files() -> list[Path]:
+    """Migration files in the order they apply."""
+    return sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+async def applied_migrations(conn: asyncpg.Connection | Pool) -> list[str]:
+    """Names of applied migrations, or [] when the schema is new."""
+    exists = await conn.fetchval("SELECT to_regclass('omnigate_migrations') IS NOT NULL")
+    if not exists:
+        return []
+    return [
+        r["name"] for r in await conn.fetch("SELECT name FROM omnigate_migrations ORDER BY name")
+    ]
+
+
+async def migrations_current(pool: Pool) -> bool:
+    """True when every migration file on disk has been applied."""
+    return await applied_migrations(pool) == [p.name for p in migration_files()]
+
+
+def _role_of(url: str) -> tuple[str, str | None]:
+    parts = urlsplit(url)
+    if not parts.username:
+        raise DatabaseError("OMNIGATE_DATABASE_URL must name the app role (user@host)")
+    return unquote(parts.username), unquote(parts.password) if parts.password else None
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+async def migrate(admin_url: str, app_url: str | None) -> list[str]:
+    """Apply pending migrations as the owner and make the app role a member of omnigate_app."""
+    try:
+        conn = await asyncpg.connect(admin_url)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseError(
+            f"cannot connect to PostgreSQL as owner ({type(exc).__name__})"
+        ) from None
+    applied: list[str] = []
+    try:
+        # one migrator at a time across processes and instances
+        await conn.execute("SELECT pg_advisory_lock(7243001)")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS omnigate_migrations ("
+            " name text PRIMARY KEY, checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {
+            r["name"]: r["checksum"] for r in await conn.fetch("SELECT * FROM omnigate_migrations")
+        }
+        for path in migration_files():
+            sql = path.read_text(encoding="utf-8")
+            checksum = hashlib.sha256(sql.encode()).hexdigest()
+            if path.name in done:
+                if done[path.name] != checksum:
+                    raise DatabaseError(f"migration {path.name} changed after it was applied")
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO omnigate_migrations (name, checksum) VALUES ($1, $2)",
+                    path.name,
+                    checksum,
+                )
+            applied.append(path.name)
+        await conn.execute(f"GRANT SELECT ON omnigate_migrations TO {APP_GROUP_ROLE}")
+        if app_url:
+            await _ensure_app_role(conn, app_url)
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"migration failed: {exc.__class__.__name__}: {exc}") from None
+    finally:
+        await conn.close()
+    return applied
+
+
+async def _ensure_app_role(conn: asyncpg.Connection, app_url: str) -> None:
+    role, password = _role_of(app_url)
+    owner = await conn.fetchval("SELECT current_user")
+    if role == owner:
+        raise DatabaseError(
+            "OMNIGATE_DATABASE_URL and OMNIGATE_ADMIN_DATABASE_URL use the same role; "
+            "the app role must not own the tables"
+        )
+    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+    pw = f" PASSWORD {_literal(password)}" if password else ""
+    if not exists:
+        await conn.execute(f"CREATE ROLE {_ident(role)} LOGIN NOSUPERUSER NOBYPASSRLS{pw}")
+    elif password:
+        await conn.execute(f"ALTER ROLE {_ident(role)}{pw}")
+    dbname = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f"GRANT CONNECT ON DATABASE {_ident(dbname)} TO {_ident(role)}")
+    await conn.execute(f"GRANT {APP_GROUP_ROLE} TO {_ident(role)}")

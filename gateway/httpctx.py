@@ -1,0 +1,72 @@
+"""What the gateway takes from an HTTP request: origin, client IP (anonymized), signals, cookie."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.services import Services
+from gateway.visitor import RequestContext, today
+from policies import CompiledPolicy, anonymize_ip, client_ip, normalize_origin
+
+COOKIE = "omnigate_session"
+SIGNAL_HEADERS = ("DNT", "Sec-GPC")
+
+
+def origin_allowed(request: web.Request, cp: CompiledPolicy) -> str | None:
+    """The request's Origin when the tenant allows it, else None."""
+    raw = request.headers.get("Origin")
+    try:
+        origin = normalize_origin(raw) if raw else None
+    except ValueError:
+        return None
+    return origin if origin is not None and origin in cp.policy.allowed_origins else None
+
+
+def anonymized_ip(request: web.Request, svc: Services, cp: CompiledPolicy) -> str | None:
+    """The client IP in the tenant's ip_mode; the raw address never leaves this function."""
+    ip = client_ip(
+        request.remote, request.headers.getall("X-Forwarded-For", []), svc.settings.trusted_proxies
+    )
+    if ip is None:
+        return None
+    salt = svc.salts.salt_for(today()) if cp.policy.ip_mode == "hash" and svc.salts else None
+    return anonymize_ip(ip, cp.policy.ip_mode, salt)
+
+
+def session_token_of(request: web.Request) -> str | None:
+    """The session token from `Authorization: Session <token>` or the session cookie."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:8].lower() == "session ":
+        return auth[8:].strip() or None
+    return request.cookies.get(COOKIE) or None
+
+
+def request_context(
+    request: web.Request, svc: Services, cp: CompiledPolicy, new_token: str | None = None
+) -> RequestContext:
+    """Reduce a request to what the visitor logic may see."""
+    signals = {h: request.headers[h] for h in SIGNAL_HEADERS if h in request.headers}
+    return RequestContext(
+        anonymized_ip(request, svc, cp), signals, session_token_of(request), new_token
+    )
+
+
+def session_cookie(secure: bool, max_age: int, token: str) -> str:
+    """The Set-Cookie value: HttpOnly; Secure; SameSite=None; Partitioned; Path=/; no Domain.
+
+    Written by hand because Python 3.11's http.cookies rejects the Partitioned
+    attribute. Browsers drop SameSite=None and Partitioned cookies that are not
+    Secure, so plain-http local development (OMNIGATE_COOKIE_SECURE=false) gets Lax.
+    """
+    attrs = "Secure; SameSite=None; Partitioned" if secure else "SameSite=Lax"
+    return f"{COOKIE}={token}; Max-Age={max_age}; Path=/; HttpOnly; {attrs}"
+
+
+def set_session_cookie(
+    response: web.StreamResponse, svc: Services, cp: CompiledPolicy, token: str
+) -> None:
+    """Attach the session cookie with the policy's lifetime."""
+    response.headers.add(
+        "Set-Cookie",
+        session_cookie(svc.settings.cookie_secure, cp.policy.session_days * 86400, token),
+    )

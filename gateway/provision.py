@@ -1,0 +1,70 @@
+"""Tenant provisioning: a tenant with its first site key, admin key and policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID, uuid4
+
+from gateway import store
+from gateway.crypto import new_token, token_hash
+from gateway.db import Pool, lookup_tx, tenant_tx
+from policies import parse_policy, policy_to_doc
+
+
+@dataclass(frozen=True)
+class NewTenant:
+    """Secrets are shown once, here; only their hashes are stored."""
+
+    tenant_id: UUID
+    site_key: str
+    admin_key: str
+
+    def as_json(self) -> dict[str, str]:
+        """The JSON printed by `omnigate tenant create`."""
+        return {
+            "tenant_id": str(self.tenant_id),
+            "site_key": self.site_key,
+            "admin_key": self.admin_key,
+        }
+
+
+async def create_tenant(
+    pool: Pool, name: str, origins: list[str], site_key: str | None = None
+) -> NewTenant:
+    """Create a tenant whose widget may be embedded on `origins`."""
+    policy = parse_policy({"allowed_origins": origins})
+    tenant_id = uuid4()
+    site_key = site_key or new_token("pk_")
+    admin_key = new_token("ak_")
+    async with tenant_tx(pool, tenant_id) as conn:
+        await conn.execute("INSERT INTO tenants (tenant_id, name) VALUES ($1, $2)", tenant_id, name)
+        await conn.execute(
+            "INSERT INTO site_keys (tenant_id, site_key_id, key_hash, key_prefix) VALUES ($1, $2, $3, $4)",
+            tenant_id,
+            uuid4(),
+            token_hash(site_key),
+            site_key[:7],
+        )
+        await conn.execute(
+            "INSERT INTO admin_keys (tenant_id, admin_key_id, key_hash, label, last4) "
+            "VALUES ($1, $2, $3, 'initial', $4)",
+            tenant_id,
+            uuid4(),
+            token_hash(admin_key),
+            admin_key[-4:],
+        )
+        await store.insert_policy(conn, tenant_id, 1, policy_to_doc(policy), {}, "cli")
+    return NewTenant(tenant_id, site_key, admin_key)
+
+
+DEMO_SITE_KEY = "pk_demo"
+
+
+async def ensure_demo_tenant(pool: Pool, origins: list[str]) -> NewTenant | None:
+    """Create the `demo` tenant once; returns it when created (its admin key shown once)."""
+    h = token_hash(DEMO_SITE_KEY)
+    async with lookup_tx(pool, h) as conn:
+        existing = await store.tenant_for_site_key(conn, h)
+    if existing is not None:
+        return None
+    return await create_tenant(pool, "demo", origins, site_key=DEMO_SITE_KEY)

@@ -1,0 +1,390 @@
+"""Repository for tenants, sessions, conversations and messages: SQL lives here.
+
+Every function takes a connection already inside `tenant_tx` (or `lookup_tx`),
+so the caller decides the transaction and RLS does the isolation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID, uuid4
+
+import asyncpg
+import orjson
+
+from gateway.crypto import KeyRing, new_data_key
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """A resumed or created session, as the gateway needs it in memory."""
+
+    session_id: UUID
+    subject_id: UUID
+    conversation_id: UUID
+    resumed: bool
+    restricted: bool = False
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message row as read back (ciphertext still sealed)."""
+
+    seq: int
+    message_id: UUID
+    role: str
+    ciphertext: bytes
+    created_at: datetime
+    status: str
+    finish_reason: str | None
+    reply_to: int | None
+
+
+async def tenant_for_site_key(conn: asyncpg.Connection, key_hash: bytes) -> UUID | None:
+    """Resolve a widget site key (inside lookup_tx)."""
+    row = await conn.fetchrow(
+        "SELECT tenant_id FROM site_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
+    )
+    return row["tenant_id"] if row else None
+
+
+async def tenant_for_admin_key(
+    conn: asyncpg.Connection, key_hash: bytes
+) -> tuple[UUID, UUID] | None:
+    """Resolve an admin key to (tenant_id, admin_key_id) (inside lookup_tx)."""
+    row = await conn.fetchrow(
+        "SELECT tenant_id, admin_key_id FROM admin_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        key_hash,
+    )
+    return (row["tenant_id"], row["admin_key_id"]) if row else None
+
+
+async def tenant_for_session(conn: asyncpg.Connection, token_hash: bytes) -> UUID | None:
+    """Resolve a session token to its tenant (inside lookup_tx); expired sessions resolve too."""
+    row = await conn.fetchrow("SELECT tenant_id FROM sessions WHERE token_hash = $1", token_hash)
+    return row["tenant_id"] if row else None
+
+
+async def latest_policy(
+    conn: asyncpg.Connection, tenant_id: UUID
+) -> tuple[int, dict[str, object]] | None:
+    """The newest policy version and document of a tenant."""
+    row = await conn.fetchrow(
+        "SELECT version, doc FROM policies WHERE tenant_id = $1 ORDER BY version DESC LIMIT 1",
+        tenant_id,
+    )
+    if row is None:
+        return None
+    return row["version"], orjson.loads(row["doc"])
+
+
+async def insert_policy(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    version: int,
+    doc: dict[str, object],
+    diff: dict[str, object],
+    actor: str,
+) -> None:
+    """Append a policy version (the primary key makes concurrent writers collide, not overwrite)."""
+    await conn.execute(
+        "INSERT INTO policies (tenant_id, version, doc, diff, created_by) VALUES ($1, $2, $3, $4, $5)",
+        tenant_id,
+        version,
+        orjson.dumps(doc).decode(),
+        orjson.dumps(diff).decode(),
+        actor,
+    )
+
+
+async def find_session(
+    conn: asyncpg.Connection, tenant_id: UUID, token_hash: bytes
+) -> SessionRow | None:
+    """A live (unexpired) session by token hash."""
+    row = await conn.fetchrow(
+        """
+        SELECT s.session_id, s.subject_id, s.conversation_id, sub.restricted
+        FROM sessions s JOIN subjects sub USING (tenant_id, subject_id)
+        WHERE s.tenant_id = $1 AND s.token_hash = $2 AND s.expires_at > now()
+        """,
+        tenant_id,
+        token_hash,
+    )
+    if row is None:
+        return None
+    return SessionRow(
+        row["session_id"], row["subject_id"], row["conversation_id"], True, row["restricted"]
+    )
+
+
+async def touch_session(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    session_id: UUID,
+    ip_anon: str | None,
+    dnt: bool,
+    gpc: bool,
+    session_days: int,
+) -> None:
+    """Record the latest anonymized IP and signals, and slide the expiry."""
+    await conn.execute(
+        """
+        UPDATE sessions SET last_seen_at = now(), ip_anon = $3, dnt = $4, gpc = $5,
+               expires_at = now() + make_interval(days => $6)
+        WHERE tenant_id = $1 AND session_id = $2
+        """,
+        tenant_id,
+        session_id,
+        ip_anon,
+        dnt,
+        gpc,
+        session_days,
+    )
+
+
+async def create_subject(
+    conn: asyncpg.Connection,
+    keyring: KeyRing,
+    tenant_id: UUID,
+    external_ref: bytes | None = None,
+) -> tuple[UUID, bytes]:
+    """Create a subject with a fresh wrapped data key; returns (subject_id, data key)."""
+    subject_id = uuid4()
+    dek = new_data_key()
+    kek_id, wrapped = keyring.wrap(tenant_id, subject_id, dek)
+    await conn.execute(
+        "INSERT INTO subjects (tenant_id, subject_id, external_ref) VALUES ($1, $2, $3)",
+        tenant_id,
+        subject_id,
+        external_ref,
+    )
+    await conn.execute(
+        "INSERT INTO subject_keys (tenant_id, subject_id, kek_id, wrapped_key) VALUES ($1, $2, $3, $4)",
+        tenant_id,
+        subject_id,
+        kek_id,
+        wrapped,
+    )
+    return subject_id, dek
+
+
+async def subject_by_ref(
+    conn: asyncpg.Connection, tenant_id: UUID, external_ref: bytes
+) -> UUID | None:
+    """The subject already linked to a verified site user, if any."""
+    row = await conn.fetchrow(
+        "SELECT subject_id FROM subjects WHERE tenant_id = $1 AND external_ref = $2",
+        tenant_id,
+        external_ref,
+    )
+    return row["subject_id"] if row else None
+
+
+async def create_session(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    subject_id: UUID,
+    token_hash: bytes,
+    ip_anon: str | None,
+    dnt: bool,
+    gpc: bool,
+    session_days: int,
+) -> SessionRow:
+    """A new session with its own new conversation."""
+    session_id, conversation_id = uuid4(), uuid4()
+    await conn.execute(
+        "INSERT INTO conversations (tenant_id, conversation_id, subject_id) VALUES ($1, $2, $3)",
+        tenant_id,
+        conversation_id,
+        subject_id,
+    )
+    await conn.execute(
+        """
+        INSERT INTO sessions (tenant_id, session_id, subject_id, conversation_id, token_hash,
+                              ip_anon, dnt, gpc, expires_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(days => $9))
+        """,
+        tenant_id,
+        session_id,
+        subject_id,
+        conversation_id,
+        token_hash,
+        ip_anon,
+        dnt,
+        gpc,
+        session_days,
+    )
+    return SessionRow(session_id, subject_id, conversation_id, False)
+
+
+async def wrapped_key(
+    conn: asyncpg.Connection, tenant_id: UUID, subject_id: UUID
+) -> tuple[str, bytes] | None:
+    """The subject's wrapped data key, or None once erased."""
+    row = await conn.fetchrow(
+        "SELECT kek_id, wrapped_key FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2",
+        tenant_id,
+        subject_id,
+    )
+    return (row["kek_id"], row["wrapped_key"]) if row else None
+
+
+_INSERT_MESSAGE = """
+WITH m AS (
+    INSERT INTO messages (tenant_id, conversation_id, message_id, role, client_ref, reply_to,
+                          status, finish_reason, ciphertext)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    ON CONFLICT (tenant_id, conversation_id, client_ref, role) WHERE client_ref IS NOT NULL
+    DO NOTHING
+    RETURNING seq
+), c AS (
+    UPDATE conversations
+       SET last_message_at = now(), message_count = message_count + 1,
+           redaction_sealed = COALESCE($10, redaction_sealed)
+     WHERE tenant_id = $1 AND conversation_id = $2 AND EXISTS (SELECT 1 FROM m)
+)
+SELECT seq FROM m
+"""
+
+
+async def insert_message(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    conversation_id: UUID,
+    message_id: UUID,
+    role: str,
+    ciphertext: bytes,
+    *,
+    client_ref: bytes | None = None,
+    reply_to: int | None = None,
+    status: str = "complete",
+    finish_reason: str | None = None,
+    redaction_sealed: bytes | None = None,
+) -> int | None:
+    """Insert a message in one round trip; None when the client_ref already exists."""
+    seq: int | None = await conn.fetchval(
+        _INSERT_MESSAGE,
+        tenant_id,
+        conversation_id,
+        message_id,
+        role,
+        client_ref,
+        reply_to,
+        status,
+        finish_reason,
+        ciphertext,
+        redaction_sealed,
+    )
+    return seq
+
+
+_COLUMNS = "seq, message_id, role, ciphertext, created_at, status, finish_reason, reply_to"
+
+
+def _message(row: asyncpg.Record) -> StoredMessage:
+    return StoredMessage(
+        row["seq"],
+        row["message_id"],
+        row["role"],
+        row["ciphertext"],
+        row["created_at"],
+        row["status"],
+        row["finish_reason"],
+        row["reply_to"],
+    )
+
+
+async def message_by_client_ref(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    conversation_id: UUID,
+    client_ref: bytes,
+) -> tuple[StoredMessage, StoredMessage | None] | None:
+    """A re-sent user message and its latest complete reply, if stored."""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM messages WHERE tenant_id = $1 AND conversation_id = $2 "
+        "AND client_ref = $3 AND role = 'user'",
+        tenant_id,
+        conversation_id,
+        client_ref,
+    )
+    if row is None:
+        return None
+    reply = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM messages WHERE tenant_id = $1 AND conversation_id = $2 "
+        "AND reply_to = $3 AND role = 'assistant' AND status = 'complete' ORDER BY seq DESC LIMIT 1",
+        tenant_id,
+        conversation_id,
+        row["seq"],
+    )
+    return _message(row), _message(reply) if reply else None
+
+
+async def history(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    conversation_id: UUID,
+    before: int | None,
+    limit: int,
+) -> list[StoredMessage]:
+    """A page of a conversation, newest first up to `limit`, returned oldest first."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM messages WHERE tenant_id = $1 AND conversation_id = $2 "
+        "AND ($3::bigint IS NULL OR seq < $3) ORDER BY seq DESC LIMIT $4",
+        tenant_id,
+        conversation_id,
+        before,
+        limit,
+    )
+    return [_message(r) for r in reversed(rows)]
+
+
+async def redaction_map(
+    conn: asyncpg.Connection, tenant_id: UUID, conversation_id: UUID
+) -> bytes | None:
+    """The sealed placeholder map of a conversation."""
+    sealed: bytes | None = await conn.fetchval(
+        "SELECT redaction_sealed FROM conversations WHERE tenant_id = $1 AND conversation_id = $2",
+        tenant_id,
+        conversation_id,
+    )
+    return sealed
+
+
+async def consent_rows(
+    conn: asyncpg.Connection, tenant_id: UUID, subject_id: UUID
+) -> list[asyncpg.Record]:
+    """The latest decision per purpose for a subject."""
+    return list(
+        await conn.fetch(
+            "SELECT DISTINCT ON (purpose) purpose, granted, consent_version FROM consents "
+            "WHERE tenant_id = $1 AND subject_id = $2 ORDER BY purpose, consent_id DESC",
+            tenant_id,
+            subject_id,
+        )
+    )
+
+
+async def record_consents(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    subject_id: UUID,
+    session_id: UUID | None,
+    changes: list[tuple[str, bool]],
+    policy_version: int,
+    consent_version: int,
+    source: str,
+) -> None:
+    """Append consent decisions; rows are never updated."""
+    await conn.executemany(
+        """
+        INSERT INTO consents (tenant_id, subject_id, session_id, purpose, granted,
+                              policy_version, consent_version, source)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        """,
+        [
+            (tenant_id, subject_id, session_id, p, g, policy_version, consent_version, source)
+            for p, g in changes
+        ],
+    )

@@ -1,0 +1,65 @@
+"""Tenant registry: site keys resolved and policies compiled once per version, cached."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from gateway import store
+from gateway.crypto import token_hash
+from gateway.db import Pool, lookup_tx, tenant_tx
+from policies import CompiledPolicy, Policy, compile_policy, parse_policy
+
+SITE_KEY_TTL = 30.0
+
+
+class TenantRegistry:
+    """Per-process cache; `invalidate` is called locally and from Redis pub/sub."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._sites: dict[bytes, tuple[UUID | None, float]] = {}
+        self._policies: dict[UUID, CompiledPolicy] = {}
+
+    async def resolve_site(self, site_key: str) -> UUID | None:
+        """The tenant of a widget site key, cached briefly (also negative answers)."""
+        h = token_hash(site_key)
+        hit = self._sites.get(h)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        async with lookup_tx(self.pool, h) as conn:
+            tenant_id = await store.tenant_for_site_key(conn, h)
+        if len(self._sites) > 10_000:
+            self._sites.clear()
+        self._sites[h] = (tenant_id, now + SITE_KEY_TTL)
+        return tenant_id
+
+    async def policy(self, tenant_id: UUID) -> CompiledPolicy:
+        """The tenant's current compiled policy; compiled once per version."""
+        cp = self._policies.get(tenant_id)
+        if cp is not None:
+            return cp
+        async with tenant_tx(self.pool, tenant_id) as conn:
+            row = await store.latest_policy(conn, tenant_id)
+        if row is None:
+            version, policy = 0, Policy()
+        else:
+            version, policy = row[0], parse_policy(row[1])
+        cp = compile_policy(policy, version)
+        self._policies[tenant_id] = cp
+        return cp
+
+    def install(self, tenant_id: UUID, cp: CompiledPolicy) -> None:
+        """Install a newer compiled policy (never replaces a newer one with an older one)."""
+        current = self._policies.get(tenant_id)
+        if current is None or current.version <= cp.version:
+            self._policies[tenant_id] = cp
+
+    def invalidate(self, tenant_id: UUID | None = None) -> None:
+        """Forget cached policy and site keys (one tenant, or all)."""
+        if tenant_id is None:
+            self._policies.clear()
+        else:
+            self._policies.pop(tenant_id, None)
+        self._sites.clear()

@@ -1,0 +1,229 @@
+"""A visitor's session: created or resumed on hello, with consent state and signals."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from gateway import store
+from gateway.crypto import CryptoError, new_token, token_hash
+from gateway.db import tenant_tx
+from gateway.protocol import BAD_REQUEST, SESSION_INVALID, ProtocolError
+from gateway.services import Services
+from policies import (
+    PURPOSES,
+    CompiledPolicy,
+    ConsentState,
+    PlaceholderMap,
+    Signals,
+    UnknownPurpose,
+    apply_consent_change,
+    decide_chat,
+    signals_from,
+)
+
+AGE_PURPOSE = "age_confirmation"
+CONTEXT_MESSAGES = 20
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What the gateway keeps of the HTTP request: never the raw IP or the raw headers."""
+
+    ip_anon: str | None
+    signal_headers: Mapping[str, str]
+    cookie_token: str | None
+    # minted before a WebSocket upgrade so it can go into Set-Cookie on the 101
+    new_token: str | None = None
+
+
+@dataclass
+class Visitor:
+    """The in-memory state of one visitor on one connection."""
+
+    tenant_id: UUID
+    session_id: UUID
+    subject_id: UUID
+    conversation_id: UUID
+    token: str
+    resumed: bool
+    consent: ConsentState
+    signals: Signals
+    restricted: bool = False
+    # the anonymized IP (or None under ip_mode drop), used as a rate-limit key
+    ip_key: str | None = None
+    placeholders: PlaceholderMap = field(default_factory=PlaceholderMap)
+    # the last exchanges in the redacted form the model saw, for its context
+    context: list[dict[str, str]] = field(default_factory=list)
+    # client ids answered while the transcript is not kept (dedupe without storage)
+    unstored: dict[str, str] = field(default_factory=dict)
+
+
+def consent_state(rows: list[asyncpg.Record], cp: CompiledPolicy) -> ConsentState:
+    """Current consent from the latest row per purpose; grants under an older version are stale."""
+    current = cp.policy.consent_version
+    latest = [r for r in rows if r["granted"]]
+    granted = frozenset(
+        r["purpose"] for r in latest if r["purpose"] in PURPOSES and r["consent_version"] == current
+    )
+    versions = [r["consent_version"] for r in latest]
+    version = current if not versions or current in versions else max(versions)
+    age = any(r["purpose"] == AGE_PURPOSE and r["consent_version"] == current for r in latest)
+    return ConsentState(granted=granted, version=version, age_confirmed=age)
+
+
+def consent_changes(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Grants and revokes from a hello.consent map or a consent frame."""
+    if "grant" in data or "revoke" in data:
+        return list(data.get("grant") or ()), list(data.get("revoke") or ())
+    grant = [p for p, v in data.items() if v is True]
+    revoke = [p for p, v in data.items() if v is False]
+    if len(grant) + len(revoke) != len(data):
+        raise ProtocolError(BAD_REQUEST, "consent values must be true or false")
+    return grant, revoke
+
+
+async def apply_consent(
+    conn: asyncpg.Connection,
+    v: Visitor,
+    cp: CompiledPolicy,
+    grant: list[str],
+    revoke: list[str],
+    age_confirmed: bool | None,
+    source: str,
+) -> None:
+    """Apply and record consent changes (append-only, with policy and consent versions)."""
+    grant = [p for p in grant if p != "necessary"]
+    revoke = [p for p in revoke if p != "necessary"]
+    try:
+        state, events = apply_consent_change(v.consent, grant, revoke, cp.policy.consent_version)
+    except UnknownPurpose:
+        raise ProtocolError(BAD_REQUEST, "unknown consent purpose") from None
+    changes = [(e.purpose, e.granted) for e in events]
+    if age_confirmed and not v.consent.age_confirmed:
+        changes.append((AGE_PURPOSE, True))
+        state = ConsentState(state.granted, state.version, True)
+    if changes:
+        await store.record_consents(
+            conn,
+            v.tenant_id,
+            v.subject_id,
+            v.session_id,
+            changes,
+            cp.version,
+            cp.policy.consent_version,
+            source,
+        )
+    v.consent = state
+
+
+async def open_session(
+    svc: Services,
+    tenant_id: UUID,
+    cp: CompiledPolicy,
+    ctx: RequestContext,
+    hello: Mapping[str, Any],
+) -> Visitor:
+    """Resume the session a valid token names, or start a new one; apply hello's consent."""
+    signals = signals_from(ctx.signal_headers, hello.get("signals"), cp.policy.honor_dnt)
+    days = cp.policy.session_days
+    candidates = [t for t in (hello.get("session_token"), ctx.cookie_token) if t]
+    async with tenant_tx(svc.pool, tenant_id) as conn:
+        row = None
+        token = ""
+        for candidate in candidates:
+            row = await store.find_session(conn, tenant_id, token_hash(candidate))
+            if row is not None:
+                token = candidate
+                break
+        if row is not None:
+            await store.touch_session(
+                conn, tenant_id, row.session_id, ctx.ip_anon, signals.dnt, signals.gpc, days
+            )
+        else:
+            token = ctx.new_token or new_token()
+            subject_id, dek = await store.create_subject(conn, svc.keyring, tenant_id)
+            svc.vault.remember(tenant_id, subject_id, dek)
+            row = await store.create_session(
+                conn,
+                tenant_id,
+                subject_id,
+                token_hash(token),
+                ctx.ip_anon,
+                signals.dnt,
+                signals.gpc,
+                days,
+            )
+        rows = await store.consent_rows(conn, tenant_id, row.subject_id)
+        v = Visitor(
+            tenant_id,
+            row.session_id,
+            row.subject_id,
+            row.conversation_id,
+            token,
+            row.resumed,
+            consent_state(rows, cp),
+            signals,
+            row.restricted,
+            ctx.ip_anon,
+        )
+        consent = hello.get("consent")
+        if consent or hello.get("age_confirmed"):
+            grant, revoke = consent_changes(consent or {})
+            await apply_consent(conn, v, cp, grant, revoke, hello.get("age_confirmed"), "widget")
+        if row.resumed:
+            await _load_context(svc, conn, v, cp)
+    return v
+
+
+async def _load_context(
+    svc: Services, conn: asyncpg.Connection, v: Visitor, cp: CompiledPolicy
+) -> None:
+    """Restore the redaction map and the model's recent context after a reconnect."""
+    try:
+        cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
+    except CryptoError:
+        raise ProtocolError(SESSION_INVALID, "this session's data was erased") from None
+    sealed = await store.redaction_map(conn, v.tenant_id, v.conversation_id)
+    if sealed:
+        raw = svc.vault.open_blob(cipher, v.tenant_id, v.conversation_id, "redaction", sealed)
+        v.placeholders = PlaceholderMap.from_dict(orjson.loads(raw))
+    recent = await store.history(conn, v.tenant_id, v.conversation_id, None, CONTEXT_MESSAGES)
+    for m in recent:
+        text = svc.vault.open_text(
+            cipher, v.tenant_id, v.conversation_id, m.message_id, m.role, m.ciphertext
+        )
+        # the stored text is what the visitor saw; the model sees it redacted again
+        v.context.append({"role": m.role, "content": cp.redactor.redact(text, v.placeholders).text})
+
+
+def welcome(v: Visitor, cp: CompiledPolicy) -> dict[str, Any]:
+    """The answer to hello (and to a consent change): session and the policy as it applies."""
+    decision = decide_chat(cp, v.consent, v.signals)
+    return {
+        "type": "welcome",
+        "session_token": v.token,
+        "conversation_id": str(v.conversation_id),
+        "resumed": v.resumed,
+        "policy": {
+            "required_consents": sorted(cp.policy.required_consents),
+            "granted": sorted(v.consent.granted),
+            "retention_days": cp.policy.retention_days,
+            "tracking": "on" if decision.tracking else "off",
+            "age_confirmation": cp.policy.age_confirmation,
+            "min_age": cp.policy.min_age,
+            "consent_version": cp.policy.consent_version,
+            "privacy_policy_url": cp.policy.privacy_policy_url,
+        },
+    }
+
+
+def today() -> int:
+    """The day number used for daily salt rotation."""
+    return int(time.time() // 86400)

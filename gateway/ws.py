@@ -1,0 +1,216 @@
+"""Widget transports: the WebSocket and the HTTP/SSE fallback, over one Connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from typing import Any
+
+import orjson
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from gateway import metrics, protocol
+from gateway.appkeys import CONNECTIONS, SERVICES
+from gateway.chat import handle_message
+from gateway.connection import Connection
+from gateway.crypto import new_token
+from gateway.httpctx import origin_allowed, request_context, set_session_cookie
+from gateway.protocol import ProtocolError
+
+log = logging.getLogger("omnigate.ws")
+
+WRITE_QUEUE = 256
+# aiohttp closes with 1009 past this; frames between our limit and this get a typed error
+HARD_FRAME_FACTOR = 16
+
+
+async def _tenant_and_policy(request: web.Request) -> tuple[Any, Any, str]:
+    svc = request.app[SERVICES]
+    site = request.query.get("site", "")
+    tenant_id = await svc.tenants.resolve_site(site) if 0 < len(site) <= 200 else None
+    if tenant_id is None:
+        raise web.HTTPForbidden(text="unknown site")
+    cp = await svc.tenants.policy(tenant_id)
+    origin = origin_allowed(request, cp)
+    if origin is None:
+        raise web.HTTPForbidden(text="origin not allowed")
+    return tenant_id, cp, origin
+
+
+async def widget_ws(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/widget/ws?site=KEY`: Origin checked before the upgrade."""
+    svc = request.app[SERVICES]
+    tenant_id, cp, _ = await _tenant_and_policy(request)
+    minted = None if request.cookies.get("omnigate_session") else new_token()
+    ctx = request_context(request, svc, cp, minted)
+    settings = svc.settings
+    ws = web.WebSocketResponse(
+        heartbeat=30.0,
+        max_msg_size=settings.max_frame_bytes * HARD_FRAME_FACTOR,
+        timeout=settings.handshake_timeout,
+    )
+    if minted is not None:
+        set_session_cookie(ws, svc, cp, minted)
+    await ws.prepare(request)
+    request.app[CONNECTIONS].add(ws)
+    metrics.WS_CONNECTIONS.inc()
+
+    outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WRITE_QUEUE)
+
+    async def send(frame: dict[str, Any]) -> None:
+        await outbox.put(frame)
+
+    async def writer() -> None:
+        while (frame := await outbox.get()) is not None:
+            if ws.closed:
+                return
+            await ws.send_str(protocol.encode(frame))
+
+    conn = Connection(svc, tenant_id, ctx, send)
+    writer_task = asyncio.create_task(writer())
+    try:
+        await _read_loop(
+            ws,
+            conn,
+            settings.first_frame_timeout,
+            settings.max_frame_bytes,
+            settings.max_bad_frames,
+        )
+    finally:
+        await conn.close()
+        await outbox.put(None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer_task, 2.0)
+        writer_task.cancel()
+        metrics.WS_CONNECTIONS.dec()
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def _read_loop(
+    ws: web.WebSocketResponse, conn: Connection, first_timeout: float, max_frame: int, max_bad: int
+) -> None:
+    first = True
+    while not ws.closed:
+        try:
+            msg = await ws.receive(timeout=first_timeout if first else None)
+        except TimeoutError:
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"hello timeout")
+            return
+        first = False
+        if msg.type == WSMsgType.TEXT:
+            if len(msg.data) > max_frame:
+                conn.bad_frames += 1
+                await conn.error(
+                    ProtocolError(protocol.TOO_LARGE, f"frames are limited to {max_frame} bytes")
+                )
+            else:
+                await conn.receive(msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            conn.bad_frames += 1
+            await conn.error(ProtocolError(protocol.BAD_REQUEST, "binary frames are not accepted"))
+        elif msg.type == WSMsgType.ERROR:
+            # aiohttp closes oversized frames itself with 1009
+            return
+        else:
+            return
+        if conn.bad_frames > max_bad:
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many bad frames")
+            return
+
+
+async def widget_chat(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/widget/chat?site=KEY`: one message answered as text/event-stream.
+
+    The body is a `message` frame; it may carry `hello` (the hello fields) for a
+    visitor without a session. Events: welcome, consent_required, ack, delta, done, error.
+    """
+    svc = request.app[SERVICES]
+    tenant_id, cp, origin = await _tenant_and_policy(request)
+    raw = await request.read() if request.can_read_body else b""
+    ctx = request_context(request, svc, cp)
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-store",
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Credentials": "true",
+            "Vary": "Origin",
+        }
+    )
+    events: list[dict[str, Any]] = []
+    prepared = False
+
+    async def send(frame: dict[str, Any]) -> None:
+        nonlocal prepared
+        if not prepared:
+            events.append(frame)
+            return
+        await resp.write(
+            b"event: " + frame["type"].encode() + b"\ndata: " + orjson.dumps(frame) + b"\n\n"
+        )
+
+    conn = Connection(svc, tenant_id, ctx, send)
+    try:
+        if len(raw) > svc.settings.max_frame_bytes:
+            raise ProtocolError(protocol.TOO_LARGE, "request body too large")
+        body = orjson.loads(raw) if raw else None
+        if not isinstance(body, dict):
+            raise ProtocolError(protocol.BAD_REQUEST, "body must be a JSON message object")
+        hello = body.pop("hello", None) or {}
+        if not isinstance(hello, dict):
+            raise ProtocolError(protocol.BAD_REQUEST, "hello must be an object")
+        body.setdefault("type", "message")
+        frame = protocol.parse_frame(orjson.dumps(body))
+        if frame.type != "message":
+            raise ProtocolError(protocol.BAD_REQUEST, "only message frames are accepted here")
+        hello_frame = protocol.parse_frame(
+            orjson.dumps({**hello, "type": "hello", "v": protocol.PROTOCOL_VERSION})
+        )
+        await conn.hello(hello_frame.data)
+    except orjson.JSONDecodeError:
+        events.append(
+            protocol.error_frame(ProtocolError(protocol.BAD_REQUEST, "body is not valid JSON"))
+        )
+        frame = None
+    except ProtocolError as exc:
+        events.append(protocol.error_frame(exc))
+        frame = None
+    assert conn.visitor is not None or frame is None
+    if conn.visitor is not None:
+        set_session_cookie(resp, svc, cp, conn.visitor.token)
+    await resp.prepare(request)
+    prepared = True
+    for ev in events:
+        await send(ev)
+    if frame is not None and conn.visitor is not None:
+        await handle_message(svc, conn.visitor, frame.data["id"], frame.data["text"], send)
+    await conn.close()
+    await resp.write_eof()
+    return resp
+
+
+async def widget_chat_preflight(request: web.Request) -> web.StreamResponse:
+    """CORS preflight for the fallback: answered only for allowed origins."""
+    _, _, origin = await _tenant_and_policy(request)
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Credentials": "true",
+            "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Headers": "Content-Type",
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
+
+
+async def close_all(sockets: weakref.WeakSet[web.WebSocketResponse]) -> None:
+    """Close every open widget socket with 1001 so widgets reconnect elsewhere."""
+    for ws in list(sockets):
+        with contextlib.suppress(Exception):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

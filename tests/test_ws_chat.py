@@ -1,0 +1,99 @@
+"""End to end over a real socket: hello, chat, resume, duplicates, history."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from gateway.fake_upstream import FakeUpstream
+from gateway.provision import NewTenant
+from tests.conftest import Gateway, chat, hello, recv_until, reply_text
+
+
+async def test_full_chat_streams_and_stores(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    ws = await gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    assert welcome["resumed"] is False
+    assert len(welcome["session_token"]) >= 22
+    frames = await chat(ws, "m1", "hello there friend")
+    types = [f["type"] for f in frames]
+    assert types[0] == "ack" and types[-1] == "done", frames
+    assert types.count("delta") >= 2  # streamed, not one blob
+    assert reply_text(frames) == "hello there friend"
+    ack, done = frames[0], frames[-1]
+    assert isinstance(ack["seq"], int) and done["seq"] > ack["seq"]
+    assert done["finish_reason"] == "stop"
+    upstream, _ = fake
+    assert upstream.requests[-1]["body"]["messages"][-1] == {
+        "role": "user",
+        "content": "hello there friend",
+    }
+    await ws.close()
+
+
+async def test_resume_with_token_keeps_conversation(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    first = await hello(ws)
+    await chat(ws, "a", "first message")
+    await ws.close()
+    ws2 = await offline_gateway.ws(tenant.site_key)
+    second = await hello(ws2, session_token=first["session_token"])
+    assert second["resumed"] is True
+    assert second["conversation_id"] == first["conversation_id"]
+    await ws2.send_json({"type": "history"})
+    page = await recv_until(ws2, "history")
+    texts = [(m["role"], m["text"]) for m in page[-1]["messages"]]
+    assert texts == [("user", "first message"), ("assistant", "first message")]
+    await ws2.close()
+
+
+async def test_unknown_token_starts_new_session(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws, session_token="forged-token-that-does-not-exist")
+    assert welcome["resumed"] is False
+    assert welcome["session_token"] != "forged-token-that-does-not-exist"
+    await ws.close()
+
+
+async def test_duplicate_client_id_is_answered_from_storage(
+    gateway: Gateway,
+    tenant: NewTenant,
+    fake: tuple[FakeUpstream, str],
+    owner_pool: asyncpg.Pool,
+) -> None:
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    first = await chat(ws, "same-id", "tell me once")
+    calls = len(upstream.requests)
+    again = await chat(ws, "same-id", "tell me once")
+    assert len(upstream.requests) == calls  # not forwarded twice
+    assert reply_text(again) == reply_text(first)
+    assert again[0]["seq"] == first[0]["seq"] and again[-1]["seq"] == first[-1]["seq"]
+    count = await owner_pool.fetchval(
+        "SELECT count(*) FROM messages WHERE conversation_id = $1::uuid", welcome["conversation_id"]
+    )
+    assert count == 2
+    await ws.close()
+
+
+async def test_ping_pong_and_history_paging(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    await ws.send_json({"type": "ping"})
+    assert (await ws.receive_json(timeout=5))["type"] == "pong"
+    for i in range(3):
+        await chat(ws, f"m{i}", f"message number {i}")
+    await ws.send_json({"type": "history", "limit": 2})
+    page = (await recv_until(ws, "history"))[-1]["messages"]
+    assert [m["text"] for m in page] == ["message number 2", "message number 2"]
+    await ws.send_json({"type": "history", "before": page[0]["seq"], "limit": 2})
+    older = (await recv_until(ws, "history"))[-1]["messages"]
+    assert [m["role"] for m in older] == ["user", "assistant"]
+    assert older[0]["text"] == "message number 1"
+    await ws.close()
