@@ -1,0 +1,247 @@
+"""Consent decisions, DNT/GPC signals and consent changes."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from policies import (
+    ChatDecision,
+    ConsentEvent,
+    ConsentState,
+    Policy,
+    Signals,
+    UnknownPurpose,
+    apply_consent_change,
+    compile_policy,
+    confirm_age,
+    consent_map_to_change,
+    decide_chat,
+    effective_purposes,
+    parse_policy,
+    signals_from,
+)
+from policies.compiled import CompiledPolicy
+
+
+def cp_of(**doc: Any) -> CompiledPolicy:
+    return compile_policy(parse_policy(doc), 1)
+
+
+def state(*granted: str, version: int = 1, age: bool = False) -> ConsentState:
+    return ConsentState(frozenset(granted), version, age)
+
+
+NO = Signals()
+DNT = Signals(dnt=True)
+GPC = Signals(gpc=True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "hello", "honor", "expected"),
+    [
+        ({}, None, True, (False, False)),
+        ({"DNT": "1"}, None, True, (True, False)),
+        ({"DNT": "1"}, None, False, (False, False)),
+        ({"dnt": "1"}, None, True, (True, False)),
+        ({"DNT": "0"}, None, True, (False, False)),
+        ({"DNT": "yes"}, None, True, (False, False)),
+        ({"Sec-GPC": "1"}, None, False, (False, True)),
+        ({"sec-gpc": "1"}, None, True, (False, True)),
+        ({"Sec-GPC": "true"}, None, True, (False, False)),
+        ({"Sec-GPC": "0"}, None, True, (False, False)),
+        ({}, {"dnt": True}, True, (True, False)),
+        ({}, {"dnt": "1"}, True, (True, False)),
+        ({}, {"dnt": "yes"}, True, (True, False)),
+        ({}, {"dnt": "0"}, True, (False, False)),
+        ({}, {"dnt": None}, True, (False, False)),
+        ({}, {"dnt": "1"}, False, (False, False)),
+        ({}, {"gpc": True}, False, (False, True)),
+        ({}, {"gpc": False}, True, (False, False)),
+        ({}, {"gpc": "1"}, True, (False, False)),
+        ({}, "dnt", True, (False, False)),
+        ({}, ["gpc"], True, (False, False)),
+        ({}, {"dnt": {"x": 1}, "gpc": [True]}, True, (False, False)),
+        ({"DNT": "1", "Sec-GPC": "1"}, {"dnt": True, "gpc": True}, True, (True, True)),
+    ],
+    ids=[
+        "nothing", "dnt-header", "dnt-header-not-honoured", "dnt-lowercase", "dnt-0",
+        "dnt-header-yes", "gpc-header", "gpc-lowercase", "gpc-true-ignored", "gpc-0",
+        "hello-dnt-bool", "hello-dnt-1", "hello-dnt-yes", "hello-dnt-0", "hello-dnt-null",
+        "hello-dnt-not-honoured", "hello-gpc", "hello-gpc-false", "hello-gpc-string",
+        "hello-string", "hello-list", "hello-garbage", "everything",
+    ],
+)
+def test_signals_from(
+    headers: dict[str, str], hello: object, honor: bool, expected: tuple[bool, bool]
+) -> None:
+    s = signals_from(headers, hello, honor)
+    assert (s.dnt, s.gpc) == expected
+    assert bool(s.source) == any(expected)
+
+
+def test_signal_source_names_origin() -> None:
+    assert signals_from({"Sec-GPC": "1"}, {"dnt": "1"}, True).source == "header:gpc,hello:dnt"
+
+
+ALL = ("ai_processing", "conversation_storage", "analytics", "marketing", "preferences")
+
+
+# Truth table: every combination of analytics/marketing grant x DNT x GPC.
+@pytest.mark.parametrize(
+    ("analytics", "marketing", "dnt", "gpc"),
+    list(itertools.product([False, True], repeat=4)),
+    ids=lambda v: str(int(v)),
+)
+def test_tracking_truth_table(analytics: bool, marketing: bool, dnt: bool, gpc: bool) -> None:
+    granted = {"preferences"} | ({"analytics"} if analytics else set()) | (
+        {"marketing"} if marketing else set())
+    st = ConsentState(frozenset(granted), 1)
+    sig = Signals(dnt=dnt, gpc=gpc)
+    eff = effective_purposes(st, sig)
+    blocked = dnt or gpc
+    assert ("analytics" in eff) == (analytics and not blocked)
+    assert ("marketing" in eff) == (marketing and not blocked)
+    assert "preferences" in eff  # signals only touch tracking purposes
+    d = decide_chat(cp_of(), st, sig)
+    assert d.tracking == ((analytics or marketing) and not blocked)
+    assert d.allowed
+
+
+@pytest.mark.parametrize(
+    ("doc", "st", "sig", "expected"),
+    [
+        ({}, state(), NO, ChatDecision(True, (), "consent.not_required", False, False)),
+        ({}, state("conversation_storage"), NO,
+         ChatDecision(True, (), "consent.not_required", True, False)),
+        ({}, state(*ALL), DNT, ChatDecision(True, (), "consent.not_required", True, False)),
+        ({}, state(*ALL), NO, ChatDecision(True, (), "consent.not_required", True, True)),
+        ({"required_consents": ["ai_processing"]}, state(), NO,
+         ChatDecision(False, ("ai_processing",), "consent.required_missing", False, False)),
+        ({"required_consents": ["ai_processing"]}, state("ai_processing"), NO,
+         ChatDecision(True, (), "consent.granted", False, False)),
+        ({"required_consents": ["ai_processing", "conversation_storage"]},
+         state("ai_processing"), NO,
+         ChatDecision(False, ("conversation_storage",), "consent.required_missing", False,
+                      False)),
+        ({"required_consents": ["ai_processing", "conversation_storage"]},
+         state("ai_processing", "conversation_storage"), GPC,
+         ChatDecision(True, (), "consent.granted", True, False)),
+        ({"required_consents": ["analytics"]}, state("analytics"), GPC,
+         ChatDecision(True, (), "consent.granted", False, False)),
+        ({"required_consents": ["ai_processing"], "consent_version": 2},
+         state("ai_processing", "analytics"), NO,
+         ChatDecision(False, ("ai_processing",), "consent.stale_version", False, False)),
+        ({"consent_version": 2}, state("conversation_storage", "analytics"), NO,
+         ChatDecision(True, (), "consent.not_required", False, False)),
+        ({"required_consents": ["ai_processing"]}, state("ai_processing", version=2), NO,
+         ChatDecision(False, ("ai_processing",), "consent.stale_version", False, False)),
+        ({"age_confirmation": True}, state(), NO,
+         ChatDecision(False, ("age_confirmation",), "consent.age_unconfirmed", False, False)),
+        ({"age_confirmation": True}, state(age=True), NO,
+         ChatDecision(True, (), "consent.not_required", False, False)),
+        ({"age_confirmation": True, "required_consents": ["ai_processing"]}, state(), NO,
+         ChatDecision(False, ("ai_processing", "age_confirmation"),
+                      "consent.required_missing", False, False)),
+        ({"age_confirmation": True, "required_consents": ["ai_processing"]},
+         state("ai_processing"), NO,
+         ChatDecision(False, ("age_confirmation",), "consent.age_unconfirmed", False, False)),
+        ({"age_confirmation": True, "consent_version": 3}, state(version=1, age=True), NO,
+         ChatDecision(True, (), "consent.not_required", False, False)),
+    ],
+    ids=[
+        "none-required-nothing-granted", "none-required-storage-granted", "dnt-all-granted",
+        "all-granted", "required-missing", "required-granted", "storage-required-missing",
+        "storage-required-granted-gpc", "analytics-required-gpc", "stale-version",
+        "stale-version-nothing-required", "newer-version-is-stale", "age-unconfirmed",
+        "age-confirmed", "age-and-consent-missing", "only-age-missing",
+        "age-survives-version-change",
+    ],
+)
+def test_decide_chat(
+    doc: dict[str, Any], st: ConsentState, sig: Signals, expected: ChatDecision
+) -> None:
+    assert decide_chat(cp_of(**doc), st, sig) == expected
+
+
+def test_missing_purposes_are_in_canonical_order() -> None:
+    cp = cp_of(required_consents=["preferences", "ai_processing", "analytics"])
+    assert decide_chat(cp, state(), NO).missing == ("ai_processing", "analytics", "preferences")
+
+
+@pytest.mark.parametrize(
+    ("before", "grant", "revoke", "version", "after", "events"),
+    [
+        (state(), ["analytics"], [], 1, {"analytics"},
+         [ConsentEvent("analytics", True, "consent.granted")]),
+        (state("analytics"), ["analytics"], [], 1, {"analytics"}, []),
+        (state("analytics"), [], ["analytics"], 1, set(),
+         [ConsentEvent("analytics", False, "consent.revoked")]),
+        (state(), [], ["analytics"], 1, set(), []),
+        (state(), ["marketing"], ["marketing"], 1, set(), []),
+        (state(), ["necessary", "ai_processing"], ["necessary"], 1, {"ai_processing"},
+         [ConsentEvent("ai_processing", True, "consent.granted")]),
+        (state("analytics", "marketing"), ["analytics"], [], 2, {"analytics"},
+         [ConsentEvent("marketing", False, "consent.stale_version"),
+          ConsentEvent("analytics", True, "consent.granted")]),
+        (state("analytics", "marketing"), [], ["marketing"], 2, set(),
+         [ConsentEvent("analytics", False, "consent.stale_version"),
+          ConsentEvent("marketing", False, "consent.stale_version")]),
+    ],
+    ids=["grant", "regrant-no-event", "revoke", "revoke-ungranted", "grant-and-revoke",
+         "necessary-ignored", "new-version-regrant", "new-version-revoke"],
+)
+def test_apply_consent_change(
+    before: ConsentState, grant: list[str], revoke: list[str], version: int,
+    after: set[str], events: list[ConsentEvent],
+) -> None:
+    new, got = apply_consent_change(before, grant, revoke, version)
+    assert new == ConsentState(frozenset(after), version, before.age_confirmed)
+    assert got == events
+
+
+def test_changes_keep_age_confirmation_and_fix_staleness() -> None:
+    st, ev = confirm_age(state())
+    assert st.age_confirmed and ev.rule == "consent.age_confirmed"
+    cp = cp_of(required_consents=["ai_processing"], consent_version=2)
+    new, _ = apply_consent_change(st, ["ai_processing"], [], cp.consent_version)
+    assert new.age_confirmed
+    assert decide_chat(cp, new, NO).allowed
+
+
+@pytest.mark.parametrize(
+    ("grant", "revoke"),
+    [(["telemetry"], []), ([], ["Analytics"]), ([None], [])],
+    ids=["unknown-grant", "unknown-revoke-case", "not-a-string"],
+)
+def test_unknown_purpose(grant: list[Any], revoke: list[Any]) -> None:
+    with pytest.raises(UnknownPurpose):
+        apply_consent_change(state("analytics"), grant, revoke, 1)
+    assert issubclass(UnknownPurpose, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("consent", "expected"),
+    [
+        ({"analytics": True, "marketing": False}, (["analytics"], ["marketing"])),
+        ({}, ([], [])),
+    ],
+    ids=["mixed", "empty"],
+)
+def test_consent_map_to_change(consent: object, expected: tuple[list[str], list[str]]) -> None:
+    assert consent_map_to_change(consent) == expected
+
+
+@pytest.mark.parametrize(
+    "consent", [{"telemetry": True}, {"analytics": "yes"}, ["analytics"]],
+    ids=["unknown", "not-bool", "not-object"],
+)
+def test_consent_map_to_change_errors(consent: object) -> None:
+    with pytest.raises(UnknownPurpose):
+        consent_map_to_change(consent)
+
+
+def test_default_policy_needs_no_consent() -> None:
+    assert compile_policy(Policy(), 1).required == frozenset()
