@@ -6,10 +6,12 @@ import logging
 import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from uuid import UUID
 
 from aiohttp import web
 
-from gateway import metrics, ws
+from gateway import admin, bus, metrics, privacy, widget, ws
 from gateway.appkeys import CONNECTIONS, SERVICES, SETTINGS
 from gateway.config import Settings
 from gateway.crypto import DataKeyCache, KeyRing, dev_master_keys
@@ -103,13 +105,37 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             client = UpstreamClient(upstream)
             await client.start()
             model = client
-        app[SERVICES] = build_services(settings, pool, model, upstream)
+        svc = build_services(settings, pool, model, upstream)
+        _subscribe(svc)
+        await svc.bus.start()
+        app[SERVICES] = svc
         yield
+        await svc.bus.close()
     finally:
         await ws.close_all(app[CONNECTIONS])
         if client is not None:
             await client.close()
         await pool.close()
+
+
+def _subscribe(svc: Services) -> None:
+    """What every process does when another one changes a policy, erases or rotates keys."""
+
+    async def policy_changed(payload: dict[str, Any]) -> None:
+        svc.tenants.invalidate(UUID(payload["tenant_id"]))
+
+    async def subject_erased(payload: dict[str, Any]) -> None:
+        key = (UUID(payload["tenant_id"]), UUID(payload["subject_id"]))
+        svc.vault.cache.forget(*key)
+        for conn in list(svc.live.get(key, ())):
+            await conn.terminate("erased")
+
+    async def keys_rotated(payload: dict[str, Any]) -> None:
+        svc.vault.cache.clear()
+
+    svc.bus.subscribe(bus.POLICY_CHANGED, policy_changed)
+    svc.bus.subscribe(bus.SUBJECT_ERASED, subject_erased)
+    svc.bus.subscribe(bus.KEYS_ROTATED, keys_rotated)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -156,6 +182,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    admin.setup_routes(app)
+    privacy.setup_routes(app)
+    widget.setup_routes(app)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -39,7 +39,14 @@ PENDING_MESSAGES = 8
 class Connection:
     """One widget connection: hello first, then messages answered in order."""
 
-    def __init__(self, svc: Services, tenant_id: UUID, ctx: RequestContext, send: Send) -> None:
+    def __init__(
+        self,
+        svc: Services,
+        tenant_id: UUID,
+        ctx: RequestContext,
+        send: Send,
+        on_terminate: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.svc = svc
         self.tenant_id = tenant_id
         self.ctx = ctx
@@ -49,6 +56,7 @@ class Connection:
         self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue(PENDING_MESSAGES)
         self._worker: asyncio.Task[None] | None = None
         self._in_flight = False
+        self._on_terminate = on_terminate
 
     async def receive(self, raw: str | bytes) -> None:
         """Handle one client frame; every failure becomes an `error` frame."""
@@ -96,6 +104,8 @@ class Connection:
         cp = await self.svc.tenants.policy(self.tenant_id)
         self.visitor = await open_session(self.svc, self.tenant_id, cp, self.ctx, data)
         metrics.SESSIONS_ACTIVE.inc()
+        key = (self.tenant_id, self.visitor.subject_id)
+        self.svc.live.setdefault(key, set()).add(self)
         for signal in ("dnt", "gpc"):
             if getattr(self.visitor.signals, signal):
                 metrics.count_privacy_signal(signal)
@@ -182,6 +192,19 @@ class Connection:
                 await self._worker
         if self.visitor is not None:
             metrics.SESSIONS_ACTIVE.dec()
+            key = (self.tenant_id, self.visitor.subject_id)
+            live = self.svc.live.get(key)
+            if live is not None:
+                live.discard(self)
+                if not live:
+                    del self.svc.live[key]
+
+    async def terminate(self, reason: str) -> None:
+        """End this connection from outside (erasure): stop answering, close the transport."""
+        if self._worker is not None:
+            self._worker.cancel()
+        if self._on_terminate is not None:
+            await self._on_terminate(reason)
 
     async def drain(self, timeout: float) -> None:
         """Let the queued and in-flight replies finish, up to `timeout` seconds."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID
 
+from gateway.bus import LocalBus
 from gateway.config import Settings
 from gateway.crypto import KeyRing
 from gateway.db import Pool
@@ -30,6 +31,9 @@ class Services:
     limiter: RateLimiter = field(default_factory=LocalRateLimiter)
     salts: SaltRing | None = None
     redis: Any = None
+    bus: Any = field(default_factory=LocalBus)
+    # live connections by (tenant, subject): erasure closes them on every process
+    live: dict[tuple[UUID, UUID], set[Any]] = field(default_factory=dict)
 
     def upstream_for(self, tenant_id: UUID, cp: CompiledPolicy) -> UpstreamConfig | None:
         """The upstream settings for a tenant: the gateway's, with the policy's model."""

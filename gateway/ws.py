@@ -68,7 +68,11 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
                 return
             await ws.send_str(protocol.encode(frame))
 
-    conn = Connection(svc, tenant_id, ctx, send)
+    async def terminate(reason: str) -> None:
+        # 4001: the session is gone (erased); the widget starts afresh, it does not resume
+        await ws.close(code=4001, message=reason.encode())
+
+    conn = Connection(svc, tenant_id, ctx, send, terminate)
     writer_task = asyncio.create_task(writer())
     try:
         await _read_loop(

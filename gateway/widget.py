@@ -1,0 +1,9 @@
+"""Routes of the widget API (being built)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def setup_routes(app: web.Application) -> None:
+    """Bind the widget routes."""
