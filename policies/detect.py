@@ -106,18 +106,37 @@ def _card_ok(digits: str) -> bool:
     return 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_valid(digits)
 
 
+def _card_grouping(sizes: Sequence[int]) -> bool:
+    # Cards are printed 4-4-4-4(-3), 4-6-5 (Amex), 4-6-4 (Diners) or unbroken. Requiring a
+    # real grouping keeps runs like "000-12-3456 666-12-3456" or an invalid IBAN's digit
+    # groups from yielding a Luhn-valid window by chance (one in ten would).
+    if len(sizes) == 1:
+        return True
+    if all(n == 4 for n in sizes[:-1]) and 1 <= sizes[-1] <= 4:
+        return True
+    return tuple(sizes) in ((4, 6, 5), (4, 6, 4))
+
+
+_MAX_CARD_GROUPS = 5  # 4-4-4-4-3 is the longest grouping
+
+
 def find_cards(text: str) -> Iterator[Match]:
     """Yield Luhn-valid card numbers of 13-19 digits, grouped by spaces or dashes."""
     for run in _DIGIT_RUN_RE.finditer(text):
-        groups = [(g.start(), g.end()) for g in _GROUP_RE.finditer(run.group())]
+        raw = run.group()
+        groups = [(g.start(), g.end()) for g in _GROUP_RE.finditer(raw)]
         base = run.start()
         i = 0
         # Greedy from the left, longest valid window first: "4111 1111 1111 1111 12" finds
-        # the card and leaves the trailing "12" alone.
+        # the card and leaves the trailing "12" alone. Windows are bounded, so a run of
+        # thousands of groups costs linear time.
         while i < len(groups):
             found = False
-            for j in range(len(groups) - 1, i - 1, -1):
-                digits = "".join(run.group()[s:e] for s, e in groups[i : j + 1])
+            for j in range(min(len(groups), i + _MAX_CARD_GROUPS) - 1, i - 1, -1):
+                window = groups[i : j + 1]
+                if not _card_grouping([e - s for s, e in window]):
+                    continue
+                digits = "".join(raw[s:e] for s, e in window)
                 if _card_ok(digits):
                     yield Match(base + groups[i][0], base + groups[j][1], "credit_card",
                                 "redact.credit_card", digits)

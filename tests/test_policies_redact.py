@@ -1,0 +1,256 @@
+"""PII detection and redaction: entities, look-alikes, overlaps, placeholder maps."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies import ENTITIES, PlaceholderMap, Redactor, Remark
+from policies.detect import iban_valid, luhn_valid
+
+ALL = Redactor(ENTITIES)
+
+
+def redacted(text: str, redactor: Redactor = ALL) -> str:
+    return redactor.redact(text, PlaceholderMap()).text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "rule"),
+    [
+        ("mail John.Doe+shop@Example.co.uk now", "mail <EMAIL_1> now", "redact.email"),
+        ("(jane_d@mail.example.)", "(<EMAIL_1>.)", "redact.email"),
+        ("call +1 415 555 2671 today", "call <PHONE_1> today", "redact.phone"),
+        ("call (415) 555-2671", "call <PHONE_1>", "redact.phone"),
+        ("ring 020 7946 0958", "ring <PHONE_1>", "redact.phone"),
+        ("Handy 0151 23456789", "Handy <PHONE_1>", "redact.phone"),
+        ("tel 01 23 45 67 89", "tel <PHONE_1>", "redact.phone"),
+        ("+49 30 901820.", "<PHONE_1>.", "redact.phone"),
+        ("card 4111 1111 1111 1111 exp 12/26", "card <CREDIT_CARD_1> exp 12/26",
+         "redact.credit_card"),
+        ("card 4111-1111-1111-1111", "card <CREDIT_CARD_1>", "redact.credit_card"),
+        ("card 4111111111111111.", "card <CREDIT_CARD_1>.", "redact.credit_card"),
+        ("amex 3782 822463 10005", "amex <CREDIT_CARD_1>", "redact.credit_card"),
+        ("visa13 4222222222222", "visa13 <CREDIT_CARD_1>", "redact.credit_card"),
+        ("then 6011 0009 9013 9424 123", "then <CREDIT_CARD_1> 123",
+         "redact.credit_card"),
+        ("IBAN DE89 3704 0044 0532 0130 00 thanks", "IBAN <IBAN_1> thanks", "redact.iban"),
+        ("iban DE89370400440532013000", "iban <IBAN_1>", "redact.iban"),
+        ("GB82 WEST 1234 5698 7654 32", "<IBAN_1>", "redact.iban"),
+        ("gb82west12345698765432", "<IBAN_1>", "redact.iban"),
+        ("NO9386011117947 ok", "<IBAN_1> ok", "redact.iban"),
+        ("MT84MALT011000012345MTLCAST001S", "<IBAN_1>", "redact.iban"),
+        ("DE89 3704 0044 0532 0130 00 12", "<IBAN_1> 12", "redact.iban"),
+        ("from 203.0.113.7.", "from <IP_1>.", "redact.ip"),
+        ("v6 2001:db8::1, ok", "v6 <IP_1>, ok", "redact.ip"),
+        ("link fe80::1%eth0 up", "link <IP_1> up", "redact.ip"),
+        ("mapped ::ffff:192.0.2.1", "mapped <IP_1>", "redact.ip"),
+        ("[2001:db8::2]:443", "[<IP_1>]:443", "redact.ip"),
+        ("ssn 123-45-6789", "ssn <US_SSN_1>", "redact.us_ssn"),
+        ("sk-proj-abcdefghijklmnopqrstuvwx12", "<SECRET_1>", "redact.secret.openai_key"),
+        ("key=sk-abcdefghijklmnopqrstuvwxyz0123", "key=<SECRET_1>", "redact.secret.openai_key"),
+        ("ghp_" + "a1" * 18, "<SECRET_1>", "redact.secret.github_token"),
+        ("github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz", "<SECRET_1>",
+         "redact.secret.github_token"),
+        ("aws AKIAIOSFODNN7EXAMPLE", "aws <SECRET_1>", "redact.secret.aws_access_key"),
+        ("xoxb-123456789012-abcdefghij", "<SECRET_1>", "redact.secret.slack_token"),
+        ("Authorization: Bearer abc123def456ghi789", "Authorization: Bearer <SECRET_1>",
+         "redact.secret.bearer"),
+        ("token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.abc_DEF-123", "token <SECRET_1>",
+         "redact.secret.jwt"),
+        ("-----BEGIN PRIVATE KEY-----\nMIIEv\nQ==\n-----END PRIVATE KEY-----\nbye",
+         "<SECRET_1>\nbye", "redact.secret.private_key"),
+        ("-----BEGIN RSA PRIVATE KEY-----\nMIIE truncated paste", "<SECRET_1>",
+         "redact.secret.private_key"),
+    ],
+    ids=[
+        "email", "email-in-parens", "phone-intl", "phone-us-national", "phone-gb", "phone-de",
+        "phone-fr", "phone-trailing-dot", "card-spaces", "card-dashes", "card-compact",
+        "card-amex", "card-13", "card-then-digits", "iban-spaced", "iban-compact",
+        "iban-gb-letters", "iban-lowercase", "iban-norway-shortest", "iban-malta-long",
+        "iban-then-number", "ipv4", "ipv6", "ipv6-zone", "ipv4-mapped", "ipv6-bracket-port",
+        "ssn", "openai-proj", "openai", "github", "github-pat", "aws", "slack", "bearer", "jwt",
+        "private-key", "private-key-unterminated",
+    ],
+)
+def test_entities(text: str, expected: str, rule: str) -> None:
+    result = ALL.redact(text, PlaceholderMap())
+    assert result.text == expected
+    if expected != text:
+        assert rule in {r.rule for r in result.remarks}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Order #123456789 shipped",
+        "order 1234567890123",
+        "on 2024-05-01 at 10:30",
+        "on 12/05/2024",
+        "on 12.05.2024",
+        "2024-05-01 12:30:45",
+        "costs $1,299.99 or €1.299,99",
+        "version 1.2.3 and v1.2.3.4 and 10.0.19041",
+        "Chrome 120.0.6099.109",
+        "number 1234567812345678 is not Luhn-valid",
+        "zeros 0000 0000 0000 0000",
+        "twenty digits 41111111111111111111",
+        "IBAN DE12 3456 7890 1234 5678 90 has a bad checksum",
+        "DE8937040044053201300 is one short",
+        "XX89370400440532013000 has no country",
+        "999.1.1.1 and 256.256.256.256",
+        "01.02.03.04",
+        "std::vector and a::b and dead::beef",
+        "time 12:30:45 and MAC 00:1A:2B:3C:4D:5E",
+        "ssn-like 000-12-3456 666-12-3456 900-12-3456 123-00-4567 123-45-0000",
+        "ticket 123-45-67890",
+        "email@ without domain and user@localhost",
+        "the bearer responsibilities and Bearer of bad news",
+        "sk-short and ghp_short and AKIA123",
+        "tracking 1Z999AA10123456784",
+        "timestamp 1714567890",
+        "ISBN 978-3-16-148410-0",
+        "placeholder <EMAIL_1> typed",
+    ],
+    ids=[
+        "order-number", "order-13-digits", "iso-date", "slash-date", "dotted-date",
+        "datetime", "prices", "versions", "ua-version", "non-luhn-16", "all-zero-card",
+        "20-digits", "iban-bad-checksum", "iban-short", "iban-bad-country", "bad-ipv4",
+        "leading-zero-ipv4", "cpp-scope", "time-and-mac", "invalid-ssns", "ssn-too-long",
+        "broken-emails", "bearer-prose", "short-tokens", "ups-tracking", "unix-time", "isbn",
+        "typed-placeholder",
+    ],
+)
+def test_look_alikes_are_not_redacted(text: str) -> None:
+    result = ALL.redact(text, PlaceholderMap())
+    assert result.text == text, result.remarks
+    assert result.counts == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "entity"),
+    [
+        ("DE89 3704 0044 0532 0130 00", "iban"),
+        ("4111 1111 1111 1111", "credit_card"),
+        ("john.4155552671@example.com", "email"),
+        ("Bearer sk-abcdefghijklmnopqrstuvwxyz0123", "secret"),
+        ("::ffff:192.0.2.1", "ip"),
+        ("123-45-6789", "us_ssn"),
+    ],
+    ids=["iban-not-phone", "card-not-phone", "email-not-phone", "openai-over-bearer",
+         "ipv6-over-ipv4", "ssn-not-phone"],
+)
+def test_overlaps_resolve_to_one_specific_entity(text: str, entity: str) -> None:
+    result = ALL.redact(text, PlaceholderMap())
+    assert result.counts == {entity: 1}
+    if entity == "secret":
+        assert result.remarks[0].rule == "redact.secret.openai_key"
+
+
+def test_remarks_point_into_original_text_and_hold_no_values() -> None:
+    text = "a@b.org and +1 415 555 2671"
+    result = ALL.redact(text, PlaceholderMap())
+    assert result.remarks == (
+        Remark("email", "redact.email", 0, 7),
+        Remark("phone", "redact.phone", 12, 27),
+    )
+    assert text[0:7] == "a@b.org"
+    assert all("@" not in str(r) for r in result.remarks)
+    assert result.counts == {"email": 1, "phone": 1}
+
+
+def test_only_configured_entities_are_redacted() -> None:
+    r = Redactor({"email"})
+    assert redacted("a@b.org +1 415 555 2671 4111111111111111", r) == (
+        "<EMAIL_1> +1 415 555 2671 4111111111111111")
+    assert redacted("a@b.org", Redactor(())) == "a@b.org"
+
+
+def test_unknown_entity_rejected() -> None:
+    with pytest.raises(ValueError, match="passport"):
+        Redactor({"email", "passport"})
+
+
+def test_placeholders_are_consistent_across_messages() -> None:
+    m = PlaceholderMap()
+    first = ALL.redact("I am Jo@Example.com, card 4111 1111 1111 1111", m)
+    second = ALL.redact("again jo@example.com and 4111111111111111 and x@y.org", m)
+    assert first.text == "I am <EMAIL_1>, card <CREDIT_CARD_1>"
+    assert second.text == "again <EMAIL_1> and <CREDIT_CARD_1> and <EMAIL_2>"
+    # Restore gives back the first spelling the visitor used.
+    assert m.value_of("<EMAIL_1>") == "Jo@Example.com"
+    assert m.value_of("<EMAIL_3>") is None
+
+
+def test_same_phone_in_two_formats_is_one_placeholder() -> None:
+    m = PlaceholderMap()
+    assert ALL.redact("+1 415-555-2671 or (415) 555-2671", m).text == "<PHONE_1> or <PHONE_1>"
+
+
+def test_typed_placeholders_are_never_issued() -> None:
+    m = PlaceholderMap()
+    result = ALL.redact("<EMAIL_1> <EMAIL_3> then a@b.org", m)
+    assert result.text == "<EMAIL_1> <EMAIL_3> then <EMAIL_4>"
+    assert m.value_of("<EMAIL_1>") is None
+    assert m.value_of("<EMAIL_4>") == "a@b.org"
+
+
+def test_map_round_trip_and_validation() -> None:
+    m = PlaceholderMap()
+    assert m.is_empty
+    ALL.redact("a@b.org 203.0.113.9 <PHONE_7>", m)
+    assert not m.is_empty and len(m) == 2
+    again = PlaceholderMap.from_dict(m.to_dict())
+    assert again.to_dict() == m.to_dict()
+    assert ALL.redact("+1 415 555 2671 a@b.org", again).text == "<PHONE_8> <EMAIL_1>"
+    bad = m.to_dict()
+    bad["entries"][0][2] = "<EMAIL_9>"  # beyond the counter: forged
+    for broken in ({"v": 2}, {"v": 1, "entries": [], "counters": {"email": -1}}, bad,
+                   {"v": 1, "entries": [["email", "k", "<PHONE_1>", "v"]],
+                    "counters": {"email": 1, "phone": 1}}):
+        with pytest.raises(ValueError):
+            PlaceholderMap.from_dict(broken)
+
+
+@pytest.mark.parametrize(
+    ("digits", "valid"),
+    [("4111111111111111", True), ("4111111111111112", False), ("79927398713", True),
+     ("0", True), ("18", True), ("5555555555554444", True), ("378282246310005", True)],
+    ids=["visa", "visa-off-by-one", "classic", "zero", "two-digit", "mastercard", "amex"],
+)
+def test_luhn(digits: str, valid: bool) -> None:
+    assert luhn_valid(digits) is valid
+
+
+@pytest.mark.parametrize(
+    ("iban", "valid"),
+    [("DE89370400440532013000", True), ("DE89370400440532013001", False),
+     ("DE8937040044053201300", False), ("FR1420041010050500013M02606", True),
+     ("NL91ABNA0417164300", True), ("NL91ABNA0417164301", False), ("QQ91ABNA0417164300", False),
+     ("de89370400440532013000", True), ("DE89-3704", False)],
+    ids=["de", "de-bad-check", "de-short", "fr-letter", "nl", "nl-bad", "unknown-country",
+         "lowercase", "junk"],
+)
+def test_iban_valid(iban: str, valid: bool) -> None:
+    assert iban_valid(iban) is valid
+
+
+def test_errors_propagate_fail_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import policies.detect as detect
+
+    def boom(text: str) -> list[object]:
+        raise RuntimeError("detector broke")
+
+    r = Redactor({"email"})
+    monkeypatch.setattr(r, "_detectors", (boom,))
+    with pytest.raises(RuntimeError, match="detector broke"):
+        r.redact("a@b.org", PlaceholderMap())
+    assert detect.find_emails  # the module itself is untouched
+
+
+def test_long_adversarial_input_is_fast() -> None:
+    import time
+
+    text = ("a" * 16000) + "@" + ("1." * 4000) + (":" * 4000) + ("-" * 2000) + " 1" * 2000
+    started = time.perf_counter()
+    ALL.redact(text, PlaceholderMap())
+    assert time.perf_counter() - started < 2.0
