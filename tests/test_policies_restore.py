@@ -1,0 +1,122 @@
+"""Streaming restore of placeholders in model replies, whatever the chunking."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies import ENTITIES, PlaceholderMap, Redactor, ReplyRestorer, restore_text
+
+
+def make_map() -> PlaceholderMap:
+    m = PlaceholderMap()
+    Redactor(ENTITIES).redact(
+        "me: jo@example.com, +1 415 555 2671, 4111 1111 1111 1111, "
+        "DE89 3704 0044 0532 0130 00, 203.0.113.7, 123-45-6789, AKIAIOSFODNN7EXAMPLE",
+        m,
+    )
+    for n in range(2, 13):  # so that <EMAIL_1> is a prefix of <EMAIL_1x>
+        m.placeholder_for("email", f"u{n}@example.com", f"u{n}@example.com")
+    return m
+
+
+MAP = make_map()
+
+REPLY = (
+    "Hi <EMAIL_1>! We'll call <PHONE_1> and charge <CREDIT_CARD_1> or <IBAN_1>. "
+    "Your IP <IP_1>, SSN <US_SSN_1>, key <SECRET_1>. Also <EMAIL_12> and <EMAIL_2>. "
+    "Unknown <EMAIL_99>, <PHONE_>, <FOO_1>, a < b, <<EMAIL_1>>, <EMAIL_1 and <"
+)
+EXPECTED = (
+    "Hi jo@example.com! We'll call +1 415 555 2671 and charge 4111 1111 1111 1111 or "
+    "DE89 3704 0044 0532 0130 00. Your IP 203.0.113.7, SSN 123-45-6789, key "
+    "AKIAIOSFODNN7EXAMPLE. Also u12@example.com and u2@example.com. "
+    "Unknown <EMAIL_99>, <PHONE_>, <FOO_1>, a < b, <jo@example.com>, <EMAIL_1 and <"
+)
+
+
+def stream(chunks: list[str], mapping: PlaceholderMap = MAP) -> str:
+    r = ReplyRestorer(mapping)
+    return "".join(r.feed(c) for c in chunks) + r.flush()
+
+
+def test_whole_text() -> None:
+    assert restore_text(REPLY, MAP) == EXPECTED
+    assert stream([REPLY]) == EXPECTED
+
+
+@pytest.mark.parametrize("split", range(len(REPLY) + 1), ids=lambda i: f"at{i}")
+def test_every_single_split_point(split: int) -> None:
+    assert stream([REPLY[:split], REPLY[split:]]) == EXPECTED
+
+
+def test_every_pair_of_split_points_around_placeholders() -> None:
+    text = "x<EMAIL_12>y<PHONE_1><IBAN_1>"
+    want = restore_text(text, MAP)
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1):
+            assert stream([text[:i], text[i:j], text[j:]]) == want, (i, j)
+
+
+def test_char_by_char() -> None:
+    assert stream(list(REPLY)) == EXPECTED
+
+
+def test_holds_back_only_a_possible_placeholder() -> None:
+    r = ReplyRestorer(MAP)
+    assert r.feed("Mail <EMA") == "Mail "
+    assert r.feed("IL_1") == ""
+    assert r.feed("> now <") == "jo@example.com now "
+    assert r.feed("b>") == "<b>"
+    assert r.feed("<PHONE_3") == "<PHONE_3"  # no issued placeholder starts like this
+    assert r.feed("<EMAIL_1") == ""  # could still become <EMAIL_1> or <EMAIL_12>
+    assert r.flush() == "<EMAIL_1"
+    assert r.flush() == ""
+
+
+def test_held_back_text_is_bounded() -> None:
+    longest = max(len(p) for p in MAP.placeholders())
+    r = ReplyRestorer(MAP)
+    shown = ""
+    for ch in "a <CREDIT_CARD_1":
+        shown += r.feed(ch)
+        assert len("a <CREDIT_CARD_1"[: len(shown)]) >= len(shown)
+    assert len("a <CREDIT_CARD_1") - len(shown) < longest
+
+
+def test_empty_map_passes_everything_through() -> None:
+    r = ReplyRestorer(PlaceholderMap())
+    assert r.feed("<EMAIL_1") == "<EMAIL_1"
+    assert r.feed(">") == ">"
+    assert r.flush() == ""
+
+
+def test_visitor_typed_placeholder_is_not_restored() -> None:
+    m = PlaceholderMap()
+    Redactor(ENTITIES).redact("pretend <EMAIL_1> then real a@b.org", m)
+    assert stream(["<EMAIL_", "1> <EMAIL_2>"], m) == "<EMAIL_1> a@b.org"
+
+
+_ALPHABET = st.sampled_from(
+    ["<", ">", "_", "1", "2", "EMAIL", "PHONE", "IBAN", "<EMAIL_1>", "<EMAIL_12>", "<IP_1>",
+     "<SECRET_1>", "<CREDIT_CARD_1>", "<US_SSN_1>", "x", " ", "é", "<EMAIL_", "_1>"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(_ALPHABET, max_size=30), cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_random_text_random_splits(parts: list[str], cuts: list[int]) -> None:
+    text = "".join(parts)
+    points = sorted({min(c, len(text)) for c in cuts})
+    chunks = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
+    assert "".join(chunks) == text
+    assert stream(chunks) == restore_text(text, MAP)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(REPLY)), max_size=20))
+def test_reply_random_splits(cuts: list[int]) -> None:
+    points = sorted(set(cuts))
+    chunks = [REPLY[a:b] for a, b in zip([0, *points], [*points, len(REPLY)], strict=True)]
+    assert stream(chunks) == EXPECTED
