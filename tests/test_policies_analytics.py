@@ -1,0 +1,108 @@
+"""Coarse analytics fields: browser family, device class, referrer origin, page path."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies import coarse_client, page_path, referrer_origin
+
+CHROME_WIN = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/124.0.0.0 Safari/537.36")
+EDGE = CHROME_WIN + " Edg/124.0.2478.51"
+OPERA = CHROME_WIN + " OPR/109.0.0.0"
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"
+SAFARI_MAC = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 "
+              "(KHTML, like Gecko) Version/17.4.1 Safari/605.1.15")
+SAFARI_IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+                 "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1")
+CHROME_IOS = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+              "(KHTML, like Gecko) CriOS/124.0.6367.88 Mobile/15E148 Safari/604.1")
+IPAD = ("Mozilla/5.0 (iPad; CPU OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+        "Version/17.4 Mobile/15E148 Safari/604.1")
+ANDROID_PHONE = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+                 "Chrome/124.0.6367.82 Mobile Safari/537.36")
+ANDROID_TABLET = ("Mozilla/5.0 (Linux; Android 13; SM-X710) AppleWebKit/537.36 (KHTML, like Gecko) "
+                  "Chrome/124.0.6367.82 Safari/537.36")
+FIREFOX_ANDROID = "Mozilla/5.0 (Android 14; Mobile; rv:125.0) Gecko/125.0 Firefox/125.0"
+SAMSUNG = ("Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko) "
+           "SamsungBrowser/24.0 Chrome/117.0.0.0 Mobile Safari/537.36")
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+HEADLESS = CHROME_WIN.replace("Chrome/", "HeadlessChrome/")
+
+
+@pytest.mark.parametrize(
+    ("ua", "family", "major", "device"),
+    [
+        (CHROME_WIN, "chrome", 124, "desktop"),
+        (EDGE, "edge", 124, "desktop"),
+        (OPERA, "opera", 109, "desktop"),
+        (FIREFOX, "firefox", 125, "desktop"),
+        (SAFARI_MAC, "safari", 17, "desktop"),
+        (SAFARI_IPHONE, "safari", 17, "mobile"),
+        (CHROME_IOS, "chrome", 124, "mobile"),
+        (IPAD, "safari", 17, "tablet"),
+        (ANDROID_PHONE, "chrome", 124, "mobile"),
+        (ANDROID_TABLET, "chrome", 124, "tablet"),
+        (FIREFOX_ANDROID, "firefox", 125, "mobile"),
+        (SAMSUNG, "other", 24, "mobile"),
+        (GOOGLEBOT, "other", None, "bot"),
+        (HEADLESS, "chrome", 124, "bot"),
+        ("curl/8.5.0", "other", None, "bot"),
+        ("", "other", None, "other"),
+        ("something odd", "other", None, "other"),
+        ("Chrome/99999999999999999999", "chrome", None, "other"),
+    ],
+    ids=["chrome", "edge", "opera", "firefox", "safari-mac", "safari-iphone", "chrome-ios",
+         "ipad", "android-phone", "android-tablet", "firefox-android", "samsung", "googlebot",
+         "headless", "curl", "empty", "odd", "huge-version"],
+)
+def test_coarse_client(ua: str, family: str, major: int | None, device: str) -> None:
+    assert coarse_client(ua) == {"browser_family": family, "browser_major": major,
+                                 "device_class": device}
+
+
+def test_coarse_client_none() -> None:
+    assert coarse_client(None)["device_class"] == "other"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://www.Google.com/search?q=secret#x", "https://www.google.com"),
+        ("http://shop.example:8080/a/b", "http://shop.example:8080"),
+        ("https://shop.example:443/", "https://shop.example"),
+        ("https://user:pw@shop.example/", "https://shop.example"),
+        ("https://[2001:db8::1]/x", "https://[2001:db8::1]"),
+        ("android-app://com.google.android.gm/", None),
+        ("javascript:alert(1)", None),
+        ("/relative/path", None),
+        ("", None),
+        (None, None),
+        ("https://shop.example:99999/", None),
+    ],
+    ids=["query-fragment-dropped", "port-kept", "default-port", "credentials-dropped", "ipv6",
+         "app-scheme", "javascript", "relative", "empty", "none", "bad-port"],
+)
+def test_referrer_origin(url: str | None, expected: str | None) -> None:
+    assert referrer_origin(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("https://shop.example/cart?coupon=X&email=a@b.org#top", "/cart"),
+        ("https://shop.example", "/"),
+        ("/help/faq?x=1", "/help/faq"),
+        ("/", "/"),
+        ("//cdn.example/a?b", "/a"),
+        ("/" + "a" * 600, "/" + "a" * 511),
+        ("help/faq", None),
+        ("mailto:a@b.org", None),
+        ("", None),
+        (None, None),
+    ],
+    ids=["full-url", "no-path", "path-with-query", "root", "scheme-relative", "truncated",
+         "not-absolute", "mailto", "empty", "none"],
+)
+def test_page_path(value: str | None, expected: str | None) -> None:
+    assert page_path(value) == expected
