@@ -16,7 +16,14 @@ from uuid import UUID
 
 import asyncpg
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+def _migrations_dir() -> Path:
+    # a source checkout keeps them beside the package; an installed image in its workdir
+    beside = Path(__file__).resolve().parent.parent / "migrations"
+    return beside if beside.is_dir() else Path.cwd() / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 APP_GROUP_ROLE = "omnigate_app"
 
 

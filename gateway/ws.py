@@ -118,12 +118,12 @@ async def _read_loop(
             await conn.error(ProtocolError(protocol.BAD_REQUEST, "binary frames are not accepted"))
         elif msg.type == WSMsgType.ERROR:
             # aiohttp closes oversized frames itself with 1009
-            return
+            return WSCloseCode.MESSAGE_TOO_BIG, b"frame too large"
         else:
-            return
+            return WSCloseCode.OK, b""
         if conn.bad_frames > max_bad:
-            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many bad frames")
-            return
+            return WSCloseCode.POLICY_VIOLATION, b"too many bad frames"
+    return WSCloseCode.OK, b""
 
 
 async def widget_chat(request: web.Request) -> web.StreamResponse:

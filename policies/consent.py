@@ -8,12 +8,13 @@ Choices written down here because the contract leaves them open:
   "consent.stale_version") and analytics/marketing are off until the visitor
   answers again. Age confirmation is a fact about the visitor, not a consent,
   so it survives a version change.
-* Transcript storage. ``conversation_storage`` decides alone: if it is required
-  it must be granted before chatting at all; if it is not required the
-  transcript is stored only when the visitor granted it. A policy with no
-  required consents and no grant therefore chats with the transcript kept
-  only for the session (``store_transcript`` False); never storing by default
-  is the reading of "consent is recorded" that cannot surprise a visitor.
+* Transcript storage. If ``conversation_storage`` is required it must be
+  granted before chatting at all. If the policy lists it in
+  ``optional_consents``, the transcript is kept only when the visitor granted
+  it (otherwise only for the session: ``store_transcript`` False). If the
+  policy names it in neither list, keeping the transcript is part of the
+  service the site offers (the privacy policy's 90-day promise), so it is
+  stored unless the visitor explicitly revoked it.
 * Tracking. Analytics or marketing granted under the current version and not
   switched off by DNT (when the policy honours it) or GPC (always).
 * Conflicting change. A purpose both granted and revoked in one change ends
@@ -82,6 +83,8 @@ class ConsentState:
     granted: frozenset[str]
     version: int
     age_confirmed: bool = False
+    # explicit refusals; they never go stale (a "no" stays a "no" across versions)
+    revoked: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,8 @@ def effective_purposes(state: ConsentState, signals: Signals) -> frozenset[str]:
 def decide_chat(cp: CompiledPolicy, state: ConsentState, signals: Signals) -> ChatDecision:
     """Decide whether a visitor may chat under ``cp`` (rule says why)."""
     stale = state.version != cp.consent_version
-    current = ConsentState(frozenset(), cp.consent_version, state.age_confirmed) if stale else state
+    current = (ConsentState(frozenset(), cp.consent_version, state.age_confirmed, state.revoked)
+               if stale else state)
     effective = effective_purposes(current, signals)
     tracking = bool(effective & TRACKING_PURPOSES)
     missing = [p for p in PURPOSES if p in cp.required and p not in current.granted]
@@ -128,7 +132,11 @@ def decide_chat(cp: CompiledPolicy, state: ConsentState, signals: Signals) -> Ch
         else:
             rule = "consent.age_unconfirmed"
         return ChatDecision(False, tuple(missing), rule, False, tracking)
-    store = "conversation_storage" in effective
+    storage = "conversation_storage"
+    if storage in cp.required or storage in cp.policy.optional_consents:
+        store = storage in effective
+    else:
+        store = storage not in current.revoked
     if not cp.required:
         rule = "consent.not_required"
     else:
@@ -166,10 +174,12 @@ def apply_consent_change(
     for p in PURPOSES:
         if p in to_grant and p not in base:
             events.append(ConsentEvent(p, True, "consent.granted"))
-        elif p in to_revoke and p in base:
+        elif p in to_revoke and (p in base or p not in state.revoked):
+            # a refusal of something never granted is still a decision worth recording
             events.append(ConsentEvent(p, False, "consent.revoked"))
     granted = (base | to_grant) - to_revoke
-    return ConsentState(frozenset(granted), version, state.age_confirmed), events
+    revoked = (state.revoked | to_revoke) - to_grant
+    return ConsentState(frozenset(granted), version, state.age_confirmed, frozenset(revoked)), events
 
 
 def consent_map_to_change(consent: object) -> tuple[list[str], list[str]]:
@@ -188,5 +198,5 @@ def consent_map_to_change(consent: object) -> tuple[list[str], list[str]]:
 
 def confirm_age(state: ConsentState) -> tuple[ConsentState, ConsentEvent]:
     """Record the visitor's age confirmation."""
-    new = ConsentState(state.granted, state.version, True)
+    new = ConsentState(state.granted, state.version, True, state.revoked)
     return new, ConsentEvent(AGE_CONFIRMATION, True, "consent.age_confirmed")

@@ -58,6 +58,9 @@ class Policy:
     ip_mode: str = "truncate"
     honor_dnt: bool = True
     required_consents: frozenset[str] = frozenset()
+    # offered by the widget but not needed to chat; conversation_storage listed
+    # here means transcripts are kept only for visitors who grant it
+    optional_consents: frozenset[str] = frozenset()
     redact: Redact = field(default_factory=Redact)
     allowed_origins: tuple[str, ...] = ()
     system_prompt: str = "You are a helpful customer-service assistant."
@@ -283,7 +286,7 @@ def parse_policy(doc: Mapping[str, object], base: Policy | None = None) -> Polic
         elif name == "ip_mode":
             parsed = _parse_str(errs, name, v, lambda s: s in IP_MODES,
                                 f"must be one of {', '.join(IP_MODES)}")
-        elif name == "required_consents":
+        elif name in ("required_consents", "optional_consents"):
             parsed = _choices(errs, name, v, PURPOSES, "purpose", frozenset({NECESSARY}))
         elif name == "redact":
             parsed = _parse_redact(errs, v, base.redact)
@@ -319,6 +322,7 @@ def policy_to_doc(p: Policy) -> dict[str, Any]:
         "ip_mode": p.ip_mode,
         "honor_dnt": p.honor_dnt,
         "required_consents": sorted(p.required_consents),
+        "optional_consents": sorted(p.optional_consents),
         "redact": {
             "entities": sorted(p.redact.entities),
             "restore_in_reply": p.redact.restore_in_reply,

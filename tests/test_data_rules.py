@@ -1,0 +1,145 @@
+"""Data rules of DESIGN §5: no plaintext at rest, tenants isolated by RLS, role checks."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from gateway.db import DatabaseError, check_app_role, create_pool, tenant_tx
+from gateway.provision import NewTenant, create_tenant
+from tests.conftest import Database, Gateway, chat, hello
+
+TENANT_TABLES = [
+    "tenants",
+    "site_keys",
+    "admin_keys",
+    "policies",
+    "subjects",
+    "subject_keys",
+    "conversations",
+    "sessions",
+    "messages",
+    "consents",
+    "privacy_requests",
+    "analytics_events",
+    "analytics_daily",
+    "audit_log",
+]
+
+
+async def dump_database(owner_pool: asyncpg.Pool) -> str:
+    """Every row of every table as text: what a stolen backup would show."""
+    tables = await owner_pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    parts = []
+    for t in tables:
+        rows = await owner_pool.fetch(f'SELECT t::text AS row FROM "{t["tablename"]}" t')  # noqa: S608
+        parts.extend(r["row"] for r in rows)
+    return "\n".join(parts)
+
+
+async def test_no_plaintext_message_at_rest(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    secret_words = "Flamingo pineapple zeppelin quartz"
+    frames = await chat(ws, "m1", secret_words)
+    assert frames[-1]["type"] == "done"
+    await ws.close()
+    dump = await dump_database(owner_pool)
+    assert welcome["conversation_id"] in dump  # the dump did see this tenant's rows
+    for word in secret_words.split():
+        assert word not in dump and word.lower() not in dump
+    assert welcome["session_token"] not in dump
+    hex_text = secret_words.encode().hex()
+    assert hex_text not in dump
+
+
+@pytest.mark.parametrize("table", TENANT_TABLES)
+async def test_every_tenant_table_forces_rls(owner_pool: asyncpg.Pool, table: str) -> None:
+    row = await owner_pool.fetchrow(
+        "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE relname = $1", table
+    )
+    assert row is not None and row["relrowsecurity"] and row["relforcerowsecurity"]
+    pk = await owner_pool.fetchval(
+        """SELECT a.attname FROM pg_index i JOIN pg_attribute a
+           ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+           WHERE i.indrelid = $1::regclass AND i.indisprimary""",
+        table,
+    )
+    assert pk == "tenant_id"
+
+
+async def test_app_role_sees_only_its_tenant(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    other = await create_tenant(app_pool, "other", ["http://other.test"])
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    await chat(ws, "m", "tenant one talking")
+    await ws.close()
+    async with tenant_tx(app_pool, other.tenant_id) as conn:
+        for table in ("messages", "sessions", "conversations", "subjects", "subject_keys"):
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0  # noqa: S608
+        assert await conn.fetchval("SELECT count(*) FROM tenants") == 1
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(
+                "INSERT INTO subjects (tenant_id, subject_id) VALUES ($1, gen_random_uuid())",
+                tenant.tenant_id,
+            )
+    async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 2
+
+
+async def test_app_role_sees_nothing_without_tenant(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    await chat(ws, "m", "invisible without tenant")
+    await ws.close()
+    for table in TENANT_TABLES:
+        assert await app_pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table  # noqa: S608
+
+
+async def test_audit_log_is_append_only_for_app_role(
+    tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    from gateway import audit
+
+    async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+        await audit.append(conn, tenant.tenant_id, "test", "probe")
+    for sql in ("UPDATE audit_log SET action = 'x'", "DELETE FROM audit_log"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+                await conn.execute(sql)
+
+
+async def test_refuses_superuser_or_owner_role(database: Database) -> None:
+    pool = await create_pool(database.owner_url, min_size=1, max_size=1)
+    try:
+        with pytest.raises(DatabaseError, match="bypass row-level security"):
+            await check_app_role(pool)
+    finally:
+        await pool.close()
+
+
+async def test_refuses_bypassrls_role(database: Database, owner_pool: asyncpg.Pool) -> None:
+    from gateway.embedded import with_user
+
+    await owner_pool.execute(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'omnigate_test_bypass')"
+        " THEN CREATE ROLE omnigate_test_bypass LOGIN BYPASSRLS; END IF; END $$"
+    )
+    pool = await create_pool(
+        with_user(database.app_url, "omnigate_test_bypass"), min_size=1, max_size=1
+    )
+    try:
+        with pytest.raises(DatabaseError, match="BYPASSRLS"):
+            await check_app_role(pool)
+    finally:
+        await pool.close()
+
+
+async def test_app_role_passes_check(app_pool: asyncpg.Pool) -> None:
+    await check_app_role(app_pool)

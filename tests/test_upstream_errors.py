@@ -1,0 +1,73 @@
+"""Upstream failures reach the visitor as typed errors; the stored message stays intact."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.fake_upstream import FakeUpstream
+from gateway.provision import NewTenant
+from tests.conftest import Gateway, chat, hello, recv_until
+
+CASES = [
+    ("429", ("rate_limit", {"retry_after": 1}), "upstream_unavailable"),
+    ("500", ("error", {"status": 500}), "upstream_unavailable"),
+    ("400", ("error", {"status": 400}), "upstream_rejected"),
+    ("hang", ("hang_before_first", {}), "upstream_timeout"),
+    ("cut", ("cut", {"after": 2}), "upstream_unavailable"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mode", "code"), [(m, c) for _, m, c in CASES], ids=[i for i, _, _ in CASES]
+)
+async def test_upstream_failure_is_typed(
+    gateway: Gateway,
+    tenant: NewTenant,
+    fake: tuple[FakeUpstream, str],
+    mode: tuple[str, dict[str, object]],
+    code: str,
+) -> None:
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    await hello(ws)
+    # retries=1 in the fixture: queue the failure for every attempt
+    for _ in range(2):
+        upstream.queue(mode[0], **mode[1])
+    frames = await chat(ws, "m", "will this work")
+    assert frames[0]["type"] == "ack" and isinstance(frames[0]["seq"], int)
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == code, frames
+    assert frames[-1]["id"] == "m"
+    upstream.reset()
+    # the user message is stored; the socket keeps serving
+    await ws.send_json({"type": "history"})
+    page = (await recv_until(ws, "history"))[-1]["messages"]
+    assert [m["text"] for m in page if m["role"] == "user"] == ["will this work"]
+    frames = await chat(ws, "m2", "and now")
+    assert frames[-1]["type"] == "done"
+    await ws.close()
+
+
+async def test_rate_limited_upstream_carries_retry_after(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    await hello(ws)
+    upstream.queue("rate_limit", retry_after=30)
+    frames = await chat(ws, "m", "hello")
+    assert frames[-1]["code"] == "upstream_unavailable"
+    assert frames[-1]["retry_after"] >= 1
+    await ws.close()
+
+
+async def test_visitor_disconnect_cancels_upstream(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream, _ = fake
+    upstream.queue("slow", delay_ms=300)
+    ws = await gateway.ws(tenant.site_key)
+    await hello(ws)
+    await ws.send_json({"type": "message", "id": "m", "text": "a b c d e f g h i j"})
+    await recv_until(ws, "delta")
+    await ws.close()
+    await __import__("asyncio").wait_for(upstream.disconnected.wait(), 5)

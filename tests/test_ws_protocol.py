@@ -1,0 +1,156 @@
+"""Bad frames, Origin refusal, limits: typed errors, the process keeps serving."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+
+from gateway.provision import NewTenant
+from tests.conftest import Gateway, chat, hello, reply_text
+
+BAD_FRAMES = [
+    ("not-json", "{nope", "bad_request"),
+    ("array", "[1, 2]", "bad_request"),
+    ("no-type", '{"id": "x"}', "bad_request"),
+    ("type-not-string", '{"type": 5}', "bad_request"),
+    ("unknown-type", '{"type": "launch_missiles"}', "unknown_type"),
+    ("message-missing-text", '{"type": "message", "id": "a"}', "bad_request"),
+    ("text-wrong-type", '{"type": "message", "id": "a", "text": 42}', "bad_request"),
+    ("id-wrong-type", '{"type": "message", "id": 7, "text": "hi"}', "bad_request"),
+    ("bool-as-int", '{"type": "history", "limit": true}', "bad_request"),
+    ("unknown-field", '{"type": "ping", "extra": 1}', "bad_request"),
+    ("empty-text", '{"type": "message", "id": "a", "text": "   "}', "bad_request"),
+    ("huge-number", '{"type": "history", "before": 1e400}', "bad_request"),
+    ("limit-out-of-range", '{"type": "history", "limit": 100000}', "bad_request"),
+    ("long-id", '{"type": "message", "id": "' + "x" * 500 + '", "text": "hi"}', "bad_request"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"), [(r, c) for _, r, c in BAD_FRAMES], ids=[i for i, _, _ in BAD_FRAMES]
+)
+async def test_malformed_frame_gets_typed_error_and_socket_survives(
+    offline_gateway: Gateway, tenant: NewTenant, raw: str, code: str
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    await ws.send_str(raw)
+    err = await ws.receive_json(timeout=5)
+    assert err["type"] == "error" and err["code"] == code, err
+    frames = await chat(ws, "after", "still here")
+    assert reply_text(frames) == "still here"
+    await ws.close()
+
+
+async def test_binary_and_oversized_frames(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    await ws.send_bytes(b"\x00\x01")
+    assert (await ws.receive_json(timeout=5))["code"] == "bad_request"
+    await ws.send_str('{"type":"message","id":"big","text":"' + "a" * 70_000 + '"}')
+    assert (await ws.receive_json(timeout=5))["code"] == "too_large"
+    assert reply_text(await chat(ws, "ok", "fine")) == "fine"
+    await ws.close()
+
+
+async def test_message_over_policy_limit_is_too_large(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    frames = await chat(ws, "long", "word " * 1000)  # 5000 chars > default 4000
+    assert frames[-1] == {
+        "type": "error",
+        "code": "too_large",
+        "id": "long",
+        "message": frames[-1]["message"],
+    }
+    await ws.close()
+
+
+async def test_frame_before_hello_is_refused(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    await ws.send_json({"type": "message", "id": "a", "text": "hi"})
+    err = await ws.receive_json(timeout=5)
+    assert err["code"] == "session_invalid"
+    await ws.close()
+
+
+async def test_repeated_abuse_closes_with_1008(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    for _ in range(20):
+        await ws.send_str("garbage")
+    codes = []
+    while True:
+        msg = await ws.receive(timeout=5)
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+            break
+        codes.append(msg.json()["code"])
+    assert ws.close_code == 1008
+    assert set(codes) == {"bad_request"} and 0 < len(codes) <= 20
+
+
+async def test_no_hello_within_first_frame_timeout_closes(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    msg = await ws.receive(timeout=10)  # settings fixture: first_frame_timeout 5 s
+    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+    assert ws.close_code == 1008
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        None,
+        "http://evil.test",
+        "http://widget.test.evil.test",
+        "https://widget.test",
+        "null",
+        "http://widget.test/path",
+    ],
+    ids=["missing", "foreign", "suffix", "other-scheme", "null", "with-path"],
+)
+async def test_origin_refused_before_upgrade(
+    offline_gateway: Gateway, tenant: NewTenant, origin: str | None
+) -> None:
+    headers = {"Origin": origin} if origin else {}
+    async with offline_gateway.session.get(
+        offline_gateway.url(f"/v1/widget/ws?site={tenant.site_key}"),
+        headers={
+            **headers,
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    ) as resp:
+        assert resp.status == 403
+
+
+async def test_unknown_site_key_refused(offline_gateway: Gateway) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await offline_gateway.ws("pk_does_not_exist")
+    assert err.value.status == 403
+
+
+async def test_upgrade_sets_partitioned_session_cookie(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    cookie = ws._response.headers["Set-Cookie"]  # noqa: SLF001 - the 101 response's header
+    welcome = await hello(ws)
+    assert cookie.startswith(f"omnigate_session={welcome['session_token']};")
+    for attr in (
+        "HttpOnly",
+        "Secure",
+        "SameSite=None",
+        "Partitioned",
+        "Path=/",
+        f"Max-Age={30 * 86400}",
+    ):
+        assert attr in cookie
+    assert "Domain" not in cookie
+    await ws.close()
