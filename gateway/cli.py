@@ -1,13 +1,13 @@
-"""`omnigate` command line: serve, migrate, tenant create (and the privacy jobs as they land)."""
+"""`omnigate` command line: serve, migrate, tenant create and the privacy jobs."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 
@@ -15,6 +15,8 @@ from gateway.config import ConfigError, Settings, load_settings
 from gateway.db import DatabaseError, create_pool, migrate
 from gateway.embedded import APP_ROLE, start_embedded, with_user
 from policies import PolicyError
+
+T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -41,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     create = tsub.add_parser("create", help="create a tenant")
     create.add_argument("--name", required=True)
     create.add_argument("--origin", action="append", required=True, dest="origins")
+    retention = sub.add_parser("retention", help="data retention")
+    rsub = retention.add_subparsers(dest="retention_command", required=True, parser_class=_Parser)
+    rsub.add_parser("run", help="one retention pass over every tenant; prints a JSON summary")
+    keys = sub.add_parser("keys", help="master keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    ksub.add_parser("rotate", help="re-wrap every data key under the primary master key")
+    audit = sub.add_parser("audit", help="audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    asub.add_parser("verify", help="verify every tenant's hash chain; non-zero exit if broken")
     return p
 
 
@@ -85,6 +96,63 @@ async def _ensure_demo(settings: Settings, host: str, port: int) -> None:
     sys.stderr.write(f"demo widget: http://{host}:{port}/demo\n")
 
 
+async def _with_pool(settings: Settings, job: Callable[[Any], Awaitable[T]]) -> T:
+    assert settings.database_url
+    pool = await create_pool(settings.database_url, min_size=1, max_size=4)
+    try:
+        return await job(pool)
+    finally:
+        await pool.close()
+
+
+async def _audit_verify(pool: Any) -> dict[str, Any]:
+    from gateway import audit
+    from gateway.db import tenant_tx
+    from gateway.directory import tenant_ids
+
+    broken: list[dict[str, Any]] = []
+    tenants = await tenant_ids(pool)
+    entries = 0
+    for tenant_id in tenants:
+        async with tenant_tx(pool, tenant_id) as conn:
+            ok, seq, n = await audit.verify(conn, tenant_id)
+        entries += n
+        if not ok:
+            broken.append({"tenant_id": str(tenant_id), "first_broken_seq": seq})
+    return {"ok": not broken, "tenants": len(tenants), "entries": entries, "broken": broken}
+
+
+def _privacy_job(settings: Settings, args: argparse.Namespace) -> int:
+    """retention run | keys rotate | audit verify, as the app role (RLS applies)."""
+    settings, owner = resolve_database(settings)
+    if owner is not None:
+        asyncio.run(_migrate(settings, owner))
+    if args.command == "retention":
+        from gateway.retention import run_retention
+
+        print(orjson.dumps(asyncio.run(_with_pool(settings, run_retention))).decode())
+        return 0
+    if args.command == "keys":
+        from gateway.crypto import KeyRing
+        from gateway.keys import RotationError, rotate_keys
+
+        if not settings.master_keys:
+            raise ConfigError("OMNIGATE_MASTER_KEYS is needed to rotate (new primary first)")
+        keyring = KeyRing(settings.master_keys)
+        try:
+            summary = asyncio.run(_with_pool(settings, lambda p: rotate_keys(p, keyring)))
+        except RotationError as exc:
+            raise ConfigError(str(exc)) from None
+        print(orjson.dumps(summary).decode())
+        return 0
+    result = asyncio.run(_with_pool(settings, _audit_verify))
+    print(orjson.dumps(result).decode())
+    if not result["ok"]:
+        sys.stderr.write("omnigate: error: the audit chain is broken\n")
+        return 1
+    return 0
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run a command; raises the typed errors that `main` turns into one line."""
     args = build_parser().parse_args(argv)
@@ -103,6 +171,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_migrate(settings, owner))
         print(orjson.dumps(asyncio.run(_tenant_create(settings, name, args.origins))).decode())
         return 0
+    if args.command in ("retention", "keys", "audit"):
+        return _privacy_job(settings, args)
     if args.command == "serve":
         from gateway.server import serve
 

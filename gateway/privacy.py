@@ -1,9 +1,176 @@
-"""Routes of the privacy API (being built)."""
+"""Visitor privacy API: consent, export, immediate erasure, certificate key, GPC."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from aiohttp import web
+
+from gateway import audit, certs, export, metrics, requests_api, store
+from gateway.appkeys import SERVICES
+from gateway.crypto import CryptoError
+from gateway.db import tenant_tx
+from gateway.erasure import SubjectNotFound, erase_subject
+from gateway.privacy_auth import error, json_body, require_visitor
+from gateway.visitor import consent_state
+from policies import PURPOSES, UnknownPurpose, apply_consent_change
+
+# Date of the last change to the GPC support statement below (RFC draft: lastUpdate).
+GPC_LAST_UPDATE = "2025-01-01"
+
+
+async def consent_get(request: web.Request) -> web.Response:
+    """The visitor's consent per purpose (with consent_version) and the full history."""
+    who = await require_visitor(request)
+    svc = request.app[SERVICES]
+    cp = await svc.tenants.policy(who.tenant_id)
+    async with tenant_tx(svc.pool, who.tenant_id) as conn:
+        return web.json_response(
+            await _consent_doc(conn, who.tenant_id, who.subject_id, cp), dumps=_dumps
+        )
+
+
+async def _consent_doc(conn: Any, tenant_id: Any, subject_id: Any, cp: Any) -> dict[str, Any]:
+    rows = await conn.fetch(
+        "SELECT purpose, granted, consent_version, policy_version, source, created_at "
+        "FROM consents WHERE tenant_id = $1 AND subject_id = $2 ORDER BY consent_id",
+        tenant_id,
+        subject_id,
+    )
+    latest = {r["purpose"]: r for r in rows}
+    state = consent_state(list(latest.values()), cp)
+    purposes = {}
+    for p in PURPOSES:
+        r = latest.get(p)
+        purposes[p] = {
+            "granted": p in state.granted,
+            "consent_version": r["consent_version"] if r else None,
+            "at": r["created_at"] if r else None,
+            "required": p in cp.policy.required_consents,
+        }
+    opt_out = await conn.fetchval(
+        "SELECT tracking_opt_out FROM subjects WHERE tenant_id = $1 AND subject_id = $2",
+        tenant_id,
+        subject_id,
+    )
+    return {
+        "consent_version": cp.policy.consent_version,
+        "purposes": purposes,
+        "tracking_opt_out": bool(opt_out),
+        "history": [dict(r) for r in rows],
+    }
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def _purposes(value: Any, field: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        error(422, "unknown_purpose", f"{field} must be a list of purposes")
+    unknown = sorted(set(value) - set(PURPOSES) - {"necessary"})
+    if unknown:
+        error(422, "unknown_purpose", f"unknown purpose in {field}", allowed=list(PURPOSES))
+    return [p for p in value if p != "necessary"]
+
+
+async def consent_post(request: web.Request) -> web.Response:
+    """Record grants and revocations (source 'api'); unknown purposes are a 422."""
+    who = await require_visitor(request)
+    body = await json_body(request)
+    grant, revoke = _purposes(body.get("grant"), "grant"), _purposes(body.get("revoke"), "revoke")
+    svc = request.app[SERVICES]
+    cp = await svc.tenants.policy(who.tenant_id)
+    async with tenant_tx(svc.pool, who.tenant_id) as conn:
+        rows = await store.consent_rows(conn, who.tenant_id, who.subject_id)
+        try:
+            _, events = apply_consent_change(
+                consent_state(rows, cp), grant, revoke, cp.policy.consent_version
+            )
+        except UnknownPurpose:
+            error(422, "unknown_purpose", "unknown purpose")
+        changes = [(e.purpose, e.granted) for e in events]
+        if changes:
+            await store.record_consents(
+                conn,
+                who.tenant_id,
+                who.subject_id,
+                who.session_id,
+                changes,
+                cp.version,
+                cp.policy.consent_version,
+                "api",
+            )
+        for purpose, granted in changes:
+            metrics.count_consent(purpose, "granted" if granted else "revoked")
+        doc = await _consent_doc(conn, who.tenant_id, who.subject_id, cp)
+    return web.json_response(doc, dumps=_dumps)
+
+
+async def export_get(request: web.Request) -> web.StreamResponse:
+    """Everything held about the visitor, as one streamed JSON document (audited)."""
+    who = await require_visitor(request)
+    svc = request.app[SERVICES]
+    cp = await svc.tenants.policy(who.tenant_id)
+    async with tenant_tx(svc.pool, who.tenant_id) as conn:
+        await audit.append(conn, who.tenant_id, "visitor", "export", f"session:{who.session_id}")
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/json",
+            "Content-Disposition": 'attachment; filename="omnigate-export.json"',
+            "Cache-Control": "no-store",
+        }
+    )
+    async with export.snapshot(svc.pool, who.tenant_id) as conn:
+        try:
+            # opening the key before the first byte: an erased subject is a clean 401
+            await svc.vault.cipher(conn, who.tenant_id, who.subject_id)
+        except CryptoError:
+            error(401, "session_invalid", "the session is not valid")
+        await response.prepare(request)
+        await export.write_export(svc, conn, cp, who.tenant_id, who.subject_id, response.write)
+    await response.write_eof()
+    metrics.count_privacy_request("export", "completed")
+    return response
+
+
+async def delete_post(request: web.Request) -> web.Response:
+    """Erase the visitor at once; answers the signed deletion certificate."""
+    who = await require_visitor(request)
+    svc = request.app[SERVICES]
+    try:
+        cert = await erase_subject(svc, who.tenant_id, who.subject_id, "visitor")
+    except SubjectNotFound:
+        error(401, "session_invalid", "the session is not valid")
+    response = web.json_response(cert)
+    # the cookie names a session that no longer exists
+    response.del_cookie("omnigate_session", path="/")
+    return response
+
+
+async def certificate_key(request: web.Request) -> web.Response:
+    """The public keys that verify deletion certificates (primary first)."""
+    keys = certs.signing_keys(request.app[SERVICES].settings)
+    primary = keys[0].public_json(True)
+    return web.json_response(
+        {**primary, "keys": [k.public_json(i == 0) for i, k in enumerate(keys)]}
+    )
+
+
+async def gpc_json(request: web.Request) -> web.Response:
+    """The Global Privacy Control support resource."""
+    return web.json_response({"gpc": True, "lastUpdate": GPC_LAST_UPDATE})
 
 
 def setup_routes(app: web.Application) -> None:
-    """Bind the privacy routes."""
+    """Bind the privacy routes (and the request intake routes)."""
+    app.router.add_get("/api/privacy/consent", consent_get)
+    app.router.add_post("/api/privacy/consent", consent_post)
+    app.router.add_get("/api/privacy/export", export_get)
+    app.router.add_post("/api/privacy/delete", delete_post)
+    app.router.add_get("/api/privacy/certificate-key", certificate_key)
+    app.router.add_get("/.well-known/gpc.json", gpc_json)
+    requests_api.setup_routes(app)

@@ -1,0 +1,266 @@
+"""Data-subject requests (GDPR, CCPA): deadlines, transitions, and their SQL.
+
+Deadlines: acknowledgement 48 hours after receipt; due 30 days (GDPR Art. 12(3))
+or 45 days (CCPA) after receipt. A GDPR request may be extended once, by up to
+60 days, with a reason. Every transition is audited in the same transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from gateway import audit, metrics
+
+GDPR_KINDS = frozenset(
+    {
+        "access",
+        "rectification",
+        "erasure",
+        "portability",
+        "restriction",
+        "objection",
+        "automated_decision",
+    }
+)
+CCPA_KINDS = frozenset({"know", "delete", "opt_out"})
+ACK_WITHIN = timedelta(hours=48)
+DUE_WITHIN = {"gdpr": timedelta(days=30), "ccpa": timedelta(days=45)}
+MAX_EXTENSION_DAYS = 60
+OPEN = ("received", "acknowledged")
+STATUSES = ("received", "acknowledged", "completed", "rejected")
+MAX_DETAILS = 4000
+
+_COLUMNS = (
+    "request_id, regime, kind, status, created_at, ack_due_at, due_at, acknowledged_at, "
+    "extended_at, extension_days, extension_reason, closed_at, resolution, details, subject_id"
+)
+
+
+class RequestError(Exception):
+    """A transition that the request's state or the rules refuse; `code` is machine-readable."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """When a request must be acknowledged and answered."""
+
+    ack_due_at: datetime
+    due_at: datetime
+
+
+def deadlines(regime: str, received_at: datetime) -> Deadlines:
+    """The deadlines of a request received at `received_at`."""
+    return Deadlines(received_at + ACK_WITHIN, received_at + DUE_WITHIN[regime])
+
+
+def public(row: asyncpg.Record, *, admin: bool = False) -> dict[str, Any]:
+    """A request as returned by the API (`id` instead of request_id; no subject to visitors)."""
+    doc = dict(row)
+    doc["id"] = doc.pop("request_id")
+    subject = doc.pop("subject_id", None)
+    if admin:
+        doc["subject_id"] = subject
+    doc["overdue"] = doc["status"] in OPEN and doc["due_at"] < datetime.now(doc["due_at"].tzinfo)
+    return doc
+
+
+async def create(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    subject_id: UUID,
+    regime: str,
+    kind: str,
+    details: str | None,
+) -> asyncpg.Record:
+    """Record a new request and apply what must happen at once (restriction, objection)."""
+    now: datetime = await conn.fetchval("SELECT date_trunc('milliseconds', now())")
+    d = deadlines(regime, now)
+    request_id = uuid4()
+    row = await conn.fetchrow(
+        "INSERT INTO privacy_requests (tenant_id, request_id, subject_id, regime, kind,"  # noqa: S608
+        " created_at, ack_due_at, due_at, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        f" RETURNING {_COLUMNS}",
+        tenant_id,
+        request_id,
+        subject_id,
+        regime,
+        kind,
+        now,
+        d.ack_due_at,
+        d.due_at,
+        details,
+    )
+    effects = await apply_immediate(conn, tenant_id, subject_id, kind)
+    await audit.append(
+        conn,
+        tenant_id,
+        "visitor",
+        "request.received",
+        f"request:{request_id}",
+        {"regime": regime, "kind": kind, "effects": effects},
+    )
+    metrics.count_privacy_request(kind, "received")
+    assert row is not None
+    return row
+
+
+async def apply_immediate(
+    conn: asyncpg.Connection, tenant_id: UUID, subject_id: UUID, kind: str
+) -> list[str]:
+    """Restriction stops processing now; objection and opt-out stop analytics and marketing now."""
+    if kind == "restriction":
+        await conn.execute(
+            "UPDATE subjects SET restricted = true WHERE tenant_id = $1 AND subject_id = $2",
+            tenant_id,
+            subject_id,
+        )
+        return ["processing_restricted"]
+    if kind in ("objection", "opt_out"):
+        await conn.execute(
+            "UPDATE subjects SET tracking_opt_out = true WHERE tenant_id = $1 AND subject_id = $2",
+            tenant_id,
+            subject_id,
+        )
+        await conn.execute(
+            """
+            INSERT INTO consents (tenant_id, subject_id, purpose, granted, policy_version,
+                                  consent_version, source)
+            SELECT $1, $2, p, false,
+                   COALESCE((SELECT max(version) FROM policies WHERE tenant_id = $1), 0),
+                   COALESCE((SELECT (doc->>'consent_version')::int FROM policies
+                             WHERE tenant_id = $1 ORDER BY version DESC LIMIT 1), 1),
+                   'request'
+            FROM unnest(ARRAY['analytics', 'marketing']) AS p
+            """,
+            tenant_id,
+            subject_id,
+        )
+        return ["analytics_off", "marketing_off"]
+    return []
+
+
+async def get(
+    conn: asyncpg.Connection, tenant_id: UUID, request_id: UUID, subject_id: UUID | None = None
+) -> asyncpg.Record | None:
+    """One request; with `subject_id`, only if it belongs to that subject."""
+    row: asyncpg.Record | None = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM privacy_requests WHERE tenant_id = $1 AND request_id = $2"  # noqa: S608
+        " AND ($3::uuid IS NULL OR subject_id = $3)",
+        tenant_id,
+        request_id,
+        subject_id,
+    )
+    return row
+
+
+async def list_requests(
+    conn: asyncpg.Connection, tenant_id: UUID, status: str | None, limit: int
+) -> list[asyncpg.Record]:
+    """Requests of a tenant, soonest due first, optionally of one status ('overdue' too)."""
+    statuses: list[str] | None = [status] if status else None
+    where = "($2::text[] IS NULL OR status = ANY($2::text[]))"
+    if status in ("overdue", "open"):
+        statuses = list(OPEN)
+    if status == "overdue":
+        where += " AND due_at < now()"
+    return list(
+        await conn.fetch(
+            f"SELECT {_COLUMNS} FROM privacy_requests WHERE tenant_id = $1 AND {where}"  # noqa: S608
+            " ORDER BY due_at, request_id LIMIT $3",
+            tenant_id,
+            statuses,
+            limit,
+        )
+    )
+
+
+async def transition(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    request_id: UUID,
+    action: str,
+    actor: str,
+    *,
+    days: int | None = None,
+    reason: str | None = None,
+    resolution: str | None = None,
+) -> asyncpg.Record:
+    """Acknowledge, extend, complete or reject a request (audited); RequestError if refused."""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM privacy_requests WHERE tenant_id = $1 AND request_id = $2"  # noqa: S608
+        " FOR UPDATE",
+        tenant_id,
+        request_id,
+    )
+    if row is None:
+        raise RequestError(404, "not_found", "no such request")
+    if row["status"] not in OPEN:
+        raise RequestError(409, "closed", f"the request is already {row['status']}")
+    details: dict[str, Any] = {"regime": row["regime"], "kind": row["kind"]}
+    if action == "acknowledge":
+        if row["status"] == "acknowledged":
+            raise RequestError(409, "already_acknowledged", "the request is already acknowledged")
+        sql = "status = 'acknowledged', acknowledged_at = now()"
+        args: list[Any] = []
+        status = "acknowledged"
+    elif action == "extend":
+        if row["regime"] != "gdpr":
+            raise RequestError(422, "not_extendable", "only GDPR requests can be extended")
+        if row["extended_at"] is not None:
+            raise RequestError(409, "already_extended", "a request can be extended only once")
+        if (
+            not isinstance(days, int)
+            or isinstance(days, bool)
+            or not 1 <= days <= MAX_EXTENSION_DAYS
+        ):
+            raise RequestError(422, "bad_days", f"days must be 1-{MAX_EXTENSION_DAYS}")
+        if not reason or not reason.strip():
+            raise RequestError(422, "reason_required", "an extension needs a reason")
+        sql = (
+            "extended_at = now(), extension_days = $3, extension_reason = $4,"
+            " due_at = due_at + make_interval(days => $3)"
+        )
+        args = [days, reason.strip()[:1000]]
+        status = row["status"]
+        details["days"] = days
+    elif action in ("complete", "reject"):
+        if action == "reject" and (not reason or not reason.strip()):
+            raise RequestError(422, "reason_required", "a rejection needs a reason")
+        status = "completed" if action == "complete" else "rejected"
+        sql = "status = $3, closed_at = now(), resolution = $4"
+        args = [status, (resolution or reason or "").strip()[:1000] or None]
+    else:
+        raise RequestError(404, "not_found", "unknown action")
+    updated = await conn.fetchrow(
+        f"UPDATE privacy_requests SET {sql} WHERE tenant_id = $1 AND request_id = $2"  # noqa: S608
+        f" RETURNING {_COLUMNS}",
+        tenant_id,
+        request_id,
+        *args,
+    )
+    await audit.append(
+        conn, tenant_id, actor, f"request.{action}", f"request:{request_id}", details
+    )
+    metrics.count_privacy_request(row["kind"], status)
+    assert updated is not None
+    return updated
+
+
+async def overdue_count(conn: asyncpg.Connection, tenant_id: UUID) -> int:
+    """Open requests of one tenant past their due date."""
+    n: int = await conn.fetchval(
+        "SELECT count(*) FROM privacy_requests WHERE tenant_id = $1"
+        " AND status = ANY($2::text[]) AND due_at < now()",
+        tenant_id,
+        list(OPEN),
+    )
+    return n

@@ -1,0 +1,103 @@
+"""Immediate erasure of one subject: key destroyed, rows deleted, sockets closed, certificate."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from gateway import audit, bus, certs, metrics
+from gateway.db import tenant_tx
+from gateway.services import Services
+
+# What is counted for the certificate, by the name it carries there.
+_COUNTS = {
+    "sessions": "SELECT count(*) FROM sessions WHERE tenant_id = $1 AND subject_id = $2",
+    "conversations": "SELECT count(*) FROM conversations WHERE tenant_id = $1 AND subject_id = $2",
+    "messages": "SELECT count(*) FROM messages m JOIN conversations c USING (tenant_id, "
+    "conversation_id) WHERE c.tenant_id = $1 AND c.subject_id = $2",
+    "consents": "SELECT count(*) FROM consents WHERE tenant_id = $1 AND subject_id = $2",
+    "analytics_events": "SELECT count(*) FROM analytics_events WHERE tenant_id = $1 "
+    "AND subject_id = $2",
+    "data_keys": "SELECT count(*) FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2",
+}
+
+
+class SubjectNotFound(LookupError):
+    """No such subject in this tenant (never existed or already erased)."""
+
+
+def subject_ref(tenant_id: UUID, subject_id: UUID) -> str:
+    """A stable reference to an erased subject that names no live row: SHA-256 of both ids."""
+    return hashlib.sha256(b"subject|" + tenant_id.bytes + subject_id.bytes).hexdigest()
+
+
+async def erase_subject(
+    svc: Services, tenant_id: UUID, subject_id: UUID, actor: str
+) -> dict[str, Any]:
+    """Erase a subject at once and return its signed deletion certificate.
+
+    One transaction deletes the wrapped data key (every ciphertext of the
+    subject, wherever a copy went, becomes unreadable) and the subject row,
+    which cascades to sessions, conversations, messages, consents and
+    analytics events. Privacy requests are kept as the record of compliance,
+    with the subject link (FK SET NULL) and the free-text details removed.
+    """
+    certificate_id = uuid4()
+    ref = subject_ref(tenant_id, subject_id)
+    async with tenant_tx(svc.pool, tenant_id) as conn:
+        locked = await conn.fetchval(
+            "SELECT 1 FROM subjects WHERE tenant_id = $1 AND subject_id = $2 FOR UPDATE",
+            tenant_id,
+            subject_id,
+        )
+        if locked is None:
+            raise SubjectNotFound(str(subject_id))
+        items = {
+            name: int(await conn.fetchval(q, tenant_id, subject_id)) for name, q in _COUNTS.items()
+        }
+        items["privacy_requests_detached"] = int(
+            await conn.fetchval(
+                "WITH u AS (UPDATE privacy_requests SET details = NULL WHERE tenant_id = $1 "
+                "AND subject_id = $2 RETURNING 1) SELECT count(*) FROM u",
+                tenant_id,
+                subject_id,
+            )
+        )
+        await conn.execute(
+            "DELETE FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2",
+            tenant_id,
+            subject_id,
+        )
+        await conn.execute(
+            "DELETE FROM subjects WHERE tenant_id = $1 AND subject_id = $2", tenant_id, subject_id
+        )
+        erased_at: datetime = await conn.fetchval("SELECT date_trunc('milliseconds', now())")
+        # the audit entry holds counts and a hash, never personal data
+        await audit.append(
+            conn,
+            tenant_id,
+            actor,
+            "erasure",
+            f"subject_ref:{ref}",
+            {"certificate_id": str(certificate_id), "items": items},
+        )
+    svc.vault.cache.forget(tenant_id, subject_id)
+    # every process (this one included) forgets the key and closes the subject's sockets
+    await svc.bus.publish(
+        bus.SUBJECT_ERASED, {"tenant_id": str(tenant_id), "subject_id": str(subject_id)}
+    )
+    metrics.count_privacy_request("erasure", "completed")
+    body = {
+        "type": "omnigate.deletion-certificate/1",
+        "certificate_id": str(certificate_id),
+        "tenant_id": str(tenant_id),
+        "subject_ref": ref,
+        "erased_at": erased_at.astimezone(UTC).isoformat(),
+        "issued_at": datetime.now(UTC).isoformat(),
+        "actor": actor,
+        "items": items,
+        "method": "data key destroyed; rows deleted",
+    }
+    return certs.sign(certs.signing_keys(svc.settings)[0], body)

@@ -1,0 +1,114 @@
+"""Master key rotation: re-wrap every data key under the primary, never touching messages.
+
+Procedure: put the new key first in OMNIGATE_MASTER_KEYS and keep the old one
+after it, on every process; restart (new subjects are wrapped under the new
+key at once, old wrappings still unwrap because each row names its `kek_id`);
+run `omnigate keys rotate`. It re-wraps, in short batched transactions per
+tenant, every `subject_keys` row whose `kek_id` is not the primary. The data
+keys themselves do not change, so message ciphertext is untouched and reads
+keep working throughout. When the printed `remaining_by_key` shows no row for
+the old key, remove it from OMNIGATE_MASTER_KEYS: it is retired.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from gateway import audit, bus
+from gateway.crypto import CryptoError, KeyRing
+from gateway.db import Pool, tenant_tx
+from gateway.directory import tenant_ids
+
+
+class RotationError(Exception):
+    """The keys are not set up for a rotation; the message is safe to print."""
+
+
+async def rewrap_tenant(
+    pool: Pool, keyring: KeyRing, tenant_id: UUID, batch: int = 500
+) -> tuple[int, int]:
+    """Re-wrap one tenant's data keys; returns (re-wrapped, failed to unwrap)."""
+    done = failed = 0
+    skip: list[UUID] = []
+    while True:
+        async with tenant_tx(pool, tenant_id) as conn:
+            rows = await conn.fetch(
+                "SELECT subject_id, kek_id, wrapped_key FROM subject_keys"
+                " WHERE tenant_id = $1 AND kek_id <> $2 AND NOT (subject_id = ANY($3::uuid[]))"
+                " ORDER BY subject_id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                tenant_id,
+                keyring.primary_id,
+                skip,
+                batch,
+            )
+            updates = []
+            for r in rows:
+                try:
+                    dek = keyring.unwrap(tenant_id, r["subject_id"], r["kek_id"], r["wrapped_key"])
+                except CryptoError:
+                    # its master key is not configured: leave it, report it as remaining
+                    skip.append(r["subject_id"])
+                    failed += 1
+                    continue
+                kek_id, wrapped = keyring.wrap(tenant_id, r["subject_id"], dek)
+                updates.append((tenant_id, r["subject_id"], kek_id, wrapped))
+            await conn.executemany(
+                "UPDATE subject_keys SET kek_id = $3, wrapped_key = $4, rewrapped_at = now()"
+                " WHERE tenant_id = $1 AND subject_id = $2",
+                updates,
+            )
+            done += len(updates)
+        if len(rows) < batch:
+            break
+    if done or failed:
+        async with tenant_tx(pool, tenant_id) as conn:
+            await audit.append(
+                conn,
+                tenant_id,
+                "operator",
+                "keys.rotate",
+                f"kek:{keyring.primary_id}",
+                {"rewrapped": done, "failed": failed},
+            )
+    return done, failed
+
+
+async def remaining_by_key(pool: Pool, tenants: list[UUID]) -> dict[str, int]:
+    """How many data keys each master key still wraps, across tenants."""
+    counts: dict[str, int] = {}
+    for tenant_id in tenants:
+        async with tenant_tx(pool, tenant_id) as conn:
+            for r in await conn.fetch(
+                "SELECT kek_id, count(*) AS n FROM subject_keys WHERE tenant_id = $1"
+                " GROUP BY kek_id",
+                tenant_id,
+            ):
+                counts[r["kek_id"]] = counts.get(r["kek_id"], 0) + int(r["n"])
+    return counts
+
+
+async def rotate_keys(
+    pool: Pool, keyring: KeyRing, *, publish: Any = None, batch: int = 500
+) -> dict[str, Any]:
+    """Re-wrap every data key not under the primary; a JSON summary for the CLI."""
+    if len(keyring.ids) < 2:
+        raise RotationError(
+            "OMNIGATE_MASTER_KEYS must list the new primary key first and the old key(s) after it"
+        )
+    tenants = await tenant_ids(pool)
+    rewrapped = failed = 0
+    for tenant_id in tenants:
+        d, f = await rewrap_tenant(pool, keyring, tenant_id, batch)
+        rewrapped += d
+        failed += f
+    remaining = await remaining_by_key(pool, tenants)
+    if publish is not None:
+        await publish(bus.KEYS_ROTATED, {"primary": keyring.primary_id})
+    return {
+        "primary": keyring.primary_id,
+        "rewrapped": rewrapped,
+        "failed": failed,
+        "remaining_by_key": {k: n for k, n in remaining.items() if k != keyring.primary_id},
+        "retirable": [k for k in keyring.ids if k != keyring.primary_id and not remaining.get(k)],
+    }

@@ -1,0 +1,84 @@
+"""Who is calling a privacy endpoint: a visitor by session token, a site owner by admin key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+
+from gateway import store
+from gateway.appkeys import SERVICES
+from gateway.crypto import token_hash
+from gateway.db import lookup_tx, tenant_tx
+from gateway.httpctx import session_token_of
+
+
+@dataclass(frozen=True)
+class VisitorAuth:
+    """The subject behind a valid, unexpired session token."""
+
+    tenant_id: UUID
+    subject_id: UUID
+    session_id: UUID
+
+
+_STATUS: dict[int, type[web.HTTPError]] = {
+    400: web.HTTPBadRequest,
+    401: web.HTTPUnauthorized,
+    404: web.HTTPNotFound,
+    409: web.HTTPConflict,
+    422: web.HTTPUnprocessableEntity,
+}
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> NoReturn:
+    """Raise a JSON error with an HTTP status; the message never echoes a secret."""
+    body = orjson.dumps({"error": {"code": code, "message": message, **extra}}).decode()
+    raise _STATUS[status](text=body, content_type="application/json")
+
+
+async def require_visitor(request: web.Request) -> VisitorAuth:
+    """Resolve the session token; 401 whether it is unknown, expired or erased (no oracle)."""
+    token = session_token_of(request)
+    if not token:
+        error(401, "session_invalid", "a session token is required")
+    svc = request.app[SERVICES]
+    h = token_hash(token)
+    async with lookup_tx(svc.pool, h) as conn:
+        tenant_id = await store.tenant_for_session(conn, h)
+    if tenant_id is not None:
+        async with tenant_tx(svc.pool, tenant_id) as conn:
+            row = await store.find_session(conn, tenant_id, h)
+        if row is not None:
+            return VisitorAuth(tenant_id, row.subject_id, row.session_id)
+    error(401, "session_invalid", "the session is not valid")
+
+
+async def require_admin(request: web.Request) -> tuple[UUID, UUID]:
+    """Resolve `Authorization: Bearer <admin_key>` to (tenant_id, admin_key_id), else 401."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() != "bearer " or not auth[7:].strip():
+        error(401, "unauthorized", "an admin key is required")
+    h = token_hash(auth[7:].strip())
+    async with lookup_tx(request.app[SERVICES].pool, h) as conn:
+        found = await store.tenant_for_admin_key(conn, h)
+    if found is None:
+        error(401, "unauthorized", "the admin key is not valid")
+    return found
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (an empty body is `{}`); 400 otherwise."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        error(400, "bad_request", "the body is not valid JSON")
+    if not isinstance(data, dict):
+        error(400, "bad_request", "the body must be a JSON object")
+    return data

@@ -1,0 +1,198 @@
+"""Retention: delete what the policy no longer lets us keep, in short batched transactions.
+
+Per tenant, with `retention_days` from its current policy:
+
+* messages older than retention are deleted (batch by primary key);
+* conversations whose messages are all gone, older than retention and no longer
+  attached to a session are anonymized: subject link and sealed redaction map
+  removed, `anonymized_at` set, counts and timestamps (durations) kept;
+* sessions: the anonymized IP is cleared once last seen before retention, and
+  expired sessions are deleted;
+* analytics events older than two years are folded into `analytics_daily`
+  (upsert) and deleted, in the same statement, so a crash never double-counts.
+
+Every step only touches rows still past their limit, so a second pass (or a
+pass interrupted halfway and run again) finds nothing more to do. One leader at
+a time: a session-level advisory lock held on a dedicated connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from gateway import metrics, store
+from gateway.db import Pool, tenant_tx
+from gateway.directory import tenant_ids
+from policies import parse_policy
+
+log = logging.getLogger("omnigate.retention")
+
+LEADER_LOCK = 7243003
+ANALYTICS_DAYS = 730
+
+_DELETE_MESSAGES = """
+WITH d AS (
+    DELETE FROM messages WHERE (tenant_id, conversation_id, seq) IN (
+        SELECT tenant_id, conversation_id, seq FROM messages
+        WHERE tenant_id = $1 AND created_at < $2 LIMIT $3)
+    RETURNING 1)
+SELECT count(*) FROM d
+"""
+
+_ANONYMIZE_CONVERSATIONS = """
+WITH u AS (
+    UPDATE conversations c
+       SET subject_id = NULL, redaction_sealed = NULL, anonymized_at = $3
+     WHERE (c.tenant_id, c.conversation_id) IN (
+        SELECT tenant_id, conversation_id FROM conversations x
+        WHERE x.tenant_id = $1 AND x.anonymized_at IS NULL AND x.last_message_at < $2
+          AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.tenant_id = x.tenant_id
+                          AND m.conversation_id = x.conversation_id)
+          AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.tenant_id = x.tenant_id
+                          AND s.conversation_id = x.conversation_id)
+        LIMIT $4)
+    RETURNING 1)
+SELECT count(*) FROM u
+"""
+
+_DELETE_SESSIONS = """
+WITH d AS (
+    DELETE FROM sessions WHERE (tenant_id, session_id) IN (
+        SELECT tenant_id, session_id FROM sessions
+        WHERE tenant_id = $1 AND expires_at < $2 LIMIT $3)
+    RETURNING 1)
+SELECT count(*) FROM d
+"""
+
+_CLEAR_IPS = """
+WITH u AS (
+    UPDATE sessions SET ip_anon = NULL WHERE (tenant_id, session_id) IN (
+        SELECT tenant_id, session_id FROM sessions
+        WHERE tenant_id = $1 AND ip_anon IS NOT NULL AND last_seen_at < $2 LIMIT $3)
+    RETURNING 1)
+SELECT count(*) FROM u
+"""
+
+_AGGREGATE_ANALYTICS = """
+WITH d AS (
+    DELETE FROM analytics_events WHERE (tenant_id, event_id) IN (
+        SELECT tenant_id, event_id FROM analytics_events
+        WHERE tenant_id = $1 AND occurred_at < $2 LIMIT $3)
+    RETURNING tenant_id, occurred_at, page_path, browser_family, device_class
+), agg AS (
+    SELECT tenant_id, (occurred_at AT TIME ZONE 'UTC')::date AS day,
+           COALESCE(page_path, '') AS page_path, COALESCE(browser_family, '') AS browser_family,
+           COALESCE(device_class, '') AS device_class, count(*) AS events
+    FROM d GROUP BY 1, 2, 3, 4, 5
+), ins AS (
+    INSERT INTO analytics_daily AS a (tenant_id, day, page_path, browser_family, device_class,
+                                      events)
+    SELECT * FROM agg
+    ON CONFLICT (tenant_id, day, page_path, browser_family, device_class)
+    DO UPDATE SET events = a.events + EXCLUDED.events
+)
+SELECT count(*) FROM d
+"""
+
+KINDS = (
+    "messages_deleted",
+    "conversations_anonymized",
+    "sessions_deleted",
+    "session_ips_cleared",
+    "analytics_events_aggregated",
+)
+# the metric's closed label set (gateway.metrics.RETENTION_KINDS)
+_METRIC_KIND = {
+    "messages_deleted": "messages",
+    "conversations_anonymized": "conversations",
+    "sessions_deleted": "sessions",
+    "session_ips_cleared": "session_ips",
+    "analytics_events_aggregated": "analytics_events",
+}
+
+
+async def _drain(pool: Pool, tenant_id: UUID, sql: str, *args: Any, batch: int) -> int:
+    """Run a batched statement in short transactions until a batch comes back short."""
+    total = 0
+    while True:
+        async with tenant_tx(pool, tenant_id) as conn:
+            n = int(await conn.fetchval(sql, tenant_id, *args, batch))
+        total += n
+        if n < batch:
+            return total
+
+
+async def _retention_days(pool: Pool, tenant_id: UUID) -> int:
+    async with tenant_tx(pool, tenant_id) as conn:
+        row = await store.latest_policy(conn, tenant_id)
+    return parse_policy(row[1]).retention_days if row else parse_policy({}).retention_days
+
+
+async def purge_tenant(pool: Pool, tenant_id: UUID, now: datetime, batch: int) -> dict[str, int]:
+    """One tenant's pass; returns counts by kind."""
+    days = await _retention_days(pool, tenant_id)
+    cutoff = now - timedelta(days=days)
+    out = dict.fromkeys(KINDS, 0)
+    out["messages_deleted"] = await _drain(pool, tenant_id, _DELETE_MESSAGES, cutoff, batch=batch)
+    # expired sessions first: a conversation is anonymized only once no session points at it
+    out["sessions_deleted"] = await _drain(pool, tenant_id, _DELETE_SESSIONS, now, batch=batch)
+    out["session_ips_cleared"] = await _drain(pool, tenant_id, _CLEAR_IPS, cutoff, batch=batch)
+    out["conversations_anonymized"] = await _drain(
+        pool, tenant_id, _ANONYMIZE_CONVERSATIONS, cutoff, now, batch=batch
+    )
+    out["analytics_events_aggregated"] = await _drain(
+        pool, tenant_id, _AGGREGATE_ANALYTICS, now - timedelta(days=ANALYTICS_DAYS), batch=batch
+    )
+    return out
+
+
+async def run_retention(
+    pool: Pool, *, now: datetime | None = None, batch: int = 5000
+) -> dict[str, Any]:
+    """One pass over every tenant, if this process wins the leader lock; a JSON summary."""
+    now = now or datetime.now(UTC)
+    started = time.monotonic()
+    async with pool.acquire() as leader:
+        # session-level lock on this connection, released explicitly (and by disconnect)
+        if not await leader.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
+            return {"leader": False, "skipped": "another process is running retention"}
+        try:
+            totals = dict.fromkeys(KINDS, 0)
+            tenants = await tenant_ids(pool)
+            for tenant_id in tenants:
+                for kind, n in (await purge_tenant(pool, tenant_id, now, batch)).items():
+                    totals[kind] += n
+        finally:
+            await leader.execute("SELECT pg_advisory_unlock($1)", LEADER_LOCK)
+    for kind, n in totals.items():
+        metrics.count_retention_purged(_METRIC_KIND[kind], n)
+    return {
+        "leader": True,
+        "tenants": len(tenants),
+        "now": now.isoformat(),
+        **totals,
+        "duration_ms": round((time.monotonic() - started) * 1000),
+    }
+
+
+async def retention_loop(svc: Any, interval: float) -> None:
+    """Run retention and refresh the overdue-request gauge every `interval` seconds (for serve)."""
+    from gateway.requests_api import refresh_overdue
+
+    while True:
+        try:
+            summary = await run_retention(svc.pool)
+            if summary["leader"]:
+                log.info("retention pass", extra={k: summary[k] for k in KINDS})
+            await refresh_overdue(svc.pool)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            # the next pass retries; nothing here is lost by waiting
+            log.warning("retention pass failed", extra={"error": type(exc).__name__})
+        await asyncio.sleep(interval)
