@@ -1,9 +1,262 @@
-"""Routes of the admin API (being built)."""
+"""The site-owner admin API: bearer-key auth, the policy endpoints, and every admin route.
+
+Authentication is `Authorization: Bearer <admin_key>`. The key is 256 random
+bits; we look it up by its SHA-256 inside `lookup_tx`, where row-level security
+shows only the row whose hash equals the presented one. No secret is ever
+compared byte by byte in Python, so there is no timing oracle to exploit: the
+equality runs on a hash the attacker cannot steer (a pre-image of SHA-256 would
+be needed), via a B-tree index probe whose timing says nothing about the key.
+
+Objects of another tenant are simply invisible under RLS, so they answer 404
+exactly like objects that do not exist; nothing ever answers 403.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
 from aiohttp import web
+
+from gateway import audit, bus, store
+from gateway.appkeys import SERVICES
+from gateway.crypto import token_hash
+from gateway.db import lookup_tx, tenant_tx
+from gateway.services import Services
+from policies import Policy, PolicyError, compile_policy, parse_policy, policy_diff, policy_to_doc
+
+MAX_KEY_CHARS = 200
+
+
+class ApiError(Exception):
+    """An admin API failure with its HTTP status and closed error code."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+def unauthorized() -> ApiError:
+    """The one answer for every authentication failure (never says which)."""
+    return ApiError(401, "unauthorized", "a valid admin key is required")
+
+
+def not_found(what: str = "resource") -> ApiError:
+    """Missing, malformed id, or another tenant's: all the same to the caller."""
+    return ApiError(404, "not_found", f"{what} not found")
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The authenticated caller: its tenant and which admin key it used."""
+
+    svc: Services
+    tenant_id: UUID
+    admin_key_id: UUID
+
+    @property
+    def actor(self) -> str:
+        """The audit actor string of this key."""
+        return f"admin:{self.admin_key_id}"
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response serialized with orjson."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(exc: ApiError) -> web.Response:
+    """The JSON error envelope: {"error": {"code", "message", ...}}."""
+    headers = {"WWW-Authenticate": 'Bearer realm="omnigate-admin"'} if exc.status == 401 else None
+    body = {"error": {"code": exc.code, "message": exc.message, **exc.extra}}
+    return json_response(body, exc.status, headers)
+
+
+def parse_uuid(value: str, what: str) -> UUID:
+    """A path id, or 404 (a malformed id names nothing)."""
+    try:
+        return UUID(value)
+    except ValueError:
+        raise not_found(what) from None
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or 400."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "bad_request", "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+async def authenticate(request: web.Request) -> Admin:
+    """Resolve the bearer admin key to its tenant, or raise 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key or len(key) > MAX_KEY_CHARS:
+        raise unauthorized()
+    svc = request.app[SERVICES]
+    h = token_hash(key)
+    async with lookup_tx(svc.pool, h) as conn:
+        found = await store.tenant_for_admin_key(conn, h)
+    if found is None:
+        raise unauthorized()
+    return Admin(svc, found[0], found[1])
+
+
+AdminHandler = Callable[[web.Request, Admin], Awaitable[web.StreamResponse]]
+
+
+def admin_route(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Authenticate, call the handler with the caller, and map ApiError to its JSON shape."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request, await authenticate(request))
+        except ApiError as exc:
+            return error_response(exc)
+
+    return wrapper
+
+
+async def announce(admin: Admin) -> None:
+    """Tell every process the tenant's configuration changed (policy, keys, upstream)."""
+    admin.svc.tenants.invalidate(admin.tenant_id)
+    admin.svc.forget_upstream(admin.tenant_id)
+    await admin.svc.bus.publish(bus.POLICY_CHANGED, {"tenant_id": str(admin.tenant_id)})
+
+
+# --- policy ------------------------------------------------------------------------
+
+
+@admin_route
+async def get_policy(request: web.Request, admin: Admin) -> web.Response:
+    """The current policy version and document."""
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        row = await store.latest_policy(conn, admin.tenant_id)
+    version, doc = (0, policy_to_doc(Policy())) if row is None else row
+    return json_response({"version": version, "policy": doc}, headers={"ETag": f'"{version}"'})
+
+
+def _if_match(request: web.Request) -> int | None:
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip().strip('"'))
+    except ValueError:
+        raise ApiError(400, "bad_request", "If-Match must be a policy version") from None
+
+
+@admin_route
+async def put_policy(request: web.Request, admin: Admin) -> web.Response:
+    """Validate a full or partial document on top of the current one and store a new version."""
+    body = await read_json(request)
+    doc = body.get("policy", body) if set(body) == {"policy"} else body
+    expected = _if_match(request)
+    svc = admin.svc
+    try:
+        async with tenant_tx(svc.pool, admin.tenant_id) as conn:
+            row = await store.latest_policy(conn, admin.tenant_id)
+            version = row[0] if row else 0
+            if expected is not None and expected != version:
+                raise ApiError(
+                    409, "conflict", "the policy changed since it was read", version=version
+                )
+            current = parse_policy(row[1]) if row else Policy()
+            try:
+                new = parse_policy(doc, base=current)
+            except PolicyError as exc:
+                raise ApiError(
+                    422, "invalid_policy", "the policy is not valid", fields=exc.errors
+                ) from None
+            diff: dict[str, object] = dict(policy_diff(current, new))
+            new_doc = policy_to_doc(new)
+            await store.insert_policy(
+                conn, admin.tenant_id, version + 1, new_doc, diff, admin.actor
+            )
+            await audit.append(
+                conn,
+                admin.tenant_id,
+                admin.actor,
+                "policy.update",
+                f"policy:{version + 1}",
+                {"version": version + 1, "fields": sorted(diff)},
+            )
+    except asyncpg.UniqueViolationError:
+        # another PUT stored the same version first: the caller must re-read and retry
+        raise ApiError(409, "conflict", "another policy update won; read it and retry") from None
+    svc.tenants.install(admin.tenant_id, compile_policy(new, version + 1))
+    await svc.bus.publish(bus.POLICY_CHANGED, {"tenant_id": str(admin.tenant_id)})
+    return json_response(
+        {"version": version + 1, "policy": new_doc, "diff": diff},
+        headers={"ETag": f'"{version + 1}"'},
+    )
+
+
+@admin_route
+async def policy_history(request: web.Request, admin: Admin) -> web.Response:
+    """Every policy version, newest first: who, when, what changed."""
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        rows = await conn.fetch(
+            "SELECT version, created_at, created_by, diff FROM policies WHERE tenant_id = $1 "
+            "ORDER BY version DESC LIMIT 1000",
+            admin.tenant_id,
+        )
+    versions = [
+        {
+            "version": r["version"],
+            "created_at": r["created_at"].isoformat(),
+            "created_by": r["created_by"],
+            "diff": orjson.loads(r["diff"]),
+        }
+        for r in rows
+    ]
+    return json_response({"versions": versions})
 
 
 def setup_routes(app: web.Application) -> None:
-    """Bind the admin routes."""
+    """Bind the admin routes, /openapi.json, and the BYO-upstream cache hooks."""
+    from gateway import admin_data, admin_keys, admin_tenant, openapi
+
+    r = app.router
+    r.add_get("/api/admin/policy", get_policy)
+    r.add_put("/api/admin/policy", put_policy)
+    r.add_get("/api/admin/policy/history", policy_history)
+    admin_keys.setup_routes(app)
+    admin_tenant.setup_routes(app)
+    admin_data.setup_routes(app)
+    r.add_get("/openapi.json", openapi.openapi_json)
+    app.on_startup.append(_subscribe)
+    app.on_cleanup.append(_close_services)
+
+
+async def _subscribe(app: web.Application) -> None:
+    # runs after the services cleanup_ctx started (it was registered first)
+    svc = app[SERVICES]
+
+    async def upstream_changed(payload: dict[str, Any]) -> None:
+        svc.forget_upstream(UUID(payload["tenant_id"]))
+
+    svc.bus.subscribe(bus.POLICY_CHANGED, upstream_changed)
+
+
+async def _close_services(app: web.Application) -> None:
+    if SERVICES in app:
+        await app[SERVICES].aclose()

@@ -250,7 +250,7 @@ async def _stream_reply(
     restorer = ReplyRestorer(v.placeholders) if cp.policy.redact.restore_in_reply else None
     shown: list[str] = []
     raw: list[str] = []
-    config = svc.upstream_for(v.tenant_id, cp)
+    config = await svc.upstream_for(v.tenant_id, cp)
     stream = svc.model.stream_chat(prompt, config=config)
     try:
         # leaving this block early (visitor gone) closes the upstream request

@@ -11,7 +11,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from gateway import store
+from gateway import identity, store
 from gateway.crypto import CryptoError, new_token, token_hash
 from gateway.db import tenant_tx
 from gateway.protocol import BAD_REQUEST, SESSION_INVALID, ProtocolError
@@ -148,8 +148,11 @@ async def open_session(
             )
         else:
             token = ctx.new_token or new_token()
-            subject_id, dek = await store.create_subject(conn, svc.keyring, tenant_id)
-            svc.vault.remember(tenant_id, subject_id, dek)
+            # a verified site user id links to its existing subject; anything else is a new one
+            ref = await identity.verified_ref(conn, svc.keyring, tenant_id, hello.get("user"))
+            subject_id, dek = await identity.subject_for_ref(conn, svc.keyring, tenant_id, ref)
+            if dek is not None:
+                svc.vault.remember(tenant_id, subject_id, dek)
             row = await store.create_session(
                 conn,
                 tenant_id,

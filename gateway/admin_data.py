@@ -1,0 +1,260 @@
+"""Admin API: conversation metadata and audited transcripts, the audit log, erasure by user id."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from gateway import audit, identity, store
+from gateway.admin import (
+    Admin,
+    ApiError,
+    admin_route,
+    json_response,
+    not_found,
+    parse_uuid,
+    read_json,
+)
+from gateway.crypto import CryptoError
+from gateway.db import tenant_tx
+
+MAX_PAGE = 100
+MAX_TRANSCRIPT = 1000
+
+
+def _bad(field: str, message: str) -> ApiError:
+    return ApiError(
+        400, "bad_request", f"{field}: {message}", fields=[{"field": field, "message": message}]
+    )
+
+
+def _int_param(request: web.Request, name: str, default: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad(name, "must be an integer") from None
+    if not 1 <= value <= hi:
+        raise _bad(name, f"must be between 1 and {hi}")
+    return value
+
+
+def _time_param(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise _bad(name, "must be an ISO 8601 timestamp with a time zone") from None
+    if value.tzinfo is None:
+        raise _bad(name, "must be an ISO 8601 timestamp with a time zone")
+    return value
+
+
+def encode_cursor(at: datetime, conversation_id: UUID) -> str:
+    """An opaque cursor for keyset pagination by (last_message_at, conversation_id)."""
+    raw = orjson.dumps([at.isoformat(), str(conversation_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """The position a cursor names; 400 when it was not made by encode_cursor."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        at, cid = orjson.loads(raw)
+        return datetime.fromisoformat(at), UUID(cid)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise _bad("cursor", "is not a cursor from this API") from None
+
+
+_LIST = """
+SELECT conversation_id, started_at, last_message_at, message_count,
+       (anonymized_at IS NOT NULL OR subject_id IS NULL) AS anonymized
+FROM conversations
+WHERE tenant_id = $1
+  AND ($2::timestamptz IS NULL OR last_message_at >= $2)
+  AND ($3::timestamptz IS NULL OR last_message_at < $3)
+  AND ($4::timestamptz IS NULL OR (last_message_at, conversation_id) < ($4, $5::uuid))
+  AND ($6::uuid IS NULL OR subject_id = $6)
+ORDER BY last_message_at DESC, conversation_id DESC
+LIMIT $7
+"""
+
+
+@admin_route
+async def list_conversations(request: web.Request, admin: Admin) -> web.Response:
+    """Conversation metadata, newest activity first, keyset-paginated; never any text."""
+    limit = _int_param(request, "limit", 50, MAX_PAGE)
+    since, until = _time_param(request, "since"), _time_param(request, "until")
+    cursor = request.query.get("cursor")
+    after_at, after_id = decode_cursor(cursor) if cursor else (None, None)
+    subject = request.query.get("subject")
+    subject_id = None
+    if subject:
+        try:
+            subject_id = UUID(subject)
+        except ValueError:
+            raise _bad("subject", "must be a subject id") from None
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        rows = await conn.fetch(
+            _LIST, admin.tenant_id, since, until, after_at, after_id, subject_id, limit + 1
+        )
+    page = rows[:limit]
+    items = [
+        {
+            "id": str(r["conversation_id"]),
+            "started_at": r["started_at"].isoformat(),
+            "last_message_at": r["last_message_at"].isoformat(),
+            "message_count": r["message_count"],
+            "anonymized": r["anonymized"],
+        }
+        for r in page
+    ]
+    nxt = None
+    if len(rows) > limit:
+        last = page[-1]
+        nxt = encode_cursor(last["last_message_at"], last["conversation_id"])
+    return json_response({"conversations": items, "next_cursor": nxt})
+
+
+@admin_route
+async def read_transcript(request: web.Request, admin: Admin) -> web.Response:
+    """A decrypted transcript; the read is written to the audit log before anything returns."""
+    cid = parse_uuid(request.match_info["conversation_id"], "conversation")
+    svc = admin.svc
+    async with tenant_tx(svc.pool, admin.tenant_id) as conn:
+        conv = await conn.fetchrow(
+            "SELECT subject_id, started_at, last_message_at, message_count, anonymized_at "
+            "FROM conversations WHERE tenant_id = $1 AND conversation_id = $2",
+            admin.tenant_id,
+            cid,
+        )
+        if conv is None:
+            raise not_found("conversation")
+        await audit.append(
+            conn, admin.tenant_id, admin.actor, "conversation.read", f"conversation:{cid}"
+        )
+        messages: list[dict[str, Any]] = []
+        subject_id = conv["subject_id"]
+        if subject_id is not None:
+            try:
+                cipher = await svc.vault.cipher(conn, admin.tenant_id, subject_id)
+            except CryptoError:
+                return _transcript(cid, conv, [])  # erased: nothing can be read, by design
+            rows = await store.history(conn, admin.tenant_id, cid, None, MAX_TRANSCRIPT)
+            for m in rows:
+                text = svc.vault.open_text(
+                    cipher, admin.tenant_id, cid, m.message_id, m.role, m.ciphertext
+                )
+                messages.append(
+                    {
+                        "seq": m.seq,
+                        "role": m.role,
+                        "text": text,
+                        "at": m.created_at.isoformat(),
+                        "status": m.status,
+                        "reply_to": m.reply_to,
+                    }
+                )
+    return _transcript(cid, conv, messages)
+
+
+def _transcript(cid: UUID, conv: asyncpg.Record, messages: list[dict[str, Any]]) -> web.Response:
+    return json_response(
+        {
+            "id": str(cid),
+            "started_at": conv["started_at"].isoformat(),
+            "last_message_at": conv["last_message_at"].isoformat(),
+            "message_count": conv["message_count"],
+            "anonymized": conv["anonymized_at"] is not None or conv["subject_id"] is None,
+            "messages": messages,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@admin_route
+async def list_audit(request: web.Request, admin: Admin) -> web.Response:
+    """Audit entries, newest first; `before` (a seq) pages back."""
+    limit = _int_param(request, "limit", 100, MAX_PAGE)
+    before = _int_param(request, "before", 2**62, 2**62) if "before" in request.query else None
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        rows = await conn.fetch(
+            "SELECT seq, at, actor, action, target, details FROM audit_log WHERE tenant_id = $1 "
+            "AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC LIMIT $3",
+            admin.tenant_id,
+            before,
+            limit + 1,
+        )
+    page = rows[:limit]
+    entries = [
+        {
+            "seq": r["seq"],
+            "at": r["at"].isoformat(),
+            "actor": r["actor"],
+            "action": r["action"],
+            "target": r["target"],
+            "details": orjson.loads(r["details"]),
+        }
+        for r in page
+    ]
+    nxt = page[-1]["seq"] if len(rows) > limit else None
+    return json_response({"entries": entries, "next_before": nxt})
+
+
+@admin_route
+async def verify_audit(request: web.Request, admin: Admin) -> web.Response:
+    """Walk the tenant's hash chain: ok, the first broken seq, and how many entries were read."""
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        ok, broken, n = await audit.verify(conn, admin.tenant_id)
+    return json_response({"ok": ok, "broken_at": broken, "checked": n})
+
+
+@admin_route
+async def erase_by_user(request: web.Request, admin: Admin) -> web.Response:
+    """Erase the subject linked to a verified site user id (the id is hashed, never stored)."""
+    body = await read_json(request)
+    user_id = body.get("user_id")
+    if not isinstance(user_id, str) or not 0 < len(user_id) <= identity.MAX_USER_ID:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "user_id must be a non-empty string",
+            fields=[{"field": "user_id", "message": "must be a non-empty string"}],
+        )
+    ref = identity.external_ref(admin.svc.keyring, admin.tenant_id, user_id)
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        subject_id = await store.subject_by_ref(conn, admin.tenant_id, ref)
+    if subject_id is None:
+        raise not_found("subject")
+    # the privacy module owns erasure (key destruction, cascade, certificate, live sockets)
+    from gateway.erasure import SubjectNotFound, erase_subject
+
+    try:
+        certificate = await erase_subject(admin.svc, admin.tenant_id, subject_id, admin.actor)
+    except SubjectNotFound:
+        raise not_found("subject") from None
+    except asyncpg.PostgresError:
+        raise ApiError(503, "storage_unavailable", "erasure did not complete; retry") from None
+    return json_response(
+        {"erased": True, "subject_id": str(subject_id), "certificate": certificate}
+    )
+
+
+def setup_routes(app: web.Application) -> None:
+    """Bind the data routes."""
+    r = app.router
+    r.add_get("/api/admin/conversations", list_conversations)
+    r.add_get("/api/admin/conversations/{conversation_id}", read_transcript)
+    r.add_get("/api/admin/audit", list_audit)
+    r.add_get("/api/admin/audit/verify", verify_audit)
+    r.add_post("/api/admin/subjects/erase-by-user", erase_by_user)

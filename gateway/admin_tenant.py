@@ -1,0 +1,141 @@
+"""Admin API: tenant secrets — the bring-your-own upstream and the identity secret.
+
+Both are sealed under the primary master key (AAD binds tenant and purpose) and
+never returned after they are set: the upstream key shows only its last four
+characters, the identity secret only in the response that creates it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import web
+
+from gateway import audit, identity
+from gateway.admin import Admin, ApiError, admin_route, announce, json_response, read_json
+from gateway.db import tenant_tx
+
+# A tenant-supplied URL makes the gateway send requests on the tenant's behalf
+# (server-side request forgery): only https is accepted, unless an operator or a
+# test turns plain http on for loopback development.
+ALLOW_HTTP = False
+_MODEL_RE = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(
+        422, "invalid_request", f"{field} {message}", fields=[{"field": field, "message": message}]
+    )
+
+
+def _upstream_body(body: dict[str, Any]) -> dict[str, str | None]:
+    unknown = sorted(set(body) - {"api_key", "base_url", "model"})
+    if unknown:
+        raise _invalid(unknown[0], "is not a known field")
+    key, url, model = body.get("api_key"), body.get("base_url"), body.get("model")
+    if not isinstance(key, str) or not 8 <= len(key) <= 500 or key.strip() != key:
+        raise _invalid("api_key", "must be a string of 8 to 500 characters")
+    if not isinstance(url, str) or len(url) > 500:
+        raise _invalid("base_url", "must be an https URL")
+    parts = urlsplit(url)
+    schemes = ("https", "http") if ALLOW_HTTP else ("https",)
+    if parts.scheme not in schemes or not parts.hostname or parts.username or parts.query:
+        raise _invalid("base_url", "must be an https URL without credentials or query")
+    if model is not None and (not isinstance(model, str) or not _MODEL_RE.fullmatch(model)):
+        raise _invalid("model", "must be a model name (1-128 of A-Z a-z 0-9 . _ : / @ + -)")
+    return {"api_key": key, "base_url": url.rstrip("/"), "model": model}
+
+
+@admin_route
+async def get_upstream(request: web.Request, admin: Admin) -> web.Response:
+    """Whether the tenant has its own upstream, and which; never the key."""
+    svc = admin.svc
+    async with tenant_tx(svc.pool, admin.tenant_id) as conn:
+        row = await conn.fetchrow(
+            "SELECT upstream_sealed, upstream_key_last4 FROM tenants WHERE tenant_id = $1",
+            admin.tenant_id,
+        )
+    if row is None or row["upstream_sealed"] is None:
+        return json_response(
+            {"configured": False, "base_url": None, "model": None, "api_key_last4": None}
+        )
+    raw = orjson.loads(svc.keyring.open_secret(admin.tenant_id, "upstream", row["upstream_sealed"]))
+    return json_response(
+        {
+            "configured": True,
+            "base_url": raw["base_url"],
+            "model": raw.get("model"),
+            "api_key_last4": row["upstream_key_last4"],
+        }
+    )
+
+
+@admin_route
+async def put_upstream(request: web.Request, admin: Admin) -> web.Response:
+    """Use the tenant's own OpenAI-compatible upstream (key, URL, optional model)."""
+    cfg = _upstream_body(await read_json(request))
+    key = cfg["api_key"]
+    assert key is not None
+    sealed = admin.svc.keyring.seal_secret(admin.tenant_id, "upstream", orjson.dumps(cfg))
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        await conn.execute(
+            "UPDATE tenants SET upstream_sealed = $2, upstream_key_last4 = $3 WHERE tenant_id = $1",
+            admin.tenant_id,
+            sealed,
+            key[-4:],
+        )
+        await audit.append(
+            conn,
+            admin.tenant_id,
+            admin.actor,
+            "upstream.set",
+            "upstream",
+            {"base_url": cfg["base_url"], "model": cfg["model"]},
+        )
+    await announce(admin)
+    return json_response(
+        {
+            "configured": True,
+            "base_url": cfg["base_url"],
+            "model": cfg["model"],
+            "api_key_last4": key[-4:],
+        }
+    )
+
+
+@admin_route
+async def delete_upstream(request: web.Request, admin: Admin) -> web.Response:
+    """Go back to the gateway's own upstream."""
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        await conn.execute(
+            "UPDATE tenants SET upstream_sealed = NULL, upstream_key_last4 = NULL "
+            "WHERE tenant_id = $1",
+            admin.tenant_id,
+        )
+        await audit.append(conn, admin.tenant_id, admin.actor, "upstream.delete", "upstream")
+    await announce(admin)
+    return json_response(
+        {"configured": False, "base_url": None, "model": None, "api_key_last4": None}
+    )
+
+
+@admin_route
+async def rotate_identity_secret(request: web.Request, admin: Admin) -> web.Response:
+    """A new identity-verification secret, shown once; the previous one stops verifying."""
+    secret = identity.new_secret()
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        await identity.store_secret(conn, admin.svc.keyring, admin.tenant_id, secret)
+        await audit.append(conn, admin.tenant_id, admin.actor, "identity_secret.rotate", "identity")
+    return json_response({"identity_secret": secret, "algorithm": "HMAC-SHA256, hex"}, status=201)
+
+
+def setup_routes(app: web.Application) -> None:
+    """Bind the tenant-secret routes."""
+    r = app.router
+    r.add_get("/api/admin/upstream", get_upstream)
+    r.add_put("/api/admin/upstream", put_upstream)
+    r.add_delete("/api/admin/upstream", delete_upstream)
+    r.add_post("/api/admin/identity-secret", rotate_identity_secret)

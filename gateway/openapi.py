@@ -1,0 +1,364 @@
+"""The OpenAPI 3.1 document of every HTTP route, served at /openapi.json.
+
+Routes are described here by hand (the admin API in full); a module that adds
+routes may instead call `describe(method, path, operation)` from its own
+`setup_routes`. tests/test_openapi.py fails when any registered route is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+Operation = dict[str, Any]
+
+_EXTRA: dict[str, dict[str, Operation]] = {}
+
+
+def describe(method: str, path: str, operation: Operation) -> None:
+    """Add (or replace) the description of one route: `path` is aiohttp's canonical form."""
+    _EXTRA.setdefault(path, {})[method.lower()] = operation
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _err(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def _obj(**props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props}
+
+
+S = {"type": "string"}
+INT = {"type": "integer"}
+B = {"type": "boolean"}
+T = {"type": "string", "format": "date-time"}
+U = {"type": "string", "format": "uuid"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _admin(
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    status: str = "200",
+    body: dict[str, Any] | None = None,
+    params: list[dict[str, Any]] | None = None,
+    errors: tuple[str, ...] = (),
+) -> Operation:
+    """An admin operation: bearer auth, 401 always possible, plus the listed errors."""
+    texts = {
+        "400": "Malformed request (body, query or cursor)",
+        "404": "Not found, malformed id, or another tenant's object",
+        "409": "Conflict (concurrent update, last active key)",
+        "422": "Validation failed; `fields` lists every problem",
+    }
+    responses: dict[str, Any] = {
+        status: ok,
+        "401": _err("Missing, malformed, wrong or revoked admin key"),
+    }
+    for code in errors:
+        responses[code] = _err(texts[code])
+    op: Operation = {
+        "tags": ["admin"],
+        "summary": summary,
+        "security": [{"adminKey": []}],
+        "responses": responses,
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _p(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": U, "description": description}
+
+
+def _simple(tag: str, summary: str, ok: dict[str, Any], **extra: Any) -> Operation:
+    return {"tags": [tag], "summary": summary, "responses": {"200": ok}, **extra}
+
+
+_POLICY = _obj(version=INT, policy={"type": "object"})
+_UPSTREAM = _obj(
+    configured=B, base_url=_nullable(S), model=_nullable(S), api_key_last4=_nullable(S)
+)
+_ADMIN_KEY = _obj(id=U, label=S, last4=S, created_at=T, revoked_at=_nullable(T))
+_SITE_KEY = _obj(id=U, prefix=S, created_at=T, revoked_at=_nullable(T))
+_CONV = _obj(id=U, started_at=T, last_message_at=T, message_count=INT, anonymized=B)
+_MESSAGE = _obj(seq=INT, role=S, text=S, at=T, status=S, reply_to=_nullable(INT))
+_AUDIT = _obj(seq=INT, at=T, actor=S, action=S, target=S, details={"type": "object"})
+_PAGE = [_q("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size (default 50)")]
+
+_ADMIN_PATHS: dict[str, dict[str, Operation]] = {
+    "/api/admin/policy": {
+        "get": _admin("The current policy (ETag is the version)", _json(_POLICY)),
+        "put": _admin(
+            "Store a new policy version from a full or partial document merged on the current one;"
+            " optional If-Match: <version>",
+            _json(_obj(version=INT, policy={"type": "object"}, diff={"type": "object"})),
+            body={"type": "object", "description": "policy fields (DESIGN §4), or {policy: {...}}"},
+            errors=("400", "409", "422"),
+        ),
+    },
+    "/api/admin/policy/history": {
+        "get": _admin(
+            "Every policy version, newest first",
+            _json(
+                _obj(
+                    versions={
+                        "type": "array",
+                        "items": _obj(
+                            version=INT, created_at=T, created_by=S, diff={"type": "object"}
+                        ),
+                    }
+                )
+            ),
+        )
+    },
+    "/api/admin/conversations": {
+        "get": _admin(
+            "Conversation metadata (never text), newest activity first",
+            _json(_obj(conversations={"type": "array", "items": _CONV}, next_cursor=_nullable(S))),
+            params=[
+                *_PAGE,
+                _q("cursor", S, "next_cursor of the previous page"),
+                _q("since", T, "last_message_at >= since"),
+                _q("until", T, "last_message_at < until"),
+                _q("subject", U, "only this subject's conversations"),
+            ],
+            errors=("400",),
+        )
+    },
+    "/api/admin/conversations/{conversation_id}": {
+        "get": _admin(
+            "A decrypted transcript; the read is audited before it is returned",
+            _json(
+                _obj(
+                    id=U,
+                    started_at=T,
+                    last_message_at=T,
+                    message_count=INT,
+                    anonymized=B,
+                    messages={"type": "array", "items": _MESSAGE},
+                )
+            ),
+            params=[_p("conversation_id", "conversation id")],
+            errors=("404",),
+        )
+    },
+    "/api/admin/keys": {
+        "get": _admin(
+            "Admin keys (never the secret)",
+            _json(_obj(keys={"type": "array", "items": _ADMIN_KEY})),
+        ),
+        "post": _admin(
+            "Create an admin key; `key` is shown only in this response",
+            _json({**_ADMIN_KEY, "properties": {**_ADMIN_KEY["properties"], "key": S}}, "Created"),
+            status="201",
+            body=_obj(label=S),
+            errors=("400", "422"),
+        ),
+    },
+    "/api/admin/keys/{key_id}": {
+        "delete": _admin(
+            "Revoke an admin key",
+            _json(_ADMIN_KEY),
+            params=[_p("key_id", "admin key id")],
+            errors=("404", "409"),
+        ),
+    },
+    "/api/admin/site-keys": {
+        "get": _admin(
+            "Widget site keys (prefix only)",
+            _json(_obj(keys={"type": "array", "items": _SITE_KEY})),
+        ),
+        "post": _admin(
+            "Create a widget site key; `key` is shown only in this response",
+            _json({**_SITE_KEY, "properties": {**_SITE_KEY["properties"], "key": S}}, "Created"),
+            status="201",
+        ),
+    },
+    "/api/admin/site-keys/{key_id}": {
+        "delete": _admin(
+            "Revoke a widget site key",
+            _json(_SITE_KEY),
+            params=[_p("key_id", "site key id")],
+            errors=("404",),
+        ),
+    },
+    "/api/admin/upstream": {
+        "get": _admin("The tenant's own upstream, if any (never the key)", _json(_UPSTREAM)),
+        "put": _admin(
+            "Use the tenant's own OpenAI-compatible upstream",
+            _json(_UPSTREAM),
+            body={**_obj(api_key=S, base_url=S, model=S), "required": ["api_key", "base_url"]},
+            errors=("400", "422"),
+        ),
+        "delete": _admin("Go back to the gateway's upstream", _json(_UPSTREAM)),
+    },
+    "/api/admin/identity-secret": {
+        "post": _admin(
+            "Rotate the identity-verification secret; shown only in this response",
+            _json(_obj(identity_secret=S, algorithm=S), "Created"),
+            status="201",
+        )
+    },
+    "/api/admin/subjects/erase-by-user": {
+        "post": _admin(
+            "Erase the subject linked to a verified site user id",
+            _json(_obj(erased=B, subject_id=U, certificate={"type": "object"})),
+            body={**_obj(user_id=S), "required": ["user_id"]},
+            errors=("400", "404", "422"),
+        )
+    },
+    "/api/admin/audit": {
+        "get": _admin(
+            "Audit entries, newest first",
+            _json(_obj(entries={"type": "array", "items": _AUDIT}, next_before=_nullable(INT))),
+            params=[*_PAGE, _q("before", INT, "only entries with seq < before")],
+            errors=("400",),
+        )
+    },
+    "/api/admin/audit/verify": {
+        "get": _admin(
+            "Verify the tenant's audit hash chain",
+            _json(_obj(ok=B, broken_at=_nullable(INT), checked=INT)),
+        )
+    },
+}
+
+_WIDGET_PATHS: dict[str, dict[str, Operation]] = {
+    "/v1/widget/ws": {
+        "get": {
+            "tags": ["widget"],
+            "summary": "Widget WebSocket (protocol in docs/protocol.md); Origin must be allowed",
+            "parameters": [{"name": "site", "in": "query", "required": True, "schema": S}],
+            "responses": {
+                "101": {"description": "Switching Protocols"},
+                "403": {"description": "Origin not allowed or unknown site key"},
+            },
+        }
+    },
+    "/v1/widget/chat": {
+        "post": {
+            "tags": ["widget"],
+            "summary": "HTTP fallback: one message, answered as text/event-stream",
+            "parameters": [{"name": "site", "in": "query", "required": True, "schema": S}],
+            "responses": {
+                "200": {
+                    "description": "ack/delta/done/error events",
+                    "content": {"text/event-stream": {"schema": S}},
+                },
+                "403": {"description": "Origin not allowed or unknown site key"},
+            },
+        },
+        "options": {
+            "tags": ["widget"],
+            "summary": "CORS preflight",
+            "responses": {"204": {"description": "Preflight answered"}},
+        },
+    },
+}
+
+_OPS_PATHS: dict[str, dict[str, Operation]] = {
+    "/healthz": {"get": _simple("operations", "The process answers", _json(_obj(status=S)))},
+    "/readyz": {
+        "get": {
+            **_simple(
+                "operations",
+                "Database reachable and migrations current",
+                _json(_obj(status=S, checks={"type": "object"})),
+            ),
+            "responses": {"200": _json(_obj(status=S)), "503": {"description": "Not ready"}},
+        }
+    },
+    "/metrics": {
+        "get": _simple(
+            "operations",
+            "Prometheus text format",
+            {"description": "OK", "content": {"text/plain": {"schema": S}}},
+            security=[{"metricsToken": []}, {}],
+        )
+    },
+    "/openapi.json": {"get": _simple("operations", "This document", _json({"type": "object"}))},
+}
+
+
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document."""
+    paths: dict[str, dict[str, Operation]] = {}
+    for group in (_WIDGET_PATHS, _OPS_PATHS, _ADMIN_PATHS, _EXTRA):
+        for path, ops in group.items():
+            paths.setdefault(path, {}).update(ops)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "omnigate",
+            "version": "1",
+            "description": "Privacy-enforcing gateway between a chat widget and an "
+            "OpenAI-compatible model. Admin API reference: docs/admin-api.md.",
+        },
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "securitySchemes": {
+                "adminKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A site-owner admin key (ak_...)",
+                },
+                "session": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "`Session <token>`, or the omnigate_session cookie",
+                },
+                "metricsToken": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": S,
+                                "message": S,
+                                "fields": {"type": "array", "items": _obj(field=S, message=S)},
+                            },
+                        }
+                    },
+                }
+            },
+        },
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """Serve the OpenAPI document."""
+    return web.Response(body=orjson.dumps(document()), content_type="application/json")

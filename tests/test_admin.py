@@ -1,0 +1,233 @@
+"""Admin API over a real gateway: auth failures, policy versions reaching live sockets, history."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.provision import NewTenant, create_tenant
+from tests.conftest import ORIGIN, Gateway, chat, hello
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def call(
+    gw: Gateway, method: str, path: str, key: str | None, json: Any = None, **kw: Any
+) -> tuple[int, Any]:
+    headers = {**(bearer(key) if key else {}), **kw.pop("headers", {})}
+    async with gw.session.request(method, gw.url(path), json=json, headers=headers, **kw) as r:
+        return r.status, await r.json()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer ak_wrong"},
+        {"Authorization": "Bearer " + "x" * 500},
+        {"Authorization": "Session ak_whatever"},
+    ],
+    ids=["missing", "basic", "no-key", "blank-key", "wrong-key", "oversized", "wrong-scheme"],
+)
+async def test_auth_failures_are_401(
+    offline_gateway: Gateway, tenant: NewTenant, headers: dict[str, str]
+) -> None:
+    async with offline_gateway.session.get(
+        offline_gateway.url("/api/admin/policy"), headers=headers
+    ) as r:
+        assert r.status == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        body = await r.json()
+    assert body["error"]["code"] == "unauthorized"
+
+
+async def test_revoked_key_is_401_at_once(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    status, created = await call(offline_gateway, "POST", "/api/admin/keys", tenant.admin_key, {"label": "ci"})
+    assert status == 201 and created["key"].startswith("ak_") and created["last4"] == created["key"][-4:]
+    second = created["key"]
+    assert (await call(offline_gateway, "GET", "/api/admin/policy", second))[0] == 200
+    status, listed = await call(offline_gateway, "GET", "/api/admin/keys", tenant.admin_key)
+    assert status == 200 and len(listed["keys"]) == 2
+    assert all("key" not in k and "key_hash" not in k for k in listed["keys"])
+    status, revoked = await call(
+        offline_gateway, "DELETE", f"/api/admin/keys/{created['id']}", tenant.admin_key
+    )
+    assert status == 200 and revoked["revoked_at"] is not None
+    status, body = await call(offline_gateway, "GET", "/api/admin/policy", second)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+
+
+async def test_last_active_key_cannot_be_revoked(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    status, listed = await call(offline_gateway, "GET", "/api/admin/keys", tenant.admin_key)
+    (only,) = listed["keys"]
+    status, body = await call(
+        offline_gateway, "DELETE", f"/api/admin/keys/{only['id']}", tenant.admin_key
+    )
+    assert status == 409 and body["error"]["code"] == "conflict"
+    assert (await call(offline_gateway, "GET", "/api/admin/policy", tenant.admin_key))[0] == 200
+
+
+async def test_other_tenant_objects_are_404(
+    gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    other = await create_tenant(app_pool, f"o-{uuid.uuid4().hex[:8]}", [ORIGIN])
+    ws = await gateway.ws(tenant.site_key)
+    welcome = await hello(ws, consent={"conversation_storage": True})
+    await chat(ws, "m1", "private words")
+    await ws.close()
+    cid = welcome["conversation_id"]
+    status, own = await call(gateway, "GET", f"/api/admin/conversations/{cid}", tenant.admin_key)
+    assert status == 200 and own["messages"][0]["text"] == "private words"
+    status, body = await call(gateway, "GET", f"/api/admin/conversations/{cid}", other.admin_key)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    for bad in ("not-a-uuid", "123", str(uuid.uuid4())):
+        status, body = await call(gateway, "GET", f"/api/admin/conversations/{bad}", tenant.admin_key)
+        assert status == 404 and body["error"]["code"] == "not_found", bad
+    # another tenant's keys cannot be revoked either, and say nothing about existence
+    _, keys = await call(gateway, "GET", "/api/admin/keys", tenant.admin_key)
+    status, _ = await call(gateway, "DELETE", f"/api/admin/keys/{keys['keys'][0]['id']}", other.admin_key)
+    assert status == 404
+    _, sites = await call(gateway, "GET", "/api/admin/site-keys", other.admin_key)
+    assert len(sites["keys"]) == 1
+
+
+async def test_policy_put_reaches_a_live_socket(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    ok = await chat(ws, "a", "twelve chars")
+    assert ok[-1]["type"] == "done"
+    status, got = await call(offline_gateway, "GET", "/api/admin/policy", tenant.admin_key)
+    assert status == 200 and got["version"] == 1
+    status, put = await call(
+        offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"max_message_chars": 5}
+    )
+    assert status == 200, put
+    assert put["version"] == 2
+    assert put["diff"] == {"max_message_chars": {"old": 4000, "new": 5}}
+    assert put["policy"]["allowed_origins"] == [ORIGIN]  # partial doc merged on the current one
+    refused = await chat(ws, "b", "twelve chars")
+    assert refused[-1]["type"] == "error" and refused[-1]["code"] == "too_large"
+    await ws.close()
+    status, got = await call(offline_gateway, "GET", "/api/admin/policy", tenant.admin_key)
+    assert got["version"] == 2 and got["policy"]["max_message_chars"] == 5
+
+
+async def test_invalid_policy_is_422_with_every_field(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    status, body = await call(
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        {"retention_days": 0, "ip_mode": "nope", "bogus": 1},
+    )
+    assert status == 422
+    assert body["error"]["code"] == "invalid_policy"
+    fields = {f["field"] for f in body["error"]["fields"]}
+    assert {"retention_days", "ip_mode", "bogus"} <= fields
+    status, got = await call(offline_gateway, "GET", "/api/admin/policy", tenant.admin_key)
+    assert got["version"] == 1  # nothing stored
+    status, body = await call(offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, [1])
+    assert status == 400 and body["error"]["code"] == "bad_request"
+
+
+async def test_history_records_who_and_what(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    await call(offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": 30})
+    await call(
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        {"allowed_origins": [ORIGIN, "https://shop.example"]},
+    )
+    status, hist = await call(offline_gateway, "GET", "/api/admin/policy/history", tenant.admin_key)
+    assert status == 200
+    versions = hist["versions"]
+    assert [v["version"] for v in versions] == [3, 2, 1]
+    assert versions[0]["diff"] == {
+        "allowed_origins": {"old": [ORIGIN], "new": sorted([ORIGIN, "https://shop.example"])}
+    }
+    assert versions[1]["diff"] == {"retention_days": {"old": 90, "new": 30}}
+    key_id = await owner_pool.fetchval(
+        "SELECT admin_key_id FROM admin_keys WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert versions[0]["created_by"] == f"admin:{key_id}" and versions[2]["created_by"] == "cli"
+    actions = await owner_pool.fetch(
+        "SELECT actor, action, target FROM audit_log WHERE tenant_id = $1 ORDER BY seq",
+        tenant.tenant_id,
+    )
+    assert [(a["action"], a["target"]) for a in actions] == [
+        ("policy.update", "policy:2"),
+        ("policy.update", "policy:3"),
+    ]
+    # the new origin is allowed for the widget at once
+    ws = await offline_gateway.ws(tenant.site_key, origin="https://shop.example")
+    await hello(ws)
+    await ws.close()
+
+
+async def test_concurrent_puts_never_overwrite(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    results = await asyncio.gather(
+        *(
+            call(offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": d})
+            for d in (10, 20, 30, 40)
+        )
+    )
+    statuses = sorted(s for s, _ in results)
+    assert set(statuses) <= {200, 409} and 200 in statuses
+    for status, body in results:
+        if status == 409:
+            assert body["error"]["code"] == "conflict"
+    _, hist = await call(offline_gateway, "GET", "/api/admin/policy/history", tenant.admin_key)
+    assert len(hist["versions"]) == 1 + statuses.count(200)
+
+
+async def test_if_match_guards_against_lost_updates(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    status, body = await call(
+        offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": 5},
+        headers={"If-Match": '"7"'},
+    )
+    assert status == 409 and body["error"]["version"] == 1
+    status, _ = await call(
+        offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": 5},
+        headers={"If-Match": '"1"'},
+    )
+    assert status == 200
+
+
+async def test_site_keys_create_and_revoke(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    status, created = await call(offline_gateway, "POST", "/api/admin/site-keys", tenant.admin_key)
+    assert status == 201 and created["key"].startswith("pk_")
+    ws = await offline_gateway.ws(created["key"])
+    await hello(ws)
+    await ws.close()
+    status, listed = await call(offline_gateway, "GET", "/api/admin/site-keys", tenant.admin_key)
+    assert len(listed["keys"]) == 2 and all("key" not in k for k in listed["keys"])
+    status, revoked = await call(
+        offline_gateway, "DELETE", f"/api/admin/site-keys/{created['id']}", tenant.admin_key
+    )
+    assert status == 200 and revoked["revoked_at"]
+    async with offline_gateway.session.get(
+        offline_gateway.url(f"/v1/widget/ws?site={created['key']}"),
+        headers={"Origin": ORIGIN, "Connection": "Upgrade", "Upgrade": "websocket",
+                 "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+    ) as r:
+        assert r.status == 403
