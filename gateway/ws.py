@@ -74,8 +74,9 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
 
     conn = Connection(svc, tenant_id, ctx, send, terminate)
     writer_task = asyncio.create_task(writer())
+    close: tuple[int, bytes] = (WSCloseCode.OK, b"")
     try:
-        await _read_loop(
+        close = await _read_loop(
             ws,
             conn,
             settings.first_frame_timeout,
@@ -84,26 +85,27 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
         )
     finally:
         await conn.close()
+        # flush what was already answered (error frames included) before closing
         await outbox.put(None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer_task, 2.0)
         writer_task.cancel()
         metrics.WS_CONNECTIONS.dec()
         if not ws.closed:
-            await ws.close()
+            await ws.close(code=close[0], message=close[1])
     return ws
 
 
 async def _read_loop(
     ws: web.WebSocketResponse, conn: Connection, first_timeout: float, max_frame: int, max_bad: int
-) -> None:
+) -> tuple[int, bytes]:
+    """Feed frames to the connection; returns the close code and reason."""
     first = True
     while not ws.closed:
         try:
             msg = await ws.receive(timeout=first_timeout if first else None)
         except TimeoutError:
-            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"hello timeout")
-            return
+            return WSCloseCode.POLICY_VIOLATION, b"hello timeout"
         first = False
         if msg.type == WSMsgType.TEXT:
             if len(msg.data) > max_frame:
@@ -117,7 +119,7 @@ async def _read_loop(
             conn.bad_frames += 1
             await conn.error(ProtocolError(protocol.BAD_REQUEST, "binary frames are not accepted"))
         elif msg.type == WSMsgType.ERROR:
-            # aiohttp closes oversized frames itself with 1009
+            # aiohttp has already closed an oversized frame with 1009
             return WSCloseCode.MESSAGE_TOO_BIG, b"frame too large"
         else:
             return WSCloseCode.OK, b""
