@@ -1,0 +1,199 @@
+"""Visitor privacy API over a real gateway: consent, export, erasure, certificates, GPC."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from uuid import UUID
+
+import aiohttp
+import asyncpg
+import pytest
+
+from gateway import certs
+from gateway.crypto import CryptoError, KeyRing
+from gateway.provision import NewTenant, create_tenant
+from gateway.vault import Vault
+from tests.conftest import MASTER_KEY, ORIGIN, Gateway, chat, hello
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Session {token}"}
+
+
+async def visitor(g: Gateway, t: NewTenant, *texts: str) -> tuple[Any, dict[str, Any]]:
+    """A visitor with a stored conversation; returns (open socket, welcome)."""
+    ws = await g.ws(t.site_key)
+    welcome = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    for n, text in enumerate(texts):
+        frames = await chat(ws, f"m{n}", text)
+        assert frames[-1]["type"] == "done", frames
+    return ws, welcome
+
+
+async def export_of(g: Gateway, token: str) -> tuple[int, Any]:
+    async with g.session.get(g.url("/api/privacy/export"), headers=auth(token)) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def test_export_holds_exactly_this_visitors_data(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws_a, a = await visitor(g, tenant, "alpha one", "alpha two")
+    ws_b, _b = await visitor(g, tenant, "bravo secret words")
+    other = await create_tenant(app_pool, "other", [ORIGIN])
+    ws_c, _ = await visitor(g, other, "charlie elsewhere")
+    status, doc = await export_of(g, a["session_token"])
+    assert status == 200
+    texts = [m["text"] for c in doc["conversations"] for m in c["messages"]]
+    assert texts == ["alpha one", "alpha one", "alpha two", "alpha two"]
+    assert [c["conversation_id"] for c in doc["conversations"]] == [a["conversation_id"]]
+    assert "bravo" not in str(doc) and "charlie" not in str(doc)
+    assert [s["conversation_id"] for s in doc["sessions"]] == [a["conversation_id"]]
+    assert {"ip_anon", "dnt", "gpc"} <= set(doc["sessions"][0])
+    assert doc["consents"]["current"]["conversation_storage"]["granted"] is True
+    assert doc["recipients"][0]["name"] == "offline model"
+    assert doc["retention"]["messages_days"] == 90
+    assert doc["purposes"] and doc["source"]
+    for ws in (ws_a, ws_b, ws_c):
+        await ws.close()
+
+
+async def test_export_names_the_upstream_host(gateway: Gateway, tenant: NewTenant) -> None:
+    ws, w = await visitor(gateway, tenant, "hi")
+    _, doc = await export_of(gateway, w["session_token"])
+    assert doc["recipients"][0]["name"] == "OpenAI-compatible upstream at 127.0.0.1"
+    await ws.close()
+
+
+async def test_export_streams_ten_thousand_messages(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool, settings: Any
+) -> None:
+    ws, w = await visitor(offline_gateway, tenant, "seed")
+    tid, cid = tenant.tenant_id, UUID(w["conversation_id"])
+    from gateway import store
+    from gateway.db import tenant_tx
+
+    vault = Vault(KeyRing((MASTER_KEY,)))
+    async with tenant_tx(app_pool, tid) as conn:
+        sid = await conn.fetchval(
+            "SELECT subject_id FROM conversations WHERE conversation_id = $1", cid
+        )
+        cipher = await vault.cipher(conn, tid, sid)
+        for i in range(10_000):
+            mid = __import__("uuid").uuid4()
+            await store.insert_message(
+                conn, tid, cid, mid, "user", vault.seal_text(cipher, tid, cid, mid, "user", f"n{i}")
+            )
+    status, doc = await export_of(offline_gateway, w["session_token"])
+    assert status == 200
+    assert len(doc["conversations"][0]["messages"]) == 10_002
+    assert doc["conversations"][0]["messages"][-1]["text"] == "n9999"
+    await ws.close()
+
+
+async def test_privacy_api_needs_a_valid_session(offline_gateway: Gateway) -> None:
+    g = offline_gateway
+    for path in ("/api/privacy/export", "/api/privacy/consent"):
+        async with g.session.get(g.url(path)) as r:
+            assert r.status == 401
+        async with g.session.get(g.url(path), headers=auth("nope")) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["code"] == "session_invalid"
+
+
+async def test_consent_get_and_post(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    g = offline_gateway
+    ws, w = await visitor(g, tenant)
+    h = auth(w["session_token"])
+    url = g.url("/api/privacy/consent")
+    async with g.session.post(
+        url, json={"grant": ["analytics"], "revoke": ["ai_processing"]}, headers=h
+    ) as r:
+        assert r.status == 200
+        doc = await r.json()
+    assert doc["purposes"]["analytics"]["granted"] is True
+    assert doc["purposes"]["analytics"]["consent_version"] == 1
+    assert doc["purposes"]["ai_processing"]["granted"] is False
+    assert [x["source"] for x in doc["history"]][-2:] == ["api", "api"]
+    async with g.session.get(url, headers=h) as r:
+        assert (await r.json())["purposes"] == doc["purposes"]
+    async with g.session.post(url, json={"grant": ["telepathy"]}, headers=h) as r:
+        assert r.status == 422
+    await ws.close()
+
+
+async def test_gpc_json(offline_gateway: Gateway) -> None:
+    async with offline_gateway.session.get(offline_gateway.url("/.well-known/gpc.json")) as r:
+        assert r.status == 200
+        assert r.content_type == "application/json"
+        doc = await r.json()
+    assert doc["gpc"] is True and len(doc["lastUpdate"]) == 10
+
+
+async def test_delete_erases_everything_and_closes_the_socket(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws, w = await visitor(g, tenant, "erase me please")
+    other_ws, other = await visitor(g, tenant, "keep me")
+    tid, cid = tenant.tenant_id, UUID(w["conversation_id"])
+    sid = await owner_pool.fetchval(
+        "SELECT subject_id FROM conversations WHERE conversation_id = $1", cid
+    )
+    copied = await owner_pool.fetchrow(
+        "SELECT message_id, role, ciphertext FROM messages WHERE conversation_id = $1 LIMIT 1", cid
+    )
+    wrapped = await owner_pool.fetchrow(
+        "SELECT kek_id, wrapped_key FROM subject_keys WHERE subject_id = $1", sid
+    )
+    async with g.session.post(g.url("/api/privacy/delete"), headers=auth(w["session_token"])) as r:
+        assert r.status == 200
+        cert = await r.json()
+    # the live socket is closed with 4001 by the erasure event
+    msg = await ws.receive(timeout=5)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert ws.close_code == 4001
+    body = cert["certificate"]
+    assert body["tenant_id"] == str(tid) and body["items"]["messages"] == 2
+    assert str(sid) not in str(cert)
+    async with g.session.get(g.url("/api/privacy/certificate-key")) as r:
+        key = await r.json()
+    assert key["algorithm"] == "Ed25519" and key["key_id"] == cert["key_id"]
+    assert certs.verify(cert, key["public_key"])
+    tampered = {**cert, "certificate": {**body, "items": {**body["items"], "messages": 1}}}
+    assert not certs.verify(tampered, key["public_key"])
+    status, _ = await export_of(g, w["session_token"])
+    assert status == 401
+    for table in (
+        "subjects",
+        "subject_keys",
+        "sessions",
+        "conversations",
+        "consents",
+        "analytics_events",
+    ):
+        n = await owner_pool.fetchval(
+            f"SELECT count(*) FROM {table} WHERE tenant_id = $1 AND subject_id = $2", tid, sid
+        )
+        assert n == 0, table
+    assert (
+        await owner_pool.fetchval("SELECT count(*) FROM messages WHERE conversation_id = $1", cid)
+        == 0
+    )
+    # the copied ciphertext cannot be opened: its data key is gone
+    vault = Vault(KeyRing((MASTER_KEY,)))
+    async with owner_pool.acquire() as conn:
+        with pytest.raises(CryptoError):
+            await vault.cipher(conn, tid, sid)
+    assert copied is not None and wrapped is not None
+    # the audit entry holds no subject id
+    entry = await owner_pool.fetchrow(
+        "SELECT * FROM audit_log WHERE tenant_id = $1 AND action = 'erasure'", tid
+    )
+    assert entry is not None and str(sid) not in str(dict(entry))
+    status, doc = await export_of(g, other["session_token"])
+    assert status == 200 and "keep me" in str(doc)
+    await other_ws.close()
+    await asyncio.sleep(0)
