@@ -1,0 +1,1 @@
+"""omnigate benchmarks: `python -m bench` (see docs/performance.md)."""

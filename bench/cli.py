@@ -1,0 +1,425 @@
+"""`python -m bench`: baseline vs WebSocket vs HTTP/SSE through omnigate, idle sockets, slow jobs.
+
+One run creates its own database, fake upstream and gateway(s), measures, prints
+the table and writes bench/results/<timestamp>.json and .png. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import report
+from bench.db import BenchDatabase, Tenant
+from bench.idle import run_idle
+from bench.load import RunStats, pct, run_baseline, run_sse, run_ws
+from bench.procs import Child, free_port, start_fake, start_gateway
+from bench.slow import run_export_job, run_retention_job
+
+SCENARIOS = ("baseline", "ws", "sse", "idle", "slow-jobs", "scale")
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK = {
+    "sessions": 10,
+    "messages": 5,
+    "idle": 200,
+    "retention_rows": 20_000,
+    "export_messages": 500,
+}
+FULL = {"sessions": 50, "messages": 20, "idle": 2000, "retention_rows": 1_000_000,
+        "export_messages": 10_000}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="owner/superuser URL; a throwaway omnigate_bench_<rand> DB is made on it",
+    )
+    p.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="used when the gateway runs more than one worker",
+    )
+    p.add_argument("--sessions", type=int, help="concurrent sessions N (default 50)")
+    p.add_argument("--messages", type=int, help="messages per session M (default 20)")
+    p.add_argument("--chunks", type=int, default=16, help="fake upstream reply chunks")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="fake upstream delay between chunks")
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    p.add_argument("--idle", type=int, help="idle sockets K (default 2000; try 10000)")
+    p.add_argument("--retention-rows", type=int, help="backdated messages (default 1,000,000)")
+    p.add_argument("--export-messages", type=int, help="messages of the exported visitor (10,000)")
+    p.add_argument(
+        "--only", choices=SCENARIOS, action="append", help="run only this scenario (repeatable)"
+    )
+    p.add_argument("--quick", action="store_true", help="small numbers: a smoke run of ~30 s")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway during the ws run (SVG + collapsed stacks)",
+    )
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    return p  # fmt: skip
+
+
+def _cfg(args: argparse.Namespace) -> dict[str, Any]:
+    base = QUICK if args.quick else FULL
+    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+    cfg.update(chunks=args.chunks, delay_ms=args.delay_ms, workers=args.workers, quick=args.quick)
+    return cfg
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+    }
+
+
+def _stats_json(s: RunStats) -> dict[str, Any]:
+    return {
+        "sessions": s.sessions,
+        "messages_per_session": s.messages,
+        "ok": s.ok,
+        "errors": s.errors,
+        "error_kinds": s.error_kinds,
+        "wall_s": round(s.wall, 3),
+        "setup_s": round(s.setup, 3),
+        "msgs_per_s": round(s.rate, 2),
+        "ttft_p50_ms": pct(s.ttft, 50),
+        "ttft_p99_ms": pct(s.ttft, 99),
+        "total_p50_ms": pct(s.total, 50),
+        "total_p99_ms": pct(s.total, 99),
+    }
+
+
+class Runner:
+    """Holds the children of a run and measures each load run's CPU."""
+
+    def __init__(self, args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+        self.args = args
+        self.cfg = cfg
+        self.only = set(args.only or SCENARIOS)
+        self.logdir = Path(tempfile.mkdtemp(prefix="omnigate-bench-"))
+        self.children: list[Child] = []
+        self.db: BenchDatabase | None = None
+        self.tenant: Tenant | None = None
+        self.fake: Child | None = None
+        self.fake_url = ""
+        key = os.urandom(32)
+        self.master = ("bench", key)
+        self.master_spec = "bench:" + base64.b64encode(key).decode()
+        self.results: dict[str, Any] = {
+            "timestamp": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+            "command": " ".join(["python -m bench", *sys.argv[1:]]),
+            "config": cfg,
+            "machine": machine(),
+            "runs": {},
+        }
+
+    def say(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def gateway_env(self, workers: int) -> dict[str, str]:
+        assert self.db is not None
+        env = {
+            "OMNIGATE_DATABASE_URL": self.db.app_url,
+            "OMNIGATE_MASTER_KEYS": self.master_spec,
+            "OPENAI_API_KEY": "sk-bench",
+            "OMNIGATE_UPSTREAM_URL": self.fake_url or "http://127.0.0.1:9/v1",
+            "OMNIGATE_COOKIE_SECURE": "false",
+            # the load comes from one address; per-IP socket caps would measure the cap
+            "OMNIGATE_MAX_CONNECTIONS_PER_IP": "1000000",
+            "OMNIGATE_RETENTION_INTERVAL": "86000",
+        }
+        if workers > 1:
+            env["OMNIGATE_REDIS_URL"] = self.args.redis_url
+        return env
+
+    def start_gateway(self, workers: int, name: str = "gateway") -> tuple[Child, str]:
+        port = free_port()
+        child = start_gateway(port, workers, self.gateway_env(workers), self.logdir, name)
+        self.children.append(child)
+        return child, f"http://127.0.0.1:{port}"
+
+    async def measured(
+        self, key: str, gw: Child | None, fn: Callable[[], Awaitable[RunStats]]
+    ) -> RunStats:
+        """Run a load function and record its stats with gateway/fake/client CPU per message."""
+        me = psutil.Process()
+        g0 = gw.cpu_seconds() if gw else 0.0
+        f0 = self.fake.cpu_seconds() if self.fake else 0.0
+        c0 = sum(me.cpu_times()[:2])
+        stats = await fn()
+        g1 = gw.cpu_seconds() if gw else 0.0
+        f1 = self.fake.cpu_seconds() if self.fake else 0.0
+        c1 = sum(me.cpu_times()[:2])
+        out = _stats_json(stats)
+        per = max(stats.ok, 1)
+        if gw:
+            out["gateway_cpu_s"] = round(g1 - g0, 3)
+            out["gateway_cpu_ms_per_msg"] = (g1 - g0) * 1000 / per
+        out["fake_cpu_ms_per_msg"] = (f1 - f0) * 1000 / per
+        out["client_cpu_ms_per_msg"] = (c1 - c0) * 1000 / per
+        self.results["runs"][key] = out
+        self.say(
+            f"{key:<12} {stats.ok:>6} ok {stats.errors:>4} err  {stats.rate:8.1f} msg/s  "
+            f"TTFT p50 {_ms(out['ttft_p50_ms'])} p99 {_ms(out['ttft_p99_ms'])}"
+            + (f"  gw CPU {out['gateway_cpu_ms_per_msg']:.2f} ms/msg" if gw else "")
+            + (f"  errors {stats.error_kinds}" if stats.errors else "")
+        )
+        return stats
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        n, m = cfg["sessions"], cfg["messages"]
+        self.say(f"logs in {self.logdir}")
+        self.db = await BenchDatabase.create(self.args.database_url)
+        self.results["database"] = {"name": self.db.name, "embedded": self.db.embedded}
+        self.say(f"database {self.db.name}{' (embedded server)' if self.db.embedded else ''}")
+        self.tenant = await self.db.tenant("bench")
+        needs_fake = self.only & {"baseline", "ws", "sse", "scale"}
+        if needs_fake:
+            port = free_port()
+            self.fake = start_fake(port, cfg["delay_ms"], cfg["chunks"], self.logdir)
+            self.children.append(self.fake)
+            self.fake_url = f"http://127.0.0.1:{port}/v1"
+        if "baseline" in self.only:
+            await run_baseline(self.fake_url, 2, 2)  # warm-up
+            await self.measured("baseline", None, lambda: run_baseline(self.fake_url, n, m))
+            await self.measured("baseline_1", None, lambda: run_baseline(self.fake_url, 1, m))
+        gw_needed = self.only & {"ws", "sse", "idle", "slow-jobs"}
+        gw: Child | None = None
+        url = ""
+        if gw_needed:
+            gw, url = self.start_gateway(cfg["workers"])
+            self.say(f"gateway pid {gw.pid} on {url} ({cfg['workers']} worker(s))")
+        site = self.tenant.site_key
+        for transport, fn in (("ws", run_ws), ("sse", run_sse)):
+            if transport not in self.only:
+                continue
+            assert gw is not None
+            await fn(url, site, 2, 3)  # warm-up: policy compiled, pools filled, code paths hot
+            prof = self.start_profile(gw, transport) if self.args.profile else None
+            await self.measured(transport, gw, lambda fn=fn: fn(url, site, n, m))
+            if prof:
+                self.stop_profile(*prof)
+            await self.measured(transport + "_1", gw, lambda fn=fn: fn(url, site, 1, m))
+        if "idle" in self.only:
+            assert gw is not None
+            await self.run_idle(gw, url)
+        if "slow-jobs" in self.only:
+            await self.run_slow(gw, url)
+        if gw is not None:
+            gw.stop()
+        if ("scale" in self.only and not self.args.only) or (
+            self.args.only and "scale" in self.args.only
+        ):
+            await self.run_scale(url if "ws" in self.results["runs"] else None)
+
+    async def run_idle(self, gw: Child, url: str) -> None:
+        assert self.tenant is not None
+        k = self.cfg["idle"]
+        self.say(f"idle: opening {k} sockets")
+        r = await run_idle(url, self.tenant.site_key, gw, k)
+        per = r.rss_per_conn
+        self.results["idle"] = {
+            "requested": r.requested,
+            "held": r.held,
+            "failed": r.failed,
+            "first_error": r.first_error,
+            "rss_before_mb": r.rss_before / 2**20,
+            "rss_after_mb": r.rss_after / 2**20,
+            "rss_per_conn_kb": None if per is None else per / 1024,
+            "open_seconds": r.open_seconds,
+            "server_fds": r.fds_after,
+            "client_nofile": r.client_nofile,
+            "server_nofile": "raised to the hard limit by preexec_fn (ulimit -n)",
+        }
+        self.say(
+            f"idle: {r.held}/{k} held, {r.failed} failed, "
+            f"{'—' if per is None else f'{per / 1024:.1f}'} KB/conn, "
+            f"opened in {r.open_seconds:.1f} s"
+            + (f"; first error {r.first_error}" if r.first_error else "")
+        )
+
+    async def run_slow(self, gw: Child | None, url: str) -> None:
+        assert self.db is not None and self.tenant is not None
+        rows = self.cfg["retention_rows"]
+        self.say(f"slow jobs: retention over {rows:,} backdated messages")
+        ret = await run_retention_job(self.db, self.gateway_env(1), rows)
+        self.say(f"retention: {_brief(ret)}")
+        exp: dict[str, Any]
+        if gw is None:
+            exp = {"available": False, "reason": "no gateway running"}
+        else:
+            self.say(
+                f"slow jobs: export of a visitor with {self.cfg['export_messages']:,} messages"
+            )
+            exp = await run_export_job(
+                self.db, url, self.tenant.site_key, gw, self.master, self.cfg["export_messages"]
+            )
+        self.say(f"export: {_brief(exp)}")
+        self.results["slow_jobs"] = {"retention": ret, "export": exp}
+
+    async def run_scale(self, _url: str | None) -> None:
+        """ws throughput at N with 1 and with 2 workers (Redis), same load."""
+        n, m = self.cfg["sessions"], self.cfg["messages"]
+        if not _redis_up(self.args.redis_url):
+            self.results["scale"] = {"ratio": None, "reason": "Redis unreachable"}
+            self.say("scale: skipped, Redis unreachable")
+            return
+        assert self.tenant is not None
+        rates: dict[int, float] = {}
+        for w in (1, 2):
+            key = "ws" if w == self.cfg["workers"] else f"ws_workers{w}"
+            if key in self.results["runs"]:
+                rates[w] = self.results["runs"][key]["msgs_per_s"]
+                continue
+            gw, url = self.start_gateway(w, f"gateway_w{w}")
+            try:
+                await run_ws(url, self.tenant.site_key, 2 * w, 3)
+                stats = await self.measured(
+                    key, gw, lambda url=url: run_ws(url, self.tenant.site_key, n, m)
+                )  # type: ignore[union-attr]
+                rates[w] = stats.rate
+            finally:
+                gw.stop()
+        self.results["scale"] = {"w1": rates[1], "w2": rates[2],
+                                 "ratio": rates[2] / rates[1] if rates[1] else None}  # fmt: skip
+
+    def start_profile(self, gw: Child, name: str) -> tuple[subprocess.Popen[bytes], Path] | None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(spy).exists():
+            self.say("profile: py-spy not installed (.venv/bin/pip install py-spy)")
+            return None
+        out = self.args.out / f"{self.results['timestamp']}-{name}.collapsed"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pid = gw.serving_pids()[0]
+        proc = subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+             "--nonblocking", "-o", str(out), "--duration", "600"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1.0)
+        return proc, out
+
+    def stop_profile(self, proc: subprocess.Popen[bytes], out: Path) -> None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        self.results.setdefault("profiles", []).append(str(out))
+        self.say(f"profile: {out}")
+
+    async def close(self) -> None:
+        for c in reversed(self.children):
+            try:
+                c.stop()
+            except Exception as exc:  # keep tearing down
+                self.say(f"stopping {c.name}: {exc}")
+        if self.db is not None:
+            try:
+                await self.db.drop()
+            except Exception as exc:
+                self.say(f"could not drop {self.db.name}: {exc}")
+
+
+def _redis_up(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _ms(v: float | None) -> str:
+    return "    —" if v is None else f"{v:7.2f}ms"
+
+
+def _brief(d: dict[str, Any]) -> str:
+    if not d.get("available"):
+        return f"not available ({d.get('reason')})"
+    keep = (
+        "seconds",
+        "peak_rss_mb",
+        "server_peak_delta_mb",
+        "bytes",
+        "messages_in_export",
+        "after",
+    )
+    return ", ".join(f"{k}={d[k]:.2f}" if isinstance(d[k], float) else f"{k}={d[k]}"
+                     for k in keep if k in d)  # fmt: skip
+
+
+async def _main(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    runner = Runner(args, cfg)
+    t0 = time.perf_counter()
+    try:
+        await runner.run()
+    finally:
+        await runner.close()
+    res = runner.results
+    res["duration_s"] = round(time.perf_counter() - t0, 1)
+    res["targets"] = report.targets(res)
+    stem = args.out / res["timestamp"]
+    report.write(res, stem.with_suffix(".json"))
+    try:
+        report.chart(res, stem.with_suffix(".png"))
+        chart_note = f", {stem.with_suffix('.png')}"
+    except Exception as exc:  # a missing matplotlib must not lose the numbers
+        chart_note = f" (no chart: {exc})"
+    print()
+    print(report.table(res))
+    print()
+    print(report.targets_table(res["targets"]))
+    print(f"\nwrote {stem.with_suffix('.json')}{chart_note} in {res['duration_s']} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        sys.exit(asyncio.run(_main(args)))
+    except KeyboardInterrupt:
+        sys.exit(130)
