@@ -1,0 +1,230 @@
+"""GDPR/CCPA request intake, deadlines, admin workflow, restriction and objection."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway import metrics
+from gateway.provision import NewTenant
+from gateway.requests_api import refresh_overdue
+from tests.conftest import Gateway, chat, hello
+
+
+def session(token: str) -> dict[str, str]:
+    return {"Authorization": f"Session {token}"}
+
+
+def admin(t: NewTenant) -> dict[str, str]:
+    return {"Authorization": f"Bearer {t.admin_key}"}
+
+
+async def new_visitor(g: Gateway, t: NewTenant) -> tuple[Any, str]:
+    ws = await g.ws(t.site_key)
+    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    return ws, w["session_token"]
+
+
+async def post(g: Gateway, path: str, headers: dict[str, str], body: Any) -> tuple[int, Any]:
+    async with g.session.post(g.url(path), json=body, headers=headers) as r:
+        return r.status, await r.json()
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "days"),
+    [
+        ("/api/gdpr/request", "access", 30),
+        ("/api/gdpr/request", "erasure", 30),
+        ("/api/gdpr/request", "automated_decision", 30),
+        ("/api/privacy/ccpa/request", "know", 45),
+        ("/api/privacy/ccpa/request", "delete", 45),
+    ],
+    ids=["gdpr-access", "gdpr-erasure", "gdpr-automated", "ccpa-know", "ccpa-delete"],
+)
+async def test_deadlines_per_kind(
+    offline_gateway: Gateway, tenant: NewTenant, path: str, kind: str, days: int
+) -> None:
+    ws, token = await new_visitor(offline_gateway, tenant)
+    status, doc = await post(offline_gateway, path, session(token), {"kind": kind})
+    assert status == 201, doc
+    assert doc["kind"] == kind and doc["status"] == "received"
+    created = ts(doc["created_at"])
+    assert ts(doc["ack_due_at"]) - created == timedelta(hours=48)
+    assert ts(doc["due_at"]) - created == timedelta(days=days)
+    async with offline_gateway.session.get(
+        offline_gateway.url(f"/api/gdpr/request/{doc['id']}"), headers=session(token)
+    ) as r:
+        assert r.status == 200 and (await r.json())["id"] == doc["id"]
+    await ws.close()
+
+
+async def test_unknown_kind_and_foreign_request(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g = offline_gateway
+    ws1, t1 = await new_visitor(g, tenant)
+    ws2, t2 = await new_visitor(g, tenant)
+    status, _ = await post(g, "/api/gdpr/request", session(t1), {"kind": "know"})
+    assert status == 422
+    status, _ = await post(g, "/api/privacy/ccpa/request", session(t1), {"kind": "access"})
+    assert status == 422
+    _, doc = await post(g, "/api/gdpr/request", session(t1), {"kind": "access"})
+    async with g.session.get(g.url(f"/api/gdpr/request/{doc['id']}"), headers=session(t2)) as r:
+        assert r.status == 404
+    async with g.session.get(g.url("/api/gdpr/request/not-a-uuid"), headers=session(t2)) as r:
+        assert r.status == 404
+    await ws1.close()
+    await ws2.close()
+
+
+async def test_admin_workflow_and_extension_rules(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, gdpr = await post(g, "/api/gdpr/request", session(token), {"kind": "access"})
+    _, ccpa = await post(g, "/api/privacy/ccpa/request", session(token), {"kind": "know"})
+    base = "/api/admin/requests"
+    async with g.session.get(g.url(base), headers={"Authorization": "Bearer wrong"}) as r:
+        assert r.status == 401
+    async with g.session.get(g.url(base + "?status=received"), headers=admin(tenant)) as r:
+        listed = (await r.json())["requests"]
+    assert {x["id"] for x in listed} == {gdpr["id"], ccpa["id"]}
+    status, acked = await post(g, f"{base}/{gdpr['id']}/acknowledge", admin(tenant), {})
+    assert status == 200 and acked["status"] == "acknowledged" and acked["acknowledged_at"]
+    status, _ = await post(
+        g, f"{base}/{gdpr['id']}/extend", admin(tenant), {"days": 61, "reason": "x"}
+    )
+    assert status == 422
+    status, _ = await post(g, f"{base}/{gdpr['id']}/extend", admin(tenant), {"days": 30})
+    assert status == 422
+    status, ext = await post(
+        g, f"{base}/{gdpr['id']}/extend", admin(tenant), {"days": 60, "reason": "complex"}
+    )
+    assert status == 200
+    assert ts(ext["due_at"]) - ts(gdpr["due_at"]) == timedelta(days=60)
+    status, _ = await post(
+        g, f"{base}/{gdpr['id']}/extend", admin(tenant), {"days": 5, "reason": "again"}
+    )
+    assert status == 409
+    status, _ = await post(
+        g, f"{base}/{ccpa['id']}/extend", admin(tenant), {"days": 5, "reason": "ccpa"}
+    )
+    assert status == 422
+    status, done = await post(g, f"{base}/{gdpr['id']}/complete", admin(tenant), {})
+    assert status == 200 and done["status"] == "completed"
+    status, _ = await post(g, f"{base}/{ccpa['id']}/reject", admin(tenant), {})
+    assert status == 422
+    status, rej = await post(g, f"{base}/{ccpa['id']}/reject", admin(tenant), {"reason": "dup"})
+    assert status == 200 and rej["status"] == "rejected"
+    status, _ = await post(g, f"{base}/{ccpa['id']}/complete", admin(tenant), {})
+    assert status == 409
+    actions = [
+        r["action"]
+        for r in await owner_pool.fetch(
+            "SELECT action FROM audit_log WHERE tenant_id = $1 ORDER BY seq", tenant.tenant_id
+        )
+    ]
+    assert actions == [
+        "request.received",
+        "request.received",
+        "request.acknowledge",
+        "request.extend",
+        "request.complete",
+        "request.reject",
+    ]
+    await ws.close()
+
+
+async def test_overdue_gauge(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, app_pool: asyncpg.Pool
+) -> None:
+    ws, token = await new_visitor(offline_gateway, tenant)
+    _, doc = await post(offline_gateway, "/api/gdpr/request", session(token), {"kind": "access"})
+    before = await refresh_overdue(app_pool)
+    await owner_pool.execute(
+        "UPDATE privacy_requests SET due_at = now() - interval '1 day' WHERE request_id = $1::uuid",
+        doc["id"],
+    )
+    assert await refresh_overdue(app_pool) == before + 1
+    assert metrics.PRIVACY_REQUESTS_OVERDUE._value.get() == before + 1
+    async with offline_gateway.session.get(
+        offline_gateway.url("/api/admin/requests?status=overdue"), headers=admin(tenant)
+    ) as r:
+        assert [x["id"] for x in (await r.json())["requests"]] == [doc["id"]]
+    await ws.close()
+
+
+async def test_restriction_refuses_chat_at_once(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    assert (await chat(ws, "a", "before"))[-1]["type"] == "done"
+    status, _ = await post(
+        g, "/api/gdpr/request", session(w["session_token"]), {"kind": "restriction"}
+    )
+    assert status == 201
+    await ws.close()
+    ws = await g.ws(tenant.site_key)
+    await hello(ws, session_token=w["session_token"])
+    frames = await chat(ws, "b", "after")
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "consent_required"
+    # the data is kept: the export still has the earlier message
+    async with g.session.get(
+        g.url("/api/privacy/export"), headers=session(w["session_token"])
+    ) as r:
+        export = await r.json()
+    assert export["subject"]["restricted"] is True
+    assert any(m["text"] == "before" for m in export["conversations"][0]["messages"])
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [("/api/gdpr/request", "objection"), ("/api/privacy/ccpa/request", "opt_out")],
+    ids=["gdpr-objection", "ccpa-opt-out"],
+)
+async def test_objection_switches_tracking_off(
+    offline_gateway: Gateway, tenant: NewTenant, path: str, kind: str
+) -> None:
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"analytics": True, "marketing": True})
+    token = w["session_token"]
+    status, _ = await post(g, path, session(token), {"kind": kind, "details": "stop it"})
+    assert status == 201
+    async with g.session.get(g.url("/api/privacy/consent"), headers=session(token)) as r:
+        doc = await r.json()
+    assert doc["tracking_opt_out"] is True
+    assert doc["purposes"]["analytics"]["granted"] is False
+    assert doc["purposes"]["marketing"]["granted"] is False
+    assert {h["source"] for h in doc["history"] if not h["granted"]} == {"request"}
+    await ws.close()
+
+
+async def test_completing_an_erasure_request_erases(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(
+        g, "/api/gdpr/request", session(token), {"kind": "erasure", "details": "my name is X"}
+    )
+    status, done = await post(g, f"/api/admin/requests/{doc['id']}/complete", admin(tenant), {})
+    assert status == 200 and done["status"] == "completed"
+    row = await owner_pool.fetchrow(
+        "SELECT subject_id, details FROM privacy_requests WHERE request_id = $1::uuid", doc["id"]
+    )
+    assert row["subject_id"] is None and row["details"] is None
+    async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
+        assert r.status == 401
+    await ws.close()
