@@ -9,6 +9,7 @@ the policy keeps transcripts), and nothing is acknowledged that is not stored.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import uuid4
@@ -19,6 +20,7 @@ import orjson
 from gateway import metrics, protocol, store
 from gateway.crypto import CryptoError
 from gateway.db import tenant_tx
+from gateway.logs import log_secrets
 from gateway.protocol import ProtocolError
 from gateway.services import Services
 from gateway.upstream import UpstreamError
@@ -46,16 +48,19 @@ async def handle_message(svc: Services, v: Visitor, msg_id: str, text: str, emit
     """Carry one visitor message through every check to a `done` or a typed `error`."""
     cp = await svc.tenants.policy(v.tenant_id)
     outcome = "answered"
-    try:
-        await _checks(svc, v, cp, msg_id, text, emit)
-        await _exchange(svc, v, cp, msg_id, text, emit)
-    except ProtocolError as exc:
-        outcome = OUTCOME_BY_CODE.get(exc.code, "error")
-        if exc.id is None:
-            exc.id = msg_id
-        await emit(protocol.error_frame(exc))
-    finally:
-        metrics.count_message(outcome)
+    # should an exception or traceback ever carry the text, the log filter removes it
+    with log_secrets(text):
+        try:
+            await _checks(svc, v, cp, msg_id, text, emit)
+            await _exchange(svc, v, cp, msg_id, text, emit)
+        except ProtocolError as exc:
+            outcome = exc.outcome or OUTCOME_BY_CODE.get(exc.code, "other")
+            if exc.id is None:
+                exc.id = msg_id
+            metrics.count_error_frame(exc.code)
+            await emit(protocol.error_frame(exc))
+        finally:
+            metrics.count_message(outcome)
 
 
 OUTCOME_BY_CODE = {
@@ -66,7 +71,6 @@ OUTCOME_BY_CODE = {
     protocol.UPSTREAM_TIMEOUT: "upstream_error",
     protocol.UPSTREAM_REJECTED: "upstream_error",
     protocol.STORAGE_UNAVAILABLE: "storage_error",
-    protocol.INTERNAL: "redaction_failed",
 }
 
 
@@ -96,7 +100,10 @@ async def _checks(
         )
     if v.restricted:
         raise ProtocolError(
-            protocol.CONSENT_REQUIRED, "processing is restricted at your request", id=msg_id
+            protocol.CONSENT_REQUIRED,
+            "processing is restricted at your request",
+            id=msg_id,
+            outcome="restricted",
         )
     if len(text) > cp.policy.max_message_chars:
         raise ProtocolError(
@@ -118,7 +125,10 @@ async def _exchange(
         # fail closed: nothing leaves for the model when the rules could not run
         log.exception("redaction failed", extra={"tenant_id": str(v.tenant_id)})
         raise ProtocolError(
-            protocol.INTERNAL, "privacy rules could not be applied; nothing was sent", id=msg_id
+            protocol.INTERNAL,
+            "privacy rules could not be applied; nothing was sent",
+            id=msg_id,
+            outcome="redaction_failed",
         ) from None
     for entity, n in redacted.counts.items():
         metrics.count_redaction(entity, n)
@@ -252,10 +262,15 @@ async def _stream_reply(
     raw: list[str] = []
     config = await svc.upstream_for(v.tenant_id, cp)
     stream = svc.model.stream_chat(prompt, config=config)
+    started = time.perf_counter()
+    first = True
     try:
         # leaving this block early (visitor gone) closes the upstream request
         async with stream:
             async for piece in stream:
+                if first:
+                    metrics.UPSTREAM_TTFT.observe(time.perf_counter() - started)
+                    first = False
                 raw.append(piece)
                 out = restorer.feed(piece) if restorer else piece
                 if out:
@@ -263,9 +278,12 @@ async def _stream_reply(
                     await emit(protocol.delta(msg_id, out))
     except UpstreamError as exc:
         metrics.count_upstream_error(exc.kind)
+        log.warning("upstream failed", exc_info=True,
+                    extra={"tenant_id": str(v.tenant_id), "kind": exc.kind, "code": exc.code})
         raise ProtocolError(
             exc.code, UPSTREAM_MESSAGES[exc.code], id=msg_id, retry_after=exc.retry_after
         ) from None
+    metrics.UPSTREAM_DURATION.observe(time.perf_counter() - started)
     if restorer:
         tail = restorer.flush()
         if tail:

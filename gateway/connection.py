@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from gateway import chat, metrics, protocol, store
+from gateway.analytics import record_page_view
 from gateway.crypto import CryptoError
 from gateway.db import tenant_tx
 from gateway.protocol import Frame, ProtocolError
@@ -111,6 +112,7 @@ class Connection:
                 metrics.count_privacy_signal(signal)
         await self.send(welcome(self.visitor, cp))
         await self._ask_consent_if_needed()
+        await record_page_view(self.svc, self.visitor, data.get("context"), self.ctx.client)
 
     async def _ask_consent_if_needed(self) -> None:
         assert self.visitor is not None

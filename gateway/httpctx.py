@@ -6,7 +6,7 @@ from aiohttp import web
 
 from gateway.services import Services
 from gateway.visitor import RequestContext, today
-from policies import CompiledPolicy, anonymize_ip, client_ip, normalize_origin
+from policies import CompiledPolicy, anonymize_ip, client_ip, coarse_client, normalize_origin
 
 COOKIE = "omnigate_session"
 SIGNAL_HEADERS = ("DNT", "Sec-GPC")
@@ -47,7 +47,11 @@ def request_context(
     """Reduce a request to what the visitor logic may see."""
     signals = {h: request.headers[h] for h in SIGNAL_HEADERS if h in request.headers}
     return RequestContext(
-        anonymized_ip(request, svc, cp), signals, session_token_of(request), new_token
+        anonymized_ip(request, svc, cp),
+        signals,
+        session_token_of(request),
+        new_token,
+        coarse_client(request.headers.get("User-Agent")),
     )
 
 

@@ -47,7 +47,13 @@ class ProtocolError(Exception):
     """A typed failure answered to the client as an `error` frame."""
 
     def __init__(
-        self, code: str, message: str, *, id: str | None = None, retry_after: float | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        id: str | None = None,
+        retry_after: float | None = None,
+        outcome: str | None = None,
     ) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
@@ -55,6 +61,8 @@ class ProtocolError(Exception):
         self.message = message
         self.id = id
         self.retry_after = retry_after
+        # the message outcome for metrics when the code alone does not say it
+        self.outcome = outcome
 
 
 # Field specs: name -> (accepted types, required). bool is excluded from int on purpose.

@@ -1,0 +1,167 @@
+"""Inline enforcement end to end: what leaves for the model, what is stored, what is logged."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+
+import asyncpg
+import pytest
+
+from gateway.config import Settings
+from gateway.fake_upstream import FakeUpstream
+from gateway.logs import make_handler
+from gateway.provision import NewTenant
+from tests.conftest import Gateway, chat, hello, reply_text, start_gateway
+from tests.test_data_rules import dump_database
+
+CLIENT_IP = "203.0.113.77"
+PII = {
+    "email": "jane.doe@example.org",
+    "phone": "+44 20 7946 0958",
+    "card": "4111 1111 1111 1111",
+    "iban": "DE89 3704 0044 0532 0130 00",
+    "ip": "198.51.100.23",
+    "ssn": "123-45-6789",
+    "secret": "sk-proj-abcdefghijklmnopqrstuvwx1234",
+}
+TEXT = (
+    "Hi, I am Jane. Mail {email}, call {phone}, card {card}, IBAN {iban}, "
+    "my server {ip}, SSN {ssn}, key {secret}. Thanks!"
+).format(**PII)
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Every log line the gateway writes during the test, through the production handler."""
+    stream = io.StringIO()
+    handler = make_handler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old = root.level
+    root.setLevel(logging.DEBUG)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(old)
+
+
+@pytest.fixture
+async def proxied_gateway(
+    settings: Settings, fake: tuple[FakeUpstream, str]
+) -> AsyncIterator[Gateway]:
+    """The gateway behind a trusted proxy (loopback), talking to the fake upstream."""
+    from gateway.config import parse_networks
+
+    _, url = fake
+    s = replace(
+        settings,
+        openai_api_key="sk-test",
+        upstream_url=url,
+        first_token_timeout=2.0,
+        idle_timeout=2.0,
+        upstream_retries=0,
+        trusted_proxies=parse_networks("127.0.0.0/8"),
+    )
+    async for g in start_gateway(s):
+        yield g
+
+
+async def test_pii_never_leaves_and_reply_is_restored(
+    proxied_gateway: Gateway,
+    tenant: NewTenant,
+    fake: tuple[FakeUpstream, str],
+    owner_pool: asyncpg.Pool,
+    captured_logs: io.StringIO,
+) -> None:
+    upstream, _ = fake
+    headers = {"X-Forwarded-For": f"10.9.9.9, {CLIENT_IP}", "DNT": "1", "Sec-GPC": "1"}
+    ws = await proxied_gateway.ws(tenant.site_key, headers=headers)
+    welcome = await hello(
+        ws,
+        consent={"analytics": True, "marketing": True},
+        context={"page": "/pricing?email=jane.doe@example.org"},
+    )
+    assert welcome["policy"]["tracking"] == "off"  # DNT/GPC win over the grant
+    frames = await chat(ws, "m1", TEXT)
+    assert frames[-1]["type"] == "done", frames
+    assert reply_text(frames) == TEXT  # the echo comes back with placeholders restored
+
+    forwarded = upstream.requests[-1]["body"]["messages"][-1]["content"]
+    for value in PII.values():
+        assert value not in forwarded
+    for placeholder in (
+        "<EMAIL_1>",
+        "<PHONE_1>",
+        "<CREDIT_CARD_1>",
+        "<IBAN_1>",
+        "<IP_1>",
+        "<US_SSN_1>",
+        "<SECRET_1>",
+    ):
+        assert placeholder in forwarded
+
+    # the same value keeps its placeholder across messages
+    frames = await chat(ws, "m2", f"again: {PII['email']}")
+    assert upstream.requests[-1]["body"]["messages"][-1]["content"] == "again: <EMAIL_1>"
+    assert reply_text(frames) == f"again: {PII['email']}"
+
+    # an upstream failure that logs a traceback
+    upstream.queue("error", status=500)
+    frames = await chat(ws, "m3", f"{PII['email']} once more")
+    assert frames[-1]["code"] == "upstream_unavailable"
+    await ws.close()
+
+    row = await owner_pool.fetchrow(
+        "SELECT ip_anon, dnt, gpc FROM sessions WHERE conversation_id = $1::uuid",
+        welcome["conversation_id"],
+    )
+    assert dict(row) == {"ip_anon": "203.0.113.0", "dnt": True, "gpc": True}
+    events = await owner_pool.fetchval(
+        "SELECT count(*) FROM analytics_events WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert events == 0  # analytics consent granted, but DNT/GPC switch it off
+
+    dump = await dump_database(owner_pool)
+    logs = captured_logs.getvalue()
+    assert "upstream failed" in logs and "Traceback" in logs  # the failure was logged
+    for where, text in (("database", dump), ("logs", logs)):
+        assert CLIENT_IP not in text, where
+        assert welcome["session_token"] not in text, where
+        for value in PII.values():
+            assert value not in text, (where, value)
+        for word in ("Jane", "Thanks", "once more"):
+            assert word not in text, (where, word)
+
+
+async def test_analytics_event_kept_only_with_consent(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+) -> None:
+    ua = (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/124.0.0.0 Safari/537.36"
+    )
+    ctx = {"page": "/pricing?email=a@b.c#x", "referrer": "https://search.example/q?x=jane"}
+    ws = await offline_gateway.ws(tenant.site_key, headers={"User-Agent": ua})
+    await hello(ws, context=ctx)  # no analytics consent
+    await ws.close()
+    ws = await offline_gateway.ws(tenant.site_key, headers={"User-Agent": ua})
+    await hello(ws, consent={"analytics": True}, context=ctx)
+    await ws.close()
+    rows = await owner_pool.fetch(
+        "SELECT page_path, referrer_origin, browser_family, browser_major, device_class"
+        " FROM analytics_events WHERE tenant_id = $1",
+        tenant.tenant_id,
+    )
+    assert [dict(r) for r in rows] == [
+        {
+            "page_path": "/pricing",
+            "referrer_origin": "https://search.example",
+            "browser_family": "chrome",
+            "browser_major": 124,
+            "device_class": "desktop",
+        }
+    ]
