@@ -1,0 +1,59 @@
+"""The Redis client the gateway shares between its rate limiter and its event bus.
+
+Redis is an accelerator, never a dependency of answering: every caller catches
+`REDIS_ERRORS` and degrades. So the client fails fast (short socket timeouts,
+no retries inside redis-py) and the callers decide when to try again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+# A dead or partitioned Redis costs at most this per attempt (and attempts are rationed).
+SOCKET_TIMEOUT = 0.05
+CONNECT_TIMEOUT = 0.1
+# Idle pub/sub connections are pinged this often, so a silent partition is noticed.
+HEALTH_CHECK_INTERVAL = 5
+
+# Everything a Redis call can raise when Redis is away (builtin TimeoutError is an OSError).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
+
+
+def connect(url: str, **overrides: Any) -> Redis:
+    """A client for `url` with fail-fast timeouts; connects lazily on first use."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        # no hidden retry loops: one attempt, then the caller's fallback
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": "omnigate",
+    }
+    kwargs.update(overrides)
+    return Redis.from_url(url, **kwargs)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+async def ping(client: Redis) -> bool:
+    """Whether Redis answers now."""
+    try:
+        return bool(await client.ping())
+    except REDIS_ERRORS:
+        return False

@@ -1,0 +1,217 @@
+"""Rate limits: the local buckets, the shared Redis bucket, and the fallback between them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+
+from gateway.ratelimit import (
+    RATE_KEY_PREFIX,
+    FallbackRateLimiter,
+    LocalRateLimiter,
+    RedisRateLimiter,
+)
+from gateway.redisconn import connect, safe_url
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, to stop and restart on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="omnigate-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        self.proc = subprocess.Popen(  # noqa: S603 - our own fixed arguments
+            [binary, *args, "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A running private redis-server, stopped at the end."""
+    r = PrivateRedis()
+    r.start()
+    try:
+        yield r
+    finally:
+        r.cleanup()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A fail-fast client on the test Redis."""
+    r = connect(redis_url)
+    yield r
+    await r.aclose()
+
+
+def sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_local_bucket_burst_then_refill() -> None:
+    rl = LocalRateLimiter()
+    assert [rl.take("k", 3, 100.0) for _ in range(3)] == [None, None, None]
+    assert rl.take("k", 3, 100.0) == 20.0  # 3/min: one token every 20 s
+    assert rl.take("k", 3, 120.0) is None
+
+
+async def test_redis_bucket_exact(redis: Redis) -> None:
+    rl = RedisRateLimiter(redis)
+    key = f"test:{uuid.uuid4()}"
+    now = 1_000_000
+    assert [await rl.take(key, 5, now) for _ in range(5)] == [None] * 5
+    assert await rl.take(key, 5, now) == 12.0  # 5/min: one token per 12 s
+    assert await rl.take(key, 5, now + 6_000) == 6.0
+    assert await rl.take(key, 5, now + 12_000) is None  # refilled one token
+    assert await rl.take(key, 5, now + 12_000) is not None
+    # a minute idle: full burst again, never more
+    assert [await rl.take(key, 5, now + 200_000) for _ in range(6)].count(None) == 5
+    ttl = await redis.pttl(RATE_KEY_PREFIX + key)
+    assert 0 < ttl <= 61_000
+
+
+async def test_redis_bucket_refills_in_real_time(redis: Redis) -> None:
+    rl = RedisRateLimiter(redis)
+    key = f"test:{uuid.uuid4()}"
+    allowed = [await rl.hit(key, 120) for _ in range(121)]
+    assert allowed.count(None) == 120
+    wait = allowed[-1]
+    assert wait is not None and 0 < wait <= 0.5
+    await asyncio.sleep(wait + 0.05)
+    assert await rl.hit(key, 120) is None
+
+
+async def test_redis_bucket_is_shared_and_atomic(redis_url: str) -> None:
+    # generous timeouts: this is about atomicity, not about a cold pool's connect burst
+    clients = [connect(redis_url, socket_connect_timeout=2, socket_timeout=2) for _ in range(3)]
+    try:
+        limiters = [RedisRateLimiter(c) for c in clients]
+        key = f"test:{uuid.uuid4()}"
+        results = await asyncio.gather(*(limiters[i % 3].hit(key, 20) for i in range(60)))
+        assert results.count(None) == 20
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_fallback_when_redis_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+    dead = connect(f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    rl = FallbackRateLimiter(RedisRateLimiter(dead), LocalRateLimiter(), retry_after=60)
+    before = sample("omnigate_ratelimit_fallback_total")
+    caplog.set_level(logging.WARNING, "omnigate.ratelimit")
+    try:
+        t0 = time.monotonic()
+        results = [await rl.hit("k", 3) for _ in range(50)]
+        elapsed = time.monotonic() - t0
+    finally:
+        await dead.aclose()
+    assert results[:3] == [None] * 3 and all(r is not None for r in results[3:])
+    assert elapsed < 0.5  # one failed attempt, then local decisions only
+    assert rl.degraded
+    assert sample("omnigate_ratelimit_fallback_total") - before == 50
+    assert sample("omnigate_redis_up") == 0
+    warnings = [r for r in caplog.records if r.name == "omnigate.ratelimit"]
+    assert [r.getMessage() for r in warnings] == ["redis unavailable, rate limits are per-process"]
+    assert "hunter2" not in caplog.text and "127.0.0.1" not in caplog.text
+
+
+async def test_fallback_recovers_when_redis_returns(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "omnigate.ratelimit")
+    client = connect(private_redis.url)
+    rl = FallbackRateLimiter(RedisRateLimiter(client), LocalRateLimiter(), retry_after=0.3)
+    try:
+        assert await rl.hit("a", 10) is None
+        assert await client.exists(RATE_KEY_PREFIX + "a") == 1
+        private_redis.stop()
+        assert await rl.hit("b", 10) is None  # answered locally
+        assert rl.degraded and sample("omnigate_redis_up") == 0
+        for _ in range(5):
+            await rl.hit("b", 10)  # within the back-off: no further attempts, no more logs
+        private_redis.start()
+        await asyncio.sleep(0.35)
+        assert await rl.hit("c", 10) is None
+        assert not rl.degraded and sample("omnigate_redis_up") == 1
+        assert await client.exists(RATE_KEY_PREFIX + "c") == 1
+    finally:
+        await client.aclose()
+    messages = [r.getMessage() for r in caplog.records if r.name == "omnigate.ratelimit"]
+    assert messages == [
+        "redis unavailable, rate limits are per-process",
+        "redis reachable again, rate limits are shared",
+    ]
+
+
+async def test_hanging_redis_costs_one_short_timeout(private_redis: PrivateRedis) -> None:
+    client = connect(private_redis.url)
+    rl = FallbackRateLimiter(RedisRateLimiter(client), LocalRateLimiter(), retry_after=5)
+    assert private_redis.proc is not None
+    try:
+        await client.ping()  # connected before Redis stalls
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert await rl.hit(f"test:{uuid.uuid4()}", 10) is None
+        elapsed = time.monotonic() - t0
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+        await client.aclose()
+    assert rl.degraded
+    assert elapsed < 0.25, elapsed
+
+
+def test_safe_url_hides_password() -> None:
+    assert safe_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert safe_url("rediss://u:s3cret@h/1") == "rediss://u:***@h/1"
+    assert safe_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert "s3cret" not in safe_url(os.environ.get("X", "redis://a:s3cret@b"))
