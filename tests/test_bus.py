@@ -1,0 +1,205 @@
+"""The Redis event bus: delivery to every process, once, and recovery after outages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from gateway import bus
+from gateway.bus import RedisBus
+from gateway.redisconn import connect
+from tests.test_ratelimit import PrivateRedis, private_redis  # noqa: F401 - fixture
+
+Seen = list[tuple[str, dict[str, Any]]]
+
+
+def recorder(b: RedisBus, seen: Seen) -> None:
+    """Record every event kind delivered to `b`."""
+    for kind in (bus.POLICY_CHANGED, bus.SUBJECT_ERASED, bus.KEYS_ROTATED):
+
+        async def handler(payload: dict[str, Any], kind: str = kind) -> None:
+            seen.append((kind, payload))
+
+        b.subscribe(kind, handler)
+
+
+async def until(cond: Any, timeout: float = 1.0) -> None:  # noqa: ASYNC109
+    """Wait for `cond()` to be true, polling."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def channel() -> str:
+    """A channel of the test's own, so concurrent runs never cross."""
+    return f"og:bus:test:{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+async def pair(redis_url: str, channel: str) -> AsyncIterator[tuple[RedisBus, RedisBus]]:
+    """Two started buses, as two processes would hold them."""
+    clients = [connect(redis_url), connect(redis_url)]
+    buses = (RedisBus(clients[0], channel), RedisBus(clients[1], channel))
+    for b in buses:
+        await b.start()
+    yield buses
+    for b in buses:
+        await b.close()
+    for c in clients:
+        await c.aclose()
+
+
+async def test_delivers_everywhere_once(pair: tuple[RedisBus, RedisBus]) -> None:
+    a, b = pair
+    seen_a: Seen = []
+    seen_b: Seen = []
+    recorder(a, seen_a)
+    recorder(b, seen_b)
+    tenant = str(uuid.uuid4())
+    await a.publish(bus.POLICY_CHANGED, {"tenant_id": tenant})
+    assert seen_a == [(bus.POLICY_CHANGED, {"tenant_id": tenant})]  # before publish returned
+    await until(lambda: seen_b)
+    assert seen_b == [(bus.POLICY_CHANGED, {"tenant_id": tenant})]
+    await b.publish(bus.KEYS_ROTATED, {})
+    await until(lambda: len(seen_a) == 2)
+    await asyncio.sleep(0.2)  # nothing comes twice
+    assert seen_a == [(bus.POLICY_CHANGED, {"tenant_id": tenant}), (bus.KEYS_ROTATED, {})]
+    assert seen_b == [(bus.POLICY_CHANGED, {"tenant_id": tenant}), (bus.KEYS_ROTATED, {})]
+
+
+async def test_malformed_messages_are_ignored(
+    pair: tuple[RedisBus, RedisBus], redis_url: str, channel: str
+) -> None:
+    a, _ = pair
+    seen: Seen = []
+    recorder(a, seen)
+    raw = Redis.from_url(redis_url)
+    try:
+        await raw.publish(channel, b"not json")
+        await raw.publish(channel, orjson.dumps({"kind": "policy"}))
+        await raw.publish(
+            channel, orjson.dumps({"kind": "erase", "payload": {"x": 1}, "origin": "elsewhere"})
+        )
+    finally:
+        await raw.aclose()
+    await until(lambda: seen)
+    assert seen == [(bus.SUBJECT_ERASED, {"x": 1})]
+
+
+async def test_reconnects_invalidates_and_resends(
+    private_redis: PrivateRedis,  # noqa: F811
+) -> None:
+    clients = [connect(private_redis.url), connect(private_redis.url)]
+    a = RedisBus(clients[0], reconnect_delay=0.1)
+    b = RedisBus(clients[1], reconnect_delay=0.1)
+    seen_a: Seen = []
+    seen_b: Seen = []
+    recorder(a, seen_a)
+    recorder(b, seen_b)
+    try:
+        await a.start()
+        await b.start()
+        assert a.connected.is_set() and b.connected.is_set()
+        private_redis.stop()
+        await until(lambda: not b.connected.is_set())
+        # published while Redis is away: local at once, queued for the others
+        await a.publish(bus.SUBJECT_ERASED, {"tenant_id": "t", "subject_id": "s"})
+        assert seen_a == [(bus.SUBJECT_ERASED, {"tenant_id": "t", "subject_id": "s"})]
+        private_redis.start()
+        await until(lambda: a.connected.is_set() and b.connected.is_set(), timeout=3)
+        # everything cached may be stale: all policies and data keys forgotten
+        await until(lambda: (bus.SUBJECT_ERASED, {"tenant_id": "t", "subject_id": "s"}) in seen_b)
+        assert (bus.POLICY_CHANGED, {"tenant_id": None}) in seen_b
+        assert (bus.KEYS_ROTATED, {}) in seen_b
+        assert (bus.POLICY_CHANGED, {"tenant_id": None}) in seen_a
+        await b.publish(bus.KEYS_ROTATED, {"after": True})
+        await until(lambda: (bus.KEYS_ROTATED, {"after": True}) in seen_a)
+    finally:
+        await a.close()
+        await b.close()
+        for c in clients:
+            await c.aclose()
+
+
+async def test_starts_without_redis_and_catches_up(
+    private_redis: PrivateRedis,  # noqa: F811
+) -> None:
+    private_redis.stop()
+    client = connect(private_redis.url)
+    b = RedisBus(client, reconnect_delay=0.1)
+    seen: Seen = []
+    recorder(b, seen)
+    try:
+        await b.start(wait=0.2)  # does not fail start-up
+        assert not b.connected.is_set()
+        private_redis.start()
+        await until(lambda: b.connected.is_set(), timeout=3)
+        await until(lambda: (bus.POLICY_CHANGED, {"tenant_id": None}) in seen)
+    finally:
+        await b.close()
+        await client.aclose()
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from gateway import bus
+    from gateway.bus import RedisBus
+    from gateway.redisconn import connect
+
+    async def main(url, channel):
+        b = RedisBus(connect(url), channel)
+        done = asyncio.Event()
+
+        async def on_policy(payload):
+            await b.publish(bus.KEYS_ROTATED, {"echo": payload["tenant_id"]})
+            done.set()
+
+        b.subscribe(bus.POLICY_CHANGED, on_policy)
+        await b.start()
+        print("ready", flush=True)
+        await asyncio.wait_for(done.wait(), 10)
+        await b.close()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+async def test_two_real_processes(redis_url: str, channel: str) -> None:
+    client = connect(redis_url)
+    b = RedisBus(client, channel)
+    seen: Seen = []
+    recorder(b, seen)
+    await b.start()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, redis_url, channel, stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert line.strip() == b"ready"
+        tenant = str(uuid.uuid4())
+        await b.publish(bus.POLICY_CHANGED, {"tenant_id": tenant})
+        await until(lambda: (bus.KEYS_ROTATED, {"echo": tenant}) in seen, timeout=1.0)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await b.close()
+        await client.aclose()
