@@ -1,0 +1,124 @@
+"""Retention over backdated rows: deletion, anonymization, IP clearing, analytics rollup."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import asyncpg
+
+from gateway.provision import NewTenant
+from gateway.retention import KINDS, LEADER_LOCK, run_retention
+from tests.conftest import Gateway, chat, hello
+
+CONSENT = {"conversation_storage": True, "ai_processing": True}
+
+
+async def chatted(g: Gateway, t: NewTenant, text: str) -> dict[str, str]:
+    ws = await g.ws(t.site_key)
+    w = await hello(ws, consent=CONSENT)
+    assert (await chat(ws, "m", text))[-1]["type"] == "done"
+    await ws.close()
+    return w
+
+
+async def test_retention_pass(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    old = await chatted(offline_gateway, tenant, "old words")
+    idle = await chatted(offline_gateway, tenant, "idle visitor")
+    fresh = await chatted(offline_gateway, tenant, "fresh words")
+    tid = tenant.tenant_id
+    old_c, idle_c, fresh_c = (UUID(w["conversation_id"]) for w in (old, idle, fresh))
+    ago = "now() - interval '100 days'"
+    await owner_pool.execute(
+        f"UPDATE messages SET created_at = {ago} WHERE conversation_id = $1", old_c
+    )
+    await owner_pool.execute(
+        f"UPDATE conversations SET started_at = {ago}, last_message_at = {ago}"
+        " WHERE conversation_id = $1",
+        old_c,
+    )
+    await owner_pool.execute(
+        f"UPDATE sessions SET last_seen_at = {ago}, expires_at = now() - interval '1 day'"
+        " WHERE conversation_id = $1",
+        old_c,
+    )
+    # a session still valid but last seen long ago: its anonymized IP goes, it stays
+    await owner_pool.execute(
+        f"UPDATE sessions SET last_seen_at = {ago}, ip_anon = '192.0.2.0'"
+        " WHERE conversation_id = $1",
+        idle_c,
+    )
+    subject = await owner_pool.fetchval(
+        "SELECT subject_id FROM conversations WHERE conversation_id = $1", fresh_c
+    )
+    await owner_pool.executemany(
+        "INSERT INTO analytics_events (tenant_id, subject_id, occurred_at, page_path,"
+        " browser_family, device_class)"
+        " VALUES ($1, $2, $3::text::timestamptz, '/p', 'firefox', 'desktop')",
+        [
+            (tid, subject, "2020-03-01T10:00:00Z"),
+            (tid, subject, "2020-03-01T18:00:00Z"),
+            (tid, subject, "2020-03-02T09:00:00Z"),
+        ],
+    )
+    await owner_pool.execute(
+        "INSERT INTO analytics_events (tenant_id, subject_id) VALUES ($1, $2)", tid, subject
+    )
+
+    summary = await run_retention(app_pool, batch=2)
+    assert summary["leader"] is True
+    assert summary["messages_deleted"] >= 2
+    assert summary["analytics_events_aggregated"] >= 3
+
+    conv = await owner_pool.fetchrow(
+        "SELECT * FROM conversations WHERE conversation_id = $1", old_c
+    )
+    assert conv is not None, "the anonymized conversation remains"
+    assert conv["subject_id"] is None and conv["redaction_sealed"] is None
+    assert conv["anonymized_at"] is not None and conv["message_count"] == 2
+    count = "SELECT count(*) FROM {} WHERE conversation_id = $1"
+    assert await owner_pool.fetchval(count.format("messages"), old_c) == 0
+    assert await owner_pool.fetchval(count.format("sessions"), old_c) == 0
+    assert await owner_pool.fetchval(count.format("messages"), fresh_c) == 2
+    assert await owner_pool.fetchval(count.format("messages"), idle_c) == 2
+    idle_s = await owner_pool.fetchrow("SELECT * FROM sessions WHERE conversation_id = $1", idle_c)
+    assert idle_s is not None and idle_s["ip_anon"] is None
+    fresh_s = await owner_pool.fetchrow(
+        "SELECT * FROM sessions WHERE conversation_id = $1", fresh_c
+    )
+    assert fresh_s is not None
+    daily = {
+        (str(r["day"]), r["events"])
+        for r in await owner_pool.fetch(
+            "SELECT day, events FROM analytics_daily WHERE tenant_id = $1", tid
+        )
+    }
+    assert daily == {("2020-03-01", 2), ("2020-03-02", 1)}
+    assert (
+        await owner_pool.fetchval("SELECT count(*) FROM analytics_events WHERE tenant_id = $1", tid)
+        == 1
+    )
+
+    again = await run_retention(app_pool)
+    assert all(again[k] == 0 for k in KINDS), again
+    assert (
+        await owner_pool.fetchval(
+            "SELECT sum(events) FROM analytics_daily WHERE tenant_id = $1", tid
+        )
+        == 3
+    )
+
+
+async def test_one_leader_at_a_time(app_pool: asyncpg.Pool, owner_pool: asyncpg.Pool) -> None:
+    async with owner_pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", LEADER_LOCK)
+        try:
+            summary = await run_retention(app_pool)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", LEADER_LOCK)
+    assert summary["leader"] is False
+    assert (await run_retention(app_pool))["leader"] is True
