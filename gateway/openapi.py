@@ -284,6 +284,73 @@ _WIDGET_PATHS: dict[str, dict[str, Operation]] = {
     },
 }
 
+
+def _visitor(summary: str, ok: dict[str, Any] | None = None) -> Operation:
+    """A visitor privacy operation, authenticated by the session (cookie or header)."""
+    return {
+        "tags": ["privacy"],
+        "summary": summary,
+        "security": [{"session": []}],
+        "responses": {
+            "200": ok or _json({"type": "object"}),
+            "401": _err("No valid session"),
+        },
+    }
+
+
+def _static(summary: str, media: str) -> Operation:
+    return _simple("widget", summary, {"description": "OK", "content": {media: {"schema": S}}})
+
+
+# Summaries of routes owned by the privacy and widget modules; their owners may
+# refine them with describe() from their own setup_routes.
+_PRIVACY_PATHS: dict[str, dict[str, Operation]] = {
+    "/api/privacy/consent": {
+        "get": _visitor("The visitor's current consent per purpose"),
+        "post": _visitor("Grant or revoke purposes"),
+    },
+    "/api/privacy/export": {"get": _visitor("Everything held about the visitor, as JSON")},
+    "/api/privacy/delete": {
+        "post": _visitor("Erase the visitor now; returns a signed certificate")
+    },
+    "/api/privacy/certificate-key": {
+        "get": _simple(
+            "privacy", "Public key that verifies deletion certificates", _json({"type": "object"})
+        )
+    },
+    "/api/gdpr/request": {
+        "post": _visitor("File a GDPR request (acknowledged in 48 h, due in 30 days)")
+    },
+    "/api/gdpr/request/{id}": {"get": _visitor("Status of a GDPR or CCPA request")},
+    "/api/privacy/ccpa/request": {"post": _visitor("File a CCPA request (due in 45 days)")},
+    "/.well-known/gpc.json": {
+        "get": _simple("privacy", "Global Privacy Control support", _json(_obj(gpc=B)))
+    },
+    "/api/admin/requests": {
+        "get": _admin("Privacy requests of the tenant, with deadlines", _json({"type": "object"}))
+    },
+    "/api/admin/requests/{id}/{action}": {
+        "post": _admin(
+            "Acknowledge, extend, complete or reject a privacy request",
+            _json({"type": "object"}),
+            params=[
+                _p("id", "request id"),
+                {
+                    "name": "action",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"enum": ["acknowledge", "extend", "complete", "reject"]},
+                },
+            ],
+            errors=("404", "409", "422"),
+        )
+    },
+    "/widget.js": {"get": _static("The embeddable widget script", "text/javascript")},
+    "/widget.css": {"get": _static("The widget's stylesheet", "text/css")},
+    "/demo": {"get": _static("Demo page embedding the widget", "text/html")},
+    "/demo.css": {"get": _static("The demo page's stylesheet", "text/css")},
+}
+
 _OPS_PATHS: dict[str, dict[str, Operation]] = {
     "/healthz": {"get": _simple("operations", "The process answers", _json(_obj(status=S)))},
     "/readyz": {
@@ -311,7 +378,7 @@ _OPS_PATHS: dict[str, dict[str, Operation]] = {
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document."""
     paths: dict[str, dict[str, Operation]] = {}
-    for group in (_WIDGET_PATHS, _OPS_PATHS, _ADMIN_PATHS, _EXTRA):
+    for group in (_WIDGET_PATHS, _OPS_PATHS, _PRIVACY_PATHS, _ADMIN_PATHS, _EXTRA):
         for path, ops in group.items():
             paths.setdefault(path, {}).update(ops)
     return {

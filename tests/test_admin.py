@@ -51,8 +51,14 @@ async def test_auth_failures_are_401(
 
 
 async def test_revoked_key_is_401_at_once(offline_gateway: Gateway, tenant: NewTenant) -> None:
-    status, created = await call(offline_gateway, "POST", "/api/admin/keys", tenant.admin_key, {"label": "ci"})
-    assert status == 201 and created["key"].startswith("ak_") and created["last4"] == created["key"][-4:]
+    status, created = await call(
+        offline_gateway, "POST", "/api/admin/keys", tenant.admin_key, {"label": "ci"}
+    )
+    assert (
+        status == 201
+        and created["key"].startswith("ak_")
+        and created["last4"] == created["key"][-4:]
+    )
     second = created["key"]
     assert (await call(offline_gateway, "GET", "/api/admin/policy", second))[0] == 200
     status, listed = await call(offline_gateway, "GET", "/api/admin/keys", tenant.admin_key)
@@ -92,11 +98,15 @@ async def test_other_tenant_objects_are_404(
     status, body = await call(gateway, "GET", f"/api/admin/conversations/{cid}", other.admin_key)
     assert status == 404 and body["error"]["code"] == "not_found"
     for bad in ("not-a-uuid", "123", str(uuid.uuid4())):
-        status, body = await call(gateway, "GET", f"/api/admin/conversations/{bad}", tenant.admin_key)
+        status, body = await call(
+            gateway, "GET", f"/api/admin/conversations/{bad}", tenant.admin_key
+        )
         assert status == 404 and body["error"]["code"] == "not_found", bad
     # another tenant's keys cannot be revoked either, and say nothing about existence
     _, keys = await call(gateway, "GET", "/api/admin/keys", tenant.admin_key)
-    status, _ = await call(gateway, "DELETE", f"/api/admin/keys/{keys['keys'][0]['id']}", other.admin_key)
+    status, _ = await call(
+        gateway, "DELETE", f"/api/admin/keys/{keys['keys'][0]['id']}", other.admin_key
+    )
     assert status == 404
     _, sites = await call(gateway, "GET", "/api/admin/site-keys", other.admin_key)
     assert len(sites["keys"]) == 1
@@ -148,7 +158,9 @@ async def test_invalid_policy_is_422_with_every_field(
 async def test_history_records_who_and_what(
     offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
 ) -> None:
-    await call(offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": 30})
+    await call(
+        offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": 30}
+    )
     await call(
         offline_gateway,
         "PUT",
@@ -185,7 +197,9 @@ async def test_history_records_who_and_what(
 async def test_concurrent_puts_never_overwrite(offline_gateway: Gateway, tenant: NewTenant) -> None:
     results = await asyncio.gather(
         *(
-            call(offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": d})
+            call(
+                offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": d}
+            )
             for d in (10, 20, 30, 40)
         )
     )
@@ -202,12 +216,20 @@ async def test_if_match_guards_against_lost_updates(
     offline_gateway: Gateway, tenant: NewTenant
 ) -> None:
     status, body = await call(
-        offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": 5},
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        {"retention_days": 5},
         headers={"If-Match": '"7"'},
     )
     assert status == 409 and body["error"]["version"] == 1
     status, _ = await call(
-        offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": 5},
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        {"retention_days": 5},
         headers={"If-Match": '"1"'},
     )
     assert status == 200
@@ -227,7 +249,12 @@ async def test_site_keys_create_and_revoke(offline_gateway: Gateway, tenant: New
     assert status == 200 and revoked["revoked_at"]
     async with offline_gateway.session.get(
         offline_gateway.url(f"/v1/widget/ws?site={created['key']}"),
-        headers={"Origin": ORIGIN, "Connection": "Upgrade", "Upgrade": "websocket",
-                 "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+        headers={
+            "Origin": ORIGIN,
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
     ) as r:
         assert r.status == 403

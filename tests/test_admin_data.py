@@ -1,0 +1,290 @@
+"""Admin API data: conversation paging, audited transcript reads, audit verify, BYO upstream."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway import admin_tenant
+from gateway.admin_data import decode_cursor, encode_cursor
+from gateway.config import Settings
+from gateway.fake_upstream import FakeUpstream
+from gateway.provision import NewTenant, create_tenant
+from tests.conftest import ORIGIN, Gateway, chat, hello, reply_text, start_gateway
+from tests.test_admin import call
+
+
+async def _conversation(gw: Gateway, site_key: str, text: str) -> str:
+    ws = await gw.ws(site_key)
+    welcome = await hello(ws, consent={"conversation_storage": True})
+    frames = await chat(ws, "m", text)
+    assert frames[-1]["type"] == "done", frames
+    await ws.close()
+    return str(welcome["conversation_id"])
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    from datetime import UTC, datetime
+
+    at, cid = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC), uuid.uuid4()
+    assert decode_cursor(encode_cursor(at, cid)) == (at, cid)
+
+
+async def test_conversations_paginate_with_cursor(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    ids = [await _conversation(offline_gateway, tenant.site_key, f"hello {i}") for i in range(5)]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        q = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        status, page = await call(
+            offline_gateway, "GET", "/api/admin/conversations", tenant.admin_key, params=q
+        )
+        assert status == 200, page
+        pages += 1
+        for c in page["conversations"]:
+            assert set(c) == {"id", "started_at", "last_message_at", "message_count", "anonymized"}
+            assert c["message_count"] == 2 and c["anonymized"] is False
+            seen.append(c["id"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert sorted(seen) == sorted(ids) and len(set(seen)) == 5
+    assert seen == list(reversed(ids))  # newest activity first
+    # since/until filter on last activity
+    last = await owner_pool.fetchval(
+        "SELECT last_message_at FROM conversations WHERE conversation_id = $1", uuid.UUID(ids[-1])
+    )
+    status, page = await call(
+        offline_gateway,
+        "GET",
+        "/api/admin/conversations",
+        tenant.admin_key,
+        params={"since": last.isoformat()},
+    )
+    assert [c["id"] for c in page["conversations"]] == [ids[-1]]
+    status, page = await call(
+        offline_gateway,
+        "GET",
+        "/api/admin/conversations",
+        tenant.admin_key,
+        params={"until": last.isoformat()},
+    )
+    assert len(page["conversations"]) == 4
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": "0"},
+        {"limit": "101"},
+        {"limit": "x"},
+        {"cursor": "!!!"},
+        {"since": "yesterday"},
+        {"since": "2024-01-01T00:00:00"},
+    ],
+    ids=["zero", "too-many", "nan", "bad-cursor", "bad-since", "naive-since"],
+)
+async def test_conversation_list_rejects_bad_params(
+    offline_gateway: Gateway, tenant: NewTenant, params: dict[str, str]
+) -> None:
+    status, body = await call(
+        offline_gateway, "GET", "/api/admin/conversations", tenant.admin_key, params=params
+    )
+    assert status == 400 and body["error"]["code"] == "bad_request"
+
+
+async def test_transcript_read_is_audited_and_chain_verifies_until_tampered(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    cid = await _conversation(offline_gateway, tenant.site_key, "my order is late")
+    status, tr = await call(
+        offline_gateway, "GET", f"/api/admin/conversations/{cid}", tenant.admin_key
+    )
+    assert status == 200
+    assert [(m["role"], m["text"]) for m in tr["messages"]] == [
+        ("user", "my order is late"),
+        ("assistant", "my order is late"),
+    ]
+    status, log = await call(offline_gateway, "GET", "/api/admin/audit", tenant.admin_key)
+    assert status == 200
+    (entry,) = log["entries"]
+    assert entry["action"] == "conversation.read" and entry["target"] == f"conversation:{cid}"
+    assert entry["actor"].startswith("admin:")
+    status, ver = await call(offline_gateway, "GET", "/api/admin/audit/verify", tenant.admin_key)
+    assert ver == {"ok": True, "broken_at": None, "checked": 1}
+    await call(offline_gateway, "GET", f"/api/admin/conversations/{cid}", tenant.admin_key)
+    await owner_pool.execute(
+        "UPDATE audit_log SET action = 'nothing.happened' WHERE tenant_id = $1 AND seq = 1",
+        tenant.tenant_id,
+    )
+    status, ver = await call(offline_gateway, "GET", "/api/admin/audit/verify", tenant.admin_key)
+    assert status == 200 and ver["ok"] is False and ver["broken_at"] == 1
+
+
+async def test_audit_pages_back(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    for d in (10, 20, 30):
+        await call(
+            offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": d}
+        )
+    status, first = await call(
+        offline_gateway, "GET", "/api/admin/audit", tenant.admin_key, params={"limit": "2"}
+    )
+    assert [e["seq"] for e in first["entries"]] == [3, 2] and first["next_before"] == 2
+    _, rest = await call(
+        offline_gateway,
+        "GET",
+        "/api/admin/audit",
+        tenant.admin_key,
+        params={"limit": "2", "before": "2"},
+    )
+    assert [e["seq"] for e in rest["entries"]] == [1] and rest["next_before"] is None
+
+
+# --- bring-your-own upstream -----------------------------------------------------
+
+
+@pytest.fixture
+def allow_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake upstream is plain http on loopback."""
+    monkeypatch.setattr(admin_tenant, "ALLOW_HTTP", True)
+
+
+async def _byo_flow(
+    gw: Gateway, app_pool: asyncpg.Pool, fake: FakeUpstream, url: str, online: bool
+) -> None:
+    a = await create_tenant(app_pool, f"a-{uuid.uuid4().hex[:8]}", [ORIGIN])
+    b = await create_tenant(app_pool, f"b-{uuid.uuid4().hex[:8]}", [ORIGIN])
+    secret = "sk-tenant-a-" + uuid.uuid4().hex
+    status, put = await call(
+        gw,
+        "PUT",
+        "/api/admin/upstream",
+        a.admin_key,
+        {"api_key": secret, "base_url": url, "model": "tenant-a-model"},
+    )
+    assert status == 200, put
+    assert put == {
+        "configured": True,
+        "base_url": url,
+        "model": "tenant-a-model",
+        "api_key_last4": secret[-4:],
+    }
+    status, got = await call(gw, "GET", "/api/admin/upstream", a.admin_key)
+    assert got == put and secret not in str(got)
+    status, got_b = await call(gw, "GET", "/api/admin/upstream", b.admin_key)
+    assert got_b["configured"] is False
+
+    fake.requests.clear()
+    ws = await gw.ws(a.site_key)
+    await hello(ws)
+    frames = await chat(ws, "1", "hi from a")
+    assert reply_text(frames) == "hi from a", frames
+    (req,) = fake.requests
+    assert req["authorization"] is True and req["path"] == "/v1/chat/completions"
+    assert req["body"]["model"] == "tenant-a-model"
+    await ws.close()
+
+    # reverting takes effect on the next message, via the bus
+    status, _ = await call(gw, "DELETE", "/api/admin/upstream", a.admin_key)
+    assert status == 200
+    status, got = await call(gw, "GET", "/api/admin/upstream", a.admin_key)
+    assert got["configured"] is False
+    fake.requests.clear()
+    ws = await gw.ws(a.site_key)
+    await hello(ws)
+    assert reply_text(await chat(ws, "2", "back to default")) == "back to default"
+    await ws.close()
+    if online:
+        assert [r["body"]["model"] for r in fake.requests] == ["gpt-4o-mini"]
+    else:
+        assert fake.requests == []  # the offline model answered
+
+    _, log = await call(gw, "GET", "/api/admin/audit", a.admin_key)
+    assert [e["action"] for e in log["entries"]] == ["upstream.delete", "upstream.set"]
+    assert secret not in str(log)
+
+
+async def test_byo_upstream_on_an_offline_gateway(
+    settings: Settings, app_pool: asyncpg.Pool, fake: tuple[FakeUpstream, str], allow_http: None
+) -> None:
+    upstream, url = fake
+    async for gw in start_gateway(settings):
+        await _byo_flow(gw, app_pool, upstream, url, online=False)
+
+
+async def test_byo_upstream_beside_the_gateway_default(
+    gateway: Gateway, app_pool: asyncpg.Pool, fake: tuple[FakeUpstream, str], allow_http: None
+) -> None:
+    upstream, url = fake
+    b = await create_tenant(app_pool, f"b-{uuid.uuid4().hex[:8]}", [ORIGIN])
+    ws = await gateway.ws(b.site_key)
+    await hello(ws)
+    upstream.requests.clear()
+    await chat(ws, "1", "hi from b")
+    (req,) = upstream.requests
+    assert req["body"]["model"] == "gpt-4o-mini"  # the gateway default with B's policy model
+    await ws.close()
+    await _byo_flow(gateway, app_pool, upstream, url, online=True)
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"base_url": "https://api.example/v1"}, "api_key"),
+        ({"api_key": "sk-12345678", "base_url": "http://169.254.169.254/v1"}, "base_url"),
+        ({"api_key": "sk-12345678", "base_url": "https://u:p@api.example/v1"}, "base_url"),
+        ({"api_key": "sk-12345678", "base_url": "https://api.example/v1", "model": "a b"}, "model"),
+        ({"api_key": "sk-12345678", "base_url": "https://api.example", "extra": 1}, "extra"),
+    ],
+    ids=["no-key", "http", "credentials", "bad-model", "unknown-field"],
+)
+async def test_byo_upstream_validation(
+    offline_gateway: Gateway, tenant: NewTenant, body: dict[str, Any], field: str
+) -> None:
+    status, resp = await call(offline_gateway, "PUT", "/api/admin/upstream", tenant.admin_key, body)
+    assert status == 422 and resp["error"]["fields"][0]["field"] == field
+
+
+async def test_byo_key_is_sealed_at_rest(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    secret = "sk-live-" + uuid.uuid4().hex
+    status, _ = await call(
+        offline_gateway,
+        "PUT",
+        "/api/admin/upstream",
+        tenant.admin_key,
+        {"api_key": secret, "base_url": "https://api.example/v1"},
+    )
+    assert status == 200
+    row = await owner_pool.fetchrow(
+        "SELECT upstream_sealed, upstream_key_last4 FROM tenants WHERE tenant_id = $1",
+        tenant.tenant_id,
+    )
+    assert (
+        secret.encode() not in row["upstream_sealed"] and row["upstream_key_last4"] == secret[-4:]
+    )
+
+
+async def test_services_upstream_for_is_cached(
+    settings: Settings, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    from gateway.app import build_services
+    from gateway.upstream import OfflineModel
+    from policies import Policy, compile_policy
+
+    svc = build_services(replace(settings), app_pool, OfflineModel(), None)
+    cp = compile_policy(Policy(), 1)
+    assert await svc.upstream_for(tenant.tenant_id, cp) is None
+    assert tenant.tenant_id in svc.byo  # cached: the next message does not query
+    svc.forget_upstream(tenant.tenant_id)
+    assert tenant.tenant_id not in svc.byo
+    await svc.aclose()

@@ -1,0 +1,140 @@
+"""Identity verification: a verified site user id shares one subject; anything else does not."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+from gateway import identity, metrics
+from gateway.provision import NewTenant
+from tests.conftest import Gateway, chat, hello
+from tests.test_admin import call
+
+
+@pytest.mark.parametrize(
+    "user, ok",
+    [
+        ({"id": "u1", "hash": identity.user_hash("s3cret", "u1")}, True),
+        ({"id": "u1", "hash": identity.user_hash("s3cret", "u1").upper()}, True),
+        ({"id": "u1", "hash": identity.user_hash("other", "u1")}, False),
+        ({"id": "u2", "hash": identity.user_hash("s3cret", "u1")}, False),
+        ({"id": "u1"}, False),
+        ({"id": 1, "hash": "00"}, False),
+        ({"id": "", "hash": identity.user_hash("s3cret", "")}, False),
+        ("u1", False),
+    ],
+    ids=["valid", "upper-hex", "wrong-secret", "other-id", "no-hash", "int-id", "empty", "string"],
+)
+def test_verify_table(user: object, ok: bool) -> None:
+    assert (identity.verify("s3cret", user) is not None) is ok
+    assert identity.verify(None, user) is None
+
+
+async def _subject(owner_pool: asyncpg.Pool, conversation_id: str) -> uuid.UUID:
+    sid: uuid.UUID = await owner_pool.fetchval(
+        "SELECT subject_id FROM conversations WHERE conversation_id = $1",
+        uuid.UUID(conversation_id),
+    )
+    return sid
+
+
+def _unverified() -> float:
+    return metrics.IDENTITY_UNVERIFIED._value.get()  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_verified_user_shares_one_subject_across_sockets(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    status, body = await call(
+        offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key
+    )
+    assert status == 201
+    secret = body["identity_secret"]
+    user = {"id": "customer-42", "hash": identity.user_hash(secret, "customer-42")}
+    ws1 = await offline_gateway.ws(tenant.site_key)
+    w1 = await hello(ws1, user=user)
+    ws2 = await offline_gateway.ws(tenant.site_key)
+    w2 = await hello(ws2, user=user)
+    assert w1["conversation_id"] != w2["conversation_id"]
+    s1, s2 = (
+        await _subject(owner_pool, w1["conversation_id"]),
+        await _subject(owner_pool, w2["conversation_id"]),
+    )
+    assert s1 == s2
+    ref = await owner_pool.fetchval("SELECT external_ref FROM subjects WHERE subject_id = $1", s1)
+    assert ref is not None and b"customer-42" not in ref  # a keyed hash, never the id
+    # both sockets chat under the shared subject's data key
+    assert (await chat(ws1, "a", "one"))[-1]["type"] == "done"
+    assert (await chat(ws2, "b", "two"))[-1]["type"] == "done"
+
+    before = _unverified()
+    ws3 = await offline_gateway.ws(tenant.site_key)
+    forged = {"id": "customer-42", "hash": identity.user_hash("guess", "customer-42")}
+    w3 = await hello(ws3, user=forged)
+    assert await _subject(owner_pool, w3["conversation_id"]) != s1
+    assert _unverified() == before + 1
+    for ws in (ws1, ws2, ws3):
+        await ws.close()
+
+    # rotation: the old secret stops verifying at once
+    _, rotated = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
+    assert rotated["identity_secret"] != secret
+    ws4 = await offline_gateway.ws(tenant.site_key)
+    w4 = await hello(ws4, user=user)
+    assert await _subject(owner_pool, w4["conversation_id"]) != s1
+    await ws4.close()
+    _, log = await call(offline_gateway, "GET", "/api/admin/audit", tenant.admin_key)
+    assert [e["action"] for e in log["entries"]] == ["identity_secret.rotate"] * 2
+    assert secret not in str(log)
+
+
+async def test_user_without_a_secret_is_ignored(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    user = {"id": "x", "hash": identity.user_hash("", "x")}
+    ws1 = await offline_gateway.ws(tenant.site_key)
+    w1 = await hello(ws1, user=user)
+    ws2 = await offline_gateway.ws(tenant.site_key)
+    w2 = await hello(ws2, user=user)
+    assert await _subject(owner_pool, w1["conversation_id"]) != await _subject(
+        owner_pool, w2["conversation_id"]
+    )
+    for ws in (ws1, ws2):
+        await ws.close()
+
+
+async def test_erase_by_user(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
+    user = {"id": "gone-7", "hash": identity.user_hash(body["identity_secret"], "gone-7")}
+    ws = await offline_gateway.ws(tenant.site_key)
+    w = await hello(ws, user=user, consent={"conversation_storage": True})
+    await chat(ws, "a", "remember me")
+    sid = await _subject(owner_pool, w["conversation_id"])
+    status, out = await call(
+        offline_gateway,
+        "POST",
+        "/api/admin/subjects/erase-by-user",
+        tenant.admin_key,
+        {"user_id": "gone-7"},
+    )
+    assert status == 200 and out["erased"] is True and out["subject_id"] == str(sid)
+    assert (
+        await owner_pool.fetchval("SELECT count(*) FROM subjects WHERE subject_id = $1", sid) == 0
+    )
+    status, out = await call(
+        offline_gateway,
+        "POST",
+        "/api/admin/subjects/erase-by-user",
+        tenant.admin_key,
+        {"user_id": "gone-7"},
+    )
+    assert status == 404
+    status, out = await call(
+        offline_gateway, "POST", "/api/admin/subjects/erase-by-user", tenant.admin_key, {}
+    )
+    assert status == 422 and out["error"]["fields"][0]["field"] == "user_id"
+    await ws.close()
