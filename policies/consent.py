@@ -178,8 +178,9 @@ def apply_consent_change(
             # a refusal of something never granted is still a decision worth recording
             events.append(ConsentEvent(p, False, "consent.revoked"))
     granted = (base | to_grant) - to_revoke
-    revoked = (state.revoked | to_revoke) - to_grant
-    return ConsentState(frozenset(granted), version, state.age_confirmed, frozenset(revoked)), events
+    revoked = frozenset((state.revoked | to_revoke) - to_grant)
+    new = ConsentState(frozenset(granted), version, state.age_confirmed, revoked)
+    return new, events
 
 
 def consent_map_to_change(consent: object) -> tuple[list[str], list[str]]:

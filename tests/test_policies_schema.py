@@ -40,6 +40,8 @@ def test_empty_doc_gives_defaults() -> None:
     assert p.rate_limit == RateLimit(20, 60, 6000)
     assert p.min_age == 16
     assert p.session_days == 30
+    assert p.required_consents == frozenset()
+    assert p.optional_consents == frozenset()
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,10 @@ def test_empty_doc_gives_defaults() -> None:
         ({"required_consents": ["ai_processing", "telemetry"]}, "required_consents[1]",
          "unknown purpose 'telemetry'"),
         ({"required_consents": "analytics"}, "required_consents", "list"),
+        ({"optional_consents": ["conversation_storage", "telemetry"]}, "optional_consents[1]",
+         "unknown purpose 'telemetry'"),
+        ({"optional_consents": "conversation_storage"}, "optional_consents", "list"),
+        ({"optional_consents": [None]}, "optional_consents[0]", "unknown purpose None"),
         ({"redact": {"entities": ["email", "passport"]}}, "redact.entities[1]",
          "unknown entity 'passport'"),
         ({"redact": {"restore_in_reply": "no"}}, "redact.restore_in_reply", "true or false"),
@@ -96,7 +102,8 @@ def test_empty_doc_gives_defaults() -> None:
         "float-as-int", "str-as-int", "retention-low", "retention-high", "nested-bool-as-int",
         "rate-zero", "rate-not-object", "max-chars-high", "session-high", "consent-version-0",
         "min-age-low", "min-age-high", "min-age-bool", "dnt-int", "age-conf-str", "ip-mode",
-        "ip-mode-null", "unknown-purpose", "purposes-string", "unknown-entity",
+        "ip-mode-null", "unknown-purpose", "purposes-string", "optional-unknown-purpose",
+        "optional-string", "optional-not-str", "unknown-entity",
         "restore-str", "redact-null", "origin-path", "origin-query", "origin-ftp",
         "origin-no-scheme", "origin-no-host", "origin-credentials", "origin-bad-port",
         "origin-not-str", "origins-string", "prompt-long", "prompt-null", "model-empty",
@@ -144,6 +151,15 @@ def test_partial_doc_takes_base_values() -> None:
 def test_necessary_is_accepted_and_ignored() -> None:
     p = parse_policy({"required_consents": ["necessary", "ai_processing", "ai_processing"]})
     assert p.required_consents == frozenset({"ai_processing"})
+    p = parse_policy({"optional_consents": ["necessary", "conversation_storage"]})
+    assert p.optional_consents == frozenset({"conversation_storage"})
+
+
+def test_optional_consents_partial_update_keeps_base() -> None:
+    base = parse_policy({"optional_consents": ["conversation_storage", "analytics"]})
+    assert parse_policy({"retention_days": 30}, base).optional_consents == frozenset(
+        {"analytics", "conversation_storage"})
+    assert parse_policy({"optional_consents": []}, base).optional_consents == frozenset()
 
 
 @pytest.mark.parametrize(
@@ -182,6 +198,7 @@ FULL_DOC: dict[str, Any] = {
     "ip_mode": "hash",
     "honor_dnt": False,
     "required_consents": ["conversation_storage", "ai_processing"],
+    "optional_consents": ["marketing", "analytics", "necessary"],
     "redact": {"entities": ["secret", "email"], "restore_in_reply": False},
     "allowed_origins": ["https://shop.example", "http://localhost:3000"],
     "system_prompt": "Be brief.",
@@ -202,6 +219,7 @@ def test_round_trip_full_doc() -> None:
     doc = policy_to_doc(p)
     assert parse_policy(doc) == p
     assert doc["required_consents"] == ["ai_processing", "conversation_storage"]
+    assert doc["optional_consents"] == ["analytics", "marketing"]
     assert doc["redact"]["entities"] == ["email", "secret"]
     assert doc["allowed_origins"] == ["http://localhost:3000", "https://shop.example"]
     assert set(doc) == set(FULL_DOC)
@@ -211,15 +229,17 @@ def test_round_trip_full_doc() -> None:
     retention=st.integers(1, 3650),
     ip_mode=st.sampled_from(["truncate", "hash", "drop", "full"]),
     purposes=st.frozensets(st.sampled_from(PURPOSES)),
+    optional=st.frozensets(st.sampled_from(PURPOSES)),
     entities=st.frozensets(st.sampled_from(ENTITIES)),
     min_age=st.none() | st.integers(13, 21),
     flags=st.tuples(st.booleans(), st.booleans(), st.booleans()),
 )
 def test_round_trip_property(
-    retention: int, ip_mode: str, purposes: frozenset[str], entities: frozenset[str],
-    min_age: int | None, flags: tuple[bool, bool, bool],
+    retention: int, ip_mode: str, purposes: frozenset[str], optional: frozenset[str],
+    entities: frozenset[str], min_age: int | None, flags: tuple[bool, bool, bool],
 ) -> None:
     p = Policy(retention_days=retention, ip_mode=ip_mode, required_consents=purposes,
+               optional_consents=optional,
                redact=Redact(entities, flags[0]), honor_dnt=flags[1], age_confirmation=flags[2],
                min_age=min_age)
     assert parse_policy(policy_to_doc(p)) == p
@@ -236,6 +256,10 @@ def test_diff_lists_changed_paths() -> None:
         "redact.entities": {"old": sorted(ENTITIES), "new": ["email"]},
     }
     assert policy_diff(new, new) == {}
+    opt = parse_policy({"optional_consents": ["conversation_storage"]})
+    assert policy_diff(old, opt) == {
+        "optional_consents": {"old": [], "new": ["conversation_storage"]},
+    }
 
 
 def test_compile_rejects_invalid_hand_built_policy() -> None:
