@@ -1,0 +1,113 @@
+"""Master key rotation: re-wrap data keys while a reply streams; reads keep working."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from gateway import store
+from gateway.config import Settings
+from gateway.crypto import KeyRing
+from gateway.db import tenant_tx
+from gateway.fake_upstream import FakeUpstream
+from gateway.keys import RotationError, rotate_keys
+from gateway.provision import NewTenant
+from gateway.vault import Vault
+from tests.conftest import Gateway, hello, recv_until, reply_text, start_gateway
+
+NEW = ("new1", b"n" * 32)
+OLD = ("old1", b"o" * 32)
+
+
+@pytest.fixture
+async def rotating_gateway(
+    settings: Settings, fake: tuple[FakeUpstream, str]
+) -> AsyncIterator[Gateway]:
+    """A gateway already configured for the rotation: new primary first, old key after it."""
+    _, url = fake
+    s = replace(
+        settings,
+        master_keys=(NEW, OLD),
+        openai_api_key="sk-test",
+        upstream_url=url,
+        first_token_timeout=5.0,
+        idle_timeout=5.0,
+    )
+    async for g in start_gateway(s):
+        yield g
+
+
+async def wrap_under_old(owner_pool: asyncpg.Pool, tenant_id: UUID, subject_id: UUID) -> None:
+    """Put a subject's data key back under the old master key, as before the rotation."""
+    row = await owner_pool.fetchrow(
+        "SELECT kek_id, wrapped_key FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2",
+        tenant_id,
+        subject_id,
+    )
+    dek = KeyRing((NEW, OLD)).unwrap(tenant_id, subject_id, row["kek_id"], row["wrapped_key"])
+    kek_id, wrapped = KeyRing((OLD,)).wrap(tenant_id, subject_id, dek)
+    await owner_pool.execute(
+        "UPDATE subject_keys SET kek_id = $3, wrapped_key = $4 WHERE tenant_id = $1"
+        " AND subject_id = $2",
+        tenant_id,
+        subject_id,
+        kek_id,
+        wrapped,
+    )
+
+
+async def test_rotation_while_a_reply_streams(
+    rotating_gateway: Gateway,
+    tenant: NewTenant,
+    fake: tuple[FakeUpstream, str],
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    upstream, _ = fake
+    tid = tenant.tenant_id
+    ws = await rotating_gateway.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    cid = UUID(w["conversation_id"])
+    sid = await owner_pool.fetchval(
+        "SELECT subject_id FROM conversations WHERE conversation_id = $1", cid
+    )
+    await wrap_under_old(owner_pool, tid, sid)
+    upstream.queue("slow", delay_ms=150)
+    await ws.send_json({"type": "message", "id": "r1", "text": "rotate during this reply"})
+    first = await recv_until(ws, "delta")
+    assert first[-1]["type"] == "delta", first
+
+    summary = await rotate_keys(app_pool, KeyRing((NEW, OLD)), batch=1)
+    assert summary["rewrapped"] >= 1 and summary["primary"] == "new1"
+    assert "old1" not in summary["remaining_by_key"] and "old1" in summary["retirable"]
+
+    rest = await recv_until(ws, "done")
+    assert rest[-1]["type"] == "done", rest
+    assert reply_text(first + rest) == "rotate during this reply"
+    await ws.close()
+
+    kek_ids = {
+        r["kek_id"]
+        for r in await owner_pool.fetch("SELECT kek_id FROM subject_keys WHERE tenant_id = $1", tid)
+    }
+    assert kek_ids == {"new1"}
+    # the old key is retired: a process holding only the new key reads everything
+    vault = Vault(KeyRing((NEW,)))
+    async with tenant_tx(app_pool, tid) as conn:
+        cipher = await vault.cipher(conn, tid, sid)
+        rows = await store.history(conn, tid, cid, None, 50)
+    texts = [vault.open_text(cipher, tid, cid, m.message_id, m.role, m.ciphertext) for m in rows]
+    assert texts == ["rotate during this reply", "rotate during this reply"]
+    action = await owner_pool.fetchval(
+        "SELECT action FROM audit_log WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1", tid
+    )
+    assert action == "keys.rotate"
+
+
+async def test_rotation_needs_old_and_new_keys(app_pool: asyncpg.Pool) -> None:
+    with pytest.raises(RotationError):
+        await rotate_keys(app_pool, KeyRing((NEW,)))
