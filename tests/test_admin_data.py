@@ -134,7 +134,7 @@ async def test_audit_pages_back(offline_gateway: Gateway, tenant: NewTenant) -> 
         await call(
             offline_gateway, "PUT", "/api/admin/policy", tenant.admin_key, {"retention_days": d}
         )
-    status, first = await call(
+    _, first = await call(
         offline_gateway, "GET", "/api/admin/audit", tenant.admin_key, params={"limit": "2"}
     )
     assert [e["seq"] for e in first["entries"]] == [3, 2] and first["next_before"] == 2
