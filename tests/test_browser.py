@@ -1,0 +1,414 @@
+"""The widget in a real browser (headless Chromium) against a real gateway.
+
+Skipped, with the reason printed, only when /usr/bin/chromium is absent.
+Set OMNIGATE_UPDATE_SCREENSHOT=1 to refresh docs/widget.png from the screenshot test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import WSCloseCode
+
+from gateway import store
+from gateway.appkeys import CONNECTIONS
+from gateway.config import Settings
+from gateway.db import tenant_tx
+from gateway.provision import NewTenant, create_tenant
+from policies import parse_policy, policy_to_doc
+from tests.conftest import Gateway, start_gateway
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+DOCS_PNG = Path(__file__).resolve().parent.parent / "docs" / "widget.png"
+POLICY_URL = "https://example.com/privacy"
+
+pytestmark = pytest.mark.timeout(120)
+
+if not CHROMIUM.exists():  # pragma: no cover - depends on the machine
+    print("test_browser: skipped, /usr/bin/chromium is absent")
+    pytestmark = [pytestmark, pytest.mark.skip(reason="/usr/bin/chromium is absent")]
+
+from playwright.async_api import (  # noqa: E402
+    Browser,
+    BrowserContext,
+    Page,
+    async_playwright,
+    expect,
+)
+
+
+@dataclass
+class Live:
+    """A gateway on a real port and a tenant whose allowed origin is the gateway itself."""
+
+    gateway: Gateway
+    origin: str
+    tenant: NewTenant
+
+    @property
+    def demo(self) -> str:
+        return f"{self.origin}/demo?site={self.tenant.site_key}"
+
+    async def drop_sockets(self) -> int:
+        """Close every widget socket from the server side, as a restart would."""
+        sockets = list(self.gateway.server.app[CONNECTIONS])  # type: ignore[index]
+        for ws in sockets:
+            await ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"test drop")
+        return len(sockets)
+
+    def has_route(self, path: str) -> bool:
+        app = self.gateway.server.app
+        assert app is not None
+        return any(r.canonical == path for r in app.router.resources())
+
+
+async def set_policy(pool: asyncpg.Pool, tenant_id: uuid.UUID, doc: dict[str, Any]) -> None:
+    """Append policy version 2 (before the gateway has cached version 1)."""
+    policy = parse_policy(doc)
+    async with tenant_tx(pool, tenant_id) as conn:
+        await store.insert_policy(conn, tenant_id, 2, policy_to_doc(policy), {}, "test")
+
+
+@pytest.fixture
+async def live(settings: Settings, app_pool: asyncpg.Pool) -> AsyncIterator[Live]:
+    """The gateway (offline model) and a tenant requiring ai_processing, on plain http."""
+    async for g in start_gateway(replace(settings, cookie_secure=False)):
+        origin = f"http://127.0.0.1:{g.server.port}"
+        tenant = await create_tenant(app_pool, f"b-{uuid.uuid4().hex[:8]}", [origin])
+        await set_policy(
+            app_pool,
+            tenant.tenant_id,
+            {
+                "allowed_origins": [origin],
+                "required_consents": ["ai_processing"],
+                "privacy_policy_url": POLICY_URL,
+            },
+        )
+        yield Live(g, origin, tenant)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Headless system Chromium."""
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
+    """A fresh browser profile per test."""
+    ctx = await browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    try:
+        yield ctx
+    finally:
+        await ctx.close()
+
+
+class Watch:
+    """What a page did: requests, sockets, frames sent, CSP violations."""
+
+    def __init__(self, page: Page) -> None:
+        self.requests: list[str] = []
+        self.sockets: list[str] = []
+        self.sent: list[dict[str, Any]] = []
+        self.console: list[str] = []
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("console", lambda m: self.console.append(m.text))
+        page.on("websocket", self._on_ws)
+
+    def _on_ws(self, ws: Any) -> None:
+        self.sockets.append(ws.url)
+        ws.on("framesent", lambda payload: self.sent.append(json.loads(payload)))
+
+    def csp_violations(self) -> list[str]:
+        return [m for m in self.console if "Content Security Policy" in m]
+
+    def hellos(self) -> list[dict[str, Any]]:
+        return [f for f in self.sent if f.get("type") == "hello"]
+
+
+async def open_widget(page: Page) -> None:
+    await page.get_by_role("button", name="Open chat").click()
+    await expect(page.get_by_role("dialog", name="Chat with us")).to_be_visible()
+
+
+async def give_consent(page: Page, keep: bool = True) -> None:
+    """Tick the required purpose (and optionally keeping the conversation), then agree."""
+    await page.get_by_label("AI processing").check()
+    if keep:
+        await page.get_by_label("Keep this conversation (optional)").check()
+    await page.get_by_role("button", name="Agree and start chatting").click()
+    await expect(page.get_by_label("Message")).to_be_visible()
+
+
+async def say(page: Page, text: str, replies_before: int) -> None:
+    """Send a message and wait for its completed (no longer streaming) reply."""
+    await page.get_by_label("Message").fill(text)
+    await page.get_by_label("Message").press("Enter")
+    done = page.locator("li.msg.assistant:not(.streaming) .text")
+    await expect(done.nth(replies_before)).to_have_text(text)
+
+
+async def texts(page: Page) -> list[tuple[str, str]]:
+    items = page.locator("li.msg")
+    out = []
+    for i in range(await items.count()):
+        li = items.nth(i)
+        out.append(
+            (await li.get_attribute("data-role") or "", await li.locator(".text").inner_text())
+        )
+    return out
+
+
+async def test_nothing_connects_or_is_stored_before_opening(
+    live: Live, context: BrowserContext
+) -> None:
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await expect(page.get_by_role("button", name="Open chat")).to_be_visible()
+    await page.wait_for_timeout(500)
+    paths = {r.removeprefix(live.origin).split("?")[0] for r in watch.requests}
+    assert paths <= {"/demo", "/demo.css", "/widget.js", "/widget.css"}, watch.requests
+    assert {"/widget.js", "/widget.css"} <= paths
+    assert watch.sockets == []
+    stored = await page.evaluate(
+        "() => [sessionStorage.length, localStorage.length, document.cookie]"
+    )
+    assert stored == [0, 0, ""]
+    assert await context.cookies() == []
+    assert watch.csp_violations() == []
+
+
+async def test_consent_chat_stream_and_announce(live: Live, context: BrowserContext) -> None:
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    # the consent panel comes first: the policy requires ai_processing
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+    await expect(page.get_by_role("link", name="Privacy policy").first).to_have_attribute(
+        "href", POLICY_URL
+    )
+    await page.get_by_role("button", name="Agree and start chatting").click()
+    await expect(page.get_by_role("alert").first).to_contain_text("tick each box")
+    await give_consent(page)
+    await say(page, "hello <b>there</b> friend", 0)
+    # model text is text, never markup
+    assert await page.locator("li.msg b").count() == 0
+    await expect(page.locator("[aria-live=polite].sr-only")).to_have_text(
+        "Assistant: hello <b>there</b> friend"
+    )
+    hello = watch.hellos()[0]
+    assert set(hello["signals"]) == {"gpc", "dnt"}
+    assert {"type": "consent", "grant": ["ai_processing", "conversation_storage"]} in watch.sent
+    assert len(watch.sockets) == 1 and watch.sockets[0].startswith("ws://127.0.0.1:")
+    # the token is kept for this tab only once the widget was opened
+    stored = await page.evaluate("() => Object.keys(sessionStorage)")
+    assert stored == [f"omnigate.session.{live.tenant.site_key}"]
+    assert await page.evaluate("() => localStorage.length") == 0
+    assert watch.csp_violations() == []
+
+
+async def test_gpc_is_sent_in_hello(live: Live, context: BrowserContext) -> None:
+    await context.add_init_script(
+        "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
+    )
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+    assert watch.hellos()[0]["signals"]["gpc"] is True
+
+
+async def test_reconnect_neither_loses_nor_duplicates(live: Live, context: BrowserContext) -> None:
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "first message", 0)
+
+    # a drop between messages
+    assert await live.drop_sockets() == 1
+    await expect(page.locator(".status-bar")).to_contain_text("Reconnecting")
+    await expect(page.locator(".panel")).to_have_attribute("data-state", "ready")
+    await say(page, "second message", 1)
+
+    # a drop racing a message in flight: either way it is answered exactly once
+    await page.get_by_label("Message").fill("third message")
+    await page.get_by_label("Message").press("Enter")
+    await live.drop_sockets()
+    done = page.locator("li.msg.assistant:not(.streaming) .text")
+    await expect(done.nth(2)).to_have_text("third message")
+    await expect(page.locator(".panel")).to_have_attribute("data-state", "ready")
+    await page.wait_for_timeout(300)
+    expected = [
+        ("user", "first message"),
+        ("assistant", "first message"),
+        ("user", "second message"),
+        ("assistant", "second message"),
+        ("user", "third message"),
+        ("assistant", "third message"),
+    ]
+    assert await texts(page) == expected
+    hellos = watch.hellos()
+    assert len(hellos) >= 3
+    assert all(h["session_token"] == hellos[1]["session_token"] for h in hellos[1:])
+
+    # a reload resumes from sessionStorage and replays history without duplicates
+    await page.reload()
+    await open_widget(page)
+    await expect(page.locator("li.msg")).to_have_count(6)
+    assert await texts(page) == expected
+    await say(page, "fourth message", 3)
+    await expect(page.locator("li.msg")).to_have_count(8)
+
+
+async def test_http_fallback_when_websockets_fail(live: Live, context: BrowserContext) -> None:
+    # a network that blocks WebSockets: every socket fails before it opens
+    await context.add_init_script(
+        """
+        window.WebSocket = class {
+          static OPEN = 1;
+          constructor() {
+            this.readyState = 0;
+            this._l = {};
+            setTimeout(() => {
+              this.readyState = 3;
+              (this._l.error || []).forEach((f) => f(new Event('error')));
+              (this._l.close || []).forEach((f) => f({ code: 1006 }));
+            }, 20);
+          }
+          addEventListener(t, f) { (this._l[t] = this._l[t] || []).push(f); }
+          send() {}
+          close() {}
+        };
+        """
+    )
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await expect(page.locator(".panel")).to_have_attribute("data-transport", "http")
+    await page.get_by_label("Message").fill("over plain http")
+    await page.get_by_label("Message").press("Enter")
+    # the answer to the first message asks for consent; the message waits for it
+    await give_consent(page, keep=False)
+    done = page.locator("li.msg.assistant:not(.streaming) .text")
+    await expect(done.nth(0)).to_have_text("over plain http")
+    await say(page, "and again", 1)
+    assert await page.locator("li.msg").count() == 4
+    posts = [u for u in watch.requests if "/v1/widget/chat" in u]
+    assert len(posts) >= 3
+    assert watch.csp_violations() == []
+
+
+async def test_privacy_export_and_delete(live: Live, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "please remember me", 0)
+    key = f"omnigate.session.{live.tenant.site_key}"
+    token = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
+    assert token
+
+    await page.get_by_role("button", name="Privacy").click()
+    await expect(page.get_by_role("region", name="Your data")).to_be_visible()
+    await expect(page.locator(".privacy .policy-link a")).to_have_attribute("href", POLICY_URL)
+    note = page.locator(".privacy .note")
+    if live.has_route("/api/privacy/export"):
+        async with page.expect_download() as info:
+            await page.get_by_role("button", name="Download my data").click()
+        download = await info.value
+        assert download.suggested_filename == "my-chat-data.json"
+        data = json.loads(Path(await download.path()).read_text())
+        assert isinstance(data, dict) and data
+    else:
+        await page.get_by_role("button", name="Download my data").click()
+        await expect(note).to_have_text("Data export is not available on this site yet.")
+
+    await page.get_by_role("button", name="Delete my data").click()
+    dialog = page.get_by_role("alertdialog", name="Delete your data?")
+    await expect(dialog).to_be_visible()
+    await page.keyboard.press("Escape")  # Esc cancels the confirmation, not the widget
+    await expect(dialog).to_be_hidden()
+    await expect(page.get_by_role("dialog", name="Chat with us")).to_be_visible()
+    await page.get_by_role("button", name="Delete my data").click()
+    await page.get_by_role("button", name="Delete everything").click()
+    if live.has_route("/api/privacy/delete"):
+        # a fresh session: new token, empty conversation, consent asked again
+        await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+        new = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
+        assert new and new != token
+        assert await page.locator("li.msg").count() == 0
+    else:
+        await expect(note).to_have_text("Deletion is not available on this site yet.")
+        assert await page.evaluate("(k) => sessionStorage.getItem(k)", key) == token
+
+
+async def test_keyboard_and_phone_layout(live: Live, browser: Browser) -> None:
+    ctx = await browser.new_context(viewport={"width": 375, "height": 667}, is_mobile=True)
+    try:
+        page = await ctx.new_page()
+        await page.goto(live.demo)
+        launcher = page.get_by_role("button", name="Open chat")
+        await expect(launcher).to_be_visible()
+        await launcher.focus()
+        await page.keyboard.press("Enter")
+        dialog = page.get_by_role("dialog", name="Chat with us")
+        await expect(dialog).to_be_visible()
+        # focus moves into the panel (the first consent checkbox once the policy is known)
+        await expect(page.get_by_label("AI processing")).to_be_focused()
+        box = await dialog.bounding_box()
+        assert box is not None and box["width"] == 375 and box["height"] == 667
+        await page.keyboard.press("Escape")
+        await expect(dialog).to_be_hidden()
+        # focus returns to the launcher
+        await expect(page.get_by_role("button", name="Open chat")).to_be_focused()
+    finally:
+        await ctx.close()
+
+
+async def test_screenshot_of_open_widget(
+    live: Live, context: BrowserContext, tmp_path: Path
+) -> None:
+    page = await context.new_page()
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "Hi! Do you have the Trailblazer 29 in a medium frame?", 0)
+    await say(page, "Great, please email me at jane.doe@example.com when it is back.", 1)
+    await page.get_by_label("Message").focus()
+    await asyncio.sleep(0.3)  # let the entry animation settle
+    shot = tmp_path / "widget.png"
+    await page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("OMNIGATE_UPDATE_SCREENSHOT"):
+        shutil.copyfile(shot, DOCS_PNG)
