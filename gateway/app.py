@@ -70,6 +70,15 @@ def build_services(
     """Assemble the per-process services around an open pool."""
     keys = settings.master_keys or dev_master_keys(settings.state_dir)
     keyring = KeyRing(keys)
+    shared: dict[str, Any] = {}
+    if settings.redis_url:  # shared limits and events across processes (docs/scaling.md)
+        from gateway.bus import RedisBus
+        from gateway.ratelimit import FallbackRateLimiter, LocalRateLimiter, RedisRateLimiter
+        from gateway.redisconn import connect
+
+        r = connect(settings.redis_url)
+        limiter = FallbackRateLimiter(RedisRateLimiter(r), LocalRateLimiter())
+        shared = {"redis": r, "bus": RedisBus(r), "limiter": limiter}
     return Services(
         settings=settings,
         pool=pool,
@@ -79,6 +88,7 @@ def build_services(
         model=model,
         upstream=upstream,
         salts=SaltRing(os.urandom),
+        **shared,
     )
 
 
@@ -88,6 +98,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         raise RuntimeError("create_app needs settings.database_url (the CLI fills it)")
     pool = await create_pool(settings.database_url)
     client: UpstreamClient | None = None
+    redis_client = None
     try:
         await check_app_role(pool)
         upstream = None
@@ -106,6 +117,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             await client.start()
             model = client
         svc = build_services(settings, pool, model, upstream)
+        redis_client = svc.redis
         _subscribe(svc)
         await svc.bus.start()
         app[SERVICES] = svc
@@ -115,6 +127,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         await ws.close_all(app[CONNECTIONS])
         if client is not None:
             await client.close()
+        if redis_client is not None:
+            await redis_client.aclose()
         await pool.close()
 
 
@@ -122,7 +136,9 @@ def _subscribe(svc: Services) -> None:
     """What every process does when another one changes a policy, erases or rotates keys."""
 
     async def policy_changed(payload: dict[str, Any]) -> None:
-        svc.tenants.invalidate(UUID(payload["tenant_id"]))
+        # tenant_id None: every tenant (the Redis bus reconnected and may have missed events)
+        tid = payload.get("tenant_id")
+        svc.tenants.invalidate(UUID(tid) if tid is not None else None)
 
     async def subject_erased(payload: dict[str, Any]) -> None:
         key = (UUID(payload["tenant_id"]), UUID(payload["subject_id"]))
@@ -152,9 +168,15 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         checks["database"] = f"unreachable ({type(exc).__name__})"
     ok = all(v == "ok" for v in checks.values())
-    return web.json_response(
-        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
-    )
+    status = "ok" if ok else "unavailable"
+    if svc.redis is not None:
+        from gateway.redisconn import ping
+
+        # Redis down degrades (per-process limits) but does not make us unready:
+        # failing every instance's readiness at once would turn it into an outage.
+        checks["redis"] = "ok" if await ping(svc.redis) else "unreachable"
+        status = "degraded" if ok and checks["redis"] != "ok" else status
+    return web.json_response({"status": status, "checks": checks}, status=200 if ok else 503)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError
 
 # A dead or partitioned Redis costs at most this per attempt (and attempts are rationed).
 SOCKET_TIMEOUT = 0.05
@@ -31,8 +31,9 @@ def connect(url: str, **overrides: Any) -> Redis:
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
-        # no hidden retry loops: one attempt, then the caller's fallback
-        "retry": Retry(NoBackoff(), 0),
+        # One immediate retry on a broken connection only: after a Redis restart
+        # every pooled socket is stale and fails once. Timeouts are not retried.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
         "client_name": "omnigate",
     }
     kwargs.update(overrides)

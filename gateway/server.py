@@ -1,17 +1,68 @@
-"""Process model: one event loop per process; `--workers N` forks N sharing the port."""
+"""Process model: one event loop per process; `--workers N` spawns N sharing the port.
+
+The parent of N workers only supervises: it prepares the metrics directory,
+restarts a worker that dies unexpectedly, forgets its metrics, and forwards
+SIGTERM/SIGINT for a graceful shutdown (docs/scaling.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
+import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
+import time
+from collections.abc import AsyncIterator
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 
 from aiohttp import web
 
 from gateway.config import ConfigError, Settings
+
+log = logging.getLogger("omnigate.server")
+
+# A worker dying sooner than this after its start is crash-looping: back off.
+MIN_UPTIME = 5.0
+MAX_RESTART_DELAY = 10.0
+# Frames queued by the last replies reach their sockets before the 1001 close.
+FLUSH_DELAY = 0.2
+
+
+async def drain_connections(app: web.Application) -> None:
+    """on_shutdown: the listener is closed; finish in-flight replies, then close with 1001."""
+    from gateway import ws
+    from gateway.appkeys import CONNECTIONS, SERVICES
+
+    svc = app.get(SERVICES)
+    if svc is not None:
+        conns = [c for live in list(svc.live.values()) for c in list(live)]
+        grace = svc.settings.shutdown_grace
+        if conns:
+            log.info("draining connections", extra={"connections": len(conns)})
+            await asyncio.gather(*(c.drain(grace) for c in conns), return_exceptions=True)
+            await asyncio.sleep(FLUSH_DELAY)
+    await ws.close_all(app[CONNECTIONS])
+
+
+async def _orphan_watch(app: web.Application) -> AsyncIterator[None]:
+    """A supervised worker shuts down gracefully if its supervisor disappears."""
+    parent = os.getppid()
+
+    async def watch() -> None:
+        while os.getppid() == parent:  # noqa: ASYNC110 - no event to wait on for this
+            await asyncio.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    task = asyncio.create_task(watch())
+    yield
+    task.cancel()
 
 
 def _run_one(settings: Settings, reuse_port: bool) -> None:
@@ -19,6 +70,10 @@ def _run_one(settings: Settings, reuse_port: bool) -> None:
     from gateway.logs import setup_logging
 
     setup_logging()
+    if reuse_port:
+        # Supervised: signals come from the supervisor only, once (a terminal's
+        # Ctrl-C would otherwise reach the worker twice and cut the drain short).
+        os.setpgrp()
     try:
         import uvloop
 
@@ -26,8 +81,14 @@ def _run_one(settings: Settings, reuse_port: bool) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    app = create_app(settings)
+    # aiohttp runs on_shutdown after its sites stop accepting and before it
+    # waits (shutdown_timeout) for handlers and runs cleanup_ctx.
+    app.on_shutdown.append(drain_connections)
+    if reuse_port:
+        app.cleanup_ctx.append(_orphan_watch)
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         reuse_port=reuse_port or None,
@@ -53,21 +114,99 @@ def serve(settings: Settings, workers: int = 1) -> None:
     if workers == 1:
         _run_one(settings, reuse_port=False)
         return
-    # prometheus_client reads this at import: set before any worker imports gateway.metrics
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="omnigate-metrics-"))
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_run_one, args=(settings, True), daemon=False) for _ in range(workers)
-    ]
-    for p in procs:
+    metrics_dir, created = _metrics_dir()
+    try:
+        _Supervisor(settings, workers).run()
+    finally:
+        if created:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _metrics_dir() -> tuple[str, bool]:
+    """A fresh PROMETHEUS_MULTIPROC_DIR, set before any worker imports prometheus_client."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    created = not path
+    if not path:
+        path = tempfile.mkdtemp(prefix="omnigate-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for stale in glob.glob(os.path.join(path, "*.db")):  # counters must not carry over runs
+        os.remove(stale)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path, created
+
+
+def _forget_metrics(pid: int) -> None:
+    """`metrics.mark_process_dead` without importing gateway.metrics here: that would
+    give the supervisor, which serves nothing, its own live gauges (redis_up = 0)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, os.environ["PROMETHEUS_MULTIPROC_DIR"])  # type: ignore[no-untyped-call]
+
+
+class _Supervisor:
+    """Keeps N workers alive until told to stop."""
+
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: list[BaseProcess] = []
+        self.stopping = False
+        self.restart_delay = 0.0
+
+    def _spawn(self) -> BaseProcess:
+        p = self.ctx.Process(target=_run_one, args=(self.settings, True), daemon=False)
         p.start()
+        p._omnigate_started = time.monotonic()  # type: ignore[attr-defined]
+        return p
 
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
+    def _forward(self, signum: int, _frame: object) -> None:
+        # first signal: graceful (SIGTERM to each worker); a second one: immediate
+        sig = signal.SIGKILL if self.stopping else signal.SIGTERM
+        self.stopping = True
+        for p in self.procs:
             if p.pid and p.is_alive():
-                os.kill(p.pid, signum)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for p in procs:
-        p.join()
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._forward)
+        signal.signal(signal.SIGINT, self._forward)
+        self.procs = [self._spawn() for _ in range(self.workers)]
+        while not self.stopping:
+            wait([p.sentinel for p in self.procs], timeout=0.5)
+            for i, p in enumerate(self.procs):
+                if p.is_alive() or self.stopping:
+                    continue
+                assert p.pid is not None
+                _forget_metrics(p.pid)
+                uptime = time.monotonic() - p._omnigate_started  # type: ignore[attr-defined]
+                self.restart_delay = (
+                    min(MAX_RESTART_DELAY, max(0.5, self.restart_delay * 2))
+                    if uptime < MIN_UPTIME
+                    else 0.0
+                )
+                sys.stderr.write(
+                    f"omnigate: worker {p.pid} exited ({p.exitcode}); restarting"
+                    f"{f' in {self.restart_delay:.1f}s' if self.restart_delay else ''}\n"
+                )
+                self._sleep(self.restart_delay)
+                if not self.stopping:
+                    self.procs[i] = self._spawn()
+        self._join()
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _join(self) -> None:
+        # drain (grace) + aiohttp's handler wait (grace) + slack, then no mercy
+        deadline = time.monotonic() + 2 * self.settings.shutdown_grace + 5.0
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+            if p.pid is not None:
+                _forget_metrics(p.pid)
