@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from uuid import UUID
 
 import asyncpg
 import pytest
 
 from gateway import store
+from gateway.cli import main
 from gateway.config import Settings
 from gateway.crypto import KeyRing
 from gateway.db import tenant_tx
@@ -17,7 +20,7 @@ from gateway.fake_upstream import FakeUpstream
 from gateway.keys import RotationError, rotate_keys
 from gateway.provision import NewTenant
 from gateway.vault import Vault
-from tests.conftest import Gateway, hello, recv_until, reply_text, start_gateway
+from tests.conftest import Database, Gateway, hello, recv_until, reply_text, start_gateway
 
 NEW = ("new1", b"n" * 32)
 OLD = ("old1", b"o" * 32)
@@ -111,3 +114,19 @@ async def test_rotation_while_a_reply_streams(
 async def test_rotation_needs_old_and_new_keys(app_pool: asyncpg.Pool) -> None:
     with pytest.raises(RotationError):
         await rotate_keys(app_pool, KeyRing((NEW,)))
+
+
+def test_cli_keys_rotate_refuses_a_single_key(
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMNIGATE_DATABASE_URL", database.app_url)
+    monkeypatch.setenv("OMNIGATE_MASTER_KEYS", "new1:" + base64.b64encode(NEW[1]).decode())
+    with pytest.raises(SystemExit) as exit_:
+        main(["keys", "rotate"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("omnigate: error:") and err.count("\n") == 1

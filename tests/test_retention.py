@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from uuid import UUID
 
 import asyncpg
+import orjson
+import pytest
 
+from gateway.cli import run
 from gateway.provision import NewTenant
 from gateway.retention import KINDS, LEADER_LOCK, run_retention
-from tests.conftest import Gateway, chat, hello
+from tests.conftest import Database, Gateway, chat, hello
 
 CONSENT = {"conversation_storage": True, "ai_processing": True}
 
@@ -122,3 +126,17 @@ async def test_one_leader_at_a_time(app_pool: asyncpg.Pool, owner_pool: asyncpg.
             await conn.execute("SELECT pg_advisory_unlock($1)", LEADER_LOCK)
     assert summary["leader"] is False
     assert (await run_retention(app_pool))["leader"] is True
+
+
+def test_cli_retention_run_prints_a_summary(
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMNIGATE_DATABASE_URL", database.app_url)
+    monkeypatch.delenv("OMNIGATE_ADMIN_DATABASE_URL", raising=False)
+    assert run(["retention", "run"]) == 0
+    summary = orjson.loads(capsys.readouterr().out)
+    assert summary["leader"] is True and set(KINDS) <= set(summary)
