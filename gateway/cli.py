@@ -139,8 +139,22 @@ def _privacy_job(settings: Settings, args: argparse.Namespace) -> int:
         if not settings.master_keys:
             raise ConfigError("OMNIGATE_MASTER_KEYS is needed to rotate (new primary first)")
         keyring = KeyRing(settings.master_keys)
+        redis_url = settings.redis_url
+
+        async def rotate(pool: Any) -> dict[str, Any]:
+            if not redis_url:  # single process: serve re-reads keys per subject anyway
+                return await rotate_keys(pool, keyring)
+            from gateway.bus import RedisBus
+            from gateway.redisconn import connect
+
+            r = connect(redis_url)
+            try:  # every serving process drops its cached data keys
+                return await rotate_keys(pool, keyring, publish=RedisBus(r).publish)
+            finally:
+                await r.aclose()
+
         try:
-            summary = asyncio.run(_with_pool(settings, lambda p: rotate_keys(p, keyring)))
+            summary = asyncio.run(_with_pool(settings, rotate))
         except RotationError as exc:
             raise ConfigError(str(exc)) from None
         print(orjson.dumps(summary).decode())

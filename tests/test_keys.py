@@ -9,10 +9,11 @@ from pathlib import Path
 from uuid import UUID
 
 import asyncpg
+import orjson
 import pytest
 
 from gateway import store
-from gateway.cli import main
+from gateway.cli import main, run
 from gateway.config import Settings
 from gateway.crypto import KeyRing
 from gateway.db import tenant_tx
@@ -130,3 +131,20 @@ def test_cli_keys_rotate_refuses_a_single_key(
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("omnigate: error:") and err.count("\n") == 1
+
+
+def test_cli_keys_rotate_with_redis(
+    database: Database,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMNIGATE_DATABASE_URL", database.app_url)
+    monkeypatch.setenv("OMNIGATE_REDIS_URL", redis_url)
+    keys = ",".join(f"{k}:{base64.b64encode(v).decode()}" for k, v in (NEW, OLD))
+    monkeypatch.setenv("OMNIGATE_MASTER_KEYS", keys)
+    assert run(["keys", "rotate"]) == 0
+    summary = orjson.loads(capsys.readouterr().out)
+    assert summary["primary"] == "new1" and "remaining_by_key" in summary
