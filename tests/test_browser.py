@@ -348,7 +348,7 @@ async def test_privacy_export_and_delete(live: Live, context: BrowserContext) ->
             await page.get_by_role("button", name="Download my data").click()
         download = await info.value
         assert download.suggested_filename == "my-chat-data.json"
-        data = json.loads(Path(await download.path()).read_text())
+        data = json.loads(await asyncio.to_thread(Path(await download.path()).read_text))
         assert isinstance(data, dict) and data
     else:
         await page.get_by_role("button", name="Download my data").click()
@@ -405,7 +405,7 @@ async def test_screenshot_of_open_widget(
     await give_consent(page)
     await say(page, "Hi! Do you have the Trailblazer 29 in a medium frame?", 0)
     await say(page, "Great, please email me at jane.doe@example.com when it is back.", 1)
-    await page.get_by_label("Message").focus()
+    await page.get_by_label("Message").blur()
     await asyncio.sleep(0.3)  # let the entry animation settle
     shot = tmp_path / "widget.png"
     await page.screenshot(path=str(shot))

@@ -105,8 +105,16 @@
     "aria-controls": "og-panel",
     "aria-label": "Open chat",
   });
-  launcher.append(h("span", { class: "launcher-icon", "aria-hidden": "true", text: "\u{1F4AC}" }));
-  launcher.append(h("span", { class: "launcher-text", text: "Chat" }));
+  const SVG = "http://www.w3.org/2000/svg";
+  const icon = document.createElementNS(SVG, "svg");
+  icon.setAttribute("viewBox", "0 0 24 24");
+  icon.setAttribute("aria-hidden", "true");
+  icon.setAttribute("class", "launcher-icon");
+  const bubblePath = document.createElementNS(SVG, "path");
+  bubblePath.setAttribute("d", "M4 4h16a2 2 0 0 1 2 2v10a2 2 0 0 1-2 2H9l-5 4v-4a2 2 0 0 1-2-2V6a2 2 0 0 1 2-2z");
+  icon.append(bubblePath);
+  const launcherText = h("span", { class: "launcher-text", text: "Chat" });
+  launcher.append(icon, launcherText);
 
   const title = h("h2", { id: "og-title", text: "Chat with us" });
   const privacyBtn = h("button", {
@@ -242,6 +250,7 @@
     show(panel, true);
     launcher.setAttribute("aria-expanded", "true");
     launcher.setAttribute("aria-label", "Close chat");
+    launcherText.textContent = "Close";
     host.classList.add("open");
     if (!opened) {
       opened = true;
@@ -256,6 +265,7 @@
     show(panel, false);
     launcher.setAttribute("aria-expanded", "false");
     launcher.setAttribute("aria-label", "Open chat");
+    launcherText.textContent = "Chat";
     host.classList.remove("open");
     launcher.focus();
   }
