@@ -105,9 +105,11 @@ class RedisBus(LocalBus):
         await self.deliver(kind, payload)
         message = orjson.dumps({"kind": kind, "payload": payload, "origin": self.origin})
         try:
+            await self._flush_pending()  # earlier events first, in order
             await self.redis.publish(self.channel, message)
         except REDIS_ERRORS as exc:
-            # kept and re-sent on reconnect; others invalidate their caches then anyway
+            # kept and re-sent with the next publish or on reconnect (others
+            # invalidate their caches after a gap anyway)
             self._pending.append(message)
             log.warning(
                 "redis unavailable, bus event queued for other processes",
