@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -50,6 +51,7 @@ from playwright.async_api import (  # noqa: E402
     Browser,
     BrowserContext,
     Page,
+    WebSocketRoute,
     async_playwright,
     expect,
 )
@@ -412,3 +414,88 @@ async def test_screenshot_of_open_widget(
     assert shot.stat().st_size > 10_000
     if os.environ.get("OMNIGATE_UPDATE_SCREENSHOT"):
         shutil.copyfile(shot, DOCS_PNG)
+
+
+class ScriptedServer:
+    """A stand-in widget server (page.route_web_socket) answering from a script of errors."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        self.messages: list[dict[str, Any]] = []
+        self.seq = 0
+
+    async def attach(self, page: Page) -> None:
+        await page.route_web_socket(re.compile(r".*/v1/widget/ws.*"), self._route)
+
+    def _route(self, ws: WebSocketRoute) -> None:
+        def send(frame: dict[str, Any]) -> None:
+            ws.send(json.dumps(frame))
+
+        def on_message(raw: str | bytes) -> None:
+            frame = json.loads(raw)
+            if frame["type"] == "hello":
+                policy = {"required_consents": [], "granted": [], "retention_days": 30}
+                send({"type": "welcome", "session_token": "t" * 32, "resumed": False,
+                      "conversation_id": "c", "policy": policy})  # fmt: skip
+            elif frame["type"] == "message":
+                self.messages.append(frame)
+                if self.errors:
+                    send({"type": "error", "id": frame["id"], **self.errors.pop(0)})
+                    return
+                self.seq += 2
+                send({"type": "ack", "id": frame["id"], "seq": self.seq - 1})
+                for word in frame["text"].split(" "):
+                    send({"type": "delta", "id": frame["id"], "text": word + " "})
+                send({"type": "done", "id": frame["id"], "seq": self.seq, "finish_reason": "stop"})
+
+        ws.on_message(on_message)
+
+
+@pytest.mark.parametrize(
+    ("error", "shown", "retry_button"),
+    [
+        (
+            {"code": "rate_limited", "message": "slow down", "retry_after": 1.2},
+            "Trying again in 2 s",
+            False,
+        ),
+        ({"code": "storage_unavailable", "message": "x", "retry_after": 0.2}, "Retrying", False),
+        ({"code": "upstream_unavailable", "message": "x"}, "unavailable right now", True),
+        ({"code": "upstream_timeout", "message": "x"}, "took too long", True),
+    ],
+    ids=["rate_limited", "storage_unavailable", "upstream_unavailable", "upstream_timeout"],
+)
+async def test_error_states_are_shown_and_recovered(
+    live: Live,
+    context: BrowserContext,
+    error: dict[str, Any],
+    shown: str,
+    retry_button: bool,
+) -> None:
+    server = ScriptedServer([error])
+    page = await context.new_page()
+    await server.attach(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await page.get_by_label("Message").fill("try this")
+    await page.get_by_label("Message").press("Enter")
+    await expect(page.get_by_role("dialog", name="Chat with us")).to_contain_text(shown)
+    if retry_button:
+        await page.get_by_role("button", name="Retry").click()
+    await expect(page.locator("li.msg.assistant:not(.streaming) .text")).to_have_text("try this ")
+    assert await page.locator("li.msg").count() == 2
+    # every attempt carried the same client id, so the server could dedupe it
+    assert len(server.messages) == 2
+    assert len({m["id"] for m in server.messages}) == 1
+
+
+async def test_offline_and_back(live: Live, context: BrowserContext) -> None:
+    page = await context.new_page()
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page, keep=False)
+    await context.set_offline(True)
+    await expect(page.locator(".status-bar")).to_contain_text("You are offline")
+    await context.set_offline(False)
+    await expect(page.locator(".status-bar")).to_be_hidden()
+    await say(page, "back online", 0)

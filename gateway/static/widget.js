@@ -291,6 +291,7 @@
   });
   retryNow.addEventListener("click", () => {
     attempt = 0;
+    for (const m of msgs.values()) m.waitUntil = 0;
     if (transport === "ws") reconnectSoon(0);
     else flush();
   });
@@ -747,6 +748,9 @@
       flush();
     } else if (!ws) {
       connect();
+    } else if (ws.readyState === WebSocket.OPEN) {
+      setStatus(""); // the socket survived the blip
+      flush();
     }
   });
 
