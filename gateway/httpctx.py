@@ -66,6 +66,11 @@ def session_cookie(secure: bool, max_age: int, token: str) -> str:
     return f"{COOKIE}={token}; Max-Age={max_age}; Path=/; HttpOnly; {attrs}"
 
 
+def clear_session_cookie(response: web.StreamResponse, svc: Services) -> None:
+    """Expire the session cookie with the same attributes it was set with (Partitioned too)."""
+    response.headers.add("Set-Cookie", session_cookie(svc.settings.cookie_secure, 0, ""))
+
+
 def set_session_cookie(
     response: web.StreamResponse, svc: Services, cp: CompiledPolicy, token: str
 ) -> None:

@@ -137,6 +137,7 @@ PRIVACY_REQUEST_KINDS = frozenset(
         "delete",
         "opt_out",
         "export",
+        "automated_decision",
     }
 )
 #: ``omnigate_privacy_requests_total{status}``: lifecycle transitions.
@@ -144,7 +145,8 @@ PRIVACY_REQUEST_STATUSES = frozenset({"received", "acknowledged", "completed", "
 
 #: ``omnigate_retention_purged_total{kind}``: what a retention pass removed or anonymized.
 RETENTION_KINDS = frozenset(
-    {"messages", "conversations", "sessions", "subjects", "consents", "privacy_requests"}
+    {"messages", "conversations", "sessions", "subjects", "consents", "privacy_requests",
+     "session_ips", "analytics_events"}
 )
 
 #: ``omnigate_db_pool_connections{state}``.

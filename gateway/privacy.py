@@ -12,6 +12,7 @@ from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
 from gateway.db import tenant_tx
 from gateway.erasure import SubjectNotFound, erase_subject
+from gateway.httpctx import clear_session_cookie
 from gateway.privacy_auth import error, json_body, require_visitor
 from gateway.visitor import consent_state
 from policies import PURPOSES, UnknownPurpose, apply_consent_change
@@ -147,7 +148,7 @@ async def delete_post(request: web.Request) -> web.Response:
         error(401, "session_invalid", "the session is not valid")
     response = web.json_response(cert)
     # the cookie names a session that no longer exists
-    response.del_cookie("omnigate_session", path="/")
+    clear_session_cookie(response, svc)
     return response
 
 

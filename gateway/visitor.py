@@ -41,6 +41,8 @@ class RequestContext:
     cookie_token: str | None
     # minted before a WebSocket upgrade so it can go into Set-Cookie on the 101
     new_token: str | None = None
+    # browser family, major version and device class: all analytics keeps of a User-Agent
+    client: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,7 +77,8 @@ def consent_state(rows: list[asyncpg.Record], cp: CompiledPolicy) -> ConsentStat
     versions = [r["consent_version"] for r in latest]
     version = current if not versions or current in versions else max(versions)
     age = any(r["purpose"] == AGE_PURPOSE and r["consent_version"] == current for r in latest)
-    return ConsentState(granted=granted, version=version, age_confirmed=age)
+    revoked = frozenset(r["purpose"] for r in rows if not r["granted"] and r["purpose"] in PURPOSES)
+    return ConsentState(granted=granted, version=version, age_confirmed=age, revoked=revoked)
 
 
 def consent_changes(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -108,7 +111,7 @@ async def apply_consent(
     changes = [(e.purpose, e.granted) for e in events]
     if age_confirmed and not v.consent.age_confirmed:
         changes.append((AGE_PURPOSE, True))
-        state = ConsentState(state.granted, state.version, True)
+        state = ConsentState(state.granted, state.version, True, state.revoked)
     if changes:
         await store.record_consents(
             conn,
