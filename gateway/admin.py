@@ -243,20 +243,3 @@ def setup_routes(app: web.Application) -> None:
     admin_tenant.setup_routes(app)
     admin_data.setup_routes(app)
     r.add_get("/openapi.json", openapi.openapi_json)
-    app.on_startup.append(_subscribe)
-    app.on_cleanup.append(_close_services)
-
-
-async def _subscribe(app: web.Application) -> None:
-    # runs after the services cleanup_ctx started (it was registered first)
-    svc = app[SERVICES]
-
-    async def upstream_changed(payload: dict[str, Any]) -> None:
-        svc.forget_upstream(UUID(payload["tenant_id"]))
-
-    svc.bus.subscribe(bus.POLICY_CHANGED, upstream_changed)
-
-
-async def _close_services(app: web.Application) -> None:
-    if SERVICES in app:
-        await app[SERVICES].aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import weakref
@@ -16,6 +18,7 @@ from gateway.appkeys import CONNECTIONS, SERVICES, SETTINGS
 from gateway.config import Settings
 from gateway.crypto import DataKeyCache, KeyRing, dev_master_keys
 from gateway.db import check_app_role, create_pool, migrations_current
+from gateway.retention import retention_loop
 from gateway.services import Services
 from gateway.tenants import TenantRegistry
 from gateway.upstream import ChatModel, OfflineModel, UpstreamClient, UpstreamConfig
@@ -121,8 +124,13 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         _subscribe(svc)
         await svc.bus.start()
         app[SERVICES] = svc
+        retention = asyncio.create_task(_retention(svc, settings.retention_interval))
         yield
+        retention.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retention
         await svc.bus.close()
+        await svc.aclose()
     finally:
         await ws.close_all(app[CONNECTIONS])
         if client is not None:
@@ -132,13 +140,21 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         await pool.close()
 
 
+async def _retention(svc: Services, interval: float) -> None:
+    # first pass a minute after start, not during it: a restart storm must not stampede
+    await asyncio.sleep(min(60.0, interval))
+    await retention_loop(svc, interval)
+
+
 def _subscribe(svc: Services) -> None:
     """What every process does when another one changes a policy, erases or rotates keys."""
 
     async def policy_changed(payload: dict[str, Any]) -> None:
         # tenant_id None: every tenant (the Redis bus reconnected and may have missed events)
         tid = payload.get("tenant_id")
-        svc.tenants.invalidate(UUID(tid) if tid is not None else None)
+        tenant = UUID(tid) if tid is not None else None
+        svc.tenants.invalidate(tenant)
+        svc.forget_upstream(tenant)
 
     async def subject_erased(payload: dict[str, Any]) -> None:
         key = (UUID(payload["tenant_id"]), UUID(payload["subject_id"]))
