@@ -892,8 +892,8 @@
         return;
       }
       if (!res.ok) throw new Error("HTTP " + res.status);
-      const data = await res.json();
-      const blob = new Blob([JSON.stringify(data, null, 2)], { type: "application/json" });
+      // the gateway's JSON as it came, without a parse and re-serialisation
+      const blob = new Blob([await res.arrayBuffer()], { type: "application/json" });
       const url = URL.createObjectURL(blob);
       const a = h("a", { href: url, download: "my-chat-data.json", hidden: true });
       root.append(a);
