@@ -29,7 +29,11 @@ def anonymized_ip(request: web.Request, svc: Services, cp: CompiledPolicy) -> st
     )
     if ip is None:
         return None
-    salt = svc.salts.salt_for(today()) if cp.policy.ip_mode == "hash" and svc.salts else None
+    salt = None
+    if cp.policy.ip_mode == "hash" and svc.salts:
+        day = today()
+        svc.salts.expire(day)  # salts older than 48 h are destroyed, never reused
+        salt = svc.salts.salt_for(day)
     return anonymize_ip(ip, cp.policy.ip_mode, salt)
 
 
