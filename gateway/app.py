@@ -18,6 +18,7 @@ from gateway.appkeys import CONNECTIONS, SERVICES, SETTINGS
 from gateway.config import Settings
 from gateway.crypto import DataKeyCache, KeyRing, dev_master_keys
 from gateway.db import check_app_role, create_pool, migrations_current
+from gateway.httpctx import add_cors_headers
 from gateway.retention import retention_loop
 from gateway.services import Services
 from gateway.tenants import TenantRegistry
@@ -175,37 +176,84 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """Database reachable and migrations current."""
-    svc = request.app[SERVICES]
+# A hung database must not hang the probe: it answers 503 instead.
+READINESS_TIMEOUT = 5.0
+
+
+async def readiness(
+    pool: Any, redis: Any = None, upstream: UpstreamConfig | None = None
+) -> tuple[int, dict[str, Any]]:
+    """`(status code, body)` of `/readyz`: database reachable, migrations current, Redis.
+
+    `upstream` is reported as "offline" (built-in model) or "configured"; there
+    is no circuit breaker whose state could make us unready, and an upstream
+    outage is the model's, not this instance's (taking every instance out of
+    rotation would not help).
+    """
     checks: dict[str, str] = {}
     try:
-        checks["database"] = "ok" if await migrations_current(svc.pool) else "migrations_pending"
+        current = await asyncio.wait_for(migrations_current(pool), READINESS_TIMEOUT)
+        checks["database"] = "ok" if current else "migrations_pending"
     except Exception as exc:
         checks["database"] = f"unreachable ({type(exc).__name__})"
     ok = all(v == "ok" for v in checks.values())
     status = "ok" if ok else "unavailable"
-    if svc.redis is not None:
+    if redis is not None:
         from gateway.redisconn import ping
 
         # Redis down degrades (per-process limits) but does not make us unready:
         # failing every instance's readiness at once would turn it into an outage.
-        checks["redis"] = "ok" if await ping(svc.redis) else "unreachable"
+        checks["redis"] = "ok" if await ping(redis) else "unreachable"
         status = "degraded" if ok and checks["redis"] != "ok" else status
-    return web.json_response({"status": status, "checks": checks}, status=200 if ok else 503)
+    body = {
+        "status": status,
+        "checks": checks,
+        "upstream": "offline" if upstream is None else "configured",
+    }
+    return (200 if ok else 503), body
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Database reachable and migrations current, Redis when configured, upstream mode."""
+    svc = request.app[SERVICES]
+    code, body = await readiness(svc.pool, svc.redis, svc.upstream)
+    return web.json_response(body, status=code)
+
+
+def metrics_access_allowed(remote: str | None, auth_header: str | None, token: str | None) -> bool:
+    """Whether a `/metrics` request may be answered (pure: table-tested).
+
+    With a token configured, only `Authorization: Bearer <token>` (compared in
+    constant time) is accepted, from anywhere; without one, only loopback peers.
+    """
+    if token:
+        import hmac
+
+        given = (auth_header or "").encode()
+        return hmac.compare_digest(given, f"Bearer {token}".encode())
+    if not remote:
+        return False
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:  # a unix socket path, or nothing usable
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus text; bearer token when configured, else loopback peers only."""
     token = request.app[SETTINGS].metrics_token
-    if token:
-        import hmac
-
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not metrics_access_allowed(request.remote, request.headers.get("Authorization"), token):
+        if token:
             raise web.HTTPUnauthorized(text="metrics need a bearer token")
-    elif request.remote not in ("127.0.0.1", "::1"):
         raise web.HTTPForbidden(text="metrics are served to loopback only")
+    svc = request.app.get(SERVICES)
+    if svc is not None:  # this process's pool, as of this scrape
+        metrics.set_db_pool(svc.pool.get_size(), svc.pool.get_idle_size())
     body, content_type = metrics.render_metrics()
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type
@@ -232,6 +280,7 @@ def create_app(settings: Settings) -> web.Application:
     app[CONNECTIONS] = weakref.WeakSet()
     app.cleanup_ctx.append(_services_ctx)
     app.on_response_prepare.append(_security_headers)
+    app.on_response_prepare.append(add_cors_headers)
     setup_routes(app)
     metrics.register_routes(r.canonical for r in app.router.resources())
     return app

@@ -9,6 +9,8 @@ from gateway.visitor import RequestContext, today
 from policies import CompiledPolicy, anonymize_ip, client_ip, coarse_client, normalize_origin
 
 COOKIE = "omnigate_session"
+# set on a request whose Origin the tenant allows; the response then carries CORS headers
+CORS_ORIGIN = web.RequestKey("omnigate_cors_origin", str)
 SIGNAL_HEADERS = ("DNT", "Sec-GPC")
 
 
@@ -82,4 +84,40 @@ def set_session_cookie(
     response.headers.add(
         "Set-Cookie",
         session_cookie(svc.settings.cookie_secure, cp.policy.session_days * 86400, token),
+    )
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: expose the response to an origin the handler vouched for."""
+    origin = request.get(CORS_ORIGIN)
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers.add("Vary", "Origin")
+
+
+async def privacy_preflight(request: web.Request) -> web.Response:
+    """CORS preflight of the visitor privacy API.
+
+    The preflight carries no credentials, so the tenant is unknown here; it grants
+    nothing by itself. The real request is refused (403) unless its Origin is one
+    of the tenant's allowed origins, and only then carries Allow-Origin.
+    """
+    raw = request.headers.get("Origin")
+    try:
+        origin = normalize_origin(raw) if raw else None
+    except ValueError:
+        origin = None
+    if origin is None:
+        raise web.HTTPForbidden(text="origin required")
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Credentials": "true",
+            "Access-Control-Allow-Methods": "GET, POST",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
     )

@@ -7,12 +7,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway import audit, certs, export, metrics, requests_api, store
+from gateway import audit, certs, export, metrics, openapi, requests_api, store
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
 from gateway.db import tenant_tx
 from gateway.erasure import SubjectNotFound, erase_subject
-from gateway.httpctx import clear_session_cookie
+from gateway.httpctx import clear_session_cookie, privacy_preflight
 from gateway.privacy_auth import error, json_body, require_visitor
 from gateway.visitor import consent_state
 from policies import PURPOSES, UnknownPurpose, apply_consent_change
@@ -174,4 +174,24 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/api/privacy/delete", delete_post)
     app.router.add_get("/api/privacy/certificate-key", certificate_key)
     app.router.add_get("/.well-known/gpc.json", gpc_json)
+    for path in (
+        "/api/privacy/consent",
+        "/api/privacy/export",
+        "/api/privacy/delete",
+        "/api/gdpr/request",
+        "/api/gdpr/request/{id}",
+        "/api/privacy/ccpa/request",
+    ):
+        app.router.add_route("OPTIONS", path, privacy_preflight)
+        openapi.describe(
+            "OPTIONS",
+            path,
+            {
+                "summary": "CORS preflight; the real request is checked against the tenant's origins",
+                "responses": {
+                    "204": {"description": "preflight answered"},
+                    "403": {"description": "no or malformed Origin"},
+                },
+            },
+        )
     requests_api.setup_routes(app)

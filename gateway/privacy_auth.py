@@ -13,7 +13,8 @@ from gateway import store
 from gateway.appkeys import SERVICES
 from gateway.crypto import token_hash
 from gateway.db import lookup_tx, tenant_tx
-from gateway.httpctx import session_token_of
+from gateway.httpctx import CORS_ORIGIN, session_token_of
+from policies import normalize_origin
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class VisitorAuth:
 _STATUS: dict[int, type[web.HTTPError]] = {
     400: web.HTTPBadRequest,
     401: web.HTTPUnauthorized,
+    403: web.HTTPForbidden,
     404: web.HTTPNotFound,
     409: web.HTTPConflict,
     422: web.HTTPUnprocessableEntity,
@@ -53,8 +55,26 @@ async def require_visitor(request: web.Request) -> VisitorAuth:
         async with tenant_tx(svc.pool, tenant_id) as conn:
             row = await store.find_session(conn, tenant_id, h)
         if row is not None:
+            await _check_origin(request, tenant_id)
             return VisitorAuth(tenant_id, row.subject_id, row.session_id)
     error(401, "session_invalid", "the session is not valid")
+
+
+async def _check_origin(request: web.Request, tenant_id: UUID) -> None:
+    """A cross-origin call must come from the tenant's allowed origins (CSRF guard, CORS)."""
+    raw = request.headers.get("Origin")
+    if raw is None:
+        return  # not a browser cross-origin request: the token alone authenticates
+    try:
+        origin = normalize_origin(raw)
+    except ValueError:
+        error(403, "origin_not_allowed", "this origin may not use the privacy API")
+    if origin == normalize_origin(f"{request.scheme}://{request.host}"):
+        return
+    cp = await request.app[SERVICES].tenants.policy(tenant_id)
+    if origin not in cp.policy.allowed_origins:
+        error(403, "origin_not_allowed", "this origin may not use the privacy API")
+    request[CORS_ORIGIN] = origin
 
 
 async def require_admin(request: web.Request) -> tuple[UUID, UUID]:

@@ -1,0 +1,59 @@
+"""The visitor privacy API from a widget embedded on the tenant's own site (cross-origin)."""
+
+from __future__ import annotations
+
+from gateway.provision import NewTenant
+from tests.conftest import ORIGIN, Gateway, hello
+
+
+async def _token(g: Gateway, tenant: NewTenant) -> str:
+    ws = await g.ws(tenant.site_key)
+    welcome = await hello(ws)
+    await ws.close()
+    return str(welcome["session_token"])
+
+
+async def test_preflight_then_export_from_allowed_origin(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    url = offline_gateway.url("/api/privacy/export")
+    headers = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    async with offline_gateway.session.options(url, headers=headers) as resp:
+        assert resp.status == 204
+        assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
+        assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+    token = await _token(offline_gateway, tenant)
+    auth = {"Origin": ORIGIN, "Authorization": f"Session {token}"}
+    async with offline_gateway.session.get(url, headers=auth) as resp:
+        assert resp.status == 200
+        assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
+        assert resp.headers["Access-Control-Allow-Credentials"] == "true"
+
+
+async def test_foreign_origin_is_refused_even_with_a_valid_token(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    token = await _token(offline_gateway, tenant)
+    for path, method in (("/api/privacy/export", "GET"), ("/api/privacy/delete", "POST")):
+        async with offline_gateway.session.request(
+            method,
+            offline_gateway.url(path),
+            headers={"Origin": "http://evil.test", "Authorization": f"Session {token}"},
+        ) as resp:
+            assert resp.status == 403, path
+            assert "Access-Control-Allow-Origin" not in resp.headers
+    # the refused delete erased nothing: the token still works without an Origin
+    async with offline_gateway.session.get(
+        offline_gateway.url("/api/privacy/export"),
+        headers={"Authorization": f"Session {token}"},
+    ) as resp:
+        assert resp.status == 200
+
+
+async def test_preflight_without_origin_is_refused(offline_gateway: Gateway) -> None:
+    async with offline_gateway.session.options(offline_gateway.url("/api/privacy/delete")) as resp:
+        assert resp.status == 403
