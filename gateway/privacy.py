@@ -187,7 +187,7 @@ def setup_routes(app: web.Application) -> None:
             "OPTIONS",
             path,
             {
-                "summary": "CORS preflight; the real request is checked against the tenant's origins",
+                "summary": "CORS preflight; the real request checks the tenant's origins",
                 "responses": {
                     "204": {"description": "preflight answered"},
                     "403": {"description": "no or malformed Origin"},
