@@ -38,6 +38,8 @@ class Services:
     bus: Any = field(default_factory=LocalBus)
     # live connections by (tenant, subject): erasure closes them on every process
     live: dict[tuple[UUID, UUID], set[Any]] = field(default_factory=dict)
+    # open widget sockets per (tenant, anonymized IP) in this process
+    ip_connections: dict[str, int] = field(default_factory=dict)
 
     # bring-your-own upstream per tenant: decrypted config (None = gateway's), filled lazily
     byo: dict[UUID, UpstreamConfig | None] = field(default_factory=dict, repr=False)

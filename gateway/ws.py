@@ -45,6 +45,12 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     tenant_id, cp, _ = await _tenant_and_policy(request)
     minted = None if request.cookies.get("omnigate_session") else new_token()
     ctx = request_context(request, svc, cp, minted)
+    # per anonymized IP and per process; under ip_mode drop there is no key to count by
+    ip_key = f"{tenant_id}:{ctx.ip_anon}" if ctx.ip_anon else None
+    if ip_key and svc.ip_connections.get(ip_key, 0) >= svc.settings.max_connections_per_ip:
+        raise web.HTTPTooManyRequests(
+            text="too many connections from this address", headers={"Retry-After": "10"}
+        )
     settings = svc.settings
     ws = web.WebSocketResponse(
         heartbeat=30.0,
@@ -54,6 +60,8 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     if minted is not None:
         set_session_cookie(ws, svc, cp, minted)
     await ws.prepare(request)
+    if ip_key:
+        svc.ip_connections[ip_key] = svc.ip_connections.get(ip_key, 0) + 1
     request.app[CONNECTIONS].add(ws)
     metrics.WS_CONNECTIONS.inc()
 
@@ -91,6 +99,12 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
             await asyncio.wait_for(writer_task, 2.0)
         writer_task.cancel()
         metrics.WS_CONNECTIONS.dec()
+        if ip_key:
+            left = svc.ip_connections.get(ip_key, 1) - 1
+            if left > 0:
+                svc.ip_connections[ip_key] = left
+            else:
+                svc.ip_connections.pop(ip_key, None)
         if not ws.closed:
             await ws.close(code=close[0], message=close[1])
     return ws

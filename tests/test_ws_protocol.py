@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from gateway.config import Settings
 from gateway.provision import NewTenant
-from tests.conftest import Gateway, chat, hello, reply_text
+from tests.conftest import Gateway, chat, hello, reply_text, start_gateway
 
 BAD_FRAMES = [
     ("not-json", "{nope", "bad_request"),
@@ -140,7 +144,7 @@ async def test_upgrade_sets_partitioned_session_cookie(
     offline_gateway: Gateway, tenant: NewTenant
 ) -> None:
     ws = await offline_gateway.ws(tenant.site_key)
-    cookie = ws._response.headers["Set-Cookie"]  # noqa: SLF001 - the 101 response's header
+    cookie = ws._response.headers["Set-Cookie"]
     welcome = await hello(ws)
     assert cookie.startswith(f"omnigate_session={welcome['session_token']};")
     for attr in (
@@ -154,3 +158,25 @@ async def test_upgrade_sets_partitioned_session_cookie(
         assert attr in cookie
     assert "Domain" not in cookie
     await ws.close()
+
+
+async def test_connections_per_ip_are_capped(settings: Settings, tenant: NewTenant) -> None:
+    async for g in start_gateway(replace(settings, max_connections_per_ip=3)):
+        sockets = [await g.ws(tenant.site_key) for _ in range(3)]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+            await g.ws(tenant.site_key)
+        assert err.value.status == 429
+        await sockets[0].close()
+        # a freed slot is usable again (the server notices the close first)
+        for _ in range(50):
+            try:
+                extra = await g.ws(tenant.site_key)
+                break
+            except aiohttp.WSServerHandshakeError:
+                await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the slot of a closed socket was never freed")
+        await hello(extra)
+        assert reply_text(await chat(extra, "m", "fine")) == "fine"
+        for ws in (*sockets[1:], extra):
+            await ws.close()
