@@ -163,12 +163,19 @@ def _subscribe(svc: Services) -> None:
         for conn in list(svc.live.get(key, ())):
             await conn.terminate("erased")
 
+    async def subject_restricted(payload: dict[str, Any]) -> None:
+        key = (UUID(payload["tenant_id"]), UUID(payload["subject_id"]))
+        for conn in list(svc.live.get(key, ())):
+            if conn.visitor is not None:
+                conn.visitor.restricted = True
+
     async def keys_rotated(payload: dict[str, Any]) -> None:
         svc.vault.cache.clear()
 
     svc.bus.subscribe(bus.POLICY_CHANGED, policy_changed)
     svc.bus.subscribe(bus.SUBJECT_ERASED, subject_erased)
     svc.bus.subscribe(bus.KEYS_ROTATED, keys_rotated)
+    svc.bus.subscribe(bus.SUBJECT_RESTRICTED, subject_restricted)
 
 
 async def healthz(request: web.Request) -> web.Response:

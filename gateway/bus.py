@@ -30,6 +30,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[None]]
 # The closed set of event kinds.
 POLICY_CHANGED = "policy"
 SUBJECT_ERASED = "erase"
+SUBJECT_RESTRICTED = "restrict"
 KEYS_ROTATED = "keys"
 
 

@@ -8,7 +8,7 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
-from gateway import dsr, metrics
+from gateway import bus, dsr, metrics
 from gateway.appkeys import SERVICES
 from gateway.db import Pool, tenant_tx
 from gateway.directory import tenant_ids
@@ -36,6 +36,12 @@ async def _intake(request: web.Request, regime: str, kinds: frozenset[str]) -> w
     svc = request.app[SERVICES]
     async with tenant_tx(svc.pool, who.tenant_id) as conn:
         row = await dsr.create(conn, who.tenant_id, who.subject_id, regime, kind, details)
+    if kind == "restriction":
+        # open sockets of this subject, on every process, stop processing now
+        await svc.bus.publish(
+            bus.SUBJECT_RESTRICTED,
+            {"tenant_id": str(who.tenant_id), "subject_id": str(who.subject_id)},
+        )
     return _json(dsr.public(row), status=201)
 
 

@@ -57,3 +57,23 @@ async def test_foreign_origin_is_refused_even_with_a_valid_token(
 async def test_preflight_without_origin_is_refused(offline_gateway: Gateway) -> None:
     async with offline_gateway.session.options(offline_gateway.url("/api/privacy/delete")) as resp:
         assert resp.status == 403
+
+
+async def test_restriction_reaches_an_open_socket(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    from tests.conftest import chat, reply_text
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    assert reply_text(await chat(ws, "a", "before")) == "before"
+    async with offline_gateway.session.post(
+        offline_gateway.url("/api/gdpr/request"),
+        json={"kind": "restriction"},
+        headers={"Authorization": f"Session {welcome['session_token']}"},
+    ) as resp:
+        assert resp.status == 201
+    frames = await chat(ws, "b", "after")
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "consent_required"
+    assert "restricted" in frames[-1]["message"]
+    await ws.close()
