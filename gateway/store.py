@@ -321,6 +321,31 @@ async def message_by_client_ref(
     return _message(row), _message(reply) if reply else None
 
 
+async def lock_conversation(conn: asyncpg.Connection, conversation_id: UUID) -> None:
+    """Serialize cold-path writers of one conversation until the transaction ends.
+
+    A transaction-scoped advisory lock: the hot path never takes it, so it never waits.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))", str(conversation_id)
+    )
+
+
+async def unanswered_user_seqs(
+    conn: asyncpg.Connection, tenant_id: UUID, conversation_id: UUID
+) -> list[int]:
+    """Seqs of the user messages of a conversation with no assistant row at all (oldest first)."""
+    rows = await conn.fetch(
+        "SELECT u.seq FROM messages u WHERE u.tenant_id = $1 AND u.conversation_id = $2 "
+        "AND u.role = 'user' AND NOT EXISTS (SELECT 1 FROM messages a "
+        "WHERE a.tenant_id = u.tenant_id AND a.conversation_id = u.conversation_id "
+        "AND a.role = 'assistant' AND a.reply_to = u.seq) ORDER BY u.seq",
+        tenant_id,
+        conversation_id,
+    )
+    return [r["seq"] for r in rows]
+
+
 async def history(
     conn: asyncpg.Connection,
     tenant_id: UUID,

@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 import orjson
@@ -184,8 +184,42 @@ async def open_session(
             grant, revoke = consent_changes(consent or {})
             await apply_consent(conn, v, cp, grant, revoke, hello.get("age_confirmed"), "widget")
         if row.resumed:
+            await _mark_interrupted(svc, conn, v)
             await _load_context(svc, conn, v, cp)
     return v
+
+
+async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor) -> None:
+    """On resume, record every reply that never completed as an `interrupted` assistant row.
+
+    A user message with no assistant row at all was being answered when its connection
+    (or its worker) died, or its reply failed: an empty sealed marker makes that visible
+    in history. It costs nothing per message: only a resume looks. A reply still streaming
+    on another live socket of the same session gets a marker too; when it completes, its
+    `complete` row follows the marker and supersedes it (docs/protocol.md).
+    """
+    await store.lock_conversation(conn, v.conversation_id)  # two resumes mark once
+    seqs = await store.unanswered_user_seqs(conn, v.tenant_id, v.conversation_id)
+    if not seqs:
+        return
+    try:
+        cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
+    except CryptoError:
+        raise ProtocolError(SESSION_INVALID, "this session's data was erased") from None
+    for seq in seqs:
+        mid = uuid4()
+        blob = svc.vault.seal_text(cipher, v.tenant_id, v.conversation_id, mid, "assistant", "")
+        await store.insert_message(
+            conn,
+            v.tenant_id,
+            v.conversation_id,
+            mid,
+            "assistant",
+            blob,
+            reply_to=seq,
+            status="interrupted",
+            finish_reason="interrupted",
+        )
 
 
 async def _load_context(
@@ -202,6 +236,8 @@ async def _load_context(
         v.placeholders = PlaceholderMap.from_dict(orjson.loads(raw))
     recent = await store.history(conn, v.tenant_id, v.conversation_id, None, CONTEXT_MESSAGES)
     for m in recent:
+        if m.status != "complete":
+            continue  # an interrupted marker is empty: nothing the model said
         text = svc.vault.open_text(
             cipher, v.tenant_id, v.conversation_id, m.message_id, m.role, m.ciphertext
         )
