@@ -145,8 +145,16 @@ PRIVACY_REQUEST_STATUSES = frozenset({"received", "acknowledged", "completed", "
 
 #: ``omnigate_retention_purged_total{kind}``: what a retention pass removed or anonymized.
 RETENTION_KINDS = frozenset(
-    {"messages", "conversations", "sessions", "subjects", "consents", "privacy_requests",
-     "session_ips", "analytics_events"}
+    {
+        "messages",
+        "conversations",
+        "sessions",
+        "subjects",
+        "consents",
+        "privacy_requests",
+        "session_ips",
+        "analytics_events",
+    }
 )
 
 #: ``omnigate_db_pool_connections{state}``.
@@ -223,7 +231,7 @@ UPSTREAM_DURATION = Histogram(
 )
 UPSTREAM_ERRORS = Counter(
     "omnigate_upstream_errors_total",
-    "Failed upstream model calls (each attempt), by kind.",
+    "Messages whose upstream call failed (after any retries), by the last error's kind.",
     ["kind"],
 )
 STAGE_SECONDS = Histogram(

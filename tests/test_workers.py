@@ -397,4 +397,5 @@ async def test_readyz_reports_redis(settings: Settings, redis_url: str) -> None:
         assert resp.status == 200 and body == {
             "status": "degraded",
             "checks": {"database": "ok", "redis": "unreachable"},
+            "upstream": "offline",
         }
