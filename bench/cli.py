@@ -102,6 +102,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -184,6 +185,8 @@ class Runner:
         f1 = self.fake.cpu_seconds() if self.fake else 0.0
         c1 = sum(me.cpu_times()[:2])
         out = _stats_json(stats)
+        # other work on the machine skews every number: keep the load next to them
+        out["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
         per = max(stats.ok, 1)
         if gw:
             out["gateway_cpu_s"] = round(g1 - g0, 3)
@@ -203,6 +206,9 @@ class Runner:
         cfg = self.cfg
         n, m = cfg["sessions"], cfg["messages"]
         self.say(f"logs in {self.logdir}")
+        load1 = os.getloadavg()[0]
+        if load1 > 0.5 * (os.cpu_count() or 1):
+            self.say(f"WARNING: load average {load1:.2f} before starting: numbers will be noisy")
         self.db = await BenchDatabase.create(self.args.database_url)
         self.results["database"] = {"name": self.db.name, "embedded": self.db.embedded}
         self.say(f"database {self.db.name}{' (embedded server)' if self.db.embedded else ''}")
@@ -241,9 +247,7 @@ class Runner:
             await self.run_slow(gw, url)
         if gw is not None:
             gw.stop()
-        if ("scale" in self.only and not self.args.only) or (
-            self.args.only and "scale" in self.args.only
-        ):
+        if "scale" in self.only:
             await self.run_scale(url if "ws" in self.results["runs"] else None)
 
     async def run_idle(self, gw: Child, url: str) -> None:
