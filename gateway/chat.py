@@ -148,10 +148,13 @@ async def _exchange(
         user_seq = None
     await emit(protocol.ack(msg_id, user_seq))
 
+    turn = {"role": "user", "content": redacted.text}
+    # a re-sent unanswered message is already the last turn of the resumed context
+    history = v.context[:-1] if v.context and v.context[-1] == turn else v.context
     prompt = [
         {"role": "system", "content": cp.policy.system_prompt},
-        *v.context,
-        {"role": "user", "content": redacted.text},
+        *history,
+        turn,
     ]
     reply, raw_reply, finish = await _stream_reply(svc, v, cp, msg_id, prompt, emit)
 
@@ -182,9 +185,7 @@ async def _exchange(
         v.unstored[msg_id] = reply
         if len(v.unstored) > 256:
             v.unstored.pop(next(iter(v.unstored)))
-    v.context.extend(
-        ({"role": "user", "content": redacted.text}, {"role": "assistant", "content": raw_reply})
-    )
+    v.context[:] = [*history, turn, {"role": "assistant", "content": raw_reply}]
     del v.context[:-CONTEXT_MESSAGES]
     await emit(protocol.done(msg_id, reply_seq, finish))
 
@@ -278,8 +279,11 @@ async def _stream_reply(
                     await emit(protocol.delta(msg_id, out))
     except UpstreamError as exc:
         metrics.count_upstream_error(exc.kind)
-        log.warning("upstream failed", exc_info=True,
-                    extra={"tenant_id": str(v.tenant_id), "kind": exc.kind, "code": exc.code})
+        log.warning(
+            "upstream failed",
+            exc_info=True,
+            extra={"tenant_id": str(v.tenant_id), "kind": exc.kind, "code": exc.code},
+        )
         raise ProtocolError(
             exc.code, UPSTREAM_MESSAGES[exc.code], id=msg_id, retry_after=exc.retry_after
         ) from None

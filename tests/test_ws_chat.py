@@ -97,3 +97,22 @@ async def test_ping_pong_and_history_paging(offline_gateway: Gateway, tenant: Ne
     assert [m["role"] for m in older] == ["user", "assistant"]
     assert older[0]["text"] == "message number 1"
     await ws.close()
+
+
+async def test_resent_unanswered_message_reaches_the_model_once(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    for _ in range(2):  # every attempt fails: stored, never answered
+        upstream.queue("error", status=500)
+    assert (await chat(ws, "b", "unanswered question"))[-1]["type"] == "error"
+    await ws.close()
+    ws = await gateway.ws(tenant.site_key)
+    await hello(ws, session_token=welcome["session_token"])
+    frames = await chat(ws, "b", "unanswered question")
+    assert frames[-1]["type"] == "done"
+    sent = upstream.requests[-1]["body"]["messages"]
+    assert [m["content"] for m in sent].count("unanswered question") == 1
+    await ws.close()
