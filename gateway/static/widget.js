@@ -403,6 +403,7 @@
         const msg = msgs.get(f.id);
         if (!msg) return;
         msg.userEl.classList.remove("pending", "failed");
+        msg.userSeq = f.seq;
         claimSeq(f.seq, msg.userEl);
         return;
       }
@@ -422,6 +423,7 @@
         el.classList.remove("streaming");
         el.querySelector(".text").textContent = msg.reply;
         claimSeq(f.seq, el);
+        dropInterrupted(msg.userSeq);
         // one announcement per completed reply, not one per delta
         announcer.textContent = "Assistant: " + msg.reply;
         if (statusBar.classList.contains("rate") || statusBar.classList.contains("storage")) setStatus("");
@@ -461,10 +463,33 @@
     flush();
   }
 
+  // "reply interrupted" notes by the seq of the message they answer; a later
+  // complete reply to that message replaces the note
+  const interrupted = new Map();
+
+  function dropInterrupted(userSeq) {
+    const note = interrupted.get(userSeq);
+    if (note) {
+      note.remove();
+      interrupted.delete(userSeq);
+    }
+  }
+
   function onHistory(messages) {
+    // replies that completed; an interrupted marker for one of them is not worth showing
+    const answered = new Set(
+      messages.filter((m) => m.role === "assistant" && m.status !== "interrupted").map((m) => m.reply_to)
+    );
     for (const m of messages.slice().sort((a, b) => a.seq - b.seq)) {
       if (bySeq.has(m.seq) || (m.role !== "user" && m.role !== "assistant")) continue;
-      const li = bubble(m.role, m.text);
+      if (m.status === "interrupted" && (answered.has(m.reply_to) || interrupted.has(m.reply_to))) continue;
+      if (m.role === "assistant" && m.status !== "interrupted") dropInterrupted(m.reply_to);
+      const text = m.status === "interrupted" ? "(This reply was interrupted.)" : m.text;
+      const li = bubble(m.role, text);
+      if (m.status === "interrupted") {
+        li.classList.add("interrupted");
+        interrupted.set(m.reply_to, li);
+      }
       li.dataset.seq = String(m.seq);
       bySeq.set(m.seq, li);
       placeBySeq(li, m.seq);
