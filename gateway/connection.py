@@ -150,10 +150,6 @@ class Connection:
         grant, revoke = consent_changes(data)
         async with tenant_tx(self.svc.pool, self.tenant_id) as conn:
             await apply_consent(conn, v, cp, grant, revoke, data.get("age_confirmed"), "widget")
-        for p in grant:
-            metrics.count_consent(p, "granted")
-        for p in revoke:
-            metrics.count_consent(p, "revoked")
         v.resumed = True
         await self.send(welcome(v, cp))
         await self._ask_consent_if_needed()

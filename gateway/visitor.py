@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import orjson
 
-from gateway import identity, store
+from gateway import identity, metrics, store
 from gateway.crypto import CryptoError, new_token, token_hash
 from gateway.db import tenant_tx
 from gateway.protocol import BAD_REQUEST, SESSION_INVALID, ProtocolError
@@ -123,6 +123,9 @@ async def apply_consent(
             cp.policy.consent_version,
             source,
         )
+        for purpose, granted in changes:
+            if purpose != AGE_PURPOSE:
+                metrics.count_consent(purpose, "granted" if granted else "revoked")
     v.consent = state
 
 

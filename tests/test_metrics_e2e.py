@@ -193,12 +193,6 @@ async def test_consent_grant_and_revoke_counted_by_purpose(
     assert d("omnigate_consent_decisions_total", purpose="analytics", decision="revoked") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consent given in hello.consent is recorded (visitor.open_session) but not "
-    "counted in omnigate_consent_decisions_total; only consent frames and the privacy "
-    "API count",
-)
 async def test_consent_given_in_hello_is_counted(gw: Gateway, app_pool: asyncpg.Pool) -> None:
     t = await tenant_with(app_pool)
     before = await scrape(gw)
