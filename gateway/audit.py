@@ -56,7 +56,8 @@ async def append(
     at: datetime = await conn.fetchval("SELECT date_trunc('milliseconds', now())")
     digest = entry_hash(prev, tenant_id, seq, at, actor, action, target, details)
     await conn.execute(
-        "INSERT INTO audit_log (tenant_id, seq, at, actor, action, target, details, prev_hash, hash)"
+        "INSERT INTO audit_log"
+        " (tenant_id, seq, at, actor, action, target, details, prev_hash, hash)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         tenant_id,
         seq,

@@ -56,7 +56,9 @@ class Connection:
         self.bad_frames = 0
         self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue(PENDING_MESSAGES)
         self._worker: asyncio.Task[None] | None = None
-        self._in_flight = False
+        # set whenever nothing is queued or being answered (graceful shutdown waits on it)
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._on_terminate = on_terminate
 
     async def receive(self, raw: str | bytes) -> None:
@@ -129,20 +131,21 @@ class Connection:
             raise ProtocolError(
                 protocol.RATE_LIMITED, "wait for the current reply", id=data["id"], retry_after=1.0
             ) from None
+        self._idle.clear()
         if self._worker is None:
             self._worker = asyncio.create_task(self._answer_in_order(v))
 
     async def _answer_in_order(self, v: Visitor) -> None:
         while True:
             msg_id, text = await self._queue.get()
-            self._in_flight = True
             try:
                 await chat.handle_message(self.svc, v, msg_id, text, self.send)
             except Exception:
                 log.exception("unexpected failure answering a message")
                 await self.error(ProtocolError(protocol.INTERNAL, "internal error", id=msg_id))
             finally:
-                self._in_flight = False
+                if self._queue.empty():
+                    self._idle.set()
 
     async def on_consent(self, v: Visitor, data: dict[str, Any]) -> None:
         """Grant or revoke purposes, record them, and answer with a fresh welcome."""
@@ -204,15 +207,10 @@ class Connection:
         if self._on_terminate is not None:
             await self._on_terminate(reason)
 
-    async def drain(self, timeout: float) -> None:
-        """Let the queued and in-flight replies finish, up to `timeout` seconds."""
-        if self._worker is None:
-            return
-        deadline = asyncio.get_running_loop().time() + timeout
-        while (
-            self._queue.qsize() or self._in_flight
-        ) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+    async def drain(self, grace: float) -> None:
+        """Let the queued and in-flight replies finish, up to `grace` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
 
 
 _HANDLERS: dict[str, Callable[[Connection, Visitor, dict[str, Any]], Awaitable[None]]] = {

@@ -39,7 +39,8 @@ async def create_tenant(
     async with tenant_tx(pool, tenant_id) as conn:
         await conn.execute("INSERT INTO tenants (tenant_id, name) VALUES ($1, $2)", tenant_id, name)
         await conn.execute(
-            "INSERT INTO site_keys (tenant_id, site_key_id, key_hash, key_prefix) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO site_keys (tenant_id, site_key_id, key_hash, key_prefix)"
+            " VALUES ($1, $2, $3, $4)",
             tenant_id,
             uuid4(),
             token_hash(site_key),

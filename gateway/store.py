@@ -89,7 +89,8 @@ async def insert_policy(
 ) -> None:
     """Append a policy version (the primary key makes concurrent writers collide, not overwrite)."""
     await conn.execute(
-        "INSERT INTO policies (tenant_id, version, doc, diff, created_by) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO policies (tenant_id, version, doc, diff, created_by)"
+        " VALUES ($1, $2, $3, $4, $5)",
         tenant_id,
         version,
         orjson.dumps(doc).decode(),
@@ -160,7 +161,8 @@ async def create_subject(
         external_ref,
     )
     await conn.execute(
-        "INSERT INTO subject_keys (tenant_id, subject_id, kek_id, wrapped_key) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO subject_keys (tenant_id, subject_id, kek_id, wrapped_key)"
+        " VALUES ($1, $2, $3, $4)",
         tenant_id,
         subject_id,
         kek_id,
@@ -279,9 +281,6 @@ async def insert_message(
     return seq
 
 
-_COLUMNS = "seq, message_id, role, ciphertext, created_at, status, finish_reason, reply_to"
-
-
 def _message(row: asyncpg.Record) -> StoredMessage:
     return StoredMessage(
         row["seq"],
@@ -303,8 +302,9 @@ async def message_by_client_ref(
 ) -> tuple[StoredMessage, StoredMessage | None] | None:
     """A re-sent user message and its latest complete reply, if stored."""
     row = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM messages WHERE tenant_id = $1 AND conversation_id = $2 "
-        "AND client_ref = $3 AND role = 'user'",
+        "SELECT seq, message_id, role, ciphertext, created_at, status, finish_reason, reply_to"
+        " FROM messages WHERE tenant_id = $1 AND conversation_id = $2"
+        " AND client_ref = $3 AND role = 'user'",
         tenant_id,
         conversation_id,
         client_ref,
@@ -312,8 +312,9 @@ async def message_by_client_ref(
     if row is None:
         return None
     reply = await conn.fetchrow(
-        f"SELECT {_COLUMNS} FROM messages WHERE tenant_id = $1 AND conversation_id = $2 "
-        "AND reply_to = $3 AND role = 'assistant' AND status = 'complete' ORDER BY seq DESC LIMIT 1",
+        "SELECT seq, message_id, role, ciphertext, created_at, status, finish_reason, reply_to"
+        " FROM messages WHERE tenant_id = $1 AND conversation_id = $2 AND reply_to = $3"
+        " AND role = 'assistant' AND status = 'complete' ORDER BY seq DESC LIMIT 1",
         tenant_id,
         conversation_id,
         row["seq"],
@@ -355,8 +356,9 @@ async def history(
 ) -> list[StoredMessage]:
     """A page of a conversation, newest first up to `limit`, returned oldest first."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM messages WHERE tenant_id = $1 AND conversation_id = $2 "
-        "AND ($3::bigint IS NULL OR seq < $3) ORDER BY seq DESC LIMIT $4",
+        "SELECT seq, message_id, role, ciphertext, created_at, status, finish_reason, reply_to"
+        " FROM messages WHERE tenant_id = $1 AND conversation_id = $2"
+        " AND ($3::bigint IS NULL OR seq < $3) ORDER BY seq DESC LIMIT $4",
         tenant_id,
         conversation_id,
         before,

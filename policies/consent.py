@@ -117,8 +117,11 @@ def effective_purposes(state: ConsentState, signals: Signals) -> frozenset[str]:
 def decide_chat(cp: CompiledPolicy, state: ConsentState, signals: Signals) -> ChatDecision:
     """Decide whether a visitor may chat under ``cp`` (rule says why)."""
     stale = state.version != cp.consent_version
-    current = (ConsentState(frozenset(), cp.consent_version, state.age_confirmed, state.revoked)
-               if stale else state)
+    current = (
+        ConsentState(frozenset(), cp.consent_version, state.age_confirmed, state.revoked)
+        if stale
+        else state
+    )
     effective = effective_purposes(current, signals)
     tracking = bool(effective & TRACKING_PURPOSES)
     missing = [p for p in PURPOSES if p in cp.required and p not in current.granted]

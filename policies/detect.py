@@ -138,8 +138,13 @@ def find_cards(text: str) -> Iterator[Match]:
                     continue
                 digits = "".join(raw[s:e] for s, e in window)
                 if _card_ok(digits):
-                    yield Match(base + groups[i][0], base + groups[j][1], "credit_card",
-                                "redact.credit_card", digits)
+                    yield Match(
+                        base + groups[i][0],
+                        base + groups[j][1],
+                        "credit_card",
+                        "redact.credit_card",
+                        digits,
+                    )
                     i = j + 1
                     found = True
                     break
@@ -219,8 +224,11 @@ def find_ips(text: str) -> Iterator[Match]:
             token = token[:-1]
             end -= 1
         # Needs a digit: hex-only words around "::" ("a::b", "std::vector") are code, not IPs.
-        if (token.count(":") < 2 or not any(ch.isdigit() for ch in token)
-                or (end < len(text) and (text[end].isalnum() or text[end] == "_"))):
+        if (
+            token.count(":") < 2
+            or not any(ch.isdigit() for ch in token)
+            or (end < len(text) and (text[end].isalnum() or text[end] == "_"))
+        ):
             continue
         try:
             ip6 = ipaddress.IPv6Address(token)
@@ -245,13 +253,19 @@ def find_ssns(text: str) -> Iterator[Match]:
 
 _SECRET_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     # A key block without its END line is still a key: redact to the end of the text.
-    ("private_key", re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?"
-        r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\Z)")),
+    (
+        "private_key",
+        re.compile(
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?"
+            r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\Z)"
+        ),
+    ),
     ("jwt", re.compile(r"(?<![\w\-])eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*")),
     ("openai_key", re.compile(r"(?<![\w\-])sk-[A-Za-z0-9_\-]{20,}")),
-    ("github_token", re.compile(
-        r"(?<![\w\-])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})")),
+    (
+        "github_token",
+        re.compile(r"(?<![\w\-])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
+    ),
     ("aws_access_key", re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])")),
     ("slack_token", re.compile(r"(?<![\w\-])xox[baprs]-[A-Za-z0-9\-]{10,}")),
 )

@@ -122,14 +122,20 @@ class PlaceholderMap:
                 raise ValueError("malformed placeholder map counter")
             out._counters[entity] = n
         for entry in entries:
-            if not (isinstance(entry, list) and len(entry) == 4
-                    and all(isinstance(x, str) for x in entry)):
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 4
+                and all(isinstance(x, str) for x in entry)
+            ):
                 raise ValueError("malformed placeholder map entry")
             entity, key, placeholder, value = entry
             m = PLACEHOLDER_RE.fullmatch(placeholder)
-            if (m is None or _ENTITY_BY_NAME[m.group(1)] != entity
-                    or int(m.group(2)) > out._counters.get(entity, 0)
-                    or placeholder in out._values):
+            if (
+                m is None
+                or _ENTITY_BY_NAME[m.group(1)] != entity
+                or int(m.group(2)) > out._counters.get(entity, 0)
+                or placeholder in out._values
+            ):
                 raise ValueError("malformed placeholder map entry")
             out._by_key[(entity, key)] = placeholder
             out._values[placeholder] = value
@@ -197,9 +203,7 @@ class ReplyRestorer:
         self._mapping = mapping
         # Every proper prefix ("<", "<E", ... "<EMAIL_1") of an issued placeholder: a chunk
         # ending in one of these may still become a placeholder, so it is held back.
-        self._prefixes = frozenset(
-            p[:i] for p in mapping.placeholders() for i in range(1, len(p))
-        )
+        self._prefixes = frozenset(p[:i] for p in mapping.placeholders() for i in range(1, len(p)))
         self._pending = ""
 
     def feed(self, chunk: str) -> str:

@@ -125,7 +125,11 @@ def _bool(errs: _Errors, path: str, value: object) -> bool | None:
 
 
 def _choices(
-    errs: _Errors, path: str, value: object, allowed: tuple[str, ...], what: str,
+    errs: _Errors,
+    path: str,
+    value: object,
+    allowed: tuple[str, ...],
+    what: str,
     ignore: frozenset[str] = frozenset(),
 ) -> frozenset[str] | None:
     if not isinstance(value, list | tuple):
@@ -257,8 +261,9 @@ def _parse_redact(errs: _Errors, value: object, base: Redact) -> Redact | None:
     return Redact(entities=entities, restore_in_reply=restore)
 
 
-def _parse_str(errs: _Errors, path: str, value: object, check: Callable[[str], bool],
-               message: str) -> str | None:
+def _parse_str(
+    errs: _Errors, path: str, value: object, check: Callable[[str], bool], message: str
+) -> str | None:
     if not isinstance(value, str) or not check(value):
         errs.add(path, message)
         return None
@@ -284,8 +289,9 @@ def parse_policy(doc: Mapping[str, object], base: Policy | None = None) -> Polic
         elif name in ("honor_dnt", "age_confirmation"):
             parsed = _bool(errs, name, v)
         elif name == "ip_mode":
-            parsed = _parse_str(errs, name, v, lambda s: s in IP_MODES,
-                                f"must be one of {', '.join(IP_MODES)}")
+            parsed = _parse_str(
+                errs, name, v, lambda s: s in IP_MODES, f"must be one of {', '.join(IP_MODES)}"
+            )
         elif name in ("required_consents", "optional_consents"):
             parsed = _choices(errs, name, v, PURPOSES, "purpose", frozenset({NECESSARY}))
         elif name == "redact":
@@ -295,11 +301,21 @@ def parse_policy(doc: Mapping[str, object], base: Policy | None = None) -> Polic
         elif name == "allowed_origins":
             parsed = _origins(errs, name, v)
         elif name == "system_prompt":
-            parsed = _parse_str(errs, name, v, lambda s: len(s) <= MAX_SYSTEM_PROMPT_CHARS,
-                                f"must be a string of at most {MAX_SYSTEM_PROMPT_CHARS} characters")
+            parsed = _parse_str(
+                errs,
+                name,
+                v,
+                lambda s: len(s) <= MAX_SYSTEM_PROMPT_CHARS,
+                f"must be a string of at most {MAX_SYSTEM_PROMPT_CHARS} characters",
+            )
         elif name == "model":
-            parsed = _parse_str(errs, name, v, lambda s: _MODEL_RE.fullmatch(s) is not None,
-                                "must be a model name (1-128 of A-Z a-z 0-9 . _ : / @ + -)")
+            parsed = _parse_str(
+                errs,
+                name,
+                v,
+                lambda s: _MODEL_RE.fullmatch(s) is not None,
+                "must be a model name (1-128 of A-Z a-z 0-9 . _ : / @ + -)",
+            )
         elif name in ("min_age", "privacy_policy_url"):
             # Nullable fields: None is a valid value, so _MISSING marks failure.
             parsed = (_min_age if name == "min_age" else _url)(errs, name, v)

@@ -33,7 +33,7 @@ def recorder(b: RedisBus, seen: Seen) -> None:
         b.subscribe(kind, handler)
 
 
-async def until(cond: Any, timeout: float = 1.0) -> None:  # noqa: ASYNC109
+async def until(cond: Any, timeout: float = 1.0) -> None:
     """Wait for `cond()` to be true, polling."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():

@@ -32,7 +32,7 @@ async def dump_database(owner_pool: asyncpg.Pool) -> str:
     tables = await owner_pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     parts = []
     for t in tables:
-        rows = await owner_pool.fetch(f'SELECT t::text AS row FROM "{t["tablename"]}" t')  # noqa: S608
+        rows = await owner_pool.fetch(f'SELECT t::text AS row FROM "{t["tablename"]}" t')
         parts.extend(r["row"] for r in rows)
     return "\n".join(parts)
 
@@ -80,7 +80,7 @@ async def test_app_role_sees_only_its_tenant(
     await ws.close()
     async with tenant_tx(app_pool, other.tenant_id) as conn:
         for table in ("messages", "sessions", "conversations", "subjects", "subject_keys"):
-            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0  # noqa: S608
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
         assert await conn.fetchval("SELECT count(*) FROM tenants") == 1
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute(
@@ -99,7 +99,7 @@ async def test_app_role_sees_nothing_without_tenant(
     await chat(ws, "m", "invisible without tenant")
     await ws.close()
     for table in TENANT_TABLES:
-        assert await app_pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table  # noqa: S608
+        assert await app_pool.fetchval(f"SELECT count(*) FROM {table}") == 0, table
 
 
 async def test_audit_log_is_append_only_for_app_role(

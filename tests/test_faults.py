@@ -31,9 +31,11 @@ FAST = 8.0
 class PgProxy:
     """A tiny TCP forwarder with a kill switch."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, unix_dir: str | None = None) -> None:
         self.host = host
         self.port = port
+        # the embedded server listens on a unix socket only
+        self.unix_path = f"{unix_dir}/.s.PGSQL.{port}" if unix_dir else None
         self.listen_port = 0
         self.refusing = False
         self.accepted = 0
@@ -51,7 +53,10 @@ class PgProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+            if self.unix_path:
+                up_reader, up_writer = await asyncio.open_unix_connection(self.unix_path)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
         except OSError:
             writer.transport.abort()
             return
@@ -104,13 +109,16 @@ def _via(url: str, port: int) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     hostport = f"127.0.0.1:{port}"
     new = f"{netloc[0]}@{hostport}" if len(netloc) == 2 else hostport
-    return urlunsplit(parts._replace(netloc=new))
+    # drop a unix-socket `host=` query: the proxy is reached over TCP
+    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("host="))
+    return urlunsplit(parts._replace(netloc=new, query=query))
 
 
 @pytest.fixture
 async def proxy(database: Database) -> AsyncIterator[PgProxy]:
     parts = urlsplit(database.app_url)
-    p = PgProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    unix_dir = next((q[5:] for q in parts.query.split("&") if q.startswith("host=")), None)
+    p = PgProxy(parts.hostname or "127.0.0.1", parts.port or 5432, unix_dir)
     await p.start()
     yield p
     await p.close()

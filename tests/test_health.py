@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -124,7 +125,7 @@ async def test_unready_when_partly_migrated(empty_database: str) -> None:
 async def test_unready_when_the_database_is_gone(database: Database, empty_database: str) -> None:
     pool = await create_pool(empty_database, min_size=1, max_size=2)
     try:
-        name = empty_database.rsplit("/", 1)[1]
+        name = urlsplit(empty_database).path.lstrip("/")
         admin = await asyncpg.connect(database.owner_url)
         try:
             # terminates the pool's connections; every reconnect then fails

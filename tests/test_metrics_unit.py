@@ -119,7 +119,7 @@ def _run(code: str, multiproc_dir: Path) -> subprocess.CompletedProcess[bytes]:
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    return subprocess.run(  # noqa: S603 - our own interpreter and code
+    return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env,
         cwd=REPO,

@@ -6,26 +6,42 @@ import pytest
 
 from policies import coarse_client, page_path, referrer_origin
 
-CHROME_WIN = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
-              "Chrome/124.0.0.0 Safari/537.36")
+CHROME_WIN = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Safari/537.36"
+)
 EDGE = CHROME_WIN + " Edg/124.0.2478.51"
 OPERA = CHROME_WIN + " OPR/109.0.0.0"
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"
-SAFARI_MAC = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 "
-              "(KHTML, like Gecko) Version/17.4.1 Safari/605.1.15")
-SAFARI_IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
-                 "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1")
-CHROME_IOS = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
-              "(KHTML, like Gecko) CriOS/124.0.6367.88 Mobile/15E148 Safari/604.1")
-IPAD = ("Mozilla/5.0 (iPad; CPU OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
-        "Version/17.4 Mobile/15E148 Safari/604.1")
-ANDROID_PHONE = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
-                 "Chrome/124.0.6367.82 Mobile Safari/537.36")
-ANDROID_TABLET = ("Mozilla/5.0 (Linux; Android 13; SM-X710) AppleWebKit/537.36 (KHTML, like Gecko) "
-                  "Chrome/124.0.6367.82 Safari/537.36")
+SAFARI_MAC = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.4.1 Safari/605.1.15"
+)
+SAFARI_IPHONE = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+)
+CHROME_IOS = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) CriOS/124.0.6367.88 Mobile/15E148 Safari/604.1"
+)
+IPAD = (
+    "Mozilla/5.0 (iPad; CPU OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.4 Mobile/15E148 Safari/604.1"
+)
+ANDROID_PHONE = (
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.6367.82 Mobile Safari/537.36"
+)
+ANDROID_TABLET = (
+    "Mozilla/5.0 (Linux; Android 13; SM-X710) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.6367.82 Safari/537.36"
+)
 FIREFOX_ANDROID = "Mozilla/5.0 (Android 14; Mobile; rv:125.0) Gecko/125.0 Firefox/125.0"
-SAMSUNG = ("Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko) "
-           "SamsungBrowser/24.0 Chrome/117.0.0.0 Mobile Safari/537.36")
+SAMSUNG = (
+    "Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "SamsungBrowser/24.0 Chrome/117.0.0.0 Mobile Safari/537.36"
+)
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 HEADLESS = CHROME_WIN.replace("Chrome/", "HeadlessChrome/")
 
@@ -52,13 +68,33 @@ HEADLESS = CHROME_WIN.replace("Chrome/", "HeadlessChrome/")
         ("something odd", "other", None, "other"),
         ("Chrome/99999999999999999999", "chrome", None, "other"),
     ],
-    ids=["chrome", "edge", "opera", "firefox", "safari-mac", "safari-iphone", "chrome-ios",
-         "ipad", "android-phone", "android-tablet", "firefox-android", "samsung", "googlebot",
-         "headless", "curl", "empty", "odd", "huge-version"],
+    ids=[
+        "chrome",
+        "edge",
+        "opera",
+        "firefox",
+        "safari-mac",
+        "safari-iphone",
+        "chrome-ios",
+        "ipad",
+        "android-phone",
+        "android-tablet",
+        "firefox-android",
+        "samsung",
+        "googlebot",
+        "headless",
+        "curl",
+        "empty",
+        "odd",
+        "huge-version",
+    ],
 )
 def test_coarse_client(ua: str, family: str, major: int | None, device: str) -> None:
-    assert coarse_client(ua) == {"browser_family": family, "browser_major": major,
-                                 "device_class": device}
+    assert coarse_client(ua) == {
+        "browser_family": family,
+        "browser_major": major,
+        "device_class": device,
+    }
 
 
 def test_coarse_client_none() -> None:
@@ -80,8 +116,19 @@ def test_coarse_client_none() -> None:
         (None, None),
         ("https://shop.example:99999/", None),
     ],
-    ids=["query-fragment-dropped", "port-kept", "default-port", "credentials-dropped", "ipv6",
-         "app-scheme", "javascript", "relative", "empty", "none", "bad-port"],
+    ids=[
+        "query-fragment-dropped",
+        "port-kept",
+        "default-port",
+        "credentials-dropped",
+        "ipv6",
+        "app-scheme",
+        "javascript",
+        "relative",
+        "empty",
+        "none",
+        "bad-port",
+    ],
 )
 def test_referrer_origin(url: str | None, expected: str | None) -> None:
     assert referrer_origin(url) == expected
@@ -101,8 +148,18 @@ def test_referrer_origin(url: str | None, expected: str | None) -> None:
         ("", None),
         (None, None),
     ],
-    ids=["full-url", "no-path", "path-with-query", "root", "scheme-relative", "truncated",
-         "not-absolute", "mailto", "empty", "none"],
+    ids=[
+        "full-url",
+        "no-path",
+        "path-with-query",
+        "root",
+        "scheme-relative",
+        "truncated",
+        "not-absolute",
+        "mailto",
+        "empty",
+        "none",
+    ],
 )
 def test_page_path(value: str | None, expected: str | None) -> None:
     assert page_path(value) == expected

@@ -64,12 +64,35 @@ TRUSTED = parse_trusted_proxies("10.0.0.0/8, 2001:db8:ffff::/48, 192.0.2.1")
         ("10.0.0.5", ["2001:db8::1:80:80:80:80:80:80"], "10.0.0.5"),
     ],
     ids=[
-        "v4-peer", "v6-peer", "v4-mapped-peer", "zone-peer", "no-peer", "bad-peer",
-        "untrusted-v4-with-xff", "untrusted-v6-with-xff", "trusted-one-hop", "trusted-mapped-peer",
-        "trusted-v6", "v4-proxy-v6-client", "chain-spoofed-left", "chain-long",
-        "chain-trusted-client-side", "xff-mapped", "xff-zone", "xff-v6-port", "xff-v4-port",
-        "xff-spaces", "all-trusted", "several-xff-lines", "malformed-entry", "empty-entry",
-        "empty-header", "unknown-token", "bad-octet", "unclosed-bracket", "bad-port",
+        "v4-peer",
+        "v6-peer",
+        "v4-mapped-peer",
+        "zone-peer",
+        "no-peer",
+        "bad-peer",
+        "untrusted-v4-with-xff",
+        "untrusted-v6-with-xff",
+        "trusted-one-hop",
+        "trusted-mapped-peer",
+        "trusted-v6",
+        "v4-proxy-v6-client",
+        "chain-spoofed-left",
+        "chain-long",
+        "chain-trusted-client-side",
+        "xff-mapped",
+        "xff-zone",
+        "xff-v6-port",
+        "xff-v4-port",
+        "xff-spaces",
+        "all-trusted",
+        "several-xff-lines",
+        "malformed-entry",
+        "empty-entry",
+        "empty-header",
+        "unknown-token",
+        "bad-octet",
+        "unclosed-bracket",
+        "bad-port",
         "too-many-groups",
     ],
 )
@@ -96,7 +119,8 @@ def test_parse_trusted_proxies(spec: str, expected: tuple[str, ...]) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["10.0.0.0/33", "10.0.0.1/8", "proxy.internal", "::ffff:10.0.0.0/104"],
+    "spec",
+    ["10.0.0.0/33", "10.0.0.1/8", "proxy.internal", "::ffff:10.0.0.0/104"],
     ids=["bad-prefix", "host-bits", "hostname", "mapped-range"],
 )
 def test_parse_trusted_proxies_errors(spec: str) -> None:
@@ -120,8 +144,17 @@ SALT = b"s" * 32
         (None, "truncate", None),
         ("nonsense", "full", None),
     ],
-    ids=["v4-truncate", "v6-truncate", "mapped-truncate", "zone-truncate", "drop", "full",
-         "mapped-full", "none", "invalid"],
+    ids=[
+        "v4-truncate",
+        "v6-truncate",
+        "mapped-truncate",
+        "zone-truncate",
+        "drop",
+        "full",
+        "mapped-full",
+        "none",
+        "invalid",
+    ],
 )
 def test_anonymize_ip(ip: str | None, mode: str, expected: str | None) -> None:
     assert anonymize_ip(ip, mode, SALT) == expected

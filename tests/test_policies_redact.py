@@ -25,14 +25,16 @@ def redacted(text: str, redactor: Redactor = ALL) -> str:
         ("Handy 0151 23456789", "Handy <PHONE_1>", "redact.phone"),
         ("tel 01 23 45 67 89", "tel <PHONE_1>", "redact.phone"),
         ("+49 30 901820.", "<PHONE_1>.", "redact.phone"),
-        ("card 4111 1111 1111 1111 exp 12/26", "card <CREDIT_CARD_1> exp 12/26",
-         "redact.credit_card"),
+        (
+            "card 4111 1111 1111 1111 exp 12/26",
+            "card <CREDIT_CARD_1> exp 12/26",
+            "redact.credit_card",
+        ),
         ("card 4111-1111-1111-1111", "card <CREDIT_CARD_1>", "redact.credit_card"),
         ("card 4111111111111111.", "card <CREDIT_CARD_1>.", "redact.credit_card"),
         ("amex 3782 822463 10005", "amex <CREDIT_CARD_1>", "redact.credit_card"),
         ("visa13 4222222222222", "visa13 <CREDIT_CARD_1>", "redact.credit_card"),
-        ("then 6011 0009 9013 9424 123", "then <CREDIT_CARD_1> 123",
-         "redact.credit_card"),
+        ("then 6011 0009 9013 9424 123", "then <CREDIT_CARD_1> 123", "redact.credit_card"),
         ("IBAN DE89 3704 0044 0532 0130 00 thanks", "IBAN <IBAN_1> thanks", "redact.iban"),
         ("iban DE89370400440532013000", "iban <IBAN_1>", "redact.iban"),
         ("GB82 WEST 1234 5698 7654 32", "<IBAN_1>", "redact.iban"),
@@ -49,27 +51,72 @@ def redacted(text: str, redactor: Redactor = ALL) -> str:
         ("sk-proj-abcdefghijklmnopqrstuvwx12", "<SECRET_1>", "redact.secret.openai_key"),
         ("key=sk-abcdefghijklmnopqrstuvwxyz0123", "key=<SECRET_1>", "redact.secret.openai_key"),
         ("ghp_" + "a1" * 18, "<SECRET_1>", "redact.secret.github_token"),
-        ("github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz", "<SECRET_1>",
-         "redact.secret.github_token"),
+        (
+            "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
+            "<SECRET_1>",
+            "redact.secret.github_token",
+        ),
         ("aws AKIAIOSFODNN7EXAMPLE", "aws <SECRET_1>", "redact.secret.aws_access_key"),
         ("xoxb-123456789012-abcdefghij", "<SECRET_1>", "redact.secret.slack_token"),
-        ("Authorization: Bearer abc123def456ghi789", "Authorization: Bearer <SECRET_1>",
-         "redact.secret.bearer"),
-        ("token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.abc_DEF-123", "token <SECRET_1>",
-         "redact.secret.jwt"),
-        ("-----BEGIN PRIVATE KEY-----\nMIIEv\nQ==\n-----END PRIVATE KEY-----\nbye",
-         "<SECRET_1>\nbye", "redact.secret.private_key"),
-        ("-----BEGIN RSA PRIVATE KEY-----\nMIIE truncated paste", "<SECRET_1>",
-         "redact.secret.private_key"),
+        (
+            "Authorization: Bearer abc123def456ghi789",
+            "Authorization: Bearer <SECRET_1>",
+            "redact.secret.bearer",
+        ),
+        (
+            "token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.abc_DEF-123",
+            "token <SECRET_1>",
+            "redact.secret.jwt",
+        ),
+        (
+            "-----BEGIN PRIVATE KEY-----\nMIIEv\nQ==\n-----END PRIVATE KEY-----\nbye",
+            "<SECRET_1>\nbye",
+            "redact.secret.private_key",
+        ),
+        (
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIE truncated paste",
+            "<SECRET_1>",
+            "redact.secret.private_key",
+        ),
     ],
     ids=[
-        "email", "email-in-parens", "phone-intl", "phone-us-national", "phone-gb", "phone-de",
-        "phone-fr", "phone-trailing-dot", "card-spaces", "card-dashes", "card-compact",
-        "card-amex", "card-13", "card-then-digits", "iban-spaced", "iban-compact",
-        "iban-gb-letters", "iban-lowercase", "iban-norway-shortest", "iban-malta-long",
-        "iban-then-number", "ipv4", "ipv6", "ipv6-zone", "ipv4-mapped", "ipv6-bracket-port",
-        "ssn", "openai-proj", "openai", "github", "github-pat", "aws", "slack", "bearer", "jwt",
-        "private-key", "private-key-unterminated",
+        "email",
+        "email-in-parens",
+        "phone-intl",
+        "phone-us-national",
+        "phone-gb",
+        "phone-de",
+        "phone-fr",
+        "phone-trailing-dot",
+        "card-spaces",
+        "card-dashes",
+        "card-compact",
+        "card-amex",
+        "card-13",
+        "card-then-digits",
+        "iban-spaced",
+        "iban-compact",
+        "iban-gb-letters",
+        "iban-lowercase",
+        "iban-norway-shortest",
+        "iban-malta-long",
+        "iban-then-number",
+        "ipv4",
+        "ipv6",
+        "ipv6-zone",
+        "ipv4-mapped",
+        "ipv6-bracket-port",
+        "ssn",
+        "openai-proj",
+        "openai",
+        "github",
+        "github-pat",
+        "aws",
+        "slack",
+        "bearer",
+        "jwt",
+        "private-key",
+        "private-key-unterminated",
     ],
 )
 def test_entities(text: str, expected: str, rule: str) -> None:
@@ -112,11 +159,33 @@ def test_entities(text: str, expected: str, rule: str) -> None:
         "placeholder <EMAIL_1> typed",
     ],
     ids=[
-        "order-number", "order-13-digits", "iso-date", "slash-date", "dotted-date",
-        "datetime", "prices", "versions", "ua-version", "non-luhn-16", "all-zero-card",
-        "20-digits", "iban-bad-checksum", "iban-short", "iban-bad-country", "bad-ipv4",
-        "leading-zero-ipv4", "cpp-scope", "time-and-mac", "invalid-ssns", "ssn-too-long",
-        "broken-emails", "bearer-prose", "short-tokens", "ups-tracking", "unix-time", "isbn",
+        "order-number",
+        "order-13-digits",
+        "iso-date",
+        "slash-date",
+        "dotted-date",
+        "datetime",
+        "prices",
+        "versions",
+        "ua-version",
+        "non-luhn-16",
+        "all-zero-card",
+        "20-digits",
+        "iban-bad-checksum",
+        "iban-short",
+        "iban-bad-country",
+        "bad-ipv4",
+        "leading-zero-ipv4",
+        "cpp-scope",
+        "time-and-mac",
+        "invalid-ssns",
+        "ssn-too-long",
+        "broken-emails",
+        "bearer-prose",
+        "short-tokens",
+        "ups-tracking",
+        "unix-time",
+        "isbn",
         "typed-placeholder",
     ],
 )
@@ -136,8 +205,14 @@ def test_look_alikes_are_not_redacted(text: str) -> None:
         ("::ffff:192.0.2.1", "ip"),
         ("123-45-6789", "us_ssn"),
     ],
-    ids=["iban-not-phone", "card-not-phone", "email-not-phone", "openai-over-bearer",
-         "ipv6-over-ipv4", "ssn-not-phone"],
+    ids=[
+        "iban-not-phone",
+        "card-not-phone",
+        "email-not-phone",
+        "openai-over-bearer",
+        "ipv6-over-ipv4",
+        "ssn-not-phone",
+    ],
 )
 def test_overlaps_resolve_to_one_specific_entity(text: str, entity: str) -> None:
     result = ALL.redact(text, PlaceholderMap())
@@ -161,7 +236,8 @@ def test_remarks_point_into_original_text_and_hold_no_values() -> None:
 def test_only_configured_entities_are_redacted() -> None:
     r = Redactor({"email"})
     assert redacted("a@b.org +1 415 555 2671 4111111111111111", r) == (
-        "<EMAIL_1> +1 415 555 2671 4111111111111111")
+        "<EMAIL_1> +1 415 555 2671 4111111111111111"
+    )
     assert redacted("a@b.org", Redactor(())) == "a@b.org"
 
 
@@ -204,17 +280,31 @@ def test_map_round_trip_and_validation() -> None:
     assert ALL.redact("+1 415 555 2671 a@b.org", again).text == "<PHONE_8> <EMAIL_1>"
     bad = m.to_dict()
     bad["entries"][0][2] = "<EMAIL_9>"  # beyond the counter: forged
-    for broken in ({"v": 2}, {"v": 1, "entries": [], "counters": {"email": -1}}, bad,
-                   {"v": 1, "entries": [["email", "k", "<PHONE_1>", "v"]],
-                    "counters": {"email": 1, "phone": 1}}):
+    for broken in (
+        {"v": 2},
+        {"v": 1, "entries": [], "counters": {"email": -1}},
+        bad,
+        {
+            "v": 1,
+            "entries": [["email", "k", "<PHONE_1>", "v"]],
+            "counters": {"email": 1, "phone": 1},
+        },
+    ):
         with pytest.raises(ValueError):
             PlaceholderMap.from_dict(broken)
 
 
 @pytest.mark.parametrize(
     ("digits", "valid"),
-    [("4111111111111111", True), ("4111111111111112", False), ("79927398713", True),
-     ("0", True), ("18", True), ("5555555555554444", True), ("378282246310005", True)],
+    [
+        ("4111111111111111", True),
+        ("4111111111111112", False),
+        ("79927398713", True),
+        ("0", True),
+        ("18", True),
+        ("5555555555554444", True),
+        ("378282246310005", True),
+    ],
     ids=["visa", "visa-off-by-one", "classic", "zero", "two-digit", "mastercard", "amex"],
 )
 def test_luhn(digits: str, valid: bool) -> None:
@@ -223,12 +313,28 @@ def test_luhn(digits: str, valid: bool) -> None:
 
 @pytest.mark.parametrize(
     ("iban", "valid"),
-    [("DE89370400440532013000", True), ("DE89370400440532013001", False),
-     ("DE8937040044053201300", False), ("FR1420041010050500013M02606", True),
-     ("NL91ABNA0417164300", True), ("NL91ABNA0417164301", False), ("QQ91ABNA0417164300", False),
-     ("de89370400440532013000", True), ("DE89-3704", False)],
-    ids=["de", "de-bad-check", "de-short", "fr-letter", "nl", "nl-bad", "unknown-country",
-         "lowercase", "junk"],
+    [
+        ("DE89370400440532013000", True),
+        ("DE89370400440532013001", False),
+        ("DE8937040044053201300", False),
+        ("FR1420041010050500013M02606", True),
+        ("NL91ABNA0417164300", True),
+        ("NL91ABNA0417164301", False),
+        ("QQ91ABNA0417164300", False),
+        ("de89370400440532013000", True),
+        ("DE89-3704", False),
+    ],
+    ids=[
+        "de",
+        "de-bad-check",
+        "de-short",
+        "fr-letter",
+        "nl",
+        "nl-bad",
+        "unknown-country",
+        "lowercase",
+        "junk",
+    ],
 )
 def test_iban_valid(iban: str, valid: bool) -> None:
     assert iban_valid(iban) is valid

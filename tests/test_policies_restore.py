@@ -100,8 +100,27 @@ def test_visitor_typed_placeholder_is_not_restored() -> None:
 
 
 _ALPHABET = st.sampled_from(
-    ["<", ">", "_", "1", "2", "EMAIL", "PHONE", "IBAN", "<EMAIL_1>", "<EMAIL_12>", "<IP_1>",
-     "<SECRET_1>", "<CREDIT_CARD_1>", "<US_SSN_1>", "x", " ", "é", "<EMAIL_", "_1>"]
+    [
+        "<",
+        ">",
+        "_",
+        "1",
+        "2",
+        "EMAIL",
+        "PHONE",
+        "IBAN",
+        "<EMAIL_1>",
+        "<EMAIL_12>",
+        "<IP_1>",
+        "<SECRET_1>",
+        "<CREDIT_CARD_1>",
+        "<US_SSN_1>",
+        "x",
+        " ",
+        "é",
+        "<EMAIL_",
+        "_1>",
+    ]
 )
 
 

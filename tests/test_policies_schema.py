@@ -55,8 +55,11 @@ def test_empty_doc_gives_defaults() -> None:
         ({"retention_days": "90"}, "retention_days", "integer"),
         ({"retention_days": 0}, "retention_days", "between 1 and 3650"),
         ({"retention_days": 3651}, "retention_days", "between 1 and 3650"),
-        ({"rate_limit": {"per_ip_per_minute": False}}, "rate_limit.per_ip_per_minute",
-         "must be an integer between 1 and 100000"),
+        (
+            {"rate_limit": {"per_ip_per_minute": False}},
+            "rate_limit.per_ip_per_minute",
+            "must be an integer between 1 and 100000",
+        ),
         ({"rate_limit": {"per_ip_per_minute": 0}}, "rate_limit.per_ip_per_minute", "between"),
         ({"rate_limit": []}, "rate_limit", "object"),
         ({"max_message_chars": 32001}, "max_message_chars", "between 1 and 32000"),
@@ -69,15 +72,24 @@ def test_empty_doc_gives_defaults() -> None:
         ({"age_confirmation": "yes"}, "age_confirmation", "true or false"),
         ({"ip_mode": "mask"}, "ip_mode", "truncate, hash, drop, full"),
         ({"ip_mode": None}, "ip_mode", "one of"),
-        ({"required_consents": ["ai_processing", "telemetry"]}, "required_consents[1]",
-         "unknown purpose 'telemetry'"),
+        (
+            {"required_consents": ["ai_processing", "telemetry"]},
+            "required_consents[1]",
+            "unknown purpose 'telemetry'",
+        ),
         ({"required_consents": "analytics"}, "required_consents", "list"),
-        ({"optional_consents": ["conversation_storage", "telemetry"]}, "optional_consents[1]",
-         "unknown purpose 'telemetry'"),
+        (
+            {"optional_consents": ["conversation_storage", "telemetry"]},
+            "optional_consents[1]",
+            "unknown purpose 'telemetry'",
+        ),
         ({"optional_consents": "conversation_storage"}, "optional_consents", "list"),
         ({"optional_consents": [None]}, "optional_consents[0]", "unknown purpose None"),
-        ({"redact": {"entities": ["email", "passport"]}}, "redact.entities[1]",
-         "unknown entity 'passport'"),
+        (
+            {"redact": {"entities": ["email", "passport"]}},
+            "redact.entities[1]",
+            "unknown entity 'passport'",
+        ),
         ({"redact": {"restore_in_reply": "no"}}, "redact.restore_in_reply", "true or false"),
         ({"redact": None}, "redact", "object"),
         ({"allowed_origins": ["https://a.example/path"]}, "allowed_origins[0]", "path"),
@@ -98,16 +110,51 @@ def test_empty_doc_gives_defaults() -> None:
         ({"privacy_policy_url": 7}, "privacy_policy_url", "http(s) URL"),
     ],
     ids=[
-        "unknown-top", "unknown-nested-redact", "unknown-nested-rate", "bool-as-int",
-        "float-as-int", "str-as-int", "retention-low", "retention-high", "nested-bool-as-int",
-        "rate-zero", "rate-not-object", "max-chars-high", "session-high", "consent-version-0",
-        "min-age-low", "min-age-high", "min-age-bool", "dnt-int", "age-conf-str", "ip-mode",
-        "ip-mode-null", "unknown-purpose", "purposes-string", "optional-unknown-purpose",
-        "optional-string", "optional-not-str", "unknown-entity",
-        "restore-str", "redact-null", "origin-path", "origin-query", "origin-ftp",
-        "origin-no-scheme", "origin-no-host", "origin-credentials", "origin-bad-port",
-        "origin-not-str", "origins-string", "prompt-long", "prompt-null", "model-empty",
-        "model-space", "privacy-js", "privacy-relative", "privacy-int",
+        "unknown-top",
+        "unknown-nested-redact",
+        "unknown-nested-rate",
+        "bool-as-int",
+        "float-as-int",
+        "str-as-int",
+        "retention-low",
+        "retention-high",
+        "nested-bool-as-int",
+        "rate-zero",
+        "rate-not-object",
+        "max-chars-high",
+        "session-high",
+        "consent-version-0",
+        "min-age-low",
+        "min-age-high",
+        "min-age-bool",
+        "dnt-int",
+        "age-conf-str",
+        "ip-mode",
+        "ip-mode-null",
+        "unknown-purpose",
+        "purposes-string",
+        "optional-unknown-purpose",
+        "optional-string",
+        "optional-not-str",
+        "unknown-entity",
+        "restore-str",
+        "redact-null",
+        "origin-path",
+        "origin-query",
+        "origin-ftp",
+        "origin-no-scheme",
+        "origin-no-host",
+        "origin-credentials",
+        "origin-bad-port",
+        "origin-not-str",
+        "origins-string",
+        "prompt-long",
+        "prompt-null",
+        "model-empty",
+        "model-space",
+        "privacy-js",
+        "privacy-relative",
+        "privacy-int",
     ],
 )
 def test_validation_errors(doc: dict[str, Any], field: str, message_part: str) -> None:
@@ -117,15 +164,25 @@ def test_validation_errors(doc: dict[str, Any], field: str, message_part: str) -
 
 
 def test_all_errors_are_collected() -> None:
-    errs = errors_of({
-        "retention_days": 0, "ip_mode": "x", "bogus": 1,
-        "rate_limit": {"per_session_per_minute": True, "nope": 1},
-        "redact": {"entities": ["ssn"]},
-    })
-    assert sorted(e["field"] for e in errs) == sorted([
-        "retention_days", "ip_mode", "bogus", "rate_limit.per_session_per_minute",
-        "rate_limit.nope", "redact.entities[0]",
-    ])
+    errs = errors_of(
+        {
+            "retention_days": 0,
+            "ip_mode": "x",
+            "bogus": 1,
+            "rate_limit": {"per_session_per_minute": True, "nope": 1},
+            "redact": {"entities": ["ssn"]},
+        }
+    )
+    assert sorted(e["field"] for e in errs) == sorted(
+        [
+            "retention_days",
+            "ip_mode",
+            "bogus",
+            "rate_limit.per_session_per_minute",
+            "rate_limit.nope",
+            "redact.entities[0]",
+        ]
+    )
     assert all(set(e) == {"field", "message"} for e in errs)
 
 
@@ -139,10 +196,16 @@ def test_policy_error_is_value_error() -> None:
 
 
 def test_partial_doc_takes_base_values() -> None:
-    base = parse_policy({"retention_days": 30, "rate_limit": {"per_ip_per_minute": 10},
-                         "redact": {"entities": ["email"], "restore_in_reply": False}})
-    p = parse_policy({"rate_limit": {"per_session_per_minute": 5},
-                      "redact": {"restore_in_reply": True}}, base)
+    base = parse_policy(
+        {
+            "retention_days": 30,
+            "rate_limit": {"per_ip_per_minute": 10},
+            "redact": {"entities": ["email"], "restore_in_reply": False},
+        }
+    )
+    p = parse_policy(
+        {"rate_limit": {"per_session_per_minute": 5}, "redact": {"restore_in_reply": True}}, base
+    )
     assert p.retention_days == 30
     assert p.rate_limit == RateLimit(per_session_per_minute=5, per_ip_per_minute=10)
     assert p.redact == Redact(entities=frozenset({"email"}), restore_in_reply=True)
@@ -158,7 +221,8 @@ def test_necessary_is_accepted_and_ignored() -> None:
 def test_optional_consents_partial_update_keeps_base() -> None:
     base = parse_policy({"optional_consents": ["conversation_storage", "analytics"]})
     assert parse_policy({"retention_days": 30}, base).optional_consents == frozenset(
-        {"analytics", "conversation_storage"})
+        {"analytics", "conversation_storage"}
+    )
     assert parse_policy({"optional_consents": []}, base).optional_consents == frozenset()
 
 
@@ -173,16 +237,24 @@ def test_optional_consents_partial_update_keeps_base() -> None:
         ("HTTPS://[2001:DB8::1]:8443", "https://[2001:db8::1]:8443"),
         ("https://bücher.example", "https://xn--bcher-kva.example"),
     ],
-    ids=["lowercase", "trailing-slash", "default-https-port", "default-http-port",
-         "custom-port", "ipv6-host", "idn"],
+    ids=[
+        "lowercase",
+        "trailing-slash",
+        "default-https-port",
+        "default-http-port",
+        "custom-port",
+        "ipv6-host",
+        "idn",
+    ],
 )
 def test_origin_normalization(raw: str, normalized: str) -> None:
     assert normalize_origin(raw) == normalized
 
 
 def test_origins_are_sorted_and_deduplicated() -> None:
-    p = parse_policy({"allowed_origins": ["https://b.example", "https://A.example",
-                                          "https://a.example:443"]})
+    p = parse_policy(
+        {"allowed_origins": ["https://b.example", "https://A.example", "https://a.example:443"]}
+    )
     assert p.allowed_origins == ("https://a.example", "https://b.example")
 
 
@@ -204,8 +276,11 @@ FULL_DOC: dict[str, Any] = {
     "system_prompt": "Be brief.",
     "model": "gpt-4o",
     "max_message_chars": 2000,
-    "rate_limit": {"per_session_per_minute": 5, "per_ip_per_minute": 30,
-                   "per_tenant_per_minute": 1000},
+    "rate_limit": {
+        "per_session_per_minute": 5,
+        "per_ip_per_minute": 30,
+        "per_tenant_per_minute": 1000,
+    },
     "min_age": 18,
     "age_confirmation": True,
     "consent_version": 3,
@@ -235,21 +310,37 @@ def test_round_trip_full_doc() -> None:
     flags=st.tuples(st.booleans(), st.booleans(), st.booleans()),
 )
 def test_round_trip_property(
-    retention: int, ip_mode: str, purposes: frozenset[str], optional: frozenset[str],
-    entities: frozenset[str], min_age: int | None, flags: tuple[bool, bool, bool],
+    retention: int,
+    ip_mode: str,
+    purposes: frozenset[str],
+    optional: frozenset[str],
+    entities: frozenset[str],
+    min_age: int | None,
+    flags: tuple[bool, bool, bool],
 ) -> None:
-    p = Policy(retention_days=retention, ip_mode=ip_mode, required_consents=purposes,
-               optional_consents=optional,
-               redact=Redact(entities, flags[0]), honor_dnt=flags[1], age_confirmation=flags[2],
-               min_age=min_age)
+    p = Policy(
+        retention_days=retention,
+        ip_mode=ip_mode,
+        required_consents=purposes,
+        optional_consents=optional,
+        redact=Redact(entities, flags[0]),
+        honor_dnt=flags[1],
+        age_confirmation=flags[2],
+        min_age=min_age,
+    )
     assert parse_policy(policy_to_doc(p)) == p
     assert validate_policy(p) is p
 
 
 def test_diff_lists_changed_paths() -> None:
     old = Policy()
-    new = parse_policy({"retention_days": 30, "rate_limit": {"per_ip_per_minute": 10},
-                        "redact": {"entities": ["email"]}})
+    new = parse_policy(
+        {
+            "retention_days": 30,
+            "rate_limit": {"per_ip_per_minute": 10},
+            "redact": {"entities": ["email"]},
+        }
+    )
     assert policy_diff(old, new) == {
         "retention_days": {"old": 90, "new": 30},
         "rate_limit.per_ip_per_minute": {"old": 60, "new": 10},

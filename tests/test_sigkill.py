@@ -38,9 +38,7 @@ WAIT = 15.0  # bound on every single frame wait
 def slow_upstream(port: int) -> subprocess.Popen[bytes]:
     """The fake OpenAI server standalone, echoing the message 300 ms per word."""
     args = ["-m", "gateway.fake_upstream", "--port", str(port), "--delay-ms", "300"]
-    proc = subprocess.Popen(  # noqa: S603 - our own fake upstream
-        [sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):

@@ -124,7 +124,7 @@ def start_server(
     )
     log = tmp / f"server-{port}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: S603 - our own CLI
+        proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--workers", str(workers)],
             cwd=tmp,  # no stray .env
             env=full,
@@ -328,9 +328,7 @@ async def test_redis_outage_falls_back_and_recovers(
 def slow_upstream(port: int) -> subprocess.Popen[bytes]:
     """The fake OpenAI server standalone, 200 ms between streamed words."""
     args = ["-m", "gateway.fake_upstream", "--port", str(port), "--delay-ms", "200"]
-    proc = subprocess.Popen(  # noqa: S603 - our own fake upstream
-        [sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
