@@ -98,11 +98,12 @@ async def subject_for_ref(
         found = await store.subject_by_ref(conn, tenant_id, ref)
         if found is not None:
             return found, None
+        # a savepoint: two first sockets of one user race on UNIQUE (tenant, external_ref)
+        await conn.execute("SAVEPOINT new_subject")
         try:
-            # a savepoint: two first sockets of one user race on UNIQUE (tenant, external_ref)
-            async with conn.transaction():
-                return await store.create_subject(conn, keyring, tenant_id, ref)
+            return await store.create_subject(conn, keyring, tenant_id, ref)
         except asyncpg.UniqueViolationError:
+            await conn.execute("ROLLBACK TO SAVEPOINT new_subject")
             found = await store.subject_by_ref(conn, tenant_id, ref)
             assert found is not None
             return found, None

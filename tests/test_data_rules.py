@@ -143,3 +143,24 @@ async def test_refuses_bypassrls_role(database: Database, owner_pool: asyncpg.Po
 
 async def test_app_role_passes_check(app_pool: asyncpg.Pool) -> None:
     await check_app_role(app_pool)
+
+
+async def test_tenant_tx_rolls_back_and_leaves_no_state(
+    tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+            await conn.execute(
+                "UPDATE tenants SET name = 'changed' WHERE tenant_id = $1", tenant.tenant_id
+            )
+            raise Boom
+    async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+        assert await conn.fetchval("SELECT name FROM tenants") != "changed"
+    # a connection back in the pool carries neither a transaction nor a tenant
+    async with app_pool.acquire() as conn:
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+        assert await conn.fetchval("SELECT count(*) FROM tenants") == 0
