@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from collections import deque
 from typing import Any
 
 import orjson
@@ -65,23 +66,13 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     request.app[CONNECTIONS].add(ws)
     metrics.WS_CONNECTIONS.inc()
 
-    outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WRITE_QUEUE)
-
-    async def send(frame: dict[str, Any]) -> None:
-        await outbox.put(frame)
-
-    async def writer() -> None:
-        while (frame := await outbox.get()) is not None:
-            if ws.closed:
-                return
-            await ws.send_str(protocol.encode(frame))
+    outbox = Outbox(ws, WRITE_QUEUE)
 
     async def terminate(reason: str) -> None:
         # 4001: the session is gone (erased); the widget starts afresh, it does not resume
         await ws.close(code=4001, message=reason.encode())
 
-    conn = Connection(svc, tenant_id, ctx, send, terminate)
-    writer_task = asyncio.create_task(writer())
+    conn = Connection(svc, tenant_id, ctx, outbox.send, terminate)
     close: tuple[int, bytes] = (WSCloseCode.OK, b"")
     try:
         close = await _read_loop(
@@ -94,10 +85,7 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     finally:
         await conn.close()
         # flush what was already answered (error frames included) before closing
-        await outbox.put(None)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer_task, 2.0)
-        writer_task.cancel()
+        await outbox.flush(2.0)
         metrics.WS_CONNECTIONS.dec()
         if ip_key:
             left = svc.ip_connections.get(ip_key, 1) - 1
@@ -108,6 +96,64 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
         if not ws.closed:
             await ws.close(code=close[0], message=close[1])
     return ws
+
+
+class Outbox:
+    """The frames owed to one socket, written in order by one writer task.
+
+    The task exists only while frames wait, so an idle socket costs no task;
+    deltas of one reply that queued up behind a slow write go out as one frame.
+    A full outbox makes `send` wait: a slow reader slows its own reply stream.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, limit: int) -> None:
+        self.ws = ws
+        self.limit = limit
+        self.frames: deque[dict[str, Any]] = deque()
+        self.space = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.broken = False
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        """Queue a frame (dropped once the socket is gone)."""
+        while len(self.frames) >= self.limit and not self.broken:
+            self.space.clear()
+            await self.space.wait()
+        if self.broken or self.ws.closed:
+            return
+        self.frames.append(frame)
+        if self.task is None:
+            self.task = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self.frames:
+                frame = self.frames.popleft()
+                if frame["type"] == "delta":
+                    text = [frame["text"]]
+                    while (
+                        self.frames
+                        and self.frames[0]["type"] == "delta"
+                        and self.frames[0]["id"] == frame["id"]
+                    ):
+                        text.append(self.frames.popleft()["text"])
+                    if len(text) > 1:
+                        frame = protocol.delta(frame["id"], "".join(text))
+                self.space.set()
+                await self.ws.send_str(protocol.encode(frame))
+        except (ConnectionError, RuntimeError):
+            # the peer went away mid-write: nothing more can be delivered
+            self.broken = True
+            self.frames.clear()
+            self.space.set()
+        finally:
+            self.task = None
+
+    async def flush(self, grace: float) -> None:
+        """Wait (bounded) until every queued frame is written."""
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.task), grace)
 
 
 async def _read_loop(

@@ -12,6 +12,9 @@ from tests.conftest import Gateway, chat, hello, recv_until, reply_text
 async def test_full_chat_streams_and_stores(
     gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
 ) -> None:
+    upstream, _ = fake
+    # paced chunks: deltas that queue behind a slow write are merged, so pace them
+    upstream.queue("slow", delay_ms=20)
     ws = await gateway.ws(tenant.site_key)
     welcome = await hello(ws)
     assert welcome["resumed"] is False
@@ -24,7 +27,6 @@ async def test_full_chat_streams_and_stores(
     ack, done = frames[0], frames[-1]
     assert isinstance(ack["seq"], int) and done["seq"] > ack["seq"]
     assert done["finish_reason"] == "stop"
-    upstream, _ = fake
     assert upstream.requests[-1]["body"]["messages"][-1] == {
         "role": "user",
         "content": "hello there friend",
