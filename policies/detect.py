@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import phonenumbers
 
@@ -64,23 +64,71 @@ def find_emails(text: str) -> Iterator[Match]:
 # Cheap pre-check: the matcher is slow, and a phone number needs at least 7 digits.
 _PHONE_HINT_RE = re.compile(r"\d(?:[\s().\-/]{0,3}\d){6}")
 
+# Every character ``phonenumbers``' candidate pattern can match (digits, its punctuation,
+# lead characters "+" and "(", and the letters and signs of extensions such as "ext. 12",
+# "x12", "#12", with their case variants: the pattern ignores case). A candidate never
+# spans a character outside this class, so the matcher run over one maximal run of these
+# characters (plus the one character either side it looks at) finds exactly what it finds
+# over the whole text. tests/test_policies_redact.py checks the class against the pattern.
+_PHONE_CHARS = (
+    "\\d\\t ()\\[\\]+#,\\-./:;=~"
+    "aAeEiI\u0130\u0131nNoOsS\u017ftTxX\u00f3\u00d3\u0301"
+    "\u0431\u0411\u0434\u0414\u1c81\u043e\u041e\u1c82"
+    "\u00a0\u00ad\u200b\u2060\u3000\u2010-\u2015\u2053\u2212\u223c\u30fc"
+    "\uff03\uff08\uff09\uff0b\uff0d-\uff0f\uff3b\uff3d\uff5e"
+    "\uff45\uff25\uff49\uff29\uff4e\uff2e\uff54\uff34\uff58\uff38"
+)
+# One maximal run of candidate characters holding a digit; the lookbehind keeps it linear.
+_PHONE_WINDOW_RE = re.compile(f"(?<![{_PHONE_CHARS}])[{_PHONE_CHARS}]*?\\d[{_PHONE_CHARS}]*+")
+# A valid number has at least this many digits (shortest national number in the regions'
+# metadata, and never fewer than 4 written with "+"): shorter runs are not parsed at all.
+_INTL_MIN_DIGITS = 4
+
+
+@lru_cache(maxsize=16)
+def _min_digits(regions: tuple[str, ...]) -> int:
+    lengths = [_INTL_MIN_DIGITS]
+    for region in regions:
+        md = phonenumbers.PhoneMetadata.metadata_for_region(region)
+        if md is not None and md.general_desc is not None:
+            lengths.extend(n for n in md.general_desc.possible_length if n > 0)
+    return min(lengths)
+
 
 def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> Iterator[Match]:
-    """Yield phone numbers that are VALID for one of ``regions`` (or international)."""
+    """Yield phone numbers that are VALID for one of ``regions`` (or international).
+
+    Same result as one ``PhoneNumberMatcher`` pass per region over the whole text (a span
+    found by an earlier region keeps that region's reading), but each matcher only sees
+    the short windows of phone-like characters, and windows with too few digits are
+    skipped.
+    """
     if not _PHONE_HINT_RE.search(text):
         return
+    regions = tuple(regions)
+    min_digits = _min_digits(regions)
+    size = len(text)
     seen: set[tuple[int, int]] = set()
-    for region in regions:
-        matcher = phonenumbers.PhoneNumberMatcher(
-            text, region, leniency=phonenumbers.Leniency.VALID
-        )
-        for pm in matcher:
-            span = (pm.start, pm.end)
-            if span in seen:
-                continue
-            seen.add(span)
-            key = phonenumbers.format_number(pm.number, phonenumbers.PhoneNumberFormat.E164)
-            yield Match(pm.start, pm.end, "phone", "redact.phone", key)
+    for w in _PHONE_WINDOW_RE.finditer(text):
+        run = w.group()
+        if sum(ch.isdecimal() for ch in run) < min_digits:
+            continue
+        # One character of context either side: the matcher rejects a number glued to a
+        # Latin letter or a currency sign, and "at the start of the text" must stay true.
+        lo = w.start() - 1 if w.start() > 0 else 0
+        hi = w.end() + 1 if w.end() < size else size
+        window = text[lo:hi]
+        for region in regions:
+            matcher = phonenumbers.PhoneNumberMatcher(
+                window, region, leniency=phonenumbers.Leniency.VALID
+            )
+            for pm in matcher:
+                span = (lo + pm.start, lo + pm.end)
+                if span in seen:
+                    continue
+                seen.add(span)
+                key = phonenumbers.format_number(pm.number, phonenumbers.PhoneNumberFormat.E164)
+                yield Match(span[0], span[1], "phone", "redact.phone", key)
 
 
 # --- credit card ---------------------------------------------------------------------

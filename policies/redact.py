@@ -60,6 +60,9 @@ class PlaceholderMap:
         self._by_key: dict[tuple[str, str], str] = {}
         self._values: dict[str, str] = {}
         self._counters: dict[str, int] = {}
+        # Built by ``reapply`` on first use; dropped whenever a placeholder is issued.
+        self._reapply_re: re.Pattern[str] | None = None
+        self._reapply_to: dict[str, str] = {}
 
     @property
     def is_empty(self) -> bool:
@@ -81,6 +84,7 @@ class PlaceholderMap:
         placeholder = f"<{PLACEHOLDER_NAMES[entity]}_{number}>"
         self._by_key[(entity, key)] = placeholder
         self._values[placeholder] = value
+        self._reapply_re = None
         return placeholder
 
     def reserve(self, entity: str, number: int) -> None:
@@ -95,6 +99,41 @@ class PlaceholderMap:
     def placeholders(self) -> frozenset[str]:
         """Return every placeholder issued so far."""
         return frozenset(self._values)
+
+    def reapply(self, text: str) -> str:
+        """Replace every value this map knows by its placeholder, without any detection.
+
+        Each placeholder is matched in two spellings: the value as first seen (what
+        ``restore_text`` gives back) and its canonical form (e-mail lower-cased, phone as
+        E.164, card/IBAN without spaces, ...). One left-to-right pass of a cached
+        alternation, longest spelling first, so a value that contains another wins.
+        Matching is literal and ignores word boundaries: a known value inside a longer
+        token is replaced too (over-redaction, the safe side).
+
+        Values the map never saw are NOT redacted. That is fine only because ``reapply``
+        is meant for text that already went through ``Redactor.redact`` with this map
+        (stored user text, restored) or that the model produced from redacted input
+        (assistant text whose placeholders were restored): every value in it was issued
+        a placeholder. Use ``Redactor.redact`` for anything new.
+        """
+        if not self._values or not text:
+            return text
+        pattern = self._reapply_re
+        if pattern is None:
+            spellings: dict[str, str] = {}
+            for placeholder, value in self._values.items():
+                spellings.setdefault(value, placeholder)
+            for (_, key), placeholder in self._by_key.items():
+                spellings.setdefault(key, placeholder)
+            spellings.pop("", None)
+            if not spellings:
+                return text
+            ordered = sorted(spellings, key=lambda v: (-len(v), v))
+            pattern = re.compile("|".join(re.escape(v) for v in ordered))
+            self._reapply_re = pattern
+            self._reapply_to = spellings
+        to = self._reapply_to
+        return pattern.sub(lambda m: to[m.group()], text)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able form for (encrypted) storage."""

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Sequence
+
+import phonenumbers
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policies import ENTITIES, PlaceholderMap, Redactor, Remark
-from policies.detect import iban_valid, luhn_valid
+from policies.detect import (
+    _PHONE_CHARS,
+    _PHONE_HINT_RE,
+    DEFAULT_PHONE_REGIONS,
+    Match,
+    find_phones,
+    iban_valid,
+    luhn_valid,
+)
 
 ALL = Redactor(ENTITIES)
 
@@ -360,3 +374,164 @@ def test_long_adversarial_input_is_fast() -> None:
     started = time.perf_counter()
     ALL.redact(text, PlaceholderMap())
     assert time.perf_counter() - started < 2.0
+
+
+# --- phone detection: windowed matcher vs the original full-text passes ----------------
+
+
+def find_phones_reference(
+    text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS
+) -> Iterator[Match]:
+    """The original implementation: one full PhoneNumberMatcher pass per region."""
+    if not _PHONE_HINT_RE.search(text):
+        return
+    seen: set[tuple[int, int]] = set()
+    for region in regions:
+        matcher = phonenumbers.PhoneNumberMatcher(
+            text, region, leniency=phonenumbers.Leniency.VALID
+        )
+        for pm in matcher:
+            span = (pm.start, pm.end)
+            if span in seen:
+                continue
+            seen.add(span)
+            key = phonenumbers.format_number(pm.number, phonenumbers.PhoneNumberFormat.E164)
+            yield Match(pm.start, pm.end, "phone", "redact.phone", key)
+
+
+def _phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> list[Match]:
+    return sorted(find_phones(text, regions), key=lambda m: (m.start, m.end))
+
+
+def _reference(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> list[Match]:
+    return sorted(find_phones_reference(text, regions), key=lambda m: (m.start, m.end))
+
+
+def test_phone_char_class_covers_every_character_of_the_matcher_pattern() -> None:
+    # Windows are cut at characters outside _PHONE_CHARS; that is only exact if the
+    # matcher's candidate pattern can never match such a character.
+    from phonenumbers.phonenumbermatcher import _PATTERN
+
+    parsed = re._parser.parse(_PATTERN.pattern, _PATTERN.flags)  # type: ignore[attr-defined]
+    sets: list[str] = []
+
+    def walk(items: object) -> None:
+        for op, av in items:  # type: ignore[attr-defined]
+            name = str(op)
+            if name == "LITERAL":
+                sets.append(re.escape(chr(av)))
+            elif name == "IN":
+                for o, a in av:
+                    if str(o) == "LITERAL":
+                        sets.append(re.escape(chr(a)))
+                    elif str(o) == "RANGE":
+                        sets.append(f"[{re.escape(chr(a[0]))}-{re.escape(chr(a[1]))}]")
+                    elif str(o) == "CATEGORY" and str(a) == "CATEGORY_DIGIT":
+                        sets.append(r"\d")
+                    else:
+                        raise AssertionError(f"unexpected class item {o} {a}")
+            elif name == "SUBPATTERN":
+                walk(av[3])
+            elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                walk(av[2])
+            elif name == "BRANCH":
+                for branch in av[1]:
+                    walk(branch)
+            else:
+                raise AssertionError(f"unexpected pattern node {name}")
+
+    walk(parsed)
+    any_char = re.compile("|".join(sets), _PATTERN.flags)
+    ours = re.compile(f"[{_PHONE_CHARS}]")
+    missing = [
+        hex(c)
+        for c in range(0x110000)
+        if not 0xD800 <= c <= 0xDFFF and any_char.fullmatch(chr(c)) and not ours.fullmatch(chr(c))
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "call +1 415 555 2671 today",
+        "call (415) 555-2671 or 020 7946 0958, Handy 0151 23456789; tel 01 23 45 67 89",
+        "+49 30 901820.",
+        "order 12345678 on 2024-01-05 at 12:30, total $1234.56, version 1.2.3.4",
+        "abc4155552671 and 4155552671def and €4155552671 and 4155552671%",
+        "ext: 415 555 2671 ext. 12, 415-555-2671 x 7, 415.555.2671#33",
+        "1999-12-31 23:59 and 2024/01/05 12:00:00",
+        "DE89 3704 0044 0532 0130 00 and 4111 1111 1111 1111 and 123-45-6789",
+        "+1 415 555 2671 / 72 and +41 79 123 45 67 / 68",
+        "(415) 555-2671)) [020 7946 0958] "
+        "\uff0b\uff14\uff14 \uff12\uff10 \uff17\uff19\uff14\uff16 \uff10\uff19\uff15\uff18",
+        "tonne an ox exists 0151 23456789 anexo 12 доб 5",
+        "",
+        "1234567",
+    ],
+)
+def test_find_phones_matches_reference(text: str) -> None:
+    assert _phones(text) == _reference(text)
+
+
+_PHONE_TOKENS = st.sampled_from(
+    [
+        "+1 415 555 2671",
+        "(415) 555-2671",
+        "415.555.2671",
+        "4155552671",
+        "020 7946 0958",
+        "+44 20 7946 0958",
+        "0151 23456789",
+        "+49 30 901820",
+        "030 901820",
+        "01 23 45 67 89",
+        "+33 1 23 45 67 89",
+        "06 12 34 56 78",
+        "ext. 12",
+        "x 7",
+        "#33",
+        "12345678",
+        "2024-01-05",
+        "12:30",
+        "$1234.56",
+        "€99",
+        "1.2.3",
+        "v1.2.3.4",
+        "4111 1111 1111 1111",
+        "DE89 3704 0044 0532 0130 00",
+        "123-45-6789",
+        "192.168.0.1",
+        "jo@example.com",
+        "call",
+        "tel",
+        "an",
+        "to",
+        "Handy",
+        "and",
+        "abc",
+        "%",
+        "/",
+        "(",
+        ")",
+        "+",
+        "-",
+        ".",
+        ",",
+        ";",
+        ":",
+        "0",
+        "42",
+        "555",
+        "2671",
+    ]
+)
+_SEPARATORS = st.sampled_from([" ", " ", "", "\n", ", ", "-", "/", ". "])
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.tuples(_PHONE_TOKENS, _SEPARATORS), max_size=12))
+def test_find_phones_random_texts_match_reference(parts: list[tuple[str, str]]) -> None:
+    text = "".join(token + sep for token, sep in parts)
+    assert _phones(text) == _reference(text)
+    assert _phones(text, ("FR",)) == _reference(text, ("FR",))
