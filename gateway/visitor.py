@@ -245,7 +245,7 @@ async def _load_context(
             cipher, v.tenant_id, v.conversation_id, m.message_id, m.role, m.ciphertext
         )
         # the stored text is what the visitor saw; the model sees it redacted again
-        v.context.append({"role": m.role, "content": cp.redactor.redact(text, v.placeholders).text})
+        v.context.append({"role": m.role, "content": v.placeholders.reapply(text)})
 
 
 def welcome(v: Visitor, cp: CompiledPolicy) -> dict[str, Any]:

@@ -230,7 +230,10 @@ def iban_valid(compact: str) -> bool:
 
 def find_ibans(text: str) -> Iterator[Match]:
     """Yield mod-97-valid IBANs, written compact or in groups separated by single spaces."""
-    for m in _IBAN_RE.finditer(text):
+    pos = 0
+    # not finditer: a match may run over the next IBAN, so resume right after what was used
+    while (m := _IBAN_RE.search(text, pos)) is not None:
+        pos = m.start() + 1
         length = IBAN_LENGTHS.get(m.group()[:2].upper())
         if length is None:
             continue
@@ -247,6 +250,7 @@ def find_ibans(text: str) -> Iterator[Match]:
             continue
         compact = text[m.start() : end].replace(" ", "").upper()
         if iban_valid(compact):
+            pos = end
             yield Match(m.start(), end, "iban", "redact.iban", compact)
 
 

@@ -535,3 +535,20 @@ def test_find_phones_random_texts_match_reference(parts: list[tuple[str, str]]) 
     text = "".join(token + sep for token, sep in parts)
     assert _phones(text) == _reference(text)
     assert _phones(text, ("FR",)) == _reference(text, ("FR",))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "DE89 3704 0044 0532 0130 00 and DE89 3704 0044 0532 0130 00",
+        "GB82WEST12345698765432 DE89370400440532013000",
+        "pay DE89 3704 0044 0532 0130 00 GB82 WEST 1234 5698 7654 32 today",
+    ],
+    ids=["same-twice", "compact-pair", "grouped-pair"],
+)
+def test_every_iban_in_a_message_is_redacted(text: str) -> None:
+    result = Redactor(frozenset({"iban"})).redact(text, PlaceholderMap())
+    assert result.counts == {"iban": 2}
+    assert not any(
+        ch.isdigit() for ch in result.text.replace("<IBAN_1>", "").replace("<IBAN_2>", "")
+    ), result.text
