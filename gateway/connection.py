@@ -40,6 +40,21 @@ PENDING_MESSAGES = 8
 class Connection:
     """One widget connection: hello first, then messages answered in order."""
 
+    # thousands of these live at once: no per-instance __dict__
+    __slots__ = (
+        "__weakref__",
+        "_idle",
+        "_on_terminate",
+        "_queue",
+        "_worker",
+        "bad_frames",
+        "ctx",
+        "send",
+        "svc",
+        "tenant_id",
+        "visitor",
+    )
+
     def __init__(
         self,
         svc: Services,
@@ -54,11 +69,11 @@ class Connection:
         self.send = send
         self.visitor: Visitor | None = None
         self.bad_frames = 0
-        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue(PENDING_MESSAGES)
+        # made on the first message: a socket that only idles holds neither
+        self._queue: asyncio.Queue[tuple[str, str]] | None = None
         self._worker: asyncio.Task[None] | None = None
         # set whenever nothing is queued or being answered (graceful shutdown waits on it)
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Event | None = None
         self._on_terminate = on_terminate
 
     async def receive(self, raw: str | bytes) -> None:
@@ -125,6 +140,8 @@ class Connection:
 
     async def on_message(self, v: Visitor, data: dict[str, Any]) -> None:
         """Queue a visitor message behind the one being answered."""
+        if self._queue is None or self._idle is None:
+            self._queue, self._idle = asyncio.Queue(PENDING_MESSAGES), asyncio.Event()
         try:
             self._queue.put_nowait((data["id"], data["text"]))
         except asyncio.QueueFull:
@@ -136,6 +153,7 @@ class Connection:
             self._worker = asyncio.create_task(self._answer_in_order(v))
 
     async def _answer_in_order(self, v: Visitor) -> None:
+        assert self._queue is not None and self._idle is not None
         while True:
             msg_id, text = await self._queue.get()
             try:
@@ -209,6 +227,8 @@ class Connection:
 
     async def drain(self, grace: float) -> None:
         """Let the queued and in-flight replies finish, up to `grace` seconds."""
+        if self._idle is None:
+            return  # never had a message
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
 

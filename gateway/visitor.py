@@ -32,7 +32,7 @@ AGE_PURPOSE = "age_confirmation"
 CONTEXT_MESSAGES = 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestContext:
     """What the gateway keeps of the HTTP request: never the raw IP or the raw headers."""
 
@@ -45,7 +45,7 @@ class RequestContext:
     client: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class Visitor:
     """The in-memory state of one visitor on one connection."""
 

@@ -57,6 +57,8 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
         heartbeat=30.0,
         max_msg_size=settings.max_frame_bytes * HARD_FRAME_FACTOR,
         timeout=settings.handshake_timeout,
+        # frames are small JSON; a deflate context per socket costs memory and CPU for little
+        compress=False,
     )
     if minted is not None:
         set_session_cookie(ws, svc, cp, minted)
@@ -105,6 +107,8 @@ class Outbox:
     deltas of one reply that queued up behind a slow write go out as one frame.
     A full outbox makes `send` wait: a slow reader slows its own reply stream.
     """
+
+    __slots__ = ("broken", "frames", "limit", "space", "task", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, limit: int) -> None:
         self.ws = ws
