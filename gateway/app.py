@@ -48,6 +48,16 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
         response.headers.setdefault(name, value)
 
 
+_HTTP_CODES = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    429: "rate_limited",
+}
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer unexpected failures with a JSON 500 and count every response by route template."""
@@ -57,6 +67,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
     except web.HTTPException as exc:
         metrics.count_http_request(template, exc.status)
+        if (
+            exc.status >= 400
+            and request.path.startswith("/api/")
+            and (exc.content_type != "application/json")
+        ):
+            # the router's own 404/405 speak plain text; API clients get the JSON shape
+            code = _HTTP_CODES.get(exc.status, "bad_request")
+            headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+            return web.json_response(
+                {"error": {"code": code, "message": exc.reason}},
+                status=exc.status,
+                headers=headers,
+            )
         raise
     except Exception:
         log.exception("unhandled error", extra={"route": template})

@@ -26,7 +26,7 @@ async def _intake(request: web.Request, regime: str, kinds: frozenset[str]) -> w
     who = await require_visitor(request)
     body = await json_body(request)
     kind = body.get("kind")
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         error(422, "unknown_kind", "unknown request kind", allowed=sorted(kinds))
     details = body.get("details")
     if details is not None and not isinstance(details, str):
