@@ -256,3 +256,22 @@ async def chat(ws: ClientWebSocketResponse, msg_id: str, text: str) -> list[dict
 def reply_text(frames: list[dict[str, Any]]) -> str:
     """The streamed reply assembled from delta frames."""
     return "".join(f["text"] for f in frames if f["type"] == "delta")
+
+
+@pytest.fixture
+def no_tracebacks() -> Iterator[None]:
+    """Fail the test if the gateway logged any traceback (a bug, not a typed refusal)."""
+    import io
+    import logging
+
+    from gateway.logs import make_handler
+
+    stream = io.StringIO()
+    handler = make_handler(stream)
+    handler.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    yield
+    root.removeHandler(handler)
+    logged = stream.getvalue()
+    assert "Traceback" not in logged, logged[-3000:]

@@ -23,6 +23,8 @@ from gateway.protocol import ERROR_CODES
 from gateway.provision import NewTenant
 from tests.conftest import ORIGIN, Gateway, chat, hello, reply_text
 
+pytestmark = pytest.mark.usefixtures("no_tracebacks")
+
 FUZZ = settings(
     max_examples=150,
     deadline=None,

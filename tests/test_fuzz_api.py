@@ -11,12 +11,15 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.provision import NewTenant
 from tests.conftest import Gateway, hello
 from tests.test_fuzz import JSON, TEXT
+
+pytestmark = pytest.mark.usefixtures("no_tracebacks")
 
 FUZZ = settings(
     max_examples=60,

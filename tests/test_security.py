@@ -1,0 +1,112 @@
+"""Security probes: tokens from elsewhere, injection strings, headers on every response."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from gateway.provision import NewTenant, create_tenant
+from tests.conftest import ORIGIN, Gateway, chat, hello, recv_until, reply_text
+
+INJECTIONS = [
+    "'; DROP TABLE messages; --",
+    "' OR '1'='1",
+    "1; SELECT pg_sleep(5)--",
+    "\\'; SET app.tenant_id = '00000000-0000-0000-0000-000000000000'; --",
+    "$1$2$$; COMMIT; --",
+    "\x00\x01 null byte",
+]
+
+
+async def test_other_tenants_session_token_is_not_resumed(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    other = await create_tenant(app_pool, "other", [ORIGIN])
+    ws = await offline_gateway.ws(other.site_key)
+    theirs = await hello(ws)
+    await chat(ws, "m", "their secret words")
+    await ws.close()
+    ws = await offline_gateway.ws(tenant.site_key)
+    mine = await hello(ws, session_token=theirs["session_token"])
+    assert mine["resumed"] is False
+    assert mine["conversation_id"] != theirs["conversation_id"]
+    await ws.send_json({"type": "history"})
+    assert (await recv_until(ws, "history"))[-1]["messages"] == []
+    await ws.close()
+
+
+async def test_expired_session_token_starts_a_new_session(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    first = await hello(ws)
+    await ws.close()
+    await owner_pool.execute(
+        "UPDATE sessions SET expires_at = now() - interval '1 second'"
+        " WHERE conversation_id = $1::uuid",
+        first["conversation_id"],
+    )
+    ws = await offline_gateway.ws(tenant.site_key)
+    again = await hello(ws, session_token=first["session_token"])
+    assert again["resumed"] is False and again["session_token"] != first["session_token"]
+    await ws.close()
+    async with offline_gateway.session.get(
+        offline_gateway.url("/api/privacy/export"),
+        headers={"Authorization": f"Session {first['session_token']}"},
+    ) as resp:
+        assert resp.status == 401
+
+
+@pytest.mark.parametrize("evil", INJECTIONS, ids=range(len(INJECTIONS)))
+async def test_injection_strings_are_just_text(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, evil: str
+) -> None:
+    before = await owner_pool.fetchval("SELECT count(*) FROM tenants")
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws, session_token=evil)
+    assert welcome["resumed"] is False
+    frames = await chat(ws, evil[:100] or "x", f"text {evil}")
+    assert reply_text(frames) == f"text {evil}"
+    await ws.send_json({"type": "consent", "grant": [evil]})
+    assert (await ws.receive_json(timeout=5))["code"] == "bad_request"
+    await ws.close()
+    admin = {"Authorization": f"Bearer {tenant.admin_key}"}
+    async with offline_gateway.session.put(
+        offline_gateway.url("/api/admin/policy"),
+        json={"system_prompt": evil, "model": evil},
+        headers=admin,
+    ) as resp:
+        assert resp.status == 422  # the model name is validated; nothing half-applied
+    async with offline_gateway.session.get(
+        offline_gateway.url("/api/admin/conversations"),
+        params={"cursor": evil, "since": evil},
+        headers=admin,
+    ) as resp:
+        assert resp.status in (400, 422)
+    async with offline_gateway.session.get(
+        offline_gateway.url(f"/v1/widget/ws?site={evil}"), headers={"Origin": ORIGIN}
+    ) as resp:
+        assert resp.status == 403
+    assert await owner_pool.fetchval("SELECT count(*) FROM tenants") >= before
+    assert await owner_pool.fetchval("SELECT count(*) FROM messages") > 0
+
+
+async def test_security_headers_on_every_get_route(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    app = offline_gateway.server.app
+    assert app is not None
+    paths = sorted(
+        {r.canonical for r in app.router.resources() if any(route.method == "GET" for route in r)}
+    )
+    assert len(paths) > 15
+    for path in [*paths, "/no/such/path"]:
+        url = path.replace("{conversation_id}", "x").replace("{key_id}", "x").replace("{id}", "x")
+        async with offline_gateway.session.get(offline_gateway.url(url)) as resp:
+            for header, value in (
+                ("X-Content-Type-Options", "nosniff"),
+                ("Referrer-Policy", "no-referrer"),
+            ):
+                assert resp.headers.get(header) == value, (path, resp.status)
+            csp = resp.headers.get("Content-Security-Policy", "")
+            assert "default-src 'none'" in csp and "unsafe-inline" not in csp, path
