@@ -161,24 +161,24 @@ async def _exchange(
     reply_seq: int | None = None
     if keep:
         try:
-            async with tenant_tx(svc.pool, v.tenant_id) as conn:
-                cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
-                mid = uuid4()
-                with metrics.timed("crypto"):
-                    blob = svc.vault.seal_text(
-                        cipher, v.tenant_id, v.conversation_id, mid, "assistant", reply
-                    )
-                with metrics.timed("database"):
-                    reply_seq = await store.insert_message(
-                        conn,
-                        v.tenant_id,
-                        v.conversation_id,
-                        mid,
-                        "assistant",
-                        blob,
-                        reply_to=user_seq,
-                        finish_reason=finish,
-                    )
+            cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
+            mid = uuid4()
+            with metrics.timed("crypto"):
+                blob = svc.vault.seal_text(
+                    cipher, v.tenant_id, v.conversation_id, mid, "assistant", reply
+                )
+            with metrics.timed("database"):
+                # one autocommit round trip: the function sets the tenant itself
+                reply_seq = await store.insert_message(
+                    svc.pool,
+                    v.tenant_id,
+                    v.conversation_id,
+                    mid,
+                    "assistant",
+                    blob,
+                    reply_to=user_seq,
+                    finish_reason=finish,
+                )
         except (*STORAGE_ERRORS, CryptoError):
             raise _storage_error(msg_id) from None
     else:
@@ -201,35 +201,34 @@ async def _store_user(
 ) -> int | None:
     """Store the visitor's message; None when it was a re-send already answered."""
     try:
-        async with tenant_tx(svc.pool, v.tenant_id) as conn:
-            cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
-            mid = uuid4()
-            with metrics.timed("crypto"):
-                blob = svc.vault.seal_text(
-                    cipher, v.tenant_id, v.conversation_id, mid, "user", text
-                )
-                sealed_map = None
-                if map_changed:
-                    sealed_map = svc.vault.seal_blob(
-                        cipher,
-                        v.tenant_id,
-                        v.conversation_id,
-                        "redaction",
-                        orjson.dumps(v.placeholders.to_dict()),
-                    )
-            with metrics.timed("database"):
-                seq = await store.insert_message(
-                    conn,
+        cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
+        mid = uuid4()
+        with metrics.timed("crypto"):
+            blob = svc.vault.seal_text(cipher, v.tenant_id, v.conversation_id, mid, "user", text)
+            sealed_map = None
+            if map_changed:
+                sealed_map = svc.vault.seal_blob(
+                    cipher,
                     v.tenant_id,
                     v.conversation_id,
-                    mid,
-                    "user",
-                    blob,
-                    client_ref=client_ref,
-                    redaction_sealed=sealed_map,
+                    "redaction",
+                    orjson.dumps(v.placeholders.to_dict()),
                 )
-            if seq is not None:
-                return seq
+        with metrics.timed("database"):
+            # one autocommit round trip: the function sets the tenant itself
+            seq = await store.insert_message(
+                svc.pool,
+                v.tenant_id,
+                v.conversation_id,
+                mid,
+                "user",
+                blob,
+                client_ref=client_ref,
+                redaction_sealed=sealed_map,
+            )
+        if seq is not None:
+            return seq
+        async with tenant_tx(svc.pool, v.tenant_id) as conn:
             found = await store.message_by_client_ref(
                 conn, v.tenant_id, v.conversation_id, client_ref
             )

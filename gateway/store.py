@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 
 from gateway.crypto import KeyRing, new_data_key
+from gateway.db import Pool
 
 
 @dataclass(frozen=True)
@@ -232,26 +233,12 @@ async def wrapped_key(
     return (row["kek_id"], row["wrapped_key"]) if row else None
 
 
-_INSERT_MESSAGE = """
-WITH m AS (
-    INSERT INTO messages (tenant_id, conversation_id, message_id, role, client_ref, reply_to,
-                          status, finish_reason, ciphertext)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-    ON CONFLICT (tenant_id, conversation_id, client_ref, role) WHERE client_ref IS NOT NULL
-    DO NOTHING
-    RETURNING seq
-), c AS (
-    UPDATE conversations
-       SET last_message_at = now(), message_count = message_count + 1,
-           redaction_sealed = COALESCE($10, redaction_sealed)
-     WHERE tenant_id = $1 AND conversation_id = $2 AND EXISTS (SELECT 1 FROM m)
-)
-SELECT seq FROM m
-"""
+# migrations/0004: sets the tenant itself, so on a pool it is one autocommit round trip
+_INSERT_MESSAGE = "SELECT omnigate_insert_message($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 
 async def insert_message(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection | Pool,
     tenant_id: UUID,
     conversation_id: UUID,
     message_id: UUID,
@@ -264,7 +251,10 @@ async def insert_message(
     finish_reason: str | None = None,
     redaction_sealed: bytes | None = None,
 ) -> int | None:
-    """Insert a message in one round trip; None when the client_ref already exists."""
+    """Insert a message in one round trip; None when the client_ref already exists.
+
+    `conn` may be the pool itself: the statement is then its own tenant transaction.
+    """
     seq: int | None = await conn.fetchval(
         _INSERT_MESSAGE,
         tenant_id,

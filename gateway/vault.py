@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import store
 from gateway.crypto import CryptoError, DataKeyCache, KeyRing, message_aad, open_sealed, seal
+from gateway.db import Pool, tenant_tx
 
 
 class Vault:
@@ -28,6 +29,14 @@ class Vault:
             raise CryptoError("the subject's data key is destroyed")
         dek = self.keyring.unwrap(tenant_id, subject_id, *wrapped)
         return self.cache.put(tenant_id, subject_id, dek)
+
+    async def cipher_for(self, pool: Pool, tenant_id: UUID, subject_id: UUID) -> AESGCM:
+        """The subject's data key from the cache, or unwrapped in a short tenant transaction."""
+        cached = self.cache.get(tenant_id, subject_id)
+        if cached is not None:
+            return cached
+        async with tenant_tx(pool, tenant_id) as conn:
+            return await self.cipher(conn, tenant_id, subject_id)
 
     def remember(self, tenant_id: UUID, subject_id: UUID, dek: bytes) -> AESGCM:
         """Cache a data key just created, so the first message needs no unwrap."""

@@ -164,3 +164,27 @@ async def test_tenant_tx_rolls_back_and_leaves_no_state(
         assert not conn.is_in_transaction()
         assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
         assert await conn.fetchval("SELECT count(*) FROM tenants") == 0
+
+
+async def test_insert_function_is_one_tenant_transaction(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    import uuid
+
+    other = await create_tenant(app_pool, "other", ["http://other.test"])
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    await ws.close()
+    conversation = uuid.UUID(welcome["conversation_id"])
+    sql = (
+        "SELECT omnigate_insert_message($1, $2, $3, 'user', NULL, NULL, 'complete', NULL, $4, NULL)"
+    )
+    async with app_pool.acquire() as conn:
+        # the other tenant cannot write into this tenant's conversation (FK unseen under RLS)
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.fetchval(sql, other.tenant_id, conversation, uuid.uuid4(), b"x" * 40)
+        seq = await conn.fetchval(sql, tenant.tenant_id, conversation, uuid.uuid4(), b"x" * 40)
+        assert isinstance(seq, int)
+        # autocommit: the tenant setting ended with the statement
+        assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 0
