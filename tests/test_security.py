@@ -110,3 +110,40 @@ async def test_security_headers_on_every_get_route(
                 assert resp.headers.get(header) == value, (path, resp.status)
             csp = resp.headers.get("Content-Security-Policy", "")
             assert "default-src 'none'" in csp and "unsafe-inline" not in csp, path
+
+
+async def test_memory_stays_bounded_under_oversized_frames(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    import gc
+
+    import psutil
+
+    big = '{"type":"message","id":"x","text":"' + "a" * 900_000 + '"}'  # under the 1 MiB hard cap
+    proc = psutil.Process()
+
+    async def barrage(frames: int) -> None:
+        sent = 0
+        while sent < frames:
+            ws = await offline_gateway.ws(tenant.site_key)
+            await hello(ws)
+            for _ in range(11):  # the 11th bad frame closes the socket with 1008
+                await ws.send_str(big)
+                sent += 1
+            while not ws.closed:
+                msg = await ws.receive(timeout=10)
+                if msg.type.name in ("CLOSE", "CLOSED", "CLOSING"):
+                    break
+            await ws.close()
+
+    await barrage(22)  # warm-up: allocator pools reach their working size
+    gc.collect()
+    before = proc.memory_info().rss
+    await barrage(110)  # ~100 MB of oversized frames
+    gc.collect()
+    grown = proc.memory_info().rss - before
+    assert grown < 40 * 1024 * 1024, f"RSS grew {grown / 1e6:.1f} MB over ~100 MB of frames"
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    assert reply_text(await chat(ws, "ok", "still serving")) == "still serving"
+    await ws.close()
