@@ -22,7 +22,7 @@ import pytest
 from aiohttp import WSCloseCode
 
 from gateway import store
-from gateway.appkeys import CONNECTIONS
+from gateway.appkeys import CONNECTIONS, SERVICES
 from gateway.config import Settings
 from gateway.db import tenant_tx
 from gateway.provision import NewTenant, create_tenant
@@ -37,6 +37,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
     "--disable-sync",
+    # the gateway listens on loopback; a real shop and gateway are both public, so the
+    # private-network guard (http://shop.test -> 127.0.0.1) is not what is under test
+    "--disable-features=BlockInsecurePrivateNetworkRequests,LocalNetworkAccessChecks",
 ]
 DOCS_PNG = Path(__file__).resolve().parent.parent / "docs" / "widget.png"
 POLICY_URL = "https://example.com/privacy"
@@ -82,11 +85,13 @@ class Live:
         return any(r.canonical == path for r in app.router.resources())
 
 
-async def set_policy(pool: asyncpg.Pool, tenant_id: uuid.UUID, doc: dict[str, Any]) -> None:
-    """Append policy version 2 (before the gateway has cached version 1)."""
+async def set_policy(
+    pool: asyncpg.Pool, tenant_id: uuid.UUID, doc: dict[str, Any], version: int = 2
+) -> None:
+    """Append a policy version (2 by default: before the gateway has cached version 1)."""
     policy = parse_policy(doc)
     async with tenant_tx(pool, tenant_id) as conn:
-        await store.insert_policy(conn, tenant_id, 2, policy_to_doc(policy), {}, "test")
+        await store.insert_policy(conn, tenant_id, version, policy_to_doc(policy), {}, "test")
 
 
 @pytest.fixture
@@ -503,3 +508,113 @@ async def test_offline_and_back(live: Live, context: BrowserContext) -> None:
     await context.set_offline(False)
     await expect(page.locator(".status-bar")).to_be_hidden()
     await say(page, "back online", 0)
+
+
+SHOP = "http://shop.test"
+CSP_EVENTS = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation', (e) =>
+  window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));
+"""
+
+
+async def open_shop(live: Live, pool: asyncpg.Pool, context: BrowserContext) -> tuple[Page, Watch]:
+    """The widget on a third-party shop page with its own strict CSP, the shop allowed."""
+    await set_policy(
+        pool,
+        live.tenant.tenant_id,
+        {
+            "allowed_origins": [SHOP],
+            "required_consents": ["ai_processing"],
+            "privacy_policy_url": POLICY_URL,
+        },
+        version=3,
+    )
+    app = live.gateway.server.app
+    assert app is not None
+    app[SERVICES].tenants.invalidate(live.tenant.tenant_id)
+    gw, ws = live.origin, live.origin.replace("http://", "ws://", 1)
+    csp = (
+        f"default-src 'none'; script-src 'self' {gw}; style-src 'self' {gw}; "
+        f"connect-src 'self' {gw} {ws}; img-src 'self' data:; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'"
+    )
+    html = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Shop</title></head>'
+        "<body><h1>Trailblazer 29</h1>"
+        f'<script src="{gw}/widget.js" data-site="{live.tenant.site_key}" async></script>'
+        "</body></html>"
+    )
+    await context.route(
+        f"{SHOP}/**",
+        lambda route: route.fulfill(
+            status=200,
+            headers={"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": csp},
+            body=html,
+        ),
+    )
+    await context.add_init_script(CSP_EVENTS)
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(f"{SHOP}/bikes/trailblazer-29")
+    return page, watch
+
+
+async def csp_violations(page: Page, watch: Watch) -> list[str]:
+    return watch.csp_violations() + await page.evaluate("() => window.__csp")
+
+
+async def test_third_party_origin_with_strict_csp(
+    live: Live, app_pool: asyncpg.Pool, context: BrowserContext
+) -> None:
+    page, watch = await open_shop(live, app_pool, context)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "is the medium frame in stock?", 0)
+    port = live.origin.rsplit(":", 1)[1]
+    assert len(watch.sockets) == 1
+    assert watch.sockets[0].startswith(f"ws://127.0.0.1:{port}/v1/widget/ws?")
+    assert watch.hellos() and watch.csp_violations() == []
+    # the token is the shop page's, for this tab only
+    stored = await page.evaluate("() => Object.keys(sessionStorage)")
+    assert stored == [f"omnigate.session.{live.tenant.site_key}"]
+    assert await csp_violations(page, watch) == []
+
+
+async def test_third_party_origin_export_and_delete(
+    live: Live, app_pool: asyncpg.Pool, context: BrowserContext
+) -> None:
+    page, watch = await open_shop(live, app_pool, context)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "remember my shop order 4711", 0)
+    key = f"omnigate.session.{live.tenant.site_key}"
+    token = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
+    assert token
+
+    await page.get_by_role("button", name="Privacy").click()
+    await expect(page.get_by_role("region", name="Your data")).to_be_visible()
+    export = f"{live.origin}/api/privacy/export"
+    async with page.expect_response(lambda r: r.url.startswith(export)) as answer:
+        async with page.expect_download() as info:
+            await page.get_by_role("button", name="Download my data").click()
+    # a cross-origin call the gateway vouched for: the shop may read it, with credentials
+    headers = await (await answer.value).all_headers()
+    assert headers["access-control-allow-origin"] == SHOP
+    assert headers["access-control-allow-credentials"] == "true"
+    download = await info.value
+    assert download.suggested_filename == "my-chat-data.json"
+    raw = await asyncio.to_thread(Path(await download.path()).read_text)
+    assert "remember my shop order 4711" in json.dumps(json.loads(raw))
+
+    await page.get_by_role("button", name="Delete my data").click()
+    await page.get_by_role("button", name="Delete everything").click()
+    await expect(page.locator(".privacy .note")).to_have_text(
+        "Your data was deleted. A new, empty conversation has started."
+    )
+    # a fresh session: new token, empty conversation, consent asked again
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+    new = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
+    assert new and new != token
+    assert await page.locator("li.msg").count() == 0
+    assert await csp_violations(page, watch) == []
