@@ -118,17 +118,35 @@ def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> It
         lo = w.start() - 1 if w.start() > 0 else 0
         hi = w.end() + 1 if w.end() < size else size
         window = text[lo:hi]
-        for region in regions:
-            matcher = phonenumbers.PhoneNumberMatcher(
-                window, region, leniency=phonenumbers.Leniency.VALID
+        for n, region in enumerate(regions):
+            found = list(
+                phonenumbers.PhoneNumberMatcher(
+                    window, region, leniency=phonenumbers.Leniency.VALID
+                )
             )
-            for pm in matcher:
+            for pm in found:
                 span = (lo + pm.start, lo + pm.end)
                 if span in seen:
                     continue
                 seen.add(span)
                 key = phonenumbers.format_number(pm.number, phonenumbers.PhoneNumberFormat.E164)
                 yield Match(span[0], span[1], "phone", "redact.phone", key)
+            if n == 0 and found and _international_only(window, found, min_digits):
+                # every number here is written "+…", which reads the same in any region,
+                # and too few digits are left for another: the other passes add nothing
+                break
+
+
+def _international_only(
+    window: str, found: list[phonenumbers.PhoneNumberMatch], min_digits: int
+) -> bool:
+    if not all(pm.raw_string.startswith("+") for pm in found):
+        return False
+    inside: set[int] = set()
+    for pm in found:
+        inside.update(range(pm.start, pm.end))
+    left = sum(ch.isdecimal() for i, ch in enumerate(window) if i not in inside)
+    return left < min_digits
 
 
 # --- credit card ---------------------------------------------------------------------
