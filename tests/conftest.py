@@ -204,19 +204,22 @@ async def start_gateway(settings: Settings) -> AsyncIterator[Gateway]:
         await server.close()
 
 
+def on_fake(settings: Settings, url: str, **changes: Any) -> Settings:
+    """Settings for a gateway whose model is the fake upstream at `url` (short deadlines)."""
+    base: dict[str, Any] = {
+        "openai_api_key": "sk-test",
+        "upstream_url": url,
+        "first_token_timeout": 2.0,
+        "idle_timeout": 2.0,
+        "upstream_retries": 1,
+    }
+    return replace(settings, **{**base, **changes})
+
+
 @pytest.fixture
 async def gateway(settings: Settings, fake: tuple[FakeUpstream, str]) -> AsyncIterator[Gateway]:
     """The gateway talking to the fake upstream (a real HTTP model)."""
-    _, url = fake
-    s = replace(
-        settings,
-        openai_api_key="sk-test",
-        upstream_url=url,
-        first_token_timeout=2.0,
-        idle_timeout=2.0,
-        upstream_retries=1,
-    )
-    async for g in start_gateway(s):
+    async for g in start_gateway(on_fake(settings, fake[1])):
         yield g
 
 

@@ -29,7 +29,16 @@ from gateway.db import tenant_tx
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant, create_tenant
 from policies import parse_policy, policy_to_doc
-from tests.conftest import ORIGIN, Database, Gateway, chat, hello, recv_until, start_gateway
+from tests.conftest import (
+    ORIGIN,
+    Database,
+    Gateway,
+    chat,
+    hello,
+    on_fake,
+    recv_until,
+    start_gateway,
+)
 from tests.test_workers import Server, open_ws, send, spread, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,16 +95,7 @@ class Delta:
 @pytest.fixture
 async def gw(settings: Settings, fake: tuple[FakeUpstream, str]) -> AsyncIterator[Gateway]:
     """The gateway on the fake upstream, behind a trusted proxy (loopback), one retry."""
-    _, url = fake
-    s = replace(
-        settings,
-        openai_api_key="sk-test",
-        upstream_url=url,
-        first_token_timeout=2.0,
-        idle_timeout=2.0,
-        upstream_retries=1,
-        trusted_proxies=parse_networks("127.0.0.0/8"),
-    )
+    s = on_fake(settings, fake[1], trusted_proxies=parse_networks("127.0.0.0/8"))
     async for g in start_gateway(s):
         yield g
 

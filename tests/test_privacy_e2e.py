@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -14,7 +13,7 @@ from gateway.config import Settings
 from gateway.fake_upstream import FakeUpstream
 from gateway.logs import make_handler
 from gateway.provision import NewTenant
-from tests.conftest import Gateway, chat, hello, reply_text, start_gateway
+from tests.conftest import Gateway, chat, hello, on_fake, reply_text, start_gateway
 from tests.test_data_rules import dump_database
 
 CLIENT_IP = "203.0.113.77"
@@ -54,15 +53,8 @@ async def proxied_gateway(
     """The gateway behind a trusted proxy (loopback), talking to the fake upstream."""
     from gateway.config import parse_networks
 
-    _, url = fake
-    s = replace(
-        settings,
-        openai_api_key="sk-test",
-        upstream_url=url,
-        first_token_timeout=2.0,
-        idle_timeout=2.0,
-        upstream_retries=0,
-        trusted_proxies=parse_networks("127.0.0.0/8"),
+    s = on_fake(
+        settings, fake[1], upstream_retries=0, trusted_proxies=parse_networks("127.0.0.0/8")
     )
     async for g in start_gateway(s):
         yield g
