@@ -13,7 +13,9 @@ Per tenant, with `retention_days` from its current policy:
 
 Every step only touches rows still past their limit, so a second pass (or a
 pass interrupted halfway and run again) finds nothing more to do. One leader at
-a time: a session-level advisory lock held on a dedicated connection.
+a time: a lease row (migrations/0005), taken and renewed by autocommit statements,
+so it works behind PgBouncer in transaction mode and a crashed leader's lease
+simply runs out.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 
@@ -34,7 +36,16 @@ from policies import parse_policy
 
 log = logging.getLogger("omnigate.retention")
 
-LEADER_LOCK = 7243003
+LEASE = "retention"
+LEASE_SECONDS = 300
+
+_TAKE_LEASE = """
+INSERT INTO omnigate_leases (name, holder, expires_at)
+VALUES ($1, $2, now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+WHERE omnigate_leases.expires_at < now() OR omnigate_leases.holder = EXCLUDED.holder
+RETURNING holder
+"""
 ANALYTICS_DAYS = 730
 
 _DELETE_MESSAGES = """
@@ -159,18 +170,23 @@ async def run_retention(
     """One pass over every tenant, if this process wins the leader lock; a JSON summary."""
     now = now or datetime.now(UTC)
     started = time.monotonic()
-    async with pool.acquire() as leader:
-        # session-level lock on this connection, released explicitly (and by disconnect)
-        if not await leader.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
-            return {"leader": False, "skipped": "another process is running retention"}
-        try:
-            totals = dict.fromkeys(KINDS, 0)
-            tenants = await tenant_ids(pool)
-            for tenant_id in tenants:
-                for kind, n in (await purge_tenant(pool, tenant_id, now, batch)).items():
-                    totals[kind] += n
-        finally:
-            await leader.execute("SELECT pg_advisory_unlock($1)", LEADER_LOCK)
+    holder = uuid4()
+    if await pool.fetchval(_TAKE_LEASE, LEASE, holder, LEASE_SECONDS) != holder:
+        return {"leader": False, "skipped": "another process is running retention"}
+    try:
+        totals = dict.fromkeys(KINDS, 0)
+        tenants = await tenant_ids(pool)
+        for tenant_id in tenants:
+            # renewed per tenant; a lease lost (a pause longer than its term) ends the pass
+            if await pool.fetchval(_TAKE_LEASE, LEASE, holder, LEASE_SECONDS) != holder:
+                log.warning("retention lease lost; the next pass continues")
+                break
+            for kind, n in (await purge_tenant(pool, tenant_id, now, batch)).items():
+                totals[kind] += n
+    finally:
+        await pool.execute(
+            "DELETE FROM omnigate_leases WHERE name = $1 AND holder = $2", LEASE, holder
+        )
     for kind, n in totals.items():
         metrics.count_retention_purged(_METRIC_KIND[kind], n)
     return {

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.cli import run
 from gateway.provision import NewTenant
-from gateway.retention import KINDS, LEADER_LOCK, run_retention
+from gateway.retention import KINDS, LEASE, run_retention
 from tests.conftest import Database, Gateway, chat, hello
 
 CONSENT = {"conversation_storage": True, "ai_processing": True}
@@ -118,14 +118,24 @@ async def test_retention_pass(
 
 
 async def test_one_leader_at_a_time(app_pool: asyncpg.Pool, owner_pool: asyncpg.Pool) -> None:
-    async with owner_pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", LEADER_LOCK)
-        try:
-            summary = await run_retention(app_pool)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", LEADER_LOCK)
-    assert summary["leader"] is False
-    assert (await run_retention(app_pool))["leader"] is True
+    # another process holds the lease
+    await owner_pool.execute(
+        "INSERT INTO omnigate_leases (name, holder, expires_at)"
+        " VALUES ($1, gen_random_uuid(), now() + interval '1 minute')",
+        LEASE,
+    )
+    try:
+        assert (await run_retention(app_pool))["leader"] is False
+        # that process crashed: once its lease runs out, the next pass leads
+        await owner_pool.execute(
+            "UPDATE omnigate_leases SET expires_at = now() - interval '1 second' WHERE name = $1",
+            LEASE,
+        )
+        assert (await run_retention(app_pool))["leader"] is True
+        # a finished pass gives the lease back
+        assert await owner_pool.fetchval("SELECT count(*) FROM omnigate_leases") == 0
+    finally:
+        await owner_pool.execute("DELETE FROM omnigate_leases WHERE name = $1", LEASE)
 
 
 def test_cli_retention_run_prints_a_summary(
