@@ -14,7 +14,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway import metrics, protocol
 from gateway.appkeys import CONNECTIONS, SERVICES
-from gateway.chat import handle_message
+from gateway.chat import STORAGE_ERRORS, handle_message
 from gateway.connection import Connection
 from gateway.crypto import new_token
 from gateway.httpctx import origin_allowed, request_context, set_session_cookie
@@ -248,6 +248,18 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
         frame = None
     except ProtocolError as exc:
         events.append(protocol.error_frame(exc))
+        frame = None
+    except STORAGE_ERRORS:
+        # the session could not be opened: nothing was stored, nothing acknowledged
+        events.append(
+            protocol.error_frame(
+                ProtocolError(
+                    protocol.STORAGE_UNAVAILABLE,
+                    "storage is unavailable; try again",
+                    retry_after=1.0,
+                )
+            )
+        )
         frame = None
     assert conn.visitor is not None or frame is None
     if conn.visitor is not None:

@@ -259,3 +259,27 @@ async def test_storage_cut_while_streaming(
         replies = [m for m in messages if m["role"] == "assistant" and m["reply_to"] == user_seq]
         assert len(replies) == 1 and replies[0]["text"] == text, messages
         await ws.close()
+
+
+async def test_storage_cut_on_the_http_fallback(
+    proxied: Settings, proxy: PgProxy, tenant: NewTenant
+) -> None:
+    from tests.test_http_fallback import parse_sse, post
+
+    async for gw in start_gateway(proxied):
+        status, _, body = await post(gw, tenant.site_key, {"id": "h1", "text": "first"})
+        assert status == 200 and parse_sse(body)[-1]["type"] == "done"
+        proxy.cut()
+        status, headers, body = await post(gw, tenant.site_key, {"id": "h2", "text": "cut"})
+        events = parse_sse(body)
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        assert [e["type"] for e in events] == ["error"], events
+        assert events[0]["code"] == "storage_unavailable"
+        proxy.restore()
+        for _ in range(40):
+            status, _, body = await post(gw, tenant.site_key, {"id": "h3", "text": "back"})
+            events = parse_sse(body)
+            if events and events[-1]["type"] == "done":
+                break
+            await asyncio.sleep(0.1)
+        assert events[-1]["type"] == "done", events
