@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway import admin, bus, metrics, privacy, widget, ws
 from gateway.appkeys import CONNECTIONS, SERVICES, SETTINGS
+from gateway.chat import STORAGE_ERRORS
 from gateway.config import Settings
 from gateway.crypto import DataKeyCache, KeyRing, dev_master_keys
 from gateway.db import check_app_role, create_pool, migrations_current
@@ -81,6 +82,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 headers=headers,
             )
         raise
+    except STORAGE_ERRORS as exc:
+        # PostgreSQL unreachable is an outage, not a bug: 503, no traceback
+        log.warning("storage unavailable", extra={"route": template, "kind": type(exc).__name__})
+        metrics.count_http_request(template, 503)
+        return web.json_response(
+            {"error": {"code": "storage_unavailable", "message": "storage is unavailable"}},
+            status=503,
+            headers={"Retry-After": "1"},
+        )
     except Exception:
         log.exception("unhandled error", extra={"route": template})
         metrics.count_http_request(template, 500)

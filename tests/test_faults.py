@@ -283,3 +283,25 @@ async def test_storage_cut_on_the_http_fallback(
                 break
             await asyncio.sleep(0.1)
         assert events[-1]["type"] == "done", events
+
+
+async def test_storage_cut_on_an_api_call_is_503(
+    proxied: Settings, proxy: PgProxy, tenant: NewTenant
+) -> None:
+    async for gw in start_gateway(proxied):
+        url = gw.url("/api/admin/policy")
+        headers = {"Authorization": f"Bearer {tenant.admin_key}"}
+        async with gw.session.get(url, headers=headers) as resp:
+            assert resp.status == 200
+        proxy.cut()
+        async with gw.session.get(url, headers=headers) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "storage_unavailable"
+            assert resp.headers["Retry-After"] == "1"
+        proxy.restore()
+        for _ in range(40):
+            async with gw.session.get(url, headers=headers) as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        assert resp.status == 200
