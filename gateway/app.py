@@ -19,6 +19,7 @@ from gateway.chat import STORAGE_ERRORS
 from gateway.config import Settings
 from gateway.crypto import DataKeyCache, KeyRing, dev_master_keys
 from gateway.db import check_app_role, create_pool, migrations_current
+from gateway.groupcommit import GroupCommitter
 from gateway.httpctx import add_cors_headers
 from gateway.retention import retention_loop
 from gateway.services import Services
@@ -154,6 +155,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             await client.start()
             model = client
         svc = build_services(settings, pool, model, upstream)
+        svc.writer = GroupCommitter(pool)
         redis_client = svc.redis
         _subscribe(svc)
         await svc.bus.start()
@@ -164,6 +166,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await retention
         await svc.bus.close()
+        await svc.writer.aclose()
         await svc.aclose()
     finally:
         await ws.close_all(app[CONNECTIONS])

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import orjson
@@ -169,8 +169,8 @@ async def _exchange(
                 )
             with metrics.timed("database"):
                 # one autocommit round trip: the function sets the tenant itself
-                reply_seq = await store.insert_message(
-                    svc.pool,
+                reply_seq = await _insert_message(
+                    svc,
                     v.tenant_id,
                     v.conversation_id,
                     mid,
@@ -188,6 +188,25 @@ async def _exchange(
     v.context[:] = [*history, turn, {"role": "assistant", "content": raw_reply}]
     del v.context[:-CONTEXT_MESSAGES]
     await emit(protocol.done(msg_id, reply_seq, finish))
+
+
+async def _insert_message(
+    svc: Services,
+    tenant_id: UUID,
+    conversation_id: UUID,
+    message_id: UUID,
+    role: str,
+    ciphertext: bytes,
+    **kw: Any,
+) -> int | None:
+    """A message write: group-committed with other sessions' when the writer is running."""
+    if svc.writer is not None:
+        return await svc.writer.insert(
+            tenant_id, conversation_id, message_id, role, ciphertext, **kw
+        )
+    return await store.insert_message(
+        svc.pool, tenant_id, conversation_id, message_id, role, ciphertext, **kw
+    )
 
 
 async def _store_user(
@@ -216,8 +235,8 @@ async def _store_user(
                 )
         with metrics.timed("database"):
             # one autocommit round trip: the function sets the tenant itself
-            seq = await store.insert_message(
-                svc.pool,
+            seq = await _insert_message(
+                svc,
                 v.tenant_id,
                 v.conversation_id,
                 mid,

@@ -14,6 +14,7 @@ from gateway.bus import LocalBus
 from gateway.config import Settings
 from gateway.crypto import KeyRing
 from gateway.db import Pool, tenant_tx
+from gateway.groupcommit import GroupCommitter
 from gateway.ratelimit import LocalRateLimiter, RateLimiter
 from gateway.tenants import TenantRegistry
 from gateway.upstream import ChatModel, ChatStream, UpstreamClient, UpstreamConfig
@@ -36,6 +37,8 @@ class Services:
     salts: SaltRing | None = None
     redis: Any = None
     bus: Any = field(default_factory=LocalBus)
+    # message writes of concurrent sessions, batched into one round trip (None: one each)
+    writer: GroupCommitter | None = None
     # live connections by (tenant, subject): erasure closes them on every process
     live: dict[tuple[UUID, UUID], set[Any]] = field(default_factory=dict)
     # open widget sockets per (tenant, anonymized IP) in this process

@@ -1,0 +1,124 @@
+"""Group commit of message writes: several sessions' inserts in one round trip.
+
+Natural batching, no timers. When no flush is in flight an insert is sent at once
+(alone, so one session's latency does not grow); while a flush is in flight new
+inserts queue, and when it returns the next flush takes everything queued (up to
+`max_batch`). The batch is one autocommit statement, `omnigate_insert_messages`
+(migrations/0006), so when it returns every row in it is committed: each caller's
+future is resolved only then. A row that failed (its conversation was erased, say)
+fails alone with `StorageError`; a failed round trip fails every caller of that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+from uuid import UUID
+
+from gateway.db import Pool
+
+_INSERT_MESSAGES = (
+    "SELECT ord, seq, failed FROM omnigate_insert_messages("
+    "$1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bytea[], $6::bigint[],"
+    " $7::text[], $8::text[], $9::bytea[], $10::bytea[])"
+)
+
+# one row: tenant, conversation, message, role, client_ref, reply_to, status, finish,
+# ciphertext, redaction
+_Row = tuple[UUID, UUID, UUID, str, bytes | None, int | None, str, str | None, bytes, bytes | None]
+
+
+class StorageError(OSError):
+    """This message's write was rolled back by the database (the others in its batch were not)."""
+
+
+class GroupCommitter:
+    """Batches `store.insert_message` calls of concurrent sessions into one statement."""
+
+    def __init__(self, pool: Pool, *, max_batch: int = 64, max_pending: int = 1024) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._queue: list[tuple[_Row, asyncio.Future[int | None]]] = []
+        self._slots = asyncio.Semaphore(max_pending)  # queued + in flight; beyond, callers wait
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # round trips sent
+        self.rows = 0  # rows sent
+
+    async def insert(
+        self,
+        tenant_id: UUID,
+        conversation_id: UUID,
+        message_id: UUID,
+        role: str,
+        ciphertext: bytes,
+        *,
+        client_ref: bytes | None = None,
+        reply_to: int | None = None,
+        status: str = "complete",
+        finish_reason: str | None = None,
+        redaction_sealed: bytes | None = None,
+    ) -> int | None:
+        """Insert a message once it is committed; its seq, or None when client_ref existed."""
+        row: _Row = (
+            tenant_id,
+            conversation_id,
+            message_id,
+            role,
+            client_ref,
+            reply_to,
+            status,
+            finish_reason,
+            ciphertext,
+            redaction_sealed,
+        )
+        async with self._slots:
+            fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            self._queue.append((row, fut))
+            if self._task is None:
+                self._task = asyncio.create_task(self._run())
+            # shielded: a cancelled caller must not cancel a write that may commit anyway
+            return await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._flush(batch)
+        finally:
+            self._task = None
+
+    async def _flush(self, batch: list[tuple[_Row, asyncio.Future[int | None]]]) -> None:
+        columns: list[list[Any]] = [list(c) for c in zip(*(row for row, _ in batch), strict=True)]
+        self.batches += 1
+        self.rows += len(batch)
+        try:
+            records = await self._pool.fetch(_INSERT_MESSAGES, *columns)
+        except Exception as exc:  # every caller of the batch gets the error
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        except BaseException:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StorageError("message write interrupted"))
+            raise
+        results = {r["ord"]: r for r in records}
+        for i, (_, fut) in enumerate(batch, start=1):
+            if fut.done():
+                continue
+            r = results.get(i)
+            if r is None or r["failed"]:
+                fut.set_exception(StorageError("message write failed"))
+            else:
+                fut.set_result(r["seq"])
+
+    async def aclose(self) -> None:
+        """Wait for the writes already queued (new ones may still come and are flushed too)."""
+        while (task := self._task) is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+            if self._task is task:
+                break

@@ -1,0 +1,172 @@
+"""Group commit of message writes (gateway/groupcommit.py, migrations/0006), on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from gateway.chat import STORAGE_ERRORS
+from gateway.db import create_pool, tenant_tx
+from gateway.groupcommit import GroupCommitter, StorageError
+from gateway.provision import NewTenant, create_tenant
+from tests.conftest import ORIGIN, TEST_APP_ROLE, Database, Gateway, hello
+
+BLOB = b"x" * 40
+
+
+async def flushed(gc: GroupCommitter, batches: int) -> None:
+    """Yield to the loop until `batches` flushes have been sent (so the next rows queue)."""
+    for _ in range(100):
+        if gc.batches >= batches:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("flush not started")
+
+
+async def conversation_of(gw: Gateway, t: NewTenant) -> uuid.UUID:
+    ws = await gw.ws(t.site_key)
+    welcome = await hello(ws)
+    await ws.close()
+    return uuid.UUID(welcome["conversation_id"])
+
+
+async def test_concurrent_inserts_share_round_trips_and_stay_per_tenant(
+    offline_gateway: Gateway, app_pool: asyncpg.Pool
+) -> None:
+    tenants = [await create_tenant(app_pool, f"gc-{i}", [ORIGIN]) for i in range(3)]
+    convs = [await conversation_of(offline_gateway, t) for t in tenants]
+    gc = GroupCommitter(app_pool)
+    seqs = await asyncio.gather(
+        *(
+            gc.insert(tenants[i % 3].tenant_id, convs[i % 3], uuid.uuid4(), "user", BLOB)
+            for i in range(50)
+        )
+    )
+    assert all(isinstance(s, int) for s in seqs)
+    assert len(set(seqs)) == 50
+    assert gc.rows == 50
+    assert gc.batches < 50  # gathered together: the rows share round trips
+    for i, t in enumerate(tenants):
+        async with tenant_tx(app_pool, t.tenant_id) as conn:
+            rows = await conn.fetch("SELECT seq, conversation_id FROM messages")
+            count = await conn.fetchval(
+                "SELECT message_count FROM conversations WHERE conversation_id = $1", convs[i]
+            )
+        mine = {s for j, s in enumerate(seqs) if j % 3 == i}
+        assert {r["seq"] for r in rows} == mine  # only this tenant's rows are visible
+        assert {r["conversation_id"] for r in rows} == {convs[i]}
+        assert count == len(mine)
+
+
+async def test_bad_row_fails_alone_and_duplicate_is_none(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    other = await create_tenant(app_pool, "gc-other", [ORIGIN])
+    conv = await conversation_of(offline_gateway, tenant)
+    gc = GroupCommitter(app_pool)
+    ref = b"r" * 16
+    first = await gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB, client_ref=ref)
+    assert isinstance(first, int)
+
+    # hold a flush in flight so the next four rows go together in one batch
+    blocker = asyncio.create_task(gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB))
+    await flushed(gc, 2)
+    results = await asyncio.gather(
+        gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB),
+        # another tenant's row into this tenant's conversation: RLS hides it, the FK fails
+        gc.insert(other.tenant_id, conv, uuid.uuid4(), "user", BLOB),
+        # a conversation that does not exist (erased)
+        gc.insert(tenant.tenant_id, uuid.uuid4(), uuid.uuid4(), "user", BLOB),
+        # a re-sent client_ref: already stored
+        gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB, client_ref=ref),
+        return_exceptions=True,
+    )
+    assert isinstance(await blocker, int)
+    assert gc.batches == 3  # first, blocker, then the four together
+    ok, cross, erased, dup = results
+    assert isinstance(ok, int)
+    assert isinstance(cross, StorageError) and isinstance(cross, STORAGE_ERRORS)
+    assert isinstance(erased, StorageError)
+    assert dup is None
+    async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 3
+    async with tenant_tx(app_pool, other.tenant_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+    # autocommit: no tenant setting survives the statement on the pooled connection
+    async with app_pool.acquire() as conn:
+        assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+
+
+async def _kill_waiting_writer(owner: asyncpg.Pool) -> None:
+    """Terminate the app backend blocked on the held row lock (mid-flush)."""
+    for _ in range(500):
+        pids = await owner.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE usename = $1 AND wait_event_type = 'Lock'"
+            " AND datname = current_database()",
+            TEST_APP_ROLE,
+        )
+        if pids:
+            for p in pids:
+                await owner.execute("SELECT pg_terminate_backend($1)", p["pid"])
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no writer blocked on the lock")
+
+
+async def test_cut_connection_fails_the_batch_then_recovers(
+    offline_gateway: Gateway, tenant: NewTenant, database: Database, owner_pool: asyncpg.Pool
+) -> None:
+    conv = await conversation_of(offline_gateway, tenant)
+    pool = await create_pool(database.app_url, min_size=1, max_size=1)
+    try:
+        gc = GroupCommitter(pool)
+
+        def one() -> asyncio.Task[int | None]:
+            return asyncio.create_task(
+                gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB)
+            )
+
+        async with owner_pool.acquire() as owner:
+            tx = owner.transaction()
+            await tx.start()
+            # hold the conversation row: the batch's UPDATE waits on it
+            await owner.execute(
+                "UPDATE conversations SET message_count = message_count WHERE conversation_id = $1",
+                conv,
+            )
+            first = one()
+            await flushed(gc, 1)
+            queued = [one() for _ in range(4)]
+            await _kill_waiting_writer(owner_pool)  # the first flush, one row
+            with pytest.raises(STORAGE_ERRORS):
+                await first
+            await _kill_waiting_writer(owner_pool)  # the next flush: the four queued rows
+            for task in queued:
+                with pytest.raises(STORAGE_ERRORS):
+                    await task
+            await tx.rollback()
+        assert gc.batches == 2
+        seq = await gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB)
+        assert isinstance(seq, int)
+        async with tenant_tx(pool, tenant.tenant_id) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM messages") == 1
+    finally:
+        await pool.close()
+
+
+async def test_gateway_writes_through_the_committer(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    from gateway.appkeys import SERVICES
+    from tests.conftest import chat
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    frames = await chat(ws, "m1", "hello there")
+    await ws.close()
+    assert frames[-1]["type"] == "done" and isinstance(frames[-1]["seq"], int)
+    svc = offline_gateway.server.app[SERVICES]
+    assert svc.writer is not None and svc.writer.rows >= 2
