@@ -5,8 +5,9 @@ Natural batching, no timers. When no flush is in flight an insert is sent at onc
 inserts queue, and when it returns the next flush takes everything queued (up to
 `max_batch`). The batch is one autocommit statement, `omnigate_insert_messages`
 (migrations/0006), so when it returns every row in it is committed: each caller's
-future is resolved only then. A row that failed (its conversation was erased, say)
-fails alone with `StorageError`; a failed round trip fails every caller of that batch.
+future is resolved only then. A row that failed in the batch (its conversation was
+erased, say) is tried once more alone, so its caller gets the database's own error
+and the others are untouched; a failed round trip fails every caller of that batch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 from typing import Any
 from uuid import UUID
 
+from gateway import store
 from gateway.db import Pool
 
 _INSERT_MESSAGES = (
@@ -106,14 +108,38 @@ class GroupCommitter:
                     fut.set_exception(StorageError("message write interrupted"))
             raise
         results = {r["ord"]: r for r in records}
-        for i, (_, fut) in enumerate(batch, start=1):
+        for i, (row, fut) in enumerate(batch, start=1):
             if fut.done():
                 continue
             r = results.get(i)
             if r is None or r["failed"]:
-                fut.set_exception(StorageError("message write failed"))
+                # alone, so the caller gets the database's own error (and a second chance)
+                await self._retry_alone(row, fut)
             else:
                 fut.set_result(r["seq"])
+
+    async def _retry_alone(self, row: _Row, fut: asyncio.Future[int | None]) -> None:
+        tenant, conversation, message, role, client_ref, reply_to, status, finish, ct, red = row
+        try:
+            seq = await store.insert_message(
+                self._pool,
+                tenant,
+                conversation,
+                message,
+                role,
+                ct,
+                client_ref=client_ref,
+                reply_to=reply_to,
+                status=status,
+                finish_reason=finish,
+                redaction_sealed=red,
+            )
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            fut.set_result(seq)
 
     async def aclose(self) -> None:
         """Wait for the writes already queued (new ones may still come and are flushed too)."""
