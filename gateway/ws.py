@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections import deque
 from typing import Any
 
 import orjson
@@ -113,14 +112,18 @@ class Outbox:
     def __init__(self, ws: web.WebSocketResponse, limit: int) -> None:
         self.ws = ws
         self.limit = limit
-        self.frames: deque[dict[str, Any]] = deque()
-        self.space = asyncio.Event()
+        # a list, not a deque: an empty deque reserves a 64-slot block per idle socket
+        self.frames: list[dict[str, Any]] = []
+        # made only when a reader falls behind far enough to fill the outbox
+        self.space: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
         self.broken = False
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Queue a frame (dropped once the socket is gone)."""
         while len(self.frames) >= self.limit and not self.broken:
+            if self.space is None:
+                self.space = asyncio.Event()
             self.space.clear()
             await self.space.wait()
         if self.broken or self.ws.closed:
@@ -132,7 +135,7 @@ class Outbox:
     async def _write(self) -> None:
         try:
             while self.frames:
-                frame = self.frames.popleft()
+                frame = self.frames.pop(0)  # at most `limit` (256) entries
                 if frame["type"] == "delta":
                     text = [frame["text"]]
                     while (
@@ -140,16 +143,18 @@ class Outbox:
                         and self.frames[0]["type"] == "delta"
                         and self.frames[0]["id"] == frame["id"]
                     ):
-                        text.append(self.frames.popleft()["text"])
+                        text.append(self.frames.pop(0)["text"])
                     if len(text) > 1:
                         frame = protocol.delta(frame["id"], "".join(text))
-                self.space.set()
+                if self.space is not None:
+                    self.space.set()
                 await self.ws.send_str(protocol.encode(frame))
         except (ConnectionError, RuntimeError):
             # the peer went away mid-write: nothing more can be delivered
             self.broken = True
             self.frames.clear()
-            self.space.set()
+            if self.space is not None:
+                self.space.set()
         finally:
             self.task = None
 
