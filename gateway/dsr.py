@@ -195,6 +195,9 @@ async def transition(
     resolution: str | None = None,
 ) -> asyncpg.Record:
     """Acknowledge, extend, complete or reject a request (audited); RequestError if refused."""
+    for name, value in (("reason", reason), ("resolution", resolution)):
+        if value is not None and not isinstance(value, str):
+            raise RequestError(422, f"bad_{name}", f"{name} must be a string")
     row = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM privacy_requests WHERE tenant_id = $1 AND request_id = $2"  # noqa: S608
         " FOR UPDATE",

@@ -94,6 +94,11 @@ async def admin_transition(request: web.Request) -> web.Response:
     request_id = _uuid(request.match_info["id"])
     action = request.match_info["action"]
     body = await json_body(request)
+    # validated before anything happens: completing an erasure request erases first
+    for field in ("reason", "resolution"):
+        value = body.get(field)
+        if value is not None and not isinstance(value, str):
+            error(422, f"bad_{field}", f"{field} must be a string")
     actor = f"admin:{key_id}"
     svc = request.app[SERVICES]
     try:

@@ -228,3 +228,42 @@ async def test_completing_an_erasure_request_erases(
     async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
         assert r.status == 401
     await ws.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"resolution": 5}, {"reason": ["x"]}, {"resolution": {"a": 1}}],
+    ids=["int-resolution", "list-reason", "dict-resolution"],
+)
+async def test_complete_with_non_string_text_is_refused_before_erasing(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, body: Any
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(g, "/api/gdpr/request", session(token), {"kind": "erasure"})
+    status, err = await post(g, f"/api/admin/requests/{doc['id']}/complete", admin(tenant), body)
+    assert status == 422, err
+    row = await owner_pool.fetchrow(
+        "SELECT subject_id, status FROM privacy_requests WHERE request_id = $1::uuid", doc["id"]
+    )
+    assert row["subject_id"] is not None and row["status"] == "received"
+    assert await owner_pool.fetchval(
+        "SELECT count(*) FROM subjects WHERE subject_id = $1", row["subject_id"]
+    ) == 1
+    async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
+        assert r.status == 200
+    await ws.close()
+
+
+async def test_extend_with_non_integer_days_or_text_reason_is_422(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(g, "/api/gdpr/request", session(token), {"kind": "access"})
+    base = f"/api/admin/requests/{doc['id']}"
+    status, _ = await post(g, f"{base}/extend", admin(tenant), {"days": 5, "reason": 7})
+    assert status == 422
+    status, _ = await post(g, f"{base}/reject", admin(tenant), {"reason": True})
+    assert status == 422
+    await ws.close()
