@@ -8,6 +8,12 @@ tenant, every `subject_keys` row whose `kek_id` is not the primary. The data
 keys themselves do not change, so message ciphertext is untouched and reads
 keep working throughout. When the printed `remaining_by_key` shows no row for
 the old key, remove it from OMNIGATE_MASTER_KEYS: it is retired.
+
+The tenant secrets sealed with `KeyRing.seal_secret` (the bring-your-own
+upstream and the identity-verification secret, columns of `tenants`) name their
+master key in the blob's prefix; the same pass re-seals them under the primary,
+and they count in `remaining_by_key`, so a key is never reported retirable while
+a secret still needs it.
 """
 
 from __future__ import annotations
@@ -25,10 +31,55 @@ class RotationError(Exception):
     """The keys are not set up for a rotation; the message is safe to print."""
 
 
+# tenants column -> the purpose its secret is sealed for (the AAD binds it)
+SEALED_SECRETS = {"upstream_sealed": "upstream", "identity_secret_sealed": "identity"}
+_SELECT_SECRETS = "SELECT upstream_sealed, identity_secret_sealed FROM tenants WHERE tenant_id = $1"
+_UPDATE_SECRET = {
+    "upstream_sealed": "UPDATE tenants SET upstream_sealed = $2 WHERE tenant_id = $1",
+    "identity_secret_sealed": (
+        "UPDATE tenants SET identity_secret_sealed = $2 WHERE tenant_id = $1"
+    ),
+}
+
+
+def secret_kek_id(blob: bytes) -> str:
+    """The master key id named in a `seal_secret` blob (length byte, id, sealed)."""
+    n = blob[0]
+    return bytes(blob[1 : 1 + n]).decode()
+
+
+async def reseal_tenant_secrets(pool: Pool, keyring: KeyRing, tenant_id: UUID) -> tuple[int, int]:
+    """Re-seal the tenant's sealed secrets under the primary; (re-sealed, failed to open)."""
+    done = failed = 0
+    async with tenant_tx(pool, tenant_id) as conn:
+        row = await conn.fetchrow(
+            _SELECT_SECRETS + " FOR UPDATE",
+            tenant_id,
+        )
+        if row is None:
+            return 0, 0
+        for column, purpose in SEALED_SECRETS.items():
+            blob = row[column]
+            if blob is None or secret_kek_id(blob) == keyring.primary_id:
+                continue
+            try:
+                plain = keyring.open_secret(tenant_id, purpose, blob)
+            except CryptoError:
+                failed += 1  # its master key is not configured: left, reported as remaining
+                continue
+            await conn.execute(
+                _UPDATE_SECRET[column],
+                tenant_id,
+                keyring.seal_secret(tenant_id, purpose, plain),
+            )
+            done += 1
+    return done, failed
+
+
 async def rewrap_tenant(
     pool: Pool, keyring: KeyRing, tenant_id: UUID, batch: int = 500
 ) -> tuple[int, int]:
-    """Re-wrap one tenant's data keys; returns (re-wrapped, failed to unwrap)."""
+    """Re-wrap one tenant's data keys and re-seal its secrets; (re-wrapped, failed to open)."""
     done = failed = 0
     skip: list[UUID] = []
     while True:
@@ -61,6 +112,9 @@ async def rewrap_tenant(
             done += len(updates)
         if len(rows) < batch:
             break
+    resealed, reseal_failed = await reseal_tenant_secrets(pool, keyring, tenant_id)
+    done += resealed
+    failed += reseal_failed
     if done or failed:
         async with tenant_tx(pool, tenant_id) as conn:
             await audit.append(
@@ -75,7 +129,7 @@ async def rewrap_tenant(
 
 
 async def remaining_by_key(pool: Pool, tenants: list[UUID]) -> dict[str, int]:
-    """How many data keys each master key still wraps, across tenants."""
+    """How many data keys and tenant secrets each master key still protects, across tenants."""
     counts: dict[str, int] = {}
     for tenant_id in tenants:
         async with tenant_tx(pool, tenant_id) as conn:
@@ -85,6 +139,14 @@ async def remaining_by_key(pool: Pool, tenants: list[UUID]) -> dict[str, int]:
                 tenant_id,
             ):
                 counts[r["kek_id"]] = counts.get(r["kek_id"], 0) + int(r["n"])
+            row = await conn.fetchrow(
+                _SELECT_SECRETS,
+                tenant_id,
+            )
+            for column in SEALED_SECRETS:
+                if row is not None and row[column] is not None:
+                    kid = secret_kek_id(row[column])
+                    counts[kid] = counts.get(kid, 0) + 1
     return counts
 
 

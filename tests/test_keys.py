@@ -148,3 +148,34 @@ def test_cli_keys_rotate_with_redis(
     assert run(["keys", "rotate"]) == 0
     summary = orjson.loads(capsys.readouterr().out)
     assert summary["primary"] == "new1" and "remaining_by_key" in summary
+
+
+async def test_rotation_reseals_tenant_secrets(
+    tenant: NewTenant, owner_pool: asyncpg.Pool, app_pool: asyncpg.Pool
+) -> None:
+    """The BYO upstream and the identity secret move to the new key; only then is old1 retired."""
+    from gateway import identity
+
+    tid = tenant.tenant_id
+    old = KeyRing((OLD,))
+    upstream_cfg = orjson.dumps({"api_key": "sk-tenant-xyz1", "base_url": "https://api.example"})
+    await owner_pool.execute(
+        "UPDATE tenants SET upstream_sealed = $2, identity_secret_sealed = $3 WHERE tenant_id = $1",
+        tid,
+        old.seal_secret(tid, "upstream", upstream_cfg),
+        old.seal_secret(tid, identity.PURPOSE, b"identity-secret-1"),
+    )
+    # a rotation that cannot open the secrets (wrong old key material) must not retire old1
+    wrong_old = ("old1", b"x" * 32)
+    summary = await rotate_keys(app_pool, KeyRing((NEW, wrong_old)))
+    assert summary["remaining_by_key"].get("old1", 0) >= 2, summary
+    assert "old1" not in summary["retirable"] and summary["failed"] >= 2
+
+    summary = await rotate_keys(app_pool, KeyRing((NEW, OLD)))
+    assert "old1" not in summary["remaining_by_key"] and "old1" in summary["retirable"], summary
+
+    only_new = KeyRing((NEW,))
+    row = await owner_pool.fetchrow("SELECT upstream_sealed FROM tenants WHERE tenant_id = $1", tid)
+    assert only_new.open_secret(tid, "upstream", row["upstream_sealed"]) == upstream_cfg
+    async with tenant_tx(app_pool, tid) as conn:
+        assert await identity.load_secret(conn, only_new, tid) == "identity-secret-1"
