@@ -7,14 +7,18 @@ or 45 days (CCPA) after receipt. A GDPR request may be extended once, by up to
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import audit, metrics
+from gateway.crypto import CryptoError
+from gateway.vault import Vault
 
 GDPR_KINDS = frozenset(
     {
@@ -34,6 +38,9 @@ MAX_EXTENSION_DAYS = 60
 OPEN = ("received", "acknowledged")
 STATUSES = ("received", "acknowledged", "completed", "rejected")
 MAX_DETAILS = 4000
+#: details are the visitor's own words: stored sealed under the subject's data key (DESIGN §5)
+SEALED_PREFIX = "sealed:v1:"
+_DETAILS_PURPOSE = "request_details"
 
 _COLUMNS = (
     "request_id, regime, kind, status, created_at, ack_due_at, due_at, acknowledged_at, "
@@ -62,7 +69,7 @@ def deadlines(regime: str, received_at: datetime) -> Deadlines:
     return Deadlines(received_at + ACK_WITHIN, received_at + DUE_WITHIN[regime])
 
 
-def public(row: asyncpg.Record, *, admin: bool = False) -> dict[str, Any]:
+def public(row: asyncpg.Record | dict[str, Any], *, admin: bool = False) -> dict[str, Any]:
     """A request as returned by the API (`id` instead of request_id; no subject to visitors)."""
     doc = dict(row)
     doc["id"] = doc.pop("request_id")
@@ -73,6 +80,34 @@ def public(row: asyncpg.Record, *, admin: bool = False) -> dict[str, Any]:
     return doc
 
 
+def seal_details(cipher: AESGCM, tenant_id: UUID, request_id: UUID, text: str) -> str:
+    """The column value for a request's free text: sealed, base64, with a version prefix."""
+    blob = Vault.seal_blob(cipher, tenant_id, request_id, _DETAILS_PURPOSE, text.encode())
+    return SEALED_PREFIX + base64.b64encode(blob).decode()
+
+
+def open_details(
+    cipher: AESGCM | None, tenant_id: UUID, request_id: UUID, stored: str | None
+) -> str | None:
+    """The free text of a request; None when it is gone or does not open (key destroyed)."""
+    if stored is None or not stored.startswith(SEALED_PREFIX):
+        return stored  # NULL, or written before details were sealed
+    if cipher is None:
+        return None
+    try:
+        blob = base64.b64decode(stored[len(SEALED_PREFIX) :], validate=True)
+        return Vault.open_blob(cipher, tenant_id, request_id, _DETAILS_PURPOSE, blob).decode()
+    except (CryptoError, ValueError):
+        return None
+
+
+def opened(row: asyncpg.Record, cipher: AESGCM | None, tenant_id: UUID) -> dict[str, Any]:
+    """A request row as a dict with its details opened."""
+    doc = dict(row)
+    doc["details"] = open_details(cipher, tenant_id, doc["request_id"], doc.get("details"))
+    return doc
+
+
 async def create(
     conn: asyncpg.Connection,
     tenant_id: UUID,
@@ -80,11 +115,19 @@ async def create(
     regime: str,
     kind: str,
     details: str | None,
+    cipher: AESGCM | None = None,
 ) -> asyncpg.Record:
-    """Record a new request and apply what must happen at once (restriction, objection)."""
+    """Record a new request and apply what must happen at once (restriction, objection).
+
+    With `details`, `cipher` (the subject's data key) is required: the text is stored sealed.
+    """
     now: datetime = await conn.fetchval("SELECT date_trunc('milliseconds', now())")
     d = deadlines(regime, now)
     request_id = uuid4()
+    if details is not None:
+        if cipher is None:
+            raise ValueError("request details are stored sealed: the subject's key is needed")
+        details = seal_details(cipher, tenant_id, request_id, details)
     row = await conn.fetchrow(
         "INSERT INTO privacy_requests (tenant_id, request_id, subject_id, regime, kind,"  # noqa: S608
         " created_at, ack_due_at, due_at, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"

@@ -42,7 +42,8 @@ async def erase_subject(
     subject, wherever a copy went, becomes unreadable) and the subject row,
     which cascades to sessions, conversations, messages, consents and
     analytics events. Privacy requests are kept as the record of compliance,
-    with the subject link (FK SET NULL) and the free-text details removed.
+    with the subject link (FK SET NULL) and every free text about the person (details,
+    extension reason, resolution) removed.
     """
     certificate_id = uuid4()
     ref = subject_ref(tenant_id, subject_id)
@@ -59,7 +60,8 @@ async def erase_subject(
         }
         items["privacy_requests_detached"] = int(
             await conn.fetchval(
-                "WITH u AS (UPDATE privacy_requests SET details = NULL WHERE tenant_id = $1 "
+                "WITH u AS (UPDATE privacy_requests SET details = NULL, extension_reason = NULL, "
+                "resolution = NULL WHERE tenant_id = $1 "
                 "AND subject_id = $2 RETURNING 1) SELECT count(*) FROM u",
                 tenant_id,
                 subject_id,

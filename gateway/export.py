@@ -12,6 +12,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from gateway import dsr
 from gateway.crypto import CryptoError
 from gateway.services import Services
 from policies import CompiledPolicy
@@ -146,7 +147,7 @@ async def write_export(
             "FROM privacy_requests WHERE tenant_id = $1 AND subject_id = $2 ORDER BY created_at",
             *args,
         ),
-        dict,
+        lambda row: dsr.opened(row, cipher, tenant_id),
     )
     await write(b',"analytics_events":')
     await _array(

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import orjson
 from aiohttp import web
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import bus, dsr, metrics
 from gateway.appkeys import SERVICES
+from gateway.crypto import CryptoError
 from gateway.db import Pool, tenant_tx
 from gateway.directory import tenant_ids
 from gateway.erasure import SubjectNotFound, erase_subject
 from gateway.privacy_auth import error, json_body, require_admin, require_visitor
+from gateway.services import Services
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
@@ -35,14 +40,20 @@ async def _intake(request: web.Request, regime: str, kinds: frozenset[str]) -> w
         error(422, "too_large", f"details are limited to {dsr.MAX_DETAILS} characters")
     svc = request.app[SERVICES]
     async with tenant_tx(svc.pool, who.tenant_id) as conn:
-        row = await dsr.create(conn, who.tenant_id, who.subject_id, regime, kind, details)
+        cipher = None
+        if details is not None:
+            try:
+                cipher = await svc.vault.cipher(conn, who.tenant_id, who.subject_id)
+            except CryptoError:
+                error(401, "session_invalid", "the session is not valid")
+        row = await dsr.create(conn, who.tenant_id, who.subject_id, regime, kind, details, cipher)
     if kind == "restriction":
         # open sockets of this subject, on every process, stop processing now
         await svc.bus.publish(
             bus.SUBJECT_RESTRICTED,
             {"tenant_id": str(who.tenant_id), "subject_id": str(who.subject_id)},
         )
-    return _json(dsr.public(row), status=201)
+    return _json(dsr.public(dsr.opened(row, cipher, who.tenant_id)), status=201)
 
 
 async def gdpr_request(request: web.Request) -> web.Response:
@@ -62,15 +73,33 @@ def _uuid(raw: str) -> UUID:
         error(404, "not_found", "no such request")
 
 
+async def _opened(
+    svc: Services, conn: asyncpg.Connection, tenant_id: UUID, rows: Sequence[asyncpg.Record]
+) -> list[dict[str, Any]]:
+    """Request rows with their sealed details opened under each subject's data key."""
+    ciphers: dict[UUID, AESGCM | None] = {}
+    for row in rows:
+        subject_id = row["subject_id"]
+        if subject_id is None or subject_id in ciphers or row["details"] is None:
+            continue
+        try:
+            ciphers[subject_id] = await svc.vault.cipher(conn, tenant_id, subject_id)
+        except CryptoError:
+            ciphers[subject_id] = None
+    return [dsr.opened(r, ciphers.get(r["subject_id"]), tenant_id) for r in rows]
+
+
 async def request_status(request: web.Request) -> web.Response:
     """One of the visitor's own requests; anybody else's is a 404."""
     who = await require_visitor(request)
     request_id = _uuid(request.match_info["id"])
-    async with tenant_tx(request.app[SERVICES].pool, who.tenant_id) as conn:
+    svc = request.app[SERVICES]
+    async with tenant_tx(svc.pool, who.tenant_id) as conn:
         row = await dsr.get(conn, who.tenant_id, request_id, who.subject_id)
-    if row is None:
-        error(404, "not_found", "no such request")
-    return _json(dsr.public(row))
+        if row is None:
+            error(404, "not_found", "no such request")
+        (doc,) = await _opened(svc, conn, who.tenant_id, [row])
+    return _json(dsr.public(doc))
 
 
 async def admin_list(request: web.Request) -> web.Response:
@@ -83,9 +112,11 @@ async def admin_list(request: web.Request) -> web.Response:
         limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
     except ValueError:
         error(422, "bad_limit", "limit must be an integer")
-    async with tenant_tx(request.app[SERVICES].pool, tenant_id) as conn:
+    svc = request.app[SERVICES]
+    async with tenant_tx(svc.pool, tenant_id) as conn:
         rows = await dsr.list_requests(conn, tenant_id, status, limit)
-    return _json({"requests": [dsr.public(r, admin=True) for r in rows]})
+        docs = await _opened(svc, conn, tenant_id, rows)
+    return _json({"requests": [dsr.public(d, admin=True) for d in docs]})
 
 
 async def admin_transition(request: web.Request) -> web.Response:
@@ -115,9 +146,10 @@ async def admin_transition(request: web.Request) -> web.Response:
                 reason=body.get("reason"),
                 resolution=body.get("resolution"),
             )
+            (doc,) = await _opened(svc, conn, tenant_id, [row])
     except dsr.RequestError as exc:
         error(exc.status, exc.code, exc.message)
-    return _json(dsr.public(row, admin=True))
+    return _json(dsr.public(doc, admin=True))
 
 
 async def _fulfil_erasure(

@@ -247,9 +247,12 @@ async def test_complete_with_non_string_text_is_refused_before_erasing(
         "SELECT subject_id, status FROM privacy_requests WHERE request_id = $1::uuid", doc["id"]
     )
     assert row["subject_id"] is not None and row["status"] == "received"
-    assert await owner_pool.fetchval(
-        "SELECT count(*) FROM subjects WHERE subject_id = $1", row["subject_id"]
-    ) == 1
+    assert (
+        await owner_pool.fetchval(
+            "SELECT count(*) FROM subjects WHERE subject_id = $1", row["subject_id"]
+        )
+        == 1
+    )
     async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
         assert r.status == 200
     await ws.close()
@@ -266,4 +269,70 @@ async def test_extend_with_non_integer_days_or_text_reason_is_422(
     assert status == 422
     status, _ = await post(g, f"{base}/reject", admin(tenant), {"reason": True})
     assert status == 422
+    await ws.close()
+
+
+async def test_request_details_are_sealed_at_rest(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    status, doc = await post(
+        g, "/api/gdpr/request", session(token), {"kind": "access", "details": "my name is Jane Roe"}
+    )
+    assert status == 201 and doc["details"] == "my name is Jane Roe"
+    dump = await owner_pool.fetch(
+        "SELECT * FROM privacy_requests WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert dump and "Jane" not in repr([dict(r) for r in dump])
+    stored = await owner_pool.fetchval(
+        "SELECT details FROM privacy_requests WHERE request_id = $1::uuid", doc["id"]
+    )
+    assert stored.startswith("sealed:v1:")
+    async with g.session.get(g.url(f"/api/gdpr/request/{doc['id']}"), headers=session(token)) as r:
+        assert (await r.json())["details"] == "my name is Jane Roe"
+    async with g.session.get(g.url("/api/admin/requests"), headers=admin(tenant)) as r:
+        listed = (await r.json())["requests"]
+    assert [x["details"] for x in listed] == ["my name is Jane Roe"]
+    status, acked = await post(g, f"/api/admin/requests/{doc['id']}/acknowledge", admin(tenant), {})
+    assert status == 200 and acked["details"] == "my name is Jane Roe"
+    async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
+        export = await r.json()
+    assert [x["details"] for x in export["privacy_requests"]] == ["my name is Jane Roe"]
+    await ws.close()
+
+
+async def test_erasure_clears_the_free_text_of_requests(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(g, "/api/gdpr/request", session(token), {"kind": "access"})
+    status, _ = await post(
+        g,
+        f"/api/admin/requests/{doc['id']}/extend",
+        admin(tenant),
+        {"days": 10, "reason": "Jane asked for paper copies"},
+    )
+    assert status == 200
+    status, _ = await post(
+        g,
+        f"/api/admin/requests/{doc['id']}/complete",
+        admin(tenant),
+        {"resolution": "sent to Jane Roe"},
+    )
+    assert status == 200
+    async with g.session.post(g.url("/api/privacy/delete"), headers=session(token)) as r:
+        assert r.status == 200
+    row = await owner_pool.fetchrow(
+        "SELECT details, extension_reason, resolution, subject_id FROM privacy_requests"
+        " WHERE request_id = $1::uuid",
+        doc["id"],
+    )
+    assert dict(row) == {
+        "details": None,
+        "extension_reason": None,
+        "resolution": None,
+        "subject_id": None,
+    }
     await ws.close()
