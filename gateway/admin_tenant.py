@@ -7,7 +7,10 @@ characters, the identity secret only in the response that creates it.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import re
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,9 +22,19 @@ from gateway.admin import Admin, ApiError, admin_route, announce, json_response,
 from gateway.db import tenant_tx
 
 # A tenant-supplied URL makes the gateway send requests on the tenant's behalf
-# (server-side request forgery): only https is accepted, unless an operator or a
-# test turns plain http on for loopback development.
+# (server-side request forgery): only https is accepted, and only to a public
+# host: an IP literal must be globally routable, "localhost" is refused, and a
+# name must not resolve (within RESOLVE_TIMEOUT) to any non-global address. A
+# name that does not resolve is accepted (the request fails later, reaching
+# nothing). The check is made when the URL is set; a name re-pointed afterwards
+# (DNS rebinding) is not caught here.
+#
+# ALLOW_HTTP is a development and test switch, never for production: it accepts
+# plain http AND turns the private-address check off, so that the tests' fake
+# upstream on http://127.0.0.1 can be used.
 ALLOW_HTTP = False
+RESOLVE_TIMEOUT = 2.0
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _MODEL_RE = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
 
 
@@ -47,6 +60,49 @@ def _upstream_body(body: dict[str, Any]) -> dict[str, str | None]:
     if model is not None and (not isinstance(model, str) or not _MODEL_RE.fullmatch(model)):
         raise _invalid("model", "must be a model name (1-128 of A-Z a-z 0-9 . _ : / @ + -)")
     return {"api_key": key, "base_url": url.rstrip("/"), "model": model}
+
+
+def _is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable, including the IPv4 address inside a mapped, 6to4 or NAT64 one."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = addr.ipv4_mapped or addr.sixtofour
+        if inner is None and addr in _NAT64:
+            inner = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if inner is not None and not inner.is_global:
+            return False
+    return addr.is_global
+
+
+async def _check_public_host(host: str) -> None:
+    """Refuse a base_url host that is, or resolves to, a loopback/private/link-local address."""
+    if ALLOW_HTTP:
+        return  # the development/test switch: see ALLOW_HTTP
+    message = "must be an https URL to a public host (not a private or loopback address)"
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        raise _invalid("base_url", message)
+    try:
+        literal = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        literal = None
+    if literal is not None:
+        if not _is_public(literal):
+            raise _invalid("base_url", message)
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(name, 443, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT
+        )
+    except (OSError, TimeoutError, UnicodeError):
+        return  # does not resolve (now): nothing private to reach
+    for info in infos:
+        try:
+            addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        except ValueError:
+            continue
+        if not _is_public(addr):
+            raise _invalid("base_url", message)
 
 
 @admin_route
@@ -77,8 +133,10 @@ async def get_upstream(request: web.Request, admin: Admin) -> web.Response:
 async def put_upstream(request: web.Request, admin: Admin) -> web.Response:
     """Use the tenant's own OpenAI-compatible upstream (key, URL, optional model)."""
     cfg = _upstream_body(await read_json(request))
-    key = cfg["api_key"]
-    assert key is not None
+    key, url = cfg["api_key"], cfg["base_url"]
+    assert key is not None and url is not None
+    host = urlsplit(url).hostname or ""
+    await _check_public_host(host)
     sealed = admin.svc.keyring.seal_secret(admin.tenant_id, "upstream", orjson.dumps(cfg))
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
         await conn.execute(
@@ -93,7 +151,8 @@ async def put_upstream(request: web.Request, admin: Admin) -> web.Response:
             admin.actor,
             "upstream.set",
             "upstream",
-            {"base_url": cfg["base_url"], "model": cfg["model"]},
+            # the host only: a URL's path may carry a token
+            {"host": host, "model": cfg["model"]},
         )
     await announce(admin)
     return json_response(

@@ -288,3 +288,49 @@ async def test_services_upstream_for_is_cached(
     svc.forget_upstream(tenant.tenant_id)
     assert tenant.tenant_id not in svc.byo
     await svc.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://127.0.0.1/v1",
+        "https://169.254.169.254/latest",
+        "https://[::1]/v1",
+        "https://10.1.2.3/v1",
+        "https://localhost/v1",
+        "https://[::ffff:127.0.0.1]/v1",
+        "https://internal.test/v1",  # resolves (below) to a private address
+    ],
+)
+async def test_byo_upstream_refuses_private_hosts(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    import socket
+
+    real = socket.getaddrinfo
+
+    def fake_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "internal.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", 443))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    body = {"api_key": "sk-12345678", "base_url": url}
+    status, resp = await call(offline_gateway, "PUT", "/api/admin/upstream", tenant.admin_key, body)
+    assert status == 422, resp
+    assert resp["error"]["fields"][0]["field"] == "base_url"
+    assert "public host" in resp["error"]["fields"][0]["message"]
+
+
+async def test_byo_upstream_audit_logs_only_the_host(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    url = "https://api.example/v1/tok-" + uuid.uuid4().hex
+    body = {"api_key": "sk-12345678", "base_url": url}
+    status, resp = await call(offline_gateway, "PUT", "/api/admin/upstream", tenant.admin_key, body)
+    assert status == 200, resp
+    rows = await owner_pool.fetch(
+        "SELECT details::text AS d FROM audit_log WHERE tenant_id = $1 AND action = 'upstream.set'",
+        tenant.tenant_id,
+    )
+    assert len(rows) == 1 and "api.example" in rows[0]["d"] and "tok-" not in rows[0]["d"]
