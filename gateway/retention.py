@@ -27,8 +27,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-import asyncpg
-
 from gateway import metrics, store
 from gateway.db import Pool, tenant_tx
 from gateway.directory import tenant_ids
@@ -175,13 +173,24 @@ async def run_retention(
         return {"leader": False, "skipped": "another process is running retention"}
     try:
         totals = dict.fromkeys(KINDS, 0)
+        failed = 0
         tenants = await tenant_ids(pool)
         for tenant_id in tenants:
             # renewed per tenant; a lease lost (a pause longer than its term) ends the pass
             if await pool.fetchval(_TAKE_LEASE, LEASE, holder, LEASE_SECONDS) != holder:
                 log.warning("retention lease lost; the next pass continues")
                 break
-            for kind, n in (await purge_tenant(pool, tenant_id, now, batch)).items():
+            try:
+                counts = await purge_tenant(pool, tenant_id, now, batch)
+            except Exception as exc:  # one broken tenant must not stop the rest
+                # batches already committed stay done; the next pass retries the rest
+                failed += 1
+                log.warning(
+                    "retention failed for a tenant",
+                    extra={"tenant_id": str(tenant_id), "error": type(exc).__name__},
+                )
+                continue
+            for kind, n in counts.items():
                 totals[kind] += n
     finally:
         await pool.execute(
@@ -192,6 +201,7 @@ async def run_retention(
     return {
         "leader": True,
         "tenants": len(tenants),
+        "failed_tenants": failed,
         "now": now.isoformat(),
         **totals,
         "duration_ms": round((time.monotonic() - started) * 1000),
@@ -208,7 +218,7 @@ async def retention_loop(svc: Any, interval: float) -> None:
             if summary["leader"]:
                 log.info("retention pass", extra={k: summary[k] for k in KINDS})
             await refresh_overdue(svc.pool)
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # the loop outlives any one pass
             # the next pass retries; nothing here is lost by waiting
             log.warning("retention pass failed", extra={"error": type(exc).__name__})
         await asyncio.sleep(interval)

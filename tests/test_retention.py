@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from uuid import UUID
+from types import SimpleNamespace
+from uuid import UUID, uuid4
 
 import asyncpg
 import orjson
 import pytest
 
+from gateway import retention
 from gateway.cli import run
-from gateway.provision import NewTenant
+from gateway.provision import NewTenant, create_tenant
 from gateway.retention import KINDS, LEASE, run_retention
-from tests.conftest import Database, Gateway, chat, hello
+from tests.conftest import ORIGIN, Database, Gateway, chat, hello
 
 CONSENT = {"conversation_storage": True, "ai_processing": True}
 
@@ -150,3 +153,73 @@ def test_cli_retention_run_prints_a_summary(
     assert run(["retention", "run"]) == 0
     summary = orjson.loads(capsys.readouterr().out)
     assert summary["leader"] is True and set(KINDS) <= set(summary)
+
+
+async def test_a_broken_tenant_does_not_stop_the_others(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = await create_tenant(app_pool, f"t-{uuid4().hex[:8]}", [ORIGIN])
+    old = await chatted(offline_gateway, tenant, "old words")
+    old_c = UUID(old["conversation_id"])
+    await owner_pool.execute(
+        "UPDATE messages SET created_at = now() - interval '100 days' WHERE conversation_id = $1",
+        old_c,
+    )
+    latest = await owner_pool.fetchval(
+        "SELECT max(version) FROM policies WHERE tenant_id = $1", broken.tenant_id
+    )
+    saved = await owner_pool.fetchval(
+        "SELECT doc FROM policies WHERE tenant_id = $1 AND version = $2",
+        broken.tenant_id,
+        latest,
+    )
+    await owner_pool.execute(
+        """UPDATE policies SET doc = '{"retention_days": "x"}' WHERE tenant_id = $1"""
+        " AND version = $2",
+        broken.tenant_id,
+        latest,
+    )
+    try:
+        with caplog.at_level("WARNING", logger="omnigate.retention"):
+            summary = await run_retention(app_pool)
+    finally:
+        await owner_pool.execute(
+            "UPDATE policies SET doc = $3 WHERE tenant_id = $1 AND version = $2",
+            broken.tenant_id,
+            latest,
+            saved,
+        )
+    assert summary["leader"] is True and summary["failed_tenants"] == 1, summary
+    assert summary["messages_deleted"] >= 2
+    assert (
+        await owner_pool.fetchval("SELECT count(*) FROM messages WHERE conversation_id = $1", old_c)
+        == 0
+    )
+    failure = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert failure and getattr(failure[0], "tenant_id", None) == str(broken.tenant_id)
+    assert getattr(failure[0], "error", None) == "PolicyError"
+    # the lease is given back
+    assert await owner_pool.fetchval("SELECT count(*) FROM omnigate_leases") == 0
+
+
+async def test_retention_loop_survives_any_exception(
+    monkeypatch: pytest.MonkeyPatch, app_pool: asyncpg.Pool
+) -> None:
+    calls = 0
+
+    async def boom(pool: object) -> dict[str, object]:
+        nonlocal calls
+        calls += 1
+        if calls >= 3:
+            raise asyncio.CancelledError
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(retention, "run_retention", boom)
+    svc = SimpleNamespace(pool=app_pool)
+    with pytest.raises(asyncio.CancelledError):
+        await retention.retention_loop(svc, 0)
+    assert calls == 3
