@@ -25,7 +25,7 @@ from gateway.protocol import ProtocolError
 from gateway.services import Services
 from gateway.upstream import UpstreamError
 from gateway.visitor import CONTEXT_MESSAGES, Visitor
-from policies import CompiledPolicy, ReplyRestorer, decide_chat
+from policies import ChatDecision, CompiledPolicy, ReplyRestorer, decide_chat
 
 log = logging.getLogger("omnigate.chat")
 
@@ -51,14 +51,27 @@ async def handle_message(svc: Services, v: Visitor, msg_id: str, text: str, emit
     # should an exception or traceback ever carry the text, the log filter removes it
     with log_secrets(text):
         try:
-            await _checks(svc, v, cp, msg_id, text, emit)
-            await _exchange(svc, v, cp, msg_id, text, emit)
+            decision = await _checks(svc, v, cp, msg_id, text, emit)
+            await _exchange(svc, v, cp, decision, msg_id, text, emit)
         except ProtocolError as exc:
             outcome = exc.outcome or OUTCOME_BY_CODE.get(exc.code, "other")
             if exc.id is None:
                 exc.id = msg_id
             metrics.count_error_frame(exc.code)
             await emit(protocol.error_frame(exc))
+        except Exception:
+            # a bug: logged here, while the message text is still masked in the logs
+            outcome = "other"
+            log.exception(
+                "unexpected failure answering a message", extra={"tenant_id": str(v.tenant_id)}
+            )
+            metrics.count_error_frame(protocol.INTERNAL)
+            await emit(
+                protocol.error_frame(ProtocolError(protocol.INTERNAL, "internal error", id=msg_id))
+            )
+        except BaseException:
+            outcome = "other"  # cancelled: the visitor went away mid-reply
+            raise
         finally:
             metrics.count_message(outcome)
 
@@ -76,23 +89,23 @@ OUTCOME_BY_CODE = {
 
 async def _checks(
     svc: Services, v: Visitor, cp: CompiledPolicy, msg_id: str, text: str, emit: Emit
-) -> None:
+) -> ChatDecision:
     """Rate limit, consent, restriction and size, in the order of DESIGN §4."""
-    with metrics.timed("policy"):
-        limits = cp.policy.rate_limit
-        keys = [
-            (f"s:{v.tenant_id}:{v.session_id}", limits.per_session_per_minute),
-            (f"t:{v.tenant_id}", limits.per_tenant_per_minute),
-        ]
-        if v.ip_key:
-            keys.append((f"i:{v.tenant_id}:{v.ip_key}", limits.per_ip_per_minute))
+    limits = cp.policy.rate_limit
+    keys = [
+        (f"s:{v.tenant_id}:{v.session_id}", limits.per_session_per_minute),
+        (f"t:{v.tenant_id}", limits.per_tenant_per_minute),
+    ]
+    if v.ip_key:
+        keys.append((f"i:{v.tenant_id}:{v.ip_key}", limits.per_ip_per_minute))
     for key, per_minute in keys:
         wait = await svc.limiter.hit(key, per_minute)
         if wait is not None:
             raise ProtocolError(
                 protocol.RATE_LIMITED, "too many messages; slow down", id=msg_id, retry_after=wait
             )
-    decision = decide_chat(cp, v.consent, v.signals)
+    with metrics.timed("policy"):
+        decision = decide_chat(cp, v.consent, v.signals)
     if not decision.allowed:
         await emit(protocol.consent_required(list(decision.missing)))
         raise ProtocolError(
@@ -111,13 +124,26 @@ async def _checks(
             f"messages are limited to {cp.policy.max_message_chars} characters",
             id=msg_id,
         )
+    return decision
 
 
 async def _exchange(
-    svc: Services, v: Visitor, cp: CompiledPolicy, msg_id: str, text: str, emit: Emit
+    svc: Services,
+    v: Visitor,
+    cp: CompiledPolicy,
+    decision: ChatDecision,
+    msg_id: str,
+    text: str,
+    emit: Emit,
 ) -> None:
-    decision = decide_chat(cp, v.consent, v.signals)
     keep = decision.store_transcript
+    if not keep and msg_id in v.unstored:
+        # a re-send while nothing is stored: answered from this connection's memory
+        await emit(protocol.ack(msg_id, None))
+        await emit(protocol.delta(msg_id, v.unstored[msg_id]))
+        await emit(protocol.done(msg_id, None, "stop"))
+        return
+    known = len(v.placeholders)
     try:
         with metrics.timed("redaction"):
             redacted = cp.redactor.redact(text, v.placeholders)
@@ -133,19 +159,14 @@ async def _exchange(
     for entity, n in redacted.counts.items():
         metrics.count_redaction(entity, n)
 
-    client_ref = svc.keyring.keyed_hash(v.conversation_id.bytes, msg_id.encode())
+    user_seq: int | None = None
     if keep:
-        stored = await _store_user(svc, v, msg_id, text, client_ref, bool(redacted.counts), emit)
-        if stored is None:
+        client_ref = svc.keyring.keyed_hash(v.conversation_id.bytes, msg_id.encode())
+        # the sealed map is rewritten only when this message added a placeholder
+        grew = len(v.placeholders) != known
+        user_seq = await _store_user(svc, v, msg_id, text, client_ref, grew, emit)
+        if user_seq is None:
             return  # a re-send answered from storage
-        user_seq: int | None = stored
-    else:
-        if msg_id in v.unstored:
-            await emit(protocol.ack(msg_id, None))
-            await emit(protocol.delta(msg_id, v.unstored[msg_id]))
-            await emit(protocol.done(msg_id, None, "stop"))
-            return
-        user_seq = None
     await emit(protocol.ack(msg_id, user_seq))
 
     turn = {"role": "user", "content": redacted.text}
@@ -251,16 +272,18 @@ async def _store_user(
             found = await store.message_by_client_ref(
                 conn, v.tenant_id, v.conversation_id, client_ref
             )
+        if found is None:
+            # the row it collided with is gone again (erased between the two statements)
+            raise CryptoError("re-sent message vanished")
+        user, reply = found
+        if reply is None:
+            # stored but never answered (the connection dropped): answer it now
+            return user.seq
+        text_out = svc.vault.open_text(
+            cipher, v.tenant_id, v.conversation_id, reply.message_id, "assistant", reply.ciphertext
+        )
     except (*STORAGE_ERRORS, CryptoError):
         raise _storage_error(msg_id) from None
-    assert found is not None
-    user, reply = found
-    if reply is None:
-        # stored but never answered (the connection dropped): answer it now
-        return user.seq
-    text_out = svc.vault.open_text(
-        cipher, v.tenant_id, v.conversation_id, reply.message_id, "assistant", reply.ciphertext
-    )
     await emit(protocol.ack(msg_id, user.seq))
     await emit(protocol.delta(msg_id, text_out))
     await emit(protocol.done(msg_id, reply.seq, reply.finish_reason or "stop"))

@@ -129,7 +129,11 @@ class Connection:
                 metrics.count_privacy_signal(signal)
         await self.send(welcome(self.visitor, cp))
         await self._ask_consent_if_needed()
-        await record_page_view(self.svc, self.visitor, data.get("context"), self.ctx.client)
+        try:
+            await record_page_view(self.svc, self.visitor, data.get("context"), self.ctx.client)
+        except chat.STORAGE_ERRORS as exc:
+            # a lost page view must not turn a good hello into an error the widget retries
+            log.warning("page view not recorded", extra={"kind": type(exc).__name__})
 
     async def _ask_consent_if_needed(self) -> None:
         assert self.visitor is not None
@@ -158,8 +162,10 @@ class Connection:
             msg_id, text = await self._queue.get()
             try:
                 await chat.handle_message(self.svc, v, msg_id, text, self.send)
-            except Exception:
-                log.exception("unexpected failure answering a message")
+            except Exception as exc:
+                # handle_message logs its own failures while the text is masked; whatever
+                # escapes it is named only by type, never with a traceback quoting the text
+                log.error("failure answering a message", extra={"kind": type(exc).__name__})
                 await self.error(ProtocolError(protocol.INTERNAL, "internal error", id=msg_id))
             finally:
                 if self._queue.empty():

@@ -118,6 +118,9 @@ class DataKeyCache:
     def __init__(self, capacity: int = 10_000) -> None:
         self._items: OrderedDict[tuple[UUID, UUID], AESGCM] = OrderedDict()
         self.capacity = capacity
+        # recently erased subjects: a load that read the wrapped key just before the
+        # erasure committed must not put the key back into memory after `forget`
+        self._erased: OrderedDict[tuple[UUID, UUID], None] = OrderedDict()
 
     def get(self, tenant_id: UUID, subject_id: UUID) -> AESGCM | None:
         """Return the cached cipher for a subject, refreshing its recency."""
@@ -130,6 +133,8 @@ class DataKeyCache:
     def put(self, tenant_id: UUID, subject_id: UUID, dek: bytes) -> AESGCM:
         """Cache a data key and return its cipher."""
         cipher = AESGCM(dek)
+        if (tenant_id, subject_id) in self._erased:
+            return cipher  # usable by the caller already holding it, never cached
         self._items[(tenant_id, subject_id)] = cipher
         if len(self._items) > self.capacity:
             self._items.popitem(last=False)
@@ -138,6 +143,9 @@ class DataKeyCache:
     def forget(self, tenant_id: UUID, subject_id: UUID) -> None:
         """Drop a subject's key (erasure) so no later read can succeed from memory."""
         self._items.pop((tenant_id, subject_id), None)
+        self._erased[(tenant_id, subject_id)] = None
+        if len(self._erased) > self.capacity:
+            self._erased.popitem(last=False)
 
     def clear(self) -> None:
         """Drop every cached key (after a master key rotation, for instance)."""

@@ -54,9 +54,9 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> Poo
 async def tenant_tx(pool: Pool, tenant_id: UUID) -> AsyncIterator[asyncpg.Connection]:
     """A transaction in which row-level security exposes exactly one tenant.
 
-    BEGIN and set_config travel in one round trip (a simple-query batch): this
-    runs twice per visitor message. The id is formatted into the SQL only
-    as a uuid.UUID, whose text form is hex and dashes.
+    BEGIN and set_config travel in one round trip (a simple-query batch); the
+    message path itself writes with single autocommit statements instead. The id
+    is formatted into the SQL only as a uuid.UUID, whose text is hex and dashes.
     """
     # re-parsed so only a canonical UUID text can reach the SQL (asyncpg hands out its own type)
     tid = tenant_id if type(tenant_id) is UUID else UUID(str(tenant_id))

@@ -36,23 +36,16 @@ class LocalRateLimiter:
     def take(self, key: str, per_minute: int, now: float) -> float | None:
         """Synchronous core of `hit`, with the clock passed in for tests."""
         rate = per_minute / 60.0
-        tokens, last = self._buckets.get(key, (float(per_minute), now))
+        # popped and re-inserted: the dict stays ordered from least to most recently used
+        tokens, last = self._buckets.pop(key, (float(per_minute), now))
         tokens = min(float(per_minute), tokens + (now - last) * rate)
-        if tokens >= 1.0:
-            if len(self._buckets) >= self.max_keys and key not in self._buckets:
-                self._evict(now)
-            self._buckets[key] = (tokens - 1.0, now)
-            return None
-        self._buckets[key] = (tokens, now)
-        return round((1.0 - tokens) / rate, 3)
-
-    def _evict(self, now: float) -> None:
-        # a bucket idle for a minute is full again: forgetting it changes nothing
-        stale = [k for k, (_, last) in self._buckets.items() if now - last > 60.0]
-        for k in stale:
-            del self._buckets[k]
-        if len(self._buckets) >= self.max_keys:
-            self._buckets.clear()
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > self.max_keys:
+            # the least recently used bucket goes first; one idle for a minute is full
+            # again anyway, so forgetting it changes nothing
+            del self._buckets[next(iter(self._buckets))]
+        return None if allowed else round((1.0 - tokens) / rate, 3)
 
 
 # Token bucket, atomically, in Redis: hash {t: tokens, ts: last refill in ms}.

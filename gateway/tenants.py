@@ -11,6 +11,7 @@ from gateway.db import Pool, lookup_tx, tenant_tx
 from policies import CompiledPolicy, Policy, compile_policy, parse_policy
 
 SITE_KEY_TTL = 30.0
+SITE_CACHE = 10_000
 
 
 class TenantRegistry:
@@ -30,9 +31,11 @@ class TenantRegistry:
             return hit[0]
         async with lookup_tx(self.pool, h) as conn:
             tenant_id = await store.tenant_for_site_key(conn, h)
-        if len(self._sites) > 10_000:
-            self._sites.clear()
+        self._sites.pop(h, None)
         self._sites[h] = (tenant_id, now + SITE_KEY_TTL)
+        while len(self._sites) > SITE_CACHE:
+            # oldest first: random unknown keys cannot wipe the cache of the real ones
+            del self._sites[next(iter(self._sites))]
         return tenant_id
 
     async def policy(self, tenant_id: UUID) -> CompiledPolicy:

@@ -18,6 +18,7 @@ from gateway.connection import Connection
 from gateway.crypto import new_token
 from gateway.httpctx import origin_allowed, request_context, set_session_cookie
 from gateway.protocol import ProtocolError
+from gateway.services import Services
 
 log = logging.getLogger("omnigate.ws")
 
@@ -61,9 +62,14 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     )
     if minted is not None:
         set_session_cookie(ws, svc, cp, minted)
-    await ws.prepare(request)
+    # counted before the awaited upgrade, so concurrent upgrades cannot all pass the check
     if ip_key:
         svc.ip_connections[ip_key] = svc.ip_connections.get(ip_key, 0) + 1
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        _release_ip(svc, ip_key)
+        raise
     request.app[CONNECTIONS].add(ws)
     metrics.WS_CONNECTIONS.inc()
 
@@ -88,15 +94,19 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
         # flush what was already answered (error frames included) before closing
         await outbox.flush(2.0)
         metrics.WS_CONNECTIONS.dec()
-        if ip_key:
-            left = svc.ip_connections.get(ip_key, 1) - 1
-            if left > 0:
-                svc.ip_connections[ip_key] = left
-            else:
-                svc.ip_connections.pop(ip_key, None)
+        _release_ip(svc, ip_key)
         if not ws.closed:
             await ws.close(code=close[0], message=close[1])
     return ws
+
+
+def _release_ip(svc: Services, ip_key: str | None) -> None:
+    if ip_key:
+        left = svc.ip_connections.get(ip_key, 1) - 1
+        if left > 0:
+            svc.ip_connections[ip_key] = left
+        else:
+            svc.ip_connections.pop(ip_key, None)
 
 
 class Outbox:
@@ -273,9 +283,12 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
     prepared = True
     for ev in events:
         await send(ev)
-    if frame is not None and conn.visitor is not None:
-        await handle_message(svc, conn.visitor, frame.data["id"], frame.data["text"], send)
-    await conn.close()
+    try:
+        if frame is not None and conn.visitor is not None:
+            await handle_message(svc, conn.visitor, frame.data["id"], frame.data["text"], send)
+    finally:
+        # the visitor may be gone mid-stream; the connection must leave the live registry
+        await conn.close()
     await resp.write_eof()
     return resp
 

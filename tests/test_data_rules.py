@@ -188,3 +188,55 @@ async def test_insert_function_is_one_tenant_transaction(
         # autocommit: the tenant setting ended with the statement
         assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
         assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+
+
+def test_an_erased_subjects_key_is_never_cached_again() -> None:
+    import uuid
+
+    from gateway.crypto import DataKeyCache, new_data_key
+
+    cache = DataKeyCache(capacity=4)
+    t, s = uuid.uuid4(), uuid.uuid4()
+    cache.put(t, s, new_data_key())
+    cache.forget(t, s)
+    # a load that raced the erasure hands its key to its caller but not to the cache
+    assert cache.put(t, s, new_data_key()) is not None
+    assert cache.get(t, s) is None
+
+
+async def test_tenant_ids_function_pins_search_path(owner_pool: asyncpg.Pool) -> None:
+    """SECURITY DEFINER with pg_temp last: a caller's temp table cannot shadow `tenants`."""
+    config = await owner_pool.fetchval(
+        "SELECT proconfig FROM pg_proc WHERE proname = 'omnigate_tenant_ids'"
+    )
+    assert "search_path=public, pg_temp" in config
+    body = await owner_pool.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE proname = 'omnigate_tenant_ids'"
+    )
+    assert "public.tenants" in body
+
+
+async def test_privacy_requests_check_constraints(
+    owner_pool: asyncpg.Pool, tenant: NewTenant
+) -> None:
+    from gateway import dsr
+
+    defs = " ".join(
+        r["d"]
+        for r in await owner_pool.fetch(
+            "SELECT pg_get_constraintdef(oid) AS d FROM pg_constraint"
+            " WHERE conrelid = 'privacy_requests'::regclass AND contype = 'c'"
+        )
+    )
+    for value in (*dsr.GDPR_KINDS, *dsr.CCPA_KINDS, *dsr.STATUSES):
+        assert f"'{value}'" in defs, value
+    for regime, kind, status in (("gdpr", "opt_out", "received"), ("ccpa", "know", "done")):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await owner_pool.execute(
+                "INSERT INTO privacy_requests (tenant_id, request_id, regime, kind, status,"
+                " ack_due_at, due_at) VALUES ($1, gen_random_uuid(), $2, $3, $4, now(), now())",
+                tenant.tenant_id,
+                regime,
+                kind,
+                status,
+            )

@@ -215,3 +215,14 @@ def test_safe_url_hides_password() -> None:
     assert safe_url("rediss://u:s3cret@h/1") == "rediss://u:***@h/1"
     assert safe_url("redis://h:6379/0") == "redis://h:6379/0"
     assert "s3cret" not in safe_url(os.environ.get("X", "redis://a:s3cret@b"))
+
+
+def test_local_limiter_evicts_least_recently_used_not_everything() -> None:
+    from gateway.ratelimit import LocalRateLimiter
+
+    lim = LocalRateLimiter(max_keys=3)
+    assert lim.take("hot", 1, 0.0) is None  # its one token spent
+    for i in range(10):  # a stream of new keys, "hot" touched between them
+        lim.take(f"new{i}", 1, 1.0 + i)
+        assert lim.take("hot", 1, 1.0 + i) is not None  # still limited: never forgotten
+    assert len(lim._buckets) == 3
