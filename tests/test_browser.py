@@ -79,11 +79,6 @@ class Live:
             await ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"test drop")
         return len(sockets)
 
-    def has_route(self, path: str) -> bool:
-        app = self.gateway.server.app
-        assert app is not None
-        return any(r.canonical == path for r in app.router.resources())
-
 
 async def set_policy(
     pool: asyncpg.Pool, tenant_id: uuid.UUID, doc: dict[str, Any], version: int = 2
@@ -349,17 +344,14 @@ async def test_privacy_export_and_delete(live: Live, context: BrowserContext) ->
     await page.get_by_role("button", name="Privacy").click()
     await expect(page.get_by_role("region", name="Your data")).to_be_visible()
     await expect(page.locator(".privacy .policy-link a")).to_have_attribute("href", POLICY_URL)
-    note = page.locator(".privacy .note")
-    if live.has_route("/api/privacy/export"):
-        async with page.expect_download() as info:
-            await page.get_by_role("button", name="Download my data").click()
-        download = await info.value
-        assert download.suggested_filename == "my-chat-data.json"
-        data = json.loads(await asyncio.to_thread(Path(await download.path()).read_text))
-        assert isinstance(data, dict) and data
-    else:
+    async with page.expect_download() as info:
         await page.get_by_role("button", name="Download my data").click()
-        await expect(note).to_have_text("Data export is not available on this site yet.")
+    download = await info.value
+    assert download.suggested_filename == "my-chat-data.json"
+    exported = await asyncio.to_thread(Path(await download.path()).read_text)
+    assert "please remember me" in exported
+    data = json.loads(exported)
+    assert {"purposes", "recipients", "retention"} <= set(data), sorted(data)
 
     await page.get_by_role("button", name="Delete my data").click()
     dialog = page.get_by_role("alertdialog", name="Delete your data?")
@@ -369,15 +361,11 @@ async def test_privacy_export_and_delete(live: Live, context: BrowserContext) ->
     await expect(page.get_by_role("dialog", name="Chat with us")).to_be_visible()
     await page.get_by_role("button", name="Delete my data").click()
     await page.get_by_role("button", name="Delete everything").click()
-    if live.has_route("/api/privacy/delete"):
-        # a fresh session: new token, empty conversation, consent asked again
-        await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
-        new = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
-        assert new and new != token
-        assert await page.locator("li.msg").count() == 0
-    else:
-        await expect(note).to_have_text("Deletion is not available on this site yet.")
-        assert await page.evaluate("(k) => sessionStorage.getItem(k)", key) == token
+    # a fresh session: new token, empty conversation, consent asked again
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+    new = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
+    assert new and new != token
+    assert await page.locator("li.msg").count() == 0
 
 
 async def test_keyboard_and_phone_layout(live: Live, browser: Browser) -> None:

@@ -145,9 +145,14 @@ async def test_delete_erases_everything_and_closes_the_socket(
     copied = await owner_pool.fetchrow(
         "SELECT message_id, role, ciphertext FROM messages WHERE conversation_id = $1 LIMIT 1", cid
     )
-    wrapped = await owner_pool.fetchrow(
-        "SELECT kek_id, wrapped_key FROM subject_keys WHERE subject_id = $1", sid
-    )
+    vault = Vault(KeyRing((MASTER_KEY,)))
+    async with owner_pool.acquire() as conn:
+        # before erasure the copied ciphertext opens with the subject's key
+        cipher = await vault.cipher(conn, tid, sid)
+        text = vault.open_text(
+            cipher, tid, cid, copied["message_id"], copied["role"], copied["ciphertext"]
+        )
+        assert text == "erase me please"
     async with g.session.post(g.url("/api/privacy/delete"), headers=auth(w["session_token"])) as r:
         assert r.status == 200
         cert = await r.json()
@@ -182,12 +187,15 @@ async def test_delete_erases_everything_and_closes_the_socket(
         await owner_pool.fetchval("SELECT count(*) FROM messages WHERE conversation_id = $1", cid)
         == 0
     )
-    # the copied ciphertext cannot be opened: its data key is gone
-    vault = Vault(KeyRing((MASTER_KEY,)))
+    # the copied ciphertext cannot be opened any more: no key for it is left anywhere
+    fresh = Vault(KeyRing((MASTER_KEY,)))  # no cache: only what the database still holds
     async with owner_pool.acquire() as conn:
         with pytest.raises(CryptoError):
-            await vault.cipher(conn, tid, sid)
-    assert copied is not None and wrapped is not None
+            await fresh.cipher(conn, tid, sid)
+    assert (
+        await owner_pool.fetchval("SELECT count(*) FROM subject_keys WHERE subject_id = $1", sid)
+        == 0
+    )
     # the audit entry holds no subject id
     entry = await owner_pool.fetchrow(
         "SELECT * FROM audit_log WHERE tenant_id = $1 AND action = 'erasure'", tid
