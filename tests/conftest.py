@@ -129,6 +129,9 @@ def redis_url() -> Iterator[str]:
             break
         except OSError:
             time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the redis-server started for the tests did not answer within 10 s")
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(5)

@@ -427,7 +427,7 @@ async def test_metrics_never_carry_visitor_data(
     upstream.queue("error", status=500)
     upstream.queue("error", status=500)
     assert (await chat(ws, "m2", f"{WORDS[0]} again"))[-1]["type"] == "error"
-    assert (await chat(ws, "m3", "x"))[-1]["type"] in ("done", "error")
+    assert (await chat(ws, "m3", "x"))[-1]["type"] == "done"
     frames = await chat(ws, "m4", f"{WORDS[1]} rate limited")
     assert frames[-1]["code"] == "rate_limited", frames
     await ws.send_json({"type": "consent", "grant": ["marketing"]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -157,3 +158,56 @@ async def test_analytics_event_kept_only_with_consent(
             "device_class": "desktop",
         }
     ]
+
+
+async def test_redaction_failure_fails_closed(
+    gateway: Gateway,
+    tenant: NewTenant,
+    fake: tuple[FakeUpstream, str],
+    owner_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from policies import Redactor
+
+    def broken(self: Redactor, text: str, mapping: object) -> None:
+        raise RuntimeError("detector crashed")
+
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    monkeypatch.setattr(Redactor, "redact", broken)
+    frames = await chat(ws, "m", f"my card is {PII['card']}")
+    assert frames == [
+        {"type": "error", "id": "m", "code": "internal", "message": frames[-1]["message"]}
+    ]
+    assert upstream.requests == []  # nothing left for the model
+    stored = await owner_pool.fetchval(
+        "SELECT count(*) FROM messages WHERE conversation_id = $1::uuid", welcome["conversation_id"]
+    )
+    assert stored == 0
+    monkeypatch.undo()
+    assert (await chat(ws, "n", "fine again"))[-1]["type"] == "done"
+    await ws.close()
+
+
+async def test_rate_limit_keys_in_redis_hold_no_raw_ip(
+    settings: Settings, tenant: NewTenant, redis_url: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    from gateway.config import parse_networks
+
+    s = replace(settings, redis_url=redis_url, trusted_proxies=parse_networks("127.0.0.0/8"))
+    async for g in start_gateway(s):
+        ws = await g.ws(tenant.site_key, headers={"X-Forwarded-For": CLIENT_IP})
+        await hello(ws)
+        assert (await chat(ws, "m", "hello"))[-1]["type"] == "done"
+        await ws.close()
+    r = aioredis.from_url(redis_url)
+    try:
+        keys = [k.decode() async for k in r.scan_iter(match="og:rl:*")]
+    finally:
+        await r.aclose()
+    mine = [k for k in keys if str(tenant.tenant_id) in k]
+    assert any(":i:" in k and "203.0.113.0" in k for k in mine), mine  # the /24, not the IP
+    assert not any(CLIENT_IP in k for k in keys)
