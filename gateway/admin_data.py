@@ -152,19 +152,22 @@ async def read_transcript(request: web.Request, admin: Admin) -> web.Response:
                 return _transcript(cid, conv, [])  # erased: nothing can be read, by design
             rows = await store.history(conn, admin.tenant_id, cid, None, MAX_TRANSCRIPT)
             for m in rows:
-                text = svc.vault.open_text(
-                    cipher, admin.tenant_id, cid, m.message_id, m.role, m.ciphertext
-                )
-                messages.append(
-                    {
-                        "seq": m.seq,
-                        "role": m.role,
-                        "text": text,
-                        "at": m.created_at.isoformat(),
-                        "status": m.status,
-                        "reply_to": m.reply_to,
-                    }
-                )
+                item: dict[str, Any] = {
+                    "seq": m.seq,
+                    "role": m.role,
+                    "text": None,
+                    "at": m.created_at.isoformat(),
+                    "status": m.status,
+                    "reply_to": m.reply_to,
+                }
+                try:
+                    item["text"] = svc.vault.open_text(
+                        cipher, admin.tenant_id, cid, m.message_id, m.role, m.ciphertext
+                    )
+                except CryptoError:
+                    # one damaged row must not hide the rest (nor roll back the audit entry)
+                    item["unreadable"] = True
+                messages.append(item)
     return _transcript(cid, conv, messages)
 
 

@@ -172,16 +172,21 @@ async def write_export(
         await write((b"," if n else b"") + _dump(dict(conv))[:-1] + b',"messages":')
 
         def message(row: asyncpg.Record, cid: UUID = cid) -> dict[str, Any]:
-            text = svc.vault.open_text(
-                cipher, tenant_id, cid, row["message_id"], row["role"], row["ciphertext"]
-            )
-            return {
+            item: dict[str, Any] = {
                 "seq": row["seq"],
                 "role": row["role"],
                 "at": row["created_at"],
                 "status": row["status"],
-                "text": text,
+                "text": None,
             }
+            try:
+                item["text"] = svc.vault.open_text(
+                    cipher, tenant_id, cid, row["message_id"], row["role"], row["ciphertext"]
+                )
+            except CryptoError:
+                # the response is already streaming: a damaged row is flagged, never a cut-off
+                item["unreadable"] = True
+            return item
 
         await _array(
             write,

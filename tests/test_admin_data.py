@@ -334,3 +334,29 @@ async def test_byo_upstream_audit_logs_only_the_host(
         tenant.tenant_id,
     )
     assert len(rows) == 1 and "api.example" in rows[0]["d"] and "tok-" not in rows[0]["d"]
+
+
+CORRUPT_FIRST_MESSAGE = (
+    "UPDATE messages SET ciphertext = set_byte(ciphertext, length(ciphertext) - 1,"
+    " (get_byte(ciphertext, length(ciphertext) - 1) + 1) % 256)"
+    " WHERE conversation_id = $1::uuid AND seq = (SELECT min(seq) FROM messages"
+    " WHERE conversation_id = $1::uuid)"
+)
+
+
+async def test_transcript_with_an_unreadable_message_is_still_read_and_audited(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    cid = await _conversation(offline_gateway, tenant.site_key, "my order is late")
+    await owner_pool.execute(CORRUPT_FIRST_MESSAGE, cid)
+    status, tr = await call(
+        offline_gateway, "GET", f"/api/admin/conversations/{cid}", tenant.admin_key
+    )
+    assert status == 200, tr
+    assert [(m["role"], m["text"], m.get("unreadable", False)) for m in tr["messages"]] == [
+        ("user", None, True),
+        ("assistant", "my order is late", False),
+    ]
+    status, log = await call(offline_gateway, "GET", "/api/admin/audit", tenant.admin_key)
+    (entry,) = log["entries"]
+    assert entry["action"] == "conversation.read" and entry["target"] == f"conversation:{cid}"
