@@ -274,7 +274,8 @@ async def test_hang_before_first_token_times_out(
     err, _ = await fail(client.stream_chat(MESSAGES, config=cfg))
     elapsed = time.monotonic() - started
     assert (err.code, err.kind) == ("upstream_timeout", "first_token_timeout")
-    assert 0.6 <= elapsed < 1.5  # two attempts of 0.3 s plus a tiny backoff
+    # two attempts of 0.3 s plus a tiny backoff; the upper bound is loose for a busy CI box
+    assert 0.6 <= elapsed < 3.0
     assert len(fake.requests) == 2
     await asyncio.wait_for(_until(lambda: fake.disconnects == 2), 2)
 
