@@ -11,7 +11,7 @@ from gateway import audit, certs, export, metrics, openapi, requests_api, store
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
 from gateway.db import tenant_tx
-from gateway.erasure import SubjectNotFound, erase_subject
+from gateway.erasure import SubjectNotFound, erase_subject, subject_ref
 from gateway.httpctx import clear_session_cookie, privacy_preflight
 from gateway.privacy_auth import error, json_body, require_visitor
 from gateway.visitor import consent_state
@@ -117,7 +117,14 @@ async def export_get(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     cp = await svc.tenants.policy(who.tenant_id)
     async with tenant_tx(svc.pool, who.tenant_id) as conn:
-        await audit.append(conn, who.tenant_id, "visitor", "export", f"session:{who.session_id}")
+        # the subject's hashed reference: a session id would tie the entry to the person
+        await audit.append(
+            conn,
+            who.tenant_id,
+            "visitor",
+            "export",
+            f"subject_ref:{subject_ref(who.tenant_id, who.subject_id)}",
+        )
     response = web.StreamResponse(
         headers={
             "Content-Type": "application/json",

@@ -1,10 +1,15 @@
-"""The visitor's export survives a message whose ciphertext does not open."""
+"""Export and erasure edges: unreadable messages, what the audit log and errors may name."""
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 import asyncpg
 import orjson
+import pytest
 
+from gateway.appkeys import SERVICES
+from gateway.erasure import SubjectNotFound, erase_subject, subject_ref
 from gateway.provision import NewTenant
 from tests.conftest import Gateway, chat, hello
 from tests.test_admin_data import CORRUPT_FIRST_MESSAGE
@@ -30,3 +35,39 @@ async def test_export_with_an_unreadable_message_is_valid_json(
         ("assistant", "hello there", False),
     ]
     await ws.close()
+
+
+async def test_export_audit_names_the_subject_ref_not_the_session(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True})
+    sid = await owner_pool.fetchval(
+        "SELECT subject_id FROM sessions WHERE conversation_id = $1::uuid", w["conversation_id"]
+    )
+    session_id = await owner_pool.fetchval(
+        "SELECT session_id FROM sessions WHERE conversation_id = $1::uuid", w["conversation_id"]
+    )
+    async with g.session.get(
+        g.url("/api/privacy/export"), headers={"Authorization": f"Session {w['session_token']}"}
+    ) as r:
+        assert r.status == 200
+        await r.read()
+    target = await owner_pool.fetchval(
+        "SELECT target FROM audit_log WHERE tenant_id = $1 AND action = 'export'",
+        tenant.tenant_id,
+    )
+    assert target == f"subject_ref:{subject_ref(tenant.tenant_id, sid)}"
+    assert str(session_id) not in target and str(sid) not in target
+    await ws.close()
+
+
+async def test_subject_not_found_does_not_name_the_subject(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    svc = offline_gateway.server.app[SERVICES]
+    missing = uuid4()
+    with pytest.raises(SubjectNotFound) as caught:
+        await erase_subject(svc, tenant.tenant_id, missing, "test")
+    assert str(missing) not in str(caught.value) and str(missing) not in repr(caught.value)
