@@ -150,3 +150,23 @@ async def test_memory_stays_bounded_under_oversized_frames(
     await hello(ws)
     assert reply_text(await chat(ws, "ok", "still serving")) == "still serving"
     await ws.close()
+
+
+async def test_security_headers_on_refusals_and_writes(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g = offline_gateway
+    probes = [
+        ("GET", f"/v1/widget/ws?site={tenant.site_key}", {"Origin": "http://evil.test"}, 403),
+        ("POST", f"/v1/widget/chat?site={tenant.site_key}", {"Origin": ORIGIN}, 200),
+        ("PUT", "/api/admin/policy", {"Authorization": "Bearer nope"}, 401),
+        ("POST", "/api/privacy/delete", {}, 401),
+        ("OPTIONS", "/api/privacy/export", {"Origin": ORIGIN}, 204),
+        ("DELETE", "/healthz", {}, 405),
+    ]
+    for method, path, headers, status in probes:
+        async with g.session.request(method, g.url(path), headers=headers, data=b"{}") as resp:
+            assert resp.status == status, (method, path, resp.status)
+            assert resp.headers.get("X-Content-Type-Options") == "nosniff", path
+            assert resp.headers.get("Referrer-Policy") == "no-referrer", path
+            assert "default-src 'none'" in resp.headers.get("Content-Security-Policy", ""), path
