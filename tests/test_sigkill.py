@@ -11,12 +11,9 @@ afresh under the original `seq`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +25,8 @@ import pytest
 
 from tests.conftest import ORIGIN, Database
 from tests.test_ratelimit import free_port
-from tests.test_workers import ROOT, Server, start_server, stop_server, tenant_with
+from tests.test_workers import Server, start_server, stop_server, tenant_with
+from tests.test_workers import slow_upstream as workers_slow_upstream
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,17 +34,8 @@ WAIT = 15.0  # bound on every single frame wait
 
 
 def slow_upstream(port: int) -> subprocess.Popen[bytes]:
-    """The fake OpenAI server standalone, echoing the message 300 ms per word."""
-    args = ["-m", "gateway.fake_upstream", "--port", str(port), "--delay-ms", "300"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("fake upstream did not start")
+    """The standalone fake upstream, echoing the message 300 ms per word."""
+    return workers_slow_upstream(port, delay_ms=300)
 
 
 @pytest.fixture

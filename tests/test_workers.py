@@ -330,9 +330,9 @@ async def test_redis_outage_falls_back_and_recovers(
     assert private_redis.url.encode() not in s.log.read_bytes()
 
 
-def slow_upstream(port: int) -> subprocess.Popen[bytes]:
-    """The fake OpenAI server standalone, 200 ms between streamed words."""
-    args = ["-m", "gateway.fake_upstream", "--port", str(port), "--delay-ms", "200"]
+def slow_upstream(port: int, delay_ms: int = 200) -> subprocess.Popen[bytes]:
+    """The fake OpenAI server standalone, `delay_ms` between streamed words."""
+    args = ["-m", "gateway.fake_upstream", "--port", str(port), "--delay-ms", str(delay_ms)]
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
