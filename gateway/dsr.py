@@ -72,10 +72,11 @@ def deadlines(regime: str, received_at: datetime) -> Deadlines:
 def public(row: asyncpg.Record | dict[str, Any], *, admin: bool = False) -> dict[str, Any]:
     """A request as returned by the API (`id` instead of request_id; no subject to visitors)."""
     doc = dict(row)
-    doc["id"] = doc.pop("request_id")
+    # asyncpg's UUID type is not one orjson knows: ids go out as strings
+    doc["id"] = str(doc.pop("request_id"))
     subject = doc.pop("subject_id", None)
     if admin:
-        doc["subject_id"] = subject
+        doc["subject_id"] = None if subject is None else str(subject)
     doc["overdue"] = doc["status"] in OPEN and doc["due_at"] < datetime.now(doc["due_at"].tzinfo)
     return doc
 

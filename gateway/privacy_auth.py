@@ -1,4 +1,4 @@
-"""Who is calling a privacy endpoint: a visitor by session token, a site owner by admin key."""
+"""Who is calling a privacy endpoint: a visitor by session token (admins: gateway.admin)."""
 
 from __future__ import annotations
 
@@ -75,17 +75,6 @@ async def _check_origin(request: web.Request, tenant_id: UUID) -> None:
     if origin not in cp.policy.allowed_origins:
         error(403, "origin_not_allowed", "this origin may not use the privacy API")
     request[CORS_ORIGIN] = origin
-
-
-async def require_admin(request: web.Request) -> tuple[UUID, UUID]:
-    """Resolve `Authorization: Bearer <admin_key>` to (tenant_id, admin_key_id), else 401."""
-    from gateway.admin import ApiError, authenticate  # admin's one auth path, not a copy
-
-    try:
-        admin = await authenticate(request)
-    except ApiError as exc:
-        error(exc.status, exc.code, exc.message)
-    return admin.tenant_id, admin.admin_key_id
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:

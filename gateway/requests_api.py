@@ -12,12 +12,13 @@ from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import bus, dsr, metrics
+from gateway.admin import Admin, ApiError, admin_route, json_response, parse_uuid, read_json
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
 from gateway.db import Pool, tenant_tx
 from gateway.directory import tenant_ids
 from gateway.erasure import SubjectNotFound, erase_subject
-from gateway.privacy_auth import error, json_body, require_admin, require_visitor
+from gateway.privacy_auth import error, json_body, require_visitor
 from gateway.services import Services
 
 
@@ -102,61 +103,56 @@ async def request_status(request: web.Request) -> web.Response:
     return _json(dsr.public(doc))
 
 
-async def admin_list(request: web.Request) -> web.Response:
+@admin_route
+async def admin_list(request: web.Request, admin: Admin) -> web.Response:
     """The tenant's requests, soonest due first; ?status=received|acknowledged|...|open|overdue."""
-    tenant_id, _ = await require_admin(request)
     status = request.query.get("status") or None
     if status is not None and status not in (*dsr.STATUSES, "open", "overdue"):
-        error(422, "bad_status", "unknown status filter")
+        raise ApiError(422, "bad_status", "unknown status filter")
     try:
         limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
     except ValueError:
-        error(422, "bad_limit", "limit must be an integer")
-    svc = request.app[SERVICES]
-    async with tenant_tx(svc.pool, tenant_id) as conn:
-        rows = await dsr.list_requests(conn, tenant_id, status, limit)
-        docs = await _opened(svc, conn, tenant_id, rows)
-    return _json({"requests": [dsr.public(d, admin=True) for d in docs]})
+        raise ApiError(422, "bad_limit", "limit must be an integer") from None
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        rows = await dsr.list_requests(conn, admin.tenant_id, status, limit)
+        docs = await _opened(admin.svc, conn, admin.tenant_id, rows)
+    return json_response({"requests": [dsr.public(d, admin=True) for d in docs]})
 
 
-async def admin_transition(request: web.Request) -> web.Response:
+@admin_route
+async def admin_transition(request: web.Request, admin: Admin) -> web.Response:
     """POST .../{id}/acknowledge | extend {days, reason} | complete | reject {reason}."""
-    tenant_id, key_id = await require_admin(request)
-    request_id = _uuid(request.match_info["id"])
+    request_id = parse_uuid(request.match_info["id"], "request")
     action = request.match_info["action"]
-    body = await json_body(request)
+    body = await read_json(request)
     # validated before anything happens: completing an erasure request erases first
     for field in ("reason", "resolution"):
         value = body.get(field)
         if value is not None and not isinstance(value, str):
-            error(422, f"bad_{field}", f"{field} must be a string")
-    actor = f"admin:{key_id}"
-    svc = request.app[SERVICES]
+            raise ApiError(422, f"bad_{field}", f"{field} must be a string")
+    svc, tenant_id = admin.svc, admin.tenant_id
     try:
         if action == "complete":
-            await _fulfil_erasure(request, tenant_id, request_id, actor)
+            await _fulfil_erasure(svc, tenant_id, request_id, admin.actor)
         async with tenant_tx(svc.pool, tenant_id) as conn:
             row = await dsr.transition(
                 conn,
                 tenant_id,
                 request_id,
                 action,
-                actor,
+                admin.actor,
                 days=body.get("days"),
                 reason=body.get("reason"),
                 resolution=body.get("resolution"),
             )
             (doc,) = await _opened(svc, conn, tenant_id, [row])
     except dsr.RequestError as exc:
-        error(exc.status, exc.code, exc.message)
-    return _json(dsr.public(doc, admin=True))
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    return json_response(dsr.public(doc, admin=True))
 
 
-async def _fulfil_erasure(
-    request: web.Request, tenant_id: UUID, request_id: UUID, actor: str
-) -> None:
+async def _fulfil_erasure(svc: Services, tenant_id: UUID, request_id: UUID, actor: str) -> None:
     """Completing an erasure/delete request erases the subject first (certificate in the log)."""
-    svc = request.app[SERVICES]
     async with tenant_tx(svc.pool, tenant_id) as conn:
         row = await dsr.get(conn, tenant_id, request_id)
     if row is None or row["status"] not in dsr.OPEN:

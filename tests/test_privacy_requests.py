@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 import asyncpg
 import pytest
@@ -312,14 +313,14 @@ async def test_erasure_clears_the_free_text_of_requests(
         g,
         f"/api/admin/requests/{doc['id']}/extend",
         admin(tenant),
-        {"days": 10, "reason": "Jane asked for paper copies"},
+        {"days": 10, "reason": "Rupert asked for paper copies"},
     )
     assert status == 200
     status, _ = await post(
         g,
         f"/api/admin/requests/{doc['id']}/complete",
         admin(tenant),
-        {"resolution": "sent to Jane Roe"},
+        {"resolution": "sent to Rupert Poe"},
     )
     assert status == 200
     async with g.session.post(g.url("/api/privacy/delete"), headers=session(token)) as r:
@@ -336,3 +337,23 @@ async def test_erasure_clears_the_free_text_of_requests(
         "subject_id": None,
     }
     await ws.close()
+
+
+async def test_admin_request_endpoints_answer_like_the_rest_of_the_admin_api(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g = offline_gateway
+    async with g.session.get(
+        g.url("/api/admin/requests"), headers={"Authorization": "Bearer wrong"}
+    ) as r:
+        assert r.status == 401
+        assert r.headers.get("WWW-Authenticate") == 'Bearer realm="omnigate-admin"'
+        assert (await r.json())["error"]["code"] == "unauthorized"
+    status, err = await post(g, "/api/admin/requests/not-a-uuid/complete", admin(tenant), {})
+    assert status == 404 and err["error"]["code"] == "not_found"
+    async with g.session.get(g.url("/api/admin/requests?status=nope"), headers=admin(tenant)) as r:
+        assert r.status == 422 and (await r.json())["error"]["code"] == "bad_status"
+    async with g.session.post(
+        g.url(f"/api/admin/requests/{uuid4()}/acknowledge"), data=b"[1]", headers=admin(tenant)
+    ) as r:
+        assert r.status == 400 and (await r.json())["error"]["code"] == "bad_request"
