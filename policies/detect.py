@@ -95,13 +95,45 @@ def _min_digits(regions: tuple[str, ...]) -> int:
     return min(lengths)
 
 
+@lru_cache(maxsize=64)
+def _region_min_digits(region: str) -> int:
+    """Fewest digits a window without "+" needs for a `region` pass to find anything.
+
+    Such a pass finds either a national number of a region sharing `region`'s country
+    code (at least its shortest possible length), or a number dialled from `region`
+    with its international prefix: that prefix, a country code (one digit or more) and
+    a national number (never fewer than 4 digits anywhere).
+    """
+    cc = phonenumbers.country_code_for_region(region)
+    national: list[int] = []
+    for other in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(cc, ()):
+        md = phonenumbers.PhoneMetadata.metadata_for_region(other)
+        if md is not None and md.general_desc is not None:
+            national.extend(n for n in md.general_desc.possible_length if n > 0)
+    md = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    idd = md.international_prefix if md is not None else None
+    # a plain-digit prefix ("00", "011") has its own length; a pattern, conservatively 0
+    idd_digits = len(idd) if idd and idd.isdigit() else 0
+    if not national:
+        return _INTL_MIN_DIGITS
+    return min(min(national), idd_digits + 1 + _INTL_MIN_DIGITS)
+
+
+def _regions_for(run: str, digits: int, regions: tuple[str, ...]) -> tuple[str, ...]:
+    """The regions whose pass can find a number in this window."""
+    if "+" in run or "\uff0b" in run:
+        return regions  # "+…" reads the same in any region: every pass may find it
+    return tuple(r for r in regions if digits >= _region_min_digits(r))
+
+
 def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> Iterator[Match]:
     """Yield phone numbers that are VALID for one of ``regions`` (or international).
 
     Same result as one ``PhoneNumberMatcher`` pass per region over the whole text (a span
     found by an earlier region keeps that region's reading), but each matcher only sees
-    the short windows of phone-like characters, and windows with too few digits are
-    skipped.
+    the short windows of phone-like characters, windows with too few digits are
+    skipped, and a window is passed only to the regions that could read that many
+    digits as a number.
     """
     if not _PHONE_HINT_RE.search(text):
         return
@@ -111,14 +143,15 @@ def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> It
     seen: set[tuple[int, int]] = set()
     for w in _PHONE_WINDOW_RE.finditer(text):
         run = w.group()
-        if sum(ch.isdecimal() for ch in run) < min_digits:
+        digits = sum(ch.isdecimal() for ch in run)
+        if digits < min_digits:
             continue
         # One character of context either side: the matcher rejects a number glued to a
         # Latin letter or a currency sign, and "at the start of the text" must stay true.
         lo = w.start() - 1 if w.start() > 0 else 0
         hi = w.end() + 1 if w.end() < size else size
         window = text[lo:hi]
-        for n, region in enumerate(regions):
+        for n, region in enumerate(_regions_for(run, digits, regions)):
             found = list(
                 phonenumbers.PhoneNumberMatcher(
                     window, region, leniency=phonenumbers.Leniency.VALID

@@ -16,6 +16,7 @@ from policies.detect import (
     _PHONE_HINT_RE,
     DEFAULT_PHONE_REGIONS,
     Match,
+    _region_min_digits,
     find_phones,
     iban_valid,
     luhn_valid,
@@ -468,10 +469,38 @@ def test_phone_char_class_covers_every_character_of_the_matcher_pattern() -> Non
         "tonne an ox exists 0151 23456789 anexo 12 доб 5",
         "",
         "1234567",
+        "order 1007 of 2024, 12345 pieces at 123456 each",
+        "00 683 4002, 011 683 4002, 0011 683 4002 and 00683 4002",
+        "00 49 30 901820 or 011 44 20 7946 0958 or 011 33 1 23 45 67 89",
     ],
 )
 def test_find_phones_matches_reference(text: str) -> None:
     assert _phones(text) == _reference(text)
+
+
+@pytest.mark.parametrize("region", ["US", "GB", "DE", "FR", "IT", "NU", "AT", "JP", "AU"])
+def test_short_windows_skip_only_regions_that_cannot_match(region: str) -> None:
+    text = (
+        "ref 1007, 12345, 123456, 1234567; 00 683 4002, 011 683 4002, 0011 683 4002, "
+        "00 43 1 234567, 0043 1234, 030 901820, 02 1234 5678, 123 456 78"
+    )
+    assert _phones(text, (region,)) == _reference(text, (region,))
+
+
+def test_region_digit_bound_holds_for_every_example_number() -> None:
+    # A number dialled from region R (international prefix, country code, national
+    # number) or written nationally in R never has fewer digits than R's bound.
+    examples = [
+        n for n in (phonenumbers.example_number(r) for r in phonenumbers.SUPPORTED_REGIONS) if n
+    ]
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        bound = _region_min_digits(region)
+        assert 4 <= bound
+        for number in examples:
+            written = phonenumbers.format_out_of_country_calling_number(number, region)
+            if written.startswith("+"):
+                continue  # no plain-digit prefix in this region: "+" windows try every region
+            assert sum(ch.isdecimal() for ch in written) >= bound, (region, written)
 
 
 _PHONE_TOKENS = st.sampled_from(
@@ -524,6 +553,11 @@ _PHONE_TOKENS = st.sampled_from(
         "42",
         "555",
         "2671",
+        "1007",
+        "12345",
+        "00 683 4002",
+        "011 683 4002",
+        "00 49 30 901820",
     ]
 )
 _SEPARATORS = st.sampled_from([" ", " ", "", "\n", ", ", "-", "/", ". "])
