@@ -12,7 +12,8 @@ Modes: ``ok``, ``reply`` (text=), ``error`` (status=, message=, type=, code=),
 ``rate_limit`` (retry_after=, code=), ``hang_before_first`` (send_headers=), ``slow``
 (delay_ms=), ``cut`` (after=), ``malformed`` (every=, valid=, lines=), ``keepalive``
 (every=). Streaming modes also take reply=, chunks=, delay_ms=, first_delay_ms=,
-crlf=, nospace= and ignore_stream= (answer a plain JSON completion).
+crlf=, nospace=, burst= (the whole body in one write) and ignore_stream= (answer a
+plain JSON completion).
 """
 
 from __future__ import annotations
@@ -251,13 +252,23 @@ class FakeUpstream:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
+        # burst=True: the whole body goes out in one write, as a fast model's chunks can
+        # arrive together in one read
+        burst: list[bytes] = []
+
+        async def send(data: bytes) -> None:
+            if p.get("burst"):
+                burst.append(data)
+            else:
+                await resp.write(data)
+
         try:
             if p.get("first_delay_ms"):
                 await asyncio.sleep(float(p["first_delay_ms"]) / 1000)
             await resp.prepare(request)
             valid = b.mode != "malformed" or p.get("valid", True)
             if valid:
-                await resp.write(chunk({"role": "assistant", "content": ""}, None))
+                await send(chunk({"role": "assistant", "content": ""}, None))
             for i, piece in enumerate(pieces):
                 if delay:
                     await asyncio.sleep(delay)

@@ -384,7 +384,12 @@ def _cut() -> UpstreamError:
 async def _read_events(
     resp: aiohttp.ClientResponse, cs: ChatStream, cfg: UpstreamConfig, first_deadline: float
 ) -> AsyncGenerator[str, None]:
-    """Yield content from an SSE body; deadlines reset only on valid data, not keep-alives."""
+    """Yield content from an SSE body; deadlines reset only on valid data, not keep-alives.
+
+    The pieces of every event that arrived in one read are yielded joined: a burst of
+    chunks becomes one delta for the visitor (one frame, one write), while a slow
+    stream still yields each chunk the moment it arrives.
+    """
     loop = asyncio.get_running_loop()
     parser = SSEParser()
     deadline = first_deadline
@@ -405,18 +410,32 @@ async def _read_events(
             raise UpstreamError(
                 "upstream_unavailable", "malformed", "upstream sent an oversized line"
             ) from None
-        for payload in payloads:
-            for obj in _decode(payload, cs):
-                if obj == "[DONE]":
-                    _check_valid(valid, cs)
-                    return
-                valid = True
-                for piece in _interpret(obj, cs):
-                    got_content = True
-                    yield piece
-                # Time the consumer spent on the piece is not the upstream's idleness.
-                if got_content:
-                    deadline = loop.time() + cfg.idle_timeout
+        pending: list[str] = []
+        fresh = done = False
+        failure: UpstreamError | None = None
+        try:
+            for payload in payloads:
+                for obj in _decode(payload, cs):
+                    if obj == "[DONE]":
+                        done = True
+                        break
+                    valid = fresh = True
+                    pending += _interpret(obj, cs)
+                if done:
+                    break
+        except UpstreamError as exc:
+            failure = exc  # what came before the error in this read is still delivered
+        if pending:
+            got_content = True
+            yield "".join(pending)
+        if failure is not None:
+            raise failure
+        if done:
+            _check_valid(valid, cs)
+            return
+        # Time the consumer spent on the piece is not the upstream's idleness.
+        if got_content and fresh:
+            deadline = loop.time() + cfg.idle_timeout
     _check_valid(valid, cs)
     if cs.finish_reason is None:
         raise _cut()
