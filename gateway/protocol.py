@@ -175,6 +175,6 @@ def consent_required(purposes: list[str]) -> dict[str, Any]:
     return {"type": "consent_required", "purposes": purposes}
 
 
-def encode(frame: Mapping[str, Any]) -> str:
-    """Serialize a frame to the JSON text sent on the wire."""
-    return orjson.dumps(frame).decode()
+def encode(frame: Mapping[str, Any]) -> bytes:
+    """Serialize a frame to the UTF-8 JSON a WebSocket text frame carries."""
+    return orjson.dumps(frame)

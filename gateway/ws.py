@@ -110,14 +110,16 @@ def _release_ip(svc: Services, ip_key: str | None) -> None:
 
 
 class Outbox:
-    """The frames owed to one socket, written in order by one writer task.
+    """The frames owed to one socket, written in order.
 
-    The task exists only while frames wait, so an idle socket costs no task;
-    deltas of one reply that queued up behind a slow write go out as one frame.
-    A full outbox makes `send` wait: a slow reader slows its own reply stream.
+    A frame with nothing ahead of it is written at once by its sender (no task, no
+    hop through the event loop). Frames that arrive while a write waits for the
+    socket queue behind it and are written by one task, which exists only while
+    they wait; deltas of one reply queued that way go out as one frame. A full
+    outbox makes `send` wait: a slow reader slows its own reply stream.
     """
 
-    __slots__ = ("broken", "frames", "limit", "space", "task", "ws")
+    __slots__ = ("broken", "frames", "limit", "space", "task", "writing", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, limit: int) -> None:
         self.ws = ws
@@ -127,10 +129,12 @@ class Outbox:
         # made only when a reader falls behind far enough to fill the outbox
         self.space: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
+        self.writing = False  # a sender is inside its own write
         self.broken = False
 
     async def send(self, frame: dict[str, Any]) -> None:
-        """Queue a frame (dropped once the socket is gone)."""
+        """Write a frame, or queue it behind the write in progress (dropped once the
+        socket is gone)."""
         while len(self.frames) >= self.limit and not self.broken:
             if self.space is None:
                 self.space = asyncio.Event()
@@ -138,13 +142,31 @@ class Outbox:
             await self.space.wait()
         if self.broken or self.ws.closed:
             return
-        self.frames.append(frame)
-        if self.task is None:
+        if self.writing or self.task is not None:
+            self.frames.append(frame)
+            return
+        self.writing = True
+        try:
+            await self._put(frame)
+        finally:
+            self.writing = False
+        if self.frames and self.task is None:
             self.task = asyncio.create_task(self._write())
+
+    async def _put(self, frame: dict[str, Any]) -> None:
+        try:
+            # orjson's bytes go out as the text frame's payload: no str round trip
+            await self.ws.send_frame(protocol.encode(frame), WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError):
+            # the peer went away mid-write: nothing more can be delivered
+            self.broken = True
+            self.frames.clear()
+            if self.space is not None:
+                self.space.set()
 
     async def _write(self) -> None:
         try:
-            while self.frames:
+            while self.frames and not self.broken:
                 frame = self.frames.pop(0)  # at most `limit` (256) entries
                 if frame["type"] == "delta":
                     text = [frame["text"]]
@@ -158,13 +180,7 @@ class Outbox:
                         frame = protocol.delta(frame["id"], "".join(text))
                 if self.space is not None:
                     self.space.set()
-                await self.ws.send_str(protocol.encode(frame))
-        except (ConnectionError, RuntimeError):
-            # the peer went away mid-write: nothing more can be delivered
-            self.broken = True
-            self.frames.clear()
-            if self.space is not None:
-                self.space.set()
+                await self._put(frame)
         finally:
             self.task = None
 
