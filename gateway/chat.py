@@ -92,18 +92,20 @@ async def _checks(
 ) -> ChatDecision:
     """Rate limit, consent, restriction and size, in the order of DESIGN §4."""
     limits = cp.policy.rate_limit
-    keys = [
-        (f"s:{v.tenant_id}:{v.session_id}", limits.per_session_per_minute),
-        (f"t:{v.tenant_id}", limits.per_tenant_per_minute),
+    # the tenant is the hash tag: one message's buckets share a Redis Cluster slot
+    tag = f"{{{v.tenant_id}}}"
+    buckets = [
+        (f"{tag}:s:{v.session_id}", limits.per_session_per_minute),
+        (f"{tag}:t", limits.per_tenant_per_minute),
     ]
     if v.ip_key:
-        keys.append((f"i:{v.tenant_id}:{v.ip_key}", limits.per_ip_per_minute))
-    for key, per_minute in keys:
-        wait = await svc.limiter.hit(key, per_minute)
-        if wait is not None:
-            raise ProtocolError(
-                protocol.RATE_LIMITED, "too many messages; slow down", id=msg_id, retry_after=wait
-            )
+        buckets.append((f"{tag}:i:{v.ip_key}", limits.per_ip_per_minute))
+    # all or none: a refused message spends no token of any bucket
+    wait = await svc.limiter.hit(buckets)
+    if wait is not None:
+        raise ProtocolError(
+            protocol.RATE_LIMITED, "too many messages; slow down", id=msg_id, retry_after=wait
+        )
     with metrics.timed("policy"):
         decision = decide_chat(cp, v.consent, v.signals)
     if not decision.allowed:

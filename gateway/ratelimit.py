@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -15,11 +15,15 @@ from gateway.redisconn import REDIS_ERRORS
 log = logging.getLogger("omnigate.ratelimit")
 
 
-class RateLimiter(Protocol):
-    """Takes one token from the bucket `key` refilled at `per_minute`."""
+Bucket = tuple[str, int]  # (key, allowance per minute)
 
-    async def hit(self, key: str, per_minute: int) -> float | None:
-        """None when allowed, else the seconds to wait before retrying."""
+
+class RateLimiter(Protocol):
+    """Takes one token from each of a message's buckets, or from none of them."""
+
+    async def hit(self, buckets: Sequence[Bucket]) -> float | None:
+        """None when every bucket allowed (a token is taken from each); else the seconds
+        to wait for the slowest refusing bucket, and nothing is taken."""
 
 
 class LocalRateLimiter:
@@ -29,55 +33,69 @@ class LocalRateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self.max_keys = max_keys
 
-    async def hit(self, key: str, per_minute: int) -> float | None:
-        """Take a token, or answer how long until one is available."""
-        return self.take(key, per_minute, time.monotonic())
+    async def hit(self, buckets: Sequence[Bucket]) -> float | None:
+        """Take a token from every bucket, or answer how long until all have one."""
+        return self.take(buckets, time.monotonic())
 
-    def take(self, key: str, per_minute: int, now: float) -> float | None:
+    def take(self, buckets: Sequence[Bucket], now: float) -> float | None:
         """Synchronous core of `hit`, with the clock passed in for tests."""
-        rate = per_minute / 60.0
-        # popped and re-inserted: the dict stays ordered from least to most recently used
-        tokens, last = self._buckets.pop(key, (float(per_minute), now))
-        tokens = min(float(per_minute), tokens + (now - last) * rate)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        refilled: list[float] = []
+        wait = 0.0
+        for key, per_minute in buckets:
+            rate = per_minute / 60.0
+            # popped and re-inserted: the dict stays ordered from least to most recently used
+            tokens, last = self._buckets.pop(key, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - last) * rate)
+            refilled.append(tokens)
+            if tokens < 1.0:
+                wait = max(wait, round((1.0 - tokens) / rate, 3))
+        taken = 1.0 if wait == 0.0 else 0.0
+        for (key, _), tokens in zip(buckets, refilled, strict=True):
+            self._buckets[key] = (tokens - taken, now)
         while len(self._buckets) > self.max_keys:
             # the least recently used bucket goes first; one idle for a minute is full
             # again anyway, so forgetting it changes nothing
             del self._buckets[next(iter(self._buckets))]
-        return None if allowed else round((1.0 - tokens) / rate, 3)
+        return None if wait == 0.0 else wait
 
 
-# Token bucket, atomically, in Redis: hash {t: tokens, ts: last refill in ms}.
-# Time comes from the Redis server (one clock for every process and instance);
-# ARGV[2] may pin it, for tests. Returns 0 when allowed, else the wait in ms.
+# Token buckets, atomically, in Redis: one hash per key {t: tokens, ts: last refill in
+# ms}; KEYS are the buckets, ARGV[3..] their allowances per minute. A token is taken
+# from every bucket only when each has one. Time comes from the Redis server (one clock
+# for every process and instance); ARGV[1] may pin it, for tests. Returns 0 when
+# allowed, else the longest wait in ms.
 _BUCKET_SCRIPT = """
-local capacity = tonumber(ARGV[1])
-local rate = capacity / 60000.0
-local now = tonumber(ARGV[2])
+local now = tonumber(ARGV[1])
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local b = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(b[1])
-local ts = tonumber(b[2])
-if tokens == nil or ts == nil then
-  tokens = capacity
-  ts = now
-end
-if now > ts then
-  tokens = math.min(capacity, tokens + (now - ts) * rate)
-  ts = now
-end
+local tokens, stamps = {}, {}
 local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-else
-  wait = math.max(1, math.ceil((1 - tokens) / rate))
+for i, key in ipairs(KEYS) do
+  local capacity = tonumber(ARGV[i + 2])
+  local rate = capacity / 60000.0
+  local b = redis.call('HMGET', key, 't', 'ts')
+  local t, ts = tonumber(b[1]), tonumber(b[2])
+  if t == nil or ts == nil then
+    t, ts = capacity, now
+  end
+  if now > ts then
+    t, ts = math.min(capacity, t + (now - ts) * rate), now
+  end
+  if t < 1 then
+    wait = math.max(wait, math.max(1, math.ceil((1 - t) / rate)))
+  end
+  tokens[i], stamps[i] = t, ts
 end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(ts))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+for i, key in ipairs(KEYS) do
+  local t = tokens[i]
+  if wait == 0 then
+    t = t - 1
+  end
+  redis.call('HSET', key, 't', tostring(t), 'ts', tostring(stamps[i]))
+  redis.call('PEXPIRE', key, tonumber(ARGV[2]))
+end
 return wait
 """
 
@@ -87,25 +105,27 @@ RATE_KEY_TTL_MS = 61_000
 
 
 class RedisRateLimiter:
-    """Token buckets shared by every process and instance through one Lua script.
+    """Token buckets shared by every process and instance: one script call per message.
 
     Raises the Redis errors (see `gateway.redisconn.REDIS_ERRORS`); wrap it in
     `FallbackRateLimiter` to keep answering when Redis is away. Keys arrive
-    anonymized from the caller and are never logged.
+    anonymized from the caller and are never logged. The buckets of one call must
+    share a Redis Cluster slot: the caller puts the tenant in a `{hash tag}`.
     """
 
     def __init__(self, redis: Redis) -> None:
         self._script = redis.register_script(_BUCKET_SCRIPT)
 
-    async def hit(self, key: str, per_minute: int) -> float | None:
-        """Take a token, or answer how long until one is available."""
-        return await self.take(key, per_minute)
+    async def hit(self, buckets: Sequence[Bucket]) -> float | None:
+        """Take a token from every bucket, or answer how long until all have one."""
+        return await self.take(buckets)
 
-    async def take(self, key: str, per_minute: int, now_ms: int | None = None) -> float | None:
+    async def take(self, buckets: Sequence[Bucket], now_ms: int | None = None) -> float | None:
         """`hit` with the clock optionally pinned (milliseconds), for tests."""
         wait_ms = await self._script(
-            keys=[RATE_KEY_PREFIX + key],
-            args=[per_minute, "" if now_ms is None else now_ms, RATE_KEY_TTL_MS],
+            keys=[RATE_KEY_PREFIX + key for key, _ in buckets],
+            args=["" if now_ms is None else now_ms, RATE_KEY_TTL_MS]
+            + [per_minute for _, per_minute in buckets],
         )
         return None if int(wait_ms) == 0 else int(wait_ms) / 1000.0
 
@@ -139,13 +159,13 @@ class FallbackRateLimiter:
         """True while decisions are per-process."""
         return self._down_since is not None
 
-    async def hit(self, key: str, per_minute: int) -> float | None:
-        """Take a token from the shared bucket, or the local one while Redis is away."""
+    async def hit(self, buckets: Sequence[Bucket]) -> float | None:
+        """Take tokens from the shared buckets, or the local ones while Redis is away."""
         if self._down_since is None or (not self._probing and self._clock() >= self._next_try):
             probing = self._down_since is not None
             self._probing = probing
             try:
-                wait = await self.primary.hit(key, per_minute)
+                wait = await self.primary.hit(buckets)
             except REDIS_ERRORS as exc:
                 self._went_down(exc)
             else:
@@ -156,7 +176,7 @@ class FallbackRateLimiter:
                 if probing:
                     self._probing = False
         metrics.RATELIMIT_FALLBACK.inc()
-        return await self.local.hit(key, per_minute)
+        return await self.local.hit(buckets)
 
     def _went_down(self, exc: BaseException) -> None:
         self._next_try = self._clock() + self.retry_after

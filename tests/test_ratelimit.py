@@ -99,22 +99,48 @@ def sample(name: str) -> float:
 
 def test_local_bucket_burst_then_refill() -> None:
     rl = LocalRateLimiter()
-    assert [rl.take("k", 3, 100.0) for _ in range(3)] == [None, None, None]
-    assert rl.take("k", 3, 100.0) == 20.0  # 3/min: one token every 20 s
-    assert rl.take("k", 3, 120.0) is None
+    assert [rl.take([("k", 3)], 100.0) for _ in range(3)] == [None, None, None]
+    assert rl.take([("k", 3)], 100.0) == 20.0  # 3/min: one token every 20 s
+    assert rl.take([("k", 3)], 120.0) is None
+
+
+def test_local_buckets_all_or_none() -> None:
+    rl = LocalRateLimiter()
+    both = [("session", 2), ("tenant", 3)]
+    assert rl.take(both, 0.0) is None and rl.take(both, 0.0) is None
+    # the session bucket is empty: refused, and the tenant's last token is not spent
+    assert rl.take(both, 0.0) == 30.0
+    assert rl.take([("tenant", 3)], 0.0) is None
+    assert rl.take([("tenant", 3)], 0.0) == 20.0
+    # the longest wait of the refusing buckets is the answer
+    assert rl.take(both, 10.0) == 30.0 - 10.0
+
+
+async def test_redis_buckets_all_or_none_in_one_call(redis: Redis) -> None:
+    rl = RedisRateLimiter(redis)
+    s, t = f"{{test-{uuid.uuid4()}}}:s", f"{{test-{uuid.uuid4()}}}:t"
+    both = [(s, 2), (t, 3)]
+    now = 5_000_000
+    assert await rl.take(both, now) is None and await rl.take(both, now) is None
+    assert await rl.take(both, now) == 30.0
+    assert await rl.take([(t, 3)], now) is None  # its third token was not spent
+    assert await rl.take([(t, 3)], now) == 20.0
+    assert await rl.take(both, now + 10_000) == 20.0
+    for key in (s, t):
+        assert 0 < await redis.pttl(RATE_KEY_PREFIX + key) <= 61_000
 
 
 async def test_redis_bucket_exact(redis: Redis) -> None:
     rl = RedisRateLimiter(redis)
     key = f"test:{uuid.uuid4()}"
     now = 1_000_000
-    assert [await rl.take(key, 5, now) for _ in range(5)] == [None] * 5
-    assert await rl.take(key, 5, now) == 12.0  # 5/min: one token per 12 s
-    assert await rl.take(key, 5, now + 6_000) == 6.0
-    assert await rl.take(key, 5, now + 12_000) is None  # refilled one token
-    assert await rl.take(key, 5, now + 12_000) is not None
+    assert [await rl.take([(key, 5)], now) for _ in range(5)] == [None] * 5
+    assert await rl.take([(key, 5)], now) == 12.0  # 5/min: one token per 12 s
+    assert await rl.take([(key, 5)], now + 6_000) == 6.0
+    assert await rl.take([(key, 5)], now + 12_000) is None  # refilled one token
+    assert await rl.take([(key, 5)], now + 12_000) is not None
     # a minute idle: full burst again, never more
-    assert [await rl.take(key, 5, now + 200_000) for _ in range(6)].count(None) == 5
+    assert [await rl.take([(key, 5)], now + 200_000) for _ in range(6)].count(None) == 5
     ttl = await redis.pttl(RATE_KEY_PREFIX + key)
     assert 0 < ttl <= 61_000
 
@@ -122,12 +148,12 @@ async def test_redis_bucket_exact(redis: Redis) -> None:
 async def test_redis_bucket_refills_in_real_time(redis: Redis) -> None:
     rl = RedisRateLimiter(redis)
     key = f"test:{uuid.uuid4()}"
-    allowed = [await rl.hit(key, 120) for _ in range(121)]
+    allowed = [await rl.hit([(key, 120)]) for _ in range(121)]
     assert allowed.count(None) == 120
     wait = allowed[-1]
     assert wait is not None and 0 < wait <= 0.5
     await asyncio.sleep(wait + 0.05)
-    assert await rl.hit(key, 120) is None
+    assert await rl.hit([(key, 120)]) is None
 
 
 async def test_redis_bucket_is_shared_and_atomic(redis_url: str) -> None:
@@ -136,7 +162,7 @@ async def test_redis_bucket_is_shared_and_atomic(redis_url: str) -> None:
     try:
         limiters = [RedisRateLimiter(c) for c in clients]
         key = f"test:{uuid.uuid4()}"
-        results = await asyncio.gather(*(limiters[i % 3].hit(key, 20) for i in range(60)))
+        results = await asyncio.gather(*(limiters[i % 3].hit([(key, 20)]) for i in range(60)))
         assert results.count(None) == 20
     finally:
         for c in clients:
@@ -150,7 +176,7 @@ async def test_fallback_when_redis_unreachable(caplog: pytest.LogCaptureFixture)
     caplog.set_level(logging.WARNING, "omnigate.ratelimit")
     try:
         t0 = time.monotonic()
-        results = [await rl.hit("k", 3) for _ in range(50)]
+        results = [await rl.hit([("k", 3)]) for _ in range(50)]
         elapsed = time.monotonic() - t0
     finally:
         await dead.aclose()
@@ -171,16 +197,16 @@ async def test_fallback_recovers_when_redis_returns(
     client = connect(private_redis.url)
     rl = FallbackRateLimiter(RedisRateLimiter(client), LocalRateLimiter(), retry_after=0.3)
     try:
-        assert await rl.hit("a", 10) is None
+        assert await rl.hit([("a", 10)]) is None
         assert await client.exists(RATE_KEY_PREFIX + "a") == 1
         private_redis.stop()
-        assert await rl.hit("b", 10) is None  # answered locally
+        assert await rl.hit([("b", 10)]) is None  # answered locally
         assert rl.degraded and sample("omnigate_redis_up") == 0
         for _ in range(5):
-            await rl.hit("b", 10)  # within the back-off: no further attempts, no more logs
+            await rl.hit([("b", 10)])  # within the back-off: no further attempts, no more logs
         private_redis.start()
         await asyncio.sleep(0.35)
-        assert await rl.hit("c", 10) is None
+        assert await rl.hit([("c", 10)]) is None
         assert not rl.degraded and sample("omnigate_redis_up") == 1
         assert await client.exists(RATE_KEY_PREFIX + "c") == 1
     finally:
@@ -201,7 +227,7 @@ async def test_hanging_redis_costs_one_short_timeout(private_redis: PrivateRedis
         private_redis.proc.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         for _ in range(20):
-            assert await rl.hit(f"test:{uuid.uuid4()}", 10) is None
+            assert await rl.hit([(f"test:{uuid.uuid4()}", 10)]) is None
         elapsed = time.monotonic() - t0
     finally:
         private_redis.proc.send_signal(signal.SIGCONT)
@@ -221,8 +247,8 @@ def test_local_limiter_evicts_least_recently_used_not_everything() -> None:
     from gateway.ratelimit import LocalRateLimiter
 
     lim = LocalRateLimiter(max_keys=3)
-    assert lim.take("hot", 1, 0.0) is None  # its one token spent
+    assert lim.take([("hot", 1)], 0.0) is None  # its one token spent
     for i in range(10):  # a stream of new keys, "hot" touched between them
-        lim.take(f"new{i}", 1, 1.0 + i)
-        assert lim.take("hot", 1, 1.0 + i) is not None  # still limited: never forgotten
+        lim.take([(f"new{i}", 1)], 1.0 + i)
+        assert lim.take([("hot", 1)], 1.0 + i) is not None  # still limited: never forgotten
     assert len(lim._buckets) == 3
