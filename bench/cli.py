@@ -120,7 +120,18 @@ def _stats_json(s: RunStats) -> dict[str, Any]:
         "ttft_p99_ms": pct(s.ttft, 99),
         "total_p50_ms": pct(s.total, 50),
         "total_p99_ms": pct(s.total, 99),
+        "frames_per_msg": round(s.frames / s.ok, 2) if s.frames and s.ok else None,
     }
+
+
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds of every PostgreSQL process on this machine, by pid."""
+    out: dict[int, float] = {}
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if (proc.info["name"] or "").startswith("postgres") and times is not None:
+            out[proc.pid] = times.user + times.system
+    return out
 
 
 class Runner:
@@ -180,10 +191,12 @@ class Runner:
         g0 = gw.cpu_seconds() if gw else 0.0
         f0 = self.fake.cpu_seconds() if self.fake else 0.0
         c0 = sum(me.cpu_times()[:2])
+        p0, m0 = postgres_cpu(), psutil.cpu_times()
         stats = await fn()
         g1 = gw.cpu_seconds() if gw else 0.0
         f1 = self.fake.cpu_seconds() if self.fake else 0.0
         c1 = sum(me.cpu_times()[:2])
+        p1, m1 = postgres_cpu(), psutil.cpu_times()
         out = _stats_json(stats)
         # other work on the machine skews every number: keep the load next to them
         out["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
@@ -193,6 +206,13 @@ class Runner:
             out["gateway_cpu_ms_per_msg"] = (g1 - g0) * 1000 / per
         out["fake_cpu_ms_per_msg"] = (f1 - f0) * 1000 / per
         out["client_cpu_ms_per_msg"] = (c1 - c0) * 1000 / per
+        # backends started during the run count from zero; ones that exited are lost
+        pg = sum(t - p0.get(pid, 0.0) for pid, t in p1.items())
+        out["postgres_cpu_ms_per_msg"] = pg * 1000 / per
+        # is the machine the limit? the share of all cores busy (not idle, not waiting on I/O)
+        idle = (m1.idle - m0.idle) + (m1.iowait - m0.iowait)
+        total = sum(m1) - sum(m0)
+        out["machine_busy_pct"] = round(100 * (1 - idle / total), 1) if total > 0 else None
         self.results["runs"][key] = out
         self.say(
             f"{key:<12} {stats.ok:>6} ok {stats.errors:>4} err  {stats.rate:8.1f} msg/s  "

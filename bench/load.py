@@ -46,6 +46,7 @@ class RunStats:
     total: list[float] = field(default_factory=list)
     wall: float = 0.0
     setup: float = 0.0
+    frames: int = 0  # frames or events received in answer to messages (ack, deltas, done)
 
     def error(self, kind: str) -> None:
         self.errors += 1
@@ -139,6 +140,7 @@ async def run_baseline(upstream: str, sessions: int, messages: int) -> RunStats:
                             if not line.startswith(b"data: "):
                                 continue
                             data = line[6:].strip()
+                            stats.frames += 1
                             if data == b"[DONE]":
                                 done = True
                                 break
@@ -194,6 +196,7 @@ async def run_ws(gateway: str, site_key: str, sessions: int, messages: int) -> R
                     first: float | None = None
                     while True:
                         f = await _next_frame(ws)
+                        stats.frames += 1
                         t = f.get("type")
                         if t == "delta" and first is None:
                             first = time.perf_counter()
@@ -251,6 +254,7 @@ async def run_sse(gateway: str, site_key: str, sessions: int, messages: int) -> 
                             if not line.startswith(b"data: "):
                                 continue
                             ev = orjson.loads(line[6:])
+                            stats.frames += 1
                             t = ev.get("type")
                             if t == "delta":
                                 if first is None:

@@ -44,6 +44,13 @@ def table(results: dict[str, Any]) -> str:
          ["—", *(_f(_get(results, c, "gateway_cpu_ms_per_msg"), "{:.2f}") for c in cols[1:])]),
         (f"upstream CPU ms/msg @{n}",
          [_f(_get(results, c, "fake_cpu_ms_per_msg"), "{:.2f}") for c in cols]),
+        (f"PostgreSQL CPU ms/msg @{n}",
+         [_f(_get(results, c, "postgres_cpu_ms_per_msg"), "{:.2f}") for c in cols]),
+        (f"client CPU ms/msg @{n}",
+         [_f(_get(results, c, "client_cpu_ms_per_msg"), "{:.2f}") for c in cols]),
+        (f"machine CPU busy % @{n}", [_f(_get(results, c, "machine_busy_pct")) for c in cols]),
+        (f"frames or events per reply @{n}",
+         [_f(_get(results, c, "frames_per_msg"), "{:.1f}") for c in cols]),
         ("RSS per idle conn KB", ["—", _f(rss), "—"]),
         ("errors", [str(_get(results, c, "errors") or 0) if c in results.get("runs", {}) else "—"
                     for c in cols]),
