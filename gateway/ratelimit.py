@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from gateway import metrics
 from gateway.redisconn import REDIS_ERRORS
@@ -107,14 +109,23 @@ RATE_KEY_TTL_MS = 61_000
 class RedisRateLimiter:
     """Token buckets shared by every process and instance: one script call per message.
 
-    Raises the Redis errors (see `gateway.redisconn.REDIS_ERRORS`); wrap it in
-    `FallbackRateLimiter` to keep answering when Redis is away. Keys arrive
-    anonymized from the caller and are never logged. The buckets of one call must
-    share a Redis Cluster slot: the caller puts the tenant in a `{hash tag}`.
+    Calls batch naturally, as message writes do (gateway/groupcommit.py): with no
+    round trip in flight a call is sent at once; while one is, new calls queue and
+    go out together as one pipeline when it returns (each script still runs
+    atomically, in order). Raises the Redis errors (see `gateway.redisconn.REDIS_ERRORS`);
+    wrap it in `FallbackRateLimiter` to keep answering when Redis is away. Keys
+    arrive anonymized from the caller and are never logged. The buckets of one call
+    must share a Redis Cluster slot: the caller puts the tenant in a `{hash tag}`.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, max_batch: int = 64) -> None:
+        self._redis = redis
         self._script = redis.register_script(_BUCKET_SCRIPT)
+        self._max_batch = max_batch
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[int]]] = []
+        self._busy = False  # a round trip is in flight (or the queue is being drained)
+        self._task: asyncio.Task[None] | None = None
+        self.round_trips = 0
 
     async def hit(self, buckets: Sequence[Bucket]) -> float | None:
         """Take a token from every bucket, or answer how long until all have one."""
@@ -122,12 +133,71 @@ class RedisRateLimiter:
 
     async def take(self, buckets: Sequence[Bucket], now_ms: int | None = None) -> float | None:
         """`hit` with the clock optionally pinned (milliseconds), for tests."""
-        wait_ms = await self._script(
-            keys=[RATE_KEY_PREFIX + key for key, _ in buckets],
-            args=["" if now_ms is None else now_ms, RATE_KEY_TTL_MS]
-            + [per_minute for _, per_minute in buckets],
-        )
+        keys = [RATE_KEY_PREFIX + key for key, _ in buckets]
+        args: list[Any] = ["" if now_ms is None else now_ms, RATE_KEY_TTL_MS]
+        args += [per_minute for _, per_minute in buckets]
+        if self._busy:
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._queue.append((keys, args, fut))
+            wait_ms = await fut
+        else:
+            self._busy = True
+            try:
+                self.round_trips += 1
+                wait_ms = await self._script(keys=keys, args=args)
+            finally:
+                if self._queue:
+                    self._task = asyncio.create_task(self._drain())
+                else:
+                    self._busy = False
         return None if int(wait_ms) == 0 else int(wait_ms) / 1000.0
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._send(batch)
+        except BaseException:
+            for _, _, fut in self._queue:
+                if not fut.done():
+                    fut.set_exception(ConnectionError("rate limit call interrupted"))
+            self._queue.clear()
+            raise
+        finally:
+            self._busy = False
+            self._task = None
+
+    async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[int]]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        self.round_trips += 1
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # every caller of the batch gets the error
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        except BaseException:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(ConnectionError("rate limit call interrupted"))
+            raise
+        for (keys, args, fut), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):
+                # the server lost its script cache (a restart): the script call reloads it
+                try:
+                    result = await self._script(keys=keys, args=args)
+                except Exception as exc:
+                    result = exc
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
 
 
 class FallbackRateLimiter:

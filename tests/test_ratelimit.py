@@ -130,6 +130,33 @@ async def test_redis_buckets_all_or_none_in_one_call(redis: Redis) -> None:
         assert 0 < await redis.pttl(RATE_KEY_PREFIX + key) <= 61_000
 
 
+async def test_concurrent_redis_calls_share_round_trips(redis: Redis) -> None:
+    rl = RedisRateLimiter(redis)
+    key = f"{{test-{uuid.uuid4()}}}:s"
+    results = await asyncio.gather(*(rl.hit([(key, 20)]) for _ in range(60)))
+    assert results.count(None) == 20  # exact, as if one at a time
+    assert all(0 < r <= 3.0 for r in results if r is not None)
+    # the first call went alone, the other 59 queued behind it and went as pipelines
+    assert 2 <= rl.round_trips <= 3, rl.round_trips
+    assert await rl.hit([(key, 20)]) is not None and rl.round_trips <= 4
+
+
+async def test_a_lost_script_cache_is_reloaded_inside_a_batch(redis: Redis) -> None:
+    rl = RedisRateLimiter(redis)
+    key = f"{{test-{uuid.uuid4()}}}:s"
+    assert await rl.hit([(key, 5)]) is None
+    await redis.script_flush()  # as after a Redis restart
+    # as if a call were in flight: the next six queue, and go out as one pipeline
+    rl._busy = True
+    calls = asyncio.gather(*(rl.hit([(key, 5)]) for _ in range(6)))
+    await asyncio.sleep(0)
+    assert len(rl._queue) == 6
+    await rl._drain()
+    results = await calls
+    assert results.count(None) == 4 and not rl._busy
+    assert await redis.script_exists(rl._script.sha) == [True]
+
+
 async def test_redis_bucket_exact(redis: Redis) -> None:
     rl = RedisRateLimiter(redis)
     key = f"test:{uuid.uuid4()}"
