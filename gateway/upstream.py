@@ -295,7 +295,11 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not called")
         cfg = config or self.config
         body = orjson.dumps(
-            {"model": model or cfg.model, "messages": [dict(m) for m in messages], "stream": True}
+            {
+                "model": model or cfg.model,
+                "messages": [m if isinstance(m, dict) else dict(m) for m in messages],
+                "stream": True,
+            }
         )
         session = self._session
         return ChatStream(lambda cs: self._with_retries(cs, session, cfg, body))

@@ -242,7 +242,8 @@ class ReplyRestorer:
         self._mapping = mapping
         # Every proper prefix ("<", "<E", ... "<EMAIL_1") of an issued placeholder: a chunk
         # ending in one of these may still become a placeholder, so it is held back.
-        self._prefixes = frozenset(p[:i] for p in mapping.placeholders() for i in range(1, len(p)))
+        # Built on the first "<" only: most replies never contain one.
+        self._prefixes: frozenset[str] | None = None
         self._pending = ""
 
     def feed(self, chunk: str) -> str:
@@ -252,10 +253,16 @@ class ReplyRestorer:
         # A placeholder has exactly one "<", at its start, so only the tail after the last
         # "<" can be an unfinished one; it is at most (longest placeholder - 1) chars.
         cut = buffer.rfind("<")
-        if cut >= 0 and buffer[cut:] in self._prefixes:
+        if cut >= 0 and buffer[cut:] in self._held_prefixes():
             self._pending = buffer[cut:]
             buffer = buffer[:cut]
         return restore_text(buffer, self._mapping)
+
+    def _held_prefixes(self) -> frozenset[str]:
+        if self._prefixes is None:
+            issued = self._mapping.placeholders()
+            self._prefixes = frozenset(p[:i] for p in issued for i in range(1, len(p)))
+        return self._prefixes
 
     def flush(self) -> str:
         """Return whatever was held back; call once when the reply ends."""
