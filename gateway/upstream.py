@@ -77,49 +77,54 @@ class UpstreamError(Exception):
 
 
 class SSEParser:
-    """Incremental Server-Sent Events parser returning each event's data payload."""
+    """Incremental Server-Sent Events parser returning each event's data payload.
+
+    Works on bytes: the payloads go to orjson as they are, without a str in between.
+    """
 
     def __init__(self, max_line: int = _MAX_LINE) -> None:
         self._buf = b""
-        self._data: list[str] = []
+        self._data: list[bytes] = []
         self._max_line = max_line
 
-    def feed(self, chunk: bytes) -> list[str]:
+    def feed(self, chunk: bytes) -> list[bytes]:
         """Consume bytes from the wire; return the data of events completed by them."""
         buf = self._buf + chunk
         # A trailing CR may be the first half of a CRLF split across TCP reads.
         hold = buf.endswith(b"\r")
         if hold:
             buf = buf[:-1]
-        lines = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = buf.split(b"\n")
         self._buf = lines.pop() + (b"\r" if hold else b"")
         if len(self._buf) > self._max_line:
             raise ValueError("SSE line too long")
-        out: list[str] = []
+        out: list[bytes] = []
         for line in lines:
-            self._line(line.decode("utf-8", "replace"), out)
+            self._line(line, out)
         return out
 
-    def flush(self) -> list[str]:
+    def flush(self) -> list[bytes]:
         """At end of stream, return any event left without its terminating blank line."""
-        out: list[str] = []
+        out: list[bytes] = []
         if self._buf.strip(b"\r"):
-            self._line(self._buf.rstrip(b"\r").decode("utf-8", "replace"), out)
+            self._line(self._buf.rstrip(b"\r"), out)
         self._buf = b""
-        self._line("", out)
+        self._line(b"", out)
         return out
 
-    def _line(self, line: str, out: list[str]) -> None:
+    def _line(self, line: bytes, out: list[bytes]) -> None:
         if not line:
             if self._data:
-                out.append("\n".join(self._data))
+                out.append(b"\n".join(self._data))
                 self._data = []
             return
-        if line.startswith(":"):  # comment, e.g. ": keep-alive"
+        if line.startswith(b":"):  # comment, e.g. ": keep-alive"
             return
-        name, _, value = line.partition(":")
-        if name == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            self._data.append(value[1:] if value.startswith(b" ") else value)
         # event:, id:, retry: carry nothing the Chat Completions stream needs.
 
 
@@ -450,18 +455,22 @@ def _check_valid(valid: bool, cs: ChatStream) -> None:
         raise UpstreamError("upstream_unavailable", "malformed", "upstream sent no valid chunk")
 
 
-def _decode(payload: str, cs: ChatStream) -> list[Any]:
+def _decode(payload: bytes, cs: ChatStream) -> list[Any]:
     """Parse one event's data; a bad line is counted and skipped, never fatal here."""
-    if payload == "[DONE]":
+    if payload == b"[DONE]":
         return ["[DONE]"]
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        if "\n" not in payload:
-            cs.malformed_lines += 1
-            return []
-        # Some servers omit the blank line between events; read each data line alone.
-        return [o for line in payload.split("\n") for o in _decode(line, cs)]
+        try:
+            # SSE is decoded as UTF-8 with replacement: a stray invalid byte spoils no chunk
+            obj = orjson.loads(payload.decode("utf-8", "replace"))
+        except orjson.JSONDecodeError:
+            if b"\n" not in payload:
+                cs.malformed_lines += 1
+                return []
+            # Some servers omit the blank line between events; read each data line alone.
+            return [o for line in payload.split(b"\n") for o in _decode(line, cs)]
     if not isinstance(obj, dict) or not isinstance(obj.get("choices", []), list):
         cs.malformed_lines += 1
         return []

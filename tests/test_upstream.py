@@ -402,22 +402,34 @@ async def test_offline_model_echoes_last_user_message_word_by_word() -> None:
 @pytest.mark.parametrize(
     ("chunks", "events"),
     [
-        ([b"data: a\n\n"], ["a"]),
-        ([b"data:a\r\n\r\n"], ["a"]),
-        ([b"data: a\r", b"\n\r\n"], ["a"]),
-        ([bytes([c]) for c in b"data: {\"x\": 1}\n\ndata: [DONE]\n\n"], ['{"x": 1}', "[DONE]"]),
-        ([b": keep-alive\n\n\n\ndata: b\n\n"], ["b"]),
-        ([b"event: message\nid: 7\ndata: one\ndata: two\n\n"], ["one\ntwo"]),
-        ([b"data: tail-without-blank-line"], ["tail-without-blank-line"]),
-        ([b"data: caf\xc3", b"\xa9\n\n"], ["caf\u00e9"]),
+        ([b"data: a\n\n"], [b"a"]),
+        ([b"data:a\r\n\r\n"], [b"a"]),
+        ([b"data: a\r", b"\n\r\n"], [b"a"]),
+        ([bytes([c]) for c in b"data: {\"x\": 1}\n\ndata: [DONE]\n\n"], [b'{"x": 1}', b"[DONE]"]),
+        ([b": keep-alive\n\n\n\ndata: b\n\n"], [b"b"]),
+        ([b"event: message\nid: 7\ndata: one\ndata: two\n\n"], [b"one\ntwo"]),
+        ([b"data: tail-without-blank-line"], [b"tail-without-blank-line"]),
+        ([b"data: caf\xc3", b"\xa9\n\n"], ["caf\u00e9".encode()]),
+        ([b"data: a\rdata: b\r\r"], [b"a\nb"]),
     ],
     ids=["plain", "crlf-nospace", "crlf-split", "byte-by-byte", "comments", "multiline", "eof",
-         "utf8-split"],
+         "utf8-split", "cr-only"],
 )  # fmt: skip
-def test_sse_parser(chunks: list[bytes], events: list[str]) -> None:
+def test_sse_parser(chunks: list[bytes], events: list[bytes]) -> None:
     parser = SSEParser()
     got = [e for chunk in chunks for e in parser.feed(chunk)]
     assert got + parser.flush() == events
+
+
+async def test_invalid_utf8_in_a_chunk_is_replaced_not_dropped(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    latin1 = b'data: {"choices":[{"index":0,"delta":{"content":"caf\xe9 "}}]}'
+    upstream[0].queue("malformed", every=4, lines=[latin1])
+    stream = client.stream_chat(MESSAGES)
+    text = "".join(await collect(stream))
+    assert text.startswith("caf\ufffd Hello ") and text.endswith("Kenobi")
+    assert stream.malformed_lines == 0
 
 
 def test_sse_parser_refuses_endless_lines() -> None:
