@@ -155,17 +155,15 @@ async def create_subject(
     subject_id = uuid4()
     dek = new_data_key()
     kek_id, wrapped = keyring.wrap(tenant_id, subject_id, dek)
+    # one round trip: the key row's foreign key is checked at the end of the statement
     await conn.execute(
-        "INSERT INTO subjects (tenant_id, subject_id, external_ref) VALUES ($1, $2, $3)",
+        "WITH subject AS ("
+        " INSERT INTO subjects (tenant_id, subject_id, external_ref) VALUES ($1, $2, $3))"
+        " INSERT INTO subject_keys (tenant_id, subject_id, kek_id, wrapped_key)"
+        " VALUES ($1, $2, $4, $5)",
         tenant_id,
         subject_id,
         external_ref,
-    )
-    await conn.execute(
-        "INSERT INTO subject_keys (tenant_id, subject_id, kek_id, wrapped_key)"
-        " VALUES ($1, $2, $3, $4)",
-        tenant_id,
-        subject_id,
         kek_id,
         wrapped,
     )
@@ -196,14 +194,12 @@ async def create_session(
 ) -> SessionRow:
     """A new session with its own new conversation."""
     session_id, conversation_id = uuid4(), uuid4()
-    await conn.execute(
-        "INSERT INTO conversations (tenant_id, conversation_id, subject_id) VALUES ($1, $2, $3)",
-        tenant_id,
-        conversation_id,
-        subject_id,
-    )
+    # one round trip: the session's foreign key to its conversation is checked at the end
     await conn.execute(
         """
+        WITH conversation AS (
+            INSERT INTO conversations (tenant_id, conversation_id, subject_id)
+            VALUES ($1, $4, $3))
         INSERT INTO sessions (tenant_id, session_id, subject_id, conversation_id, token_hash,
                               ip_anon, dnt, gpc, expires_at)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(days => $9))

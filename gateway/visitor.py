@@ -148,6 +148,7 @@ async def open_session(
             if row is not None:
                 token = candidate
                 break
+        new_subject = False
         if row is not None:
             await store.touch_session(
                 conn, tenant_id, row.session_id, ctx.ip_anon, signals.dnt, signals.gpc, days
@@ -157,8 +158,9 @@ async def open_session(
             # a verified site user id links to its existing subject; anything else is a new one
             ref = await identity.verified_ref(conn, svc.keyring, tenant_id, hello.get("user"))
             subject_id, dek = await identity.subject_for_ref(conn, svc.keyring, tenant_id, ref)
-            if dek is not None:
+            if dek is not None:  # made just now
                 svc.vault.remember(tenant_id, subject_id, dek)
+                new_subject = True
             row = await store.create_session(
                 conn,
                 tenant_id,
@@ -169,7 +171,8 @@ async def open_session(
                 signals.gpc,
                 days,
             )
-        rows = await store.consent_rows(conn, tenant_id, row.subject_id)
+        # a subject made in this transaction has no decisions yet: no query for them
+        rows = [] if new_subject else await store.consent_rows(conn, tenant_id, row.subject_id)
         v = Visitor(
             tenant_id,
             row.session_id,

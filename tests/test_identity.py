@@ -90,6 +90,27 @@ async def test_verified_user_shares_one_subject_across_sockets(
     assert secret not in str(log)
 
 
+async def test_a_new_session_of_a_known_user_keeps_the_users_consent(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
+    user = {"id": "customer-7", "hash": identity.user_hash(body["identity_secret"], "customer-7")}
+    ws1 = await offline_gateway.ws(tenant.site_key)
+    first = await hello(ws1, user=user, consent={"ai_processing": True, "analytics": True})
+    assert sorted(first["policy"]["granted"]) == ["ai_processing", "analytics"]
+    await ws1.close()
+    # a new session, no consent in hello: the subject's earlier decisions still hold
+    ws2 = await offline_gateway.ws(tenant.site_key)
+    second = await hello(ws2, user=user)
+    assert second["conversation_id"] != first["conversation_id"]
+    assert sorted(second["policy"]["granted"]) == ["ai_processing", "analytics"]
+    await ws2.close()
+    # an anonymous visitor starts with nothing granted
+    ws3 = await offline_gateway.ws(tenant.site_key)
+    assert (await hello(ws3))["policy"]["granted"] == []
+    await ws3.close()
+
+
 async def test_user_without_a_secret_is_ignored(
     offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
 ) -> None:
