@@ -389,15 +389,24 @@ async def record_consents(
     consent_version: int,
     source: str,
 ) -> None:
-    """Append consent decisions; rows are never updated."""
-    await conn.executemany(
+    """Append consent decisions, in the order given; rows are never updated."""
+    if not changes:
+        return
+    # one statement for every purpose; WITH ORDINALITY keeps the given order of ids
+    await conn.execute(
         """
         INSERT INTO consents (tenant_id, subject_id, session_id, purpose, granted,
                               policy_version, consent_version, source)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        SELECT $1, $2, $3, c.purpose, c.granted, $6, $7, $8
+        FROM unnest($4::text[], $5::bool[]) WITH ORDINALITY AS c(purpose, granted, n)
+        ORDER BY c.n
         """,
-        [
-            (tenant_id, subject_id, session_id, p, g, policy_version, consent_version, source)
-            for p, g in changes
-        ],
+        tenant_id,
+        subject_id,
+        session_id,
+        [p for p, _ in changes],
+        [g for _, g in changes],
+        policy_version,
+        consent_version,
+        source,
     )
