@@ -141,7 +141,9 @@ PRIVACY_REQUEST_KINDS = frozenset(
     }
 )
 #: ``omnigate_privacy_requests_total{status}``: lifecycle transitions.
-PRIVACY_REQUEST_STATUSES = frozenset({"received", "acknowledged", "completed", "rejected"})
+PRIVACY_REQUEST_STATUSES = frozenset(
+    {"received", "acknowledged", "completed", "rejected", "failed"}
+)
 
 #: ``omnigate_retention_purged_total{kind}``: what a retention pass removed or anonymized.
 RETENTION_KINDS = frozenset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -16,6 +17,8 @@ from gateway.httpctx import clear_session_cookie, privacy_preflight
 from gateway.privacy_auth import error, json_body, require_visitor
 from gateway.visitor import consent_state
 from policies import PURPOSES, UnknownPurpose, apply_consent_change
+
+log = logging.getLogger("omnigate.privacy")
 
 # Date of the last change to the GPC support statement below (RFC draft: lastUpdate).
 GPC_LAST_UPDATE = "2025-01-01"
@@ -139,7 +142,16 @@ async def export_get(request: web.Request) -> web.StreamResponse:
         except CryptoError:
             error(401, "session_invalid", "the session is not valid")
         await response.prepare(request)
-        await export.write_export(svc, conn, cp, who.tenant_id, who.subject_id, response.write)
+        try:
+            await export.write_export(svc, conn, cp, who.tenant_id, who.subject_id, response.write)
+        except Exception as exc:
+            # The 200 is already sent: only cutting the connection before the body's end
+            # tells the client the document is incomplete (it would wait otherwise).
+            metrics.count_privacy_request("export", "failed")
+            log.warning("export failed mid-stream", extra={"kind": type(exc).__name__})
+            if request.transport is not None:
+                request.transport.close()
+            return response
     await response.write_eof()
     metrics.count_privacy_request("export", "completed")
     return response

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
 from uuid import uuid4
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
 
+from gateway import export, metrics
 from gateway.appkeys import SERVICES
 from gateway.erasure import SubjectNotFound, erase_subject, subject_ref
 from gateway.provision import NewTenant
@@ -34,6 +38,52 @@ async def test_export_with_an_unreadable_message_is_valid_json(
         ("user", None, True),
         ("assistant", "hello there", False),
     ]
+    await ws.close()
+
+
+async def test_export_failing_mid_stream_cuts_the_connection(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    for i in range(3):
+        assert (await chat(ws, f"m{i}", "a secret plan"))[-1]["type"] == "done"
+    real, calls = export._dump, 0
+
+    def failing(value: Any) -> bytes:  # the database going away after a few rows
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise OSError("connection lost")
+        return real(value)
+
+    monkeypatch.setattr(export, "_dump", failing)
+    before = metrics.PRIVACY_REQUESTS.labels(kind="export", status="failed")._value.get()
+    t0 = time.monotonic()
+    # the 200 was sent: the client must see a cut body at once, not wait for more
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with g.session.get(
+            g.url("/api/privacy/export"),
+            headers={"Authorization": f"Session {w['session_token']}"},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as r:
+            assert r.status == 200
+            await r.read()
+    assert time.monotonic() - t0 < 5
+    after = metrics.PRIVACY_REQUESTS.labels(kind="export", status="failed")._value.get()
+    assert after == before + 1
+    assert "export failed mid-stream" in caplog.text and "secret plan" not in caplog.text
+    # the gateway keeps serving, and the export works again
+    monkeypatch.setattr(export, "_dump", real)
+    async with g.session.get(
+        g.url("/api/privacy/export"), headers={"Authorization": f"Session {w['session_token']}"}
+    ) as r:
+        assert r.status == 200
+        assert len(orjson.loads(await r.read())["conversations"][0]["messages"]) == 6
     await ws.close()
 
 
