@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from gateway import audit, identity
+from gateway import audit, identity, netguard
 from gateway.admin import Admin, ApiError, admin_route, announce, json_response, read_json
 from gateway.db import tenant_tx
 
@@ -26,15 +26,10 @@ from gateway.db import tenant_tx
 # host: an IP literal must be globally routable, "localhost" is refused, and a
 # name must not resolve (within RESOLVE_TIMEOUT) to any non-global address. A
 # name that does not resolve is accepted (the request fails later, reaching
-# nothing). The check is made when the URL is set; a name re-pointed afterwards
-# (DNS rebinding) is not caught here.
-#
-# ALLOW_HTTP is a development and test switch, never for production: it accepts
-# plain http AND turns the private-address check off, so that the tests' fake
-# upstream on http://127.0.0.1 can be used.
-ALLOW_HTTP = False
+# nothing). A name re-pointed afterwards (DNS rebinding) is caught when the
+# gateway connects: see gateway/netguard.py, which also holds the ALLOW_HTTP
+# development/test switch.
 RESOLVE_TIMEOUT = 2.0
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _MODEL_RE = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
 
 
@@ -54,7 +49,7 @@ def _upstream_body(body: dict[str, Any]) -> dict[str, str | None]:
     if not isinstance(url, str) or len(url) > 500:
         raise _invalid("base_url", "must be an https URL")
     parts = urlsplit(url)
-    schemes = ("https", "http") if ALLOW_HTTP else ("https",)
+    schemes = ("https", "http") if netguard.ALLOW_HTTP else ("https",)
     if parts.scheme not in schemes or not parts.hostname or parts.username or parts.query:
         raise _invalid("base_url", "must be an https URL without credentials or query")
     if model is not None and (not isinstance(model, str) or not _MODEL_RE.fullmatch(model)):
@@ -62,21 +57,10 @@ def _upstream_body(body: dict[str, Any]) -> dict[str, str | None]:
     return {"api_key": key, "base_url": url.rstrip("/"), "model": model}
 
 
-def _is_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Globally routable, including the IPv4 address inside a mapped, 6to4 or NAT64 one."""
-    if isinstance(addr, ipaddress.IPv6Address):
-        inner = addr.ipv4_mapped or addr.sixtofour
-        if inner is None and addr in _NAT64:
-            inner = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
-        if inner is not None and not inner.is_global:
-            return False
-    return addr.is_global
-
-
 async def _check_public_host(host: str) -> None:
     """Refuse a base_url host that is, or resolves to, a loopback/private/link-local address."""
-    if ALLOW_HTTP:
-        return  # the development/test switch: see ALLOW_HTTP
+    if netguard.ALLOW_HTTP:
+        return  # the development/test switch: see gateway/netguard.py
     message = "must be an https URL to a public host (not a private or loopback address)"
     name = host.rstrip(".").lower()
     if name == "localhost" or name.endswith(".localhost"):
@@ -86,7 +70,7 @@ async def _check_public_host(host: str) -> None:
     except ValueError:
         literal = None
     if literal is not None:
-        if not _is_public(literal):
+        if not netguard.is_public(literal):
             raise _invalid("base_url", message)
         return
     loop = asyncio.get_running_loop()
@@ -97,11 +81,7 @@ async def _check_public_host(host: str) -> None:
     except (OSError, TimeoutError, UnicodeError):
         return  # does not resolve (now): nothing private to reach
     for info in infos:
-        try:
-            addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        except ValueError:
-            continue
-        if not _is_public(addr):
+        if not netguard.public_text(str(info[4][0])):
             raise _invalid("base_url", message)
 
 

@@ -92,6 +92,7 @@ class Services:
                 first_token_timeout=s.first_token_timeout,
                 idle_timeout=s.idle_timeout,
                 retries=s.upstream_retries,
+                public_only=True,  # chosen by the tenant: never a private address
             )
         if len(self.byo) > 10_000:
             self.byo.clear()

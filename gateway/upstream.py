@@ -23,6 +23,8 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import orjson
 
+from gateway import netguard
+
 log = logging.getLogger(__name__)
 
 ErrorCode = Literal["upstream_unavailable", "upstream_timeout", "upstream_rejected"]
@@ -55,6 +57,8 @@ class UpstreamConfig:
     retries: int = 2
     backoff_base: float = 0.25
     max_retry_after: float = 10
+    # a tenant-supplied upstream: connect only to the public addresses its name resolves to
+    public_only: bool = False
 
 
 class UpstreamError(Exception):
@@ -262,24 +266,29 @@ class UpstreamClient:
         self.config = config
         self._pool_limit = pool_limit
         self._session: aiohttp.ClientSession | None = None
+        # for `public_only` configs: made on first use, its resolver refuses private addresses
+        self._guarded: aiohttp.ClientSession | None = None
+
+    def _new_session(self, **connector: Any) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self._pool_limit, keepalive_timeout=30, ttl_dns_cache=300, **connector
+            ),
+            timeout=aiohttp.ClientTimeout(total=None),  # our own deadlines apply per read
+            raise_for_status=False,
+        )
 
     async def start(self) -> None:
         """Open the pooled HTTP session."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._pool_limit, keepalive_timeout=30, ttl_dns_cache=300
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None),  # our own deadlines apply per read
-                raise_for_status=False,
-            )
+            self._session = self._new_session()
 
     async def close(self) -> None:
-        """Close the session and every pooled connection."""
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        """Close the sessions and every pooled connection."""
+        for session in (self._session, self._guarded):
+            if session is not None:
+                await session.close()
+        self._session = self._guarded = None
 
     async def __aenter__(self) -> UpstreamClient:
         await self.start()
@@ -307,6 +316,10 @@ class UpstreamClient:
             }
         )
         session = self._session
+        if cfg.public_only and not netguard.ALLOW_HTTP:
+            if self._guarded is None:
+                self._guarded = self._new_session(resolver=netguard.PublicOnlyResolver())
+            session = self._guarded
         return ChatStream(lambda cs: self._with_retries(cs, session, cfg, body))
 
     async def _with_retries(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 
-from gateway import admin_tenant
+from gateway import netguard
 from gateway.admin_data import decode_cursor, encode_cursor
 from gateway.config import Settings
 from gateway.fake_upstream import FakeUpstream
@@ -154,7 +156,7 @@ async def test_audit_pages_back(offline_gateway: Gateway, tenant: NewTenant) -> 
 @pytest.fixture
 def allow_http(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake upstream is plain http on loopback."""
-    monkeypatch.setattr(admin_tenant, "ALLOW_HTTP", True)
+    monkeypatch.setattr(netguard, "ALLOW_HTTP", True)
 
 
 async def _byo_flow(
@@ -233,6 +235,86 @@ async def test_byo_upstream_beside_the_gateway_default(
     assert req["body"]["model"] == "gpt-4o-mini"  # the gateway default with B's policy model
     await ws.close()
     await _byo_flow(gateway, app_pool, upstream, url, online=True)
+
+
+async def _rebound_name_reaches_nothing(
+    gw: Gateway,
+    app_pool: asyncpg.Pool,
+    fake: FakeUpstream,
+    url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # set while private addresses were allowed; the name now leads to loopback, as a
+    # public name re-pointed after the check would (DNS rebinding)
+    named = url.replace("127.0.0.1", "localhost")
+    a = await create_tenant(app_pool, f"a-{uuid.uuid4().hex[:8]}", [ORIGIN])
+    body = {"api_key": "sk-tenant-" + uuid.uuid4().hex, "base_url": named}
+    status, _ = await call(gw, "PUT", "/api/admin/upstream", a.admin_key, body)
+    assert status == 200
+    ws = await gw.ws(a.site_key)
+    await hello(ws)
+    assert reply_text(await chat(ws, "1", "while allowed")) == "while allowed"
+    monkeypatch.setattr(netguard, "ALLOW_HTTP", False)  # production from here on
+    fake.requests.clear()
+    frames = await chat(ws, "2", "after the rebinding")
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "upstream_unavailable"
+    assert fake.requests == []  # no connection reached the private address
+    assert "tenant upstream refused: its name resolves to no public address" in caplog.text
+    assert body["api_key"] not in caplog.text
+    await ws.close()
+
+
+async def test_byo_name_rebound_to_a_private_address_on_an_offline_gateway(
+    settings: Settings,
+    app_pool: asyncpg.Pool,
+    fake: tuple[FakeUpstream, str],
+    allow_http: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async for gw in start_gateway(settings):
+        await _rebound_name_reaches_nothing(gw, app_pool, *fake, monkeypatch, caplog)
+
+
+async def test_byo_name_rebound_to_a_private_address_beside_the_default(
+    gateway: Gateway,
+    app_pool: asyncpg.Pool,
+    fake: tuple[FakeUpstream, str],
+    allow_http: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await _rebound_name_reaches_nothing(gateway, app_pool, *fake, monkeypatch, caplog)
+    # the gateway's own upstream (set by its operator, here on loopback) is not guarded
+    b = await create_tenant(app_pool, f"b-{uuid.uuid4().hex[:8]}", [ORIGIN])
+    ws = await gateway.ws(b.site_key)
+    await hello(ws)
+    assert reply_text(await chat(ws, "1", "operator upstream")) == "operator upstream"
+    await ws.close()
+
+
+async def test_public_only_resolver_keeps_public_addresses() -> None:
+    class Fixed(AbstractResolver):
+        def __init__(self, *hosts: str) -> None:
+            self.hosts = hosts
+
+        async def resolve(
+            self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+        ) -> list[ResolveResult]:
+            return [
+                ResolveResult(hostname=host, host=h, port=port, family=family, proto=0, flags=0)
+                for h in self.hosts
+            ]
+
+        async def close(self) -> None:
+            pass
+
+    mixed = netguard.PublicOnlyResolver(Fixed("10.0.0.7", "93.184.216.34", "::ffff:127.0.0.1"))
+    assert [r["host"] for r in await mixed.resolve("api.example", 443)] == ["93.184.216.34"]
+    for private in ("127.0.0.1", "169.254.169.254", "fd00::1", "64:ff9b::a00:1", "::1"):
+        with pytest.raises(OSError):
+            await netguard.PublicOnlyResolver(Fixed(private)).resolve("api.example", 443)
 
 
 @pytest.mark.parametrize(
