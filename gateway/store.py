@@ -322,11 +322,15 @@ async def unanswered_user_seqs(
     conn: asyncpg.Connection, tenant_id: UUID, conversation_id: UUID
 ) -> list[int]:
     """Seqs of the user messages of a conversation with no assistant row at all (oldest first)."""
+    # A set difference: linear in the conversation's length whatever the planner's
+    # statistics say (a NOT EXISTS anti-join was planned as a nested loop comparing
+    # every user row with every reply: quadratic, and resumes run on every SSE message).
     rows = await conn.fetch(
-        "SELECT u.seq FROM messages u WHERE u.tenant_id = $1 AND u.conversation_id = $2 "
-        "AND u.role = 'user' AND NOT EXISTS (SELECT 1 FROM messages a "
-        "WHERE a.tenant_id = u.tenant_id AND a.conversation_id = u.conversation_id "
-        "AND a.role = 'assistant' AND a.reply_to = u.seq) ORDER BY u.seq",
+        "SELECT seq FROM messages WHERE tenant_id = $1 AND conversation_id = $2"
+        " AND role = 'user'"
+        " EXCEPT SELECT reply_to FROM messages WHERE tenant_id = $1 AND conversation_id = $2"
+        " AND role = 'assistant' AND reply_to IS NOT NULL"
+        " ORDER BY seq",
         tenant_id,
         conversation_id,
     )

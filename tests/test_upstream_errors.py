@@ -72,3 +72,35 @@ async def test_visitor_disconnect_cancels_upstream(
     await recv_until(ws, "delta")
     await ws.close()
     await __import__("asyncio").wait_for(upstream.disconnected.wait(), 5)
+
+
+async def test_resume_marks_only_the_messages_left_without_a_reply(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True})
+    assert (await chat(ws, "a", "first"))[-1]["type"] == "done"
+    upstream.queue("error", status=400)  # not retried: "second" is left without a reply
+    assert (await chat(ws, "b", "second"))[-1]["code"] == "upstream_rejected"
+    assert (await chat(ws, "c", "third"))[-1]["type"] == "done"
+    await ws.close()
+
+    def shape(page: list[dict[str, object]]) -> list[tuple[object, ...]]:
+        return [(m["role"], m["text"], m["status"], m["reply_to"]) for m in page]
+
+    for _ in range(2):  # a second resume adds nothing
+        ws = await gateway.ws(tenant.site_key)
+        assert (await hello(ws, session_token=w["session_token"]))["resumed"] is True
+        await ws.send_json({"type": "history"})
+        page = (await recv_until(ws, "history"))[-1]["messages"]
+        seq = {m["text"]: m["seq"] for m in page if m["role"] == "user"}
+        assert shape(page) == [
+            ("user", "first", "complete", None),
+            ("assistant", "first", "complete", seq["first"]),
+            ("user", "second", "complete", None),
+            ("user", "third", "complete", None),
+            ("assistant", "third", "complete", seq["third"]),
+            ("assistant", "", "interrupted", seq["second"]),
+        ]
+        await ws.close()
