@@ -120,28 +120,51 @@ async def find_session(
     )
 
 
-async def touch_session(
+async def resume_session(
     conn: asyncpg.Connection,
     tenant_id: UUID,
-    session_id: UUID,
+    token_hash: bytes,
     ip_anon: str | None,
     dnt: bool,
     gpc: bool,
     session_days: int,
-) -> None:
-    """Record the latest anonymized IP and signals, and slide the expiry."""
-    await conn.execute(
+) -> SessionRow | None:
+    """A live session by token hash, touched: latest anonymized IP and signals, expiry slid.
+
+    One round trip. The touch is written only when something changed or the last one
+    is over a minute old, so a resume within a minute (the SSE fallback resumes on
+    every message) writes nothing and its transaction commits without a WAL flush.
+    """
+    row = await conn.fetchrow(
         """
-        UPDATE sessions SET last_seen_at = now(), ip_anon = $3, dnt = $4, gpc = $5,
-               expires_at = now() + make_interval(days => $6)
-        WHERE tenant_id = $1 AND session_id = $2
+        WITH found AS (
+            SELECT s.session_id, s.subject_id, s.conversation_id, sub.restricted,
+                   (s.last_seen_at < now() - interval '1 minute'
+                    OR s.ip_anon IS DISTINCT FROM $3::text
+                    OR s.dnt IS DISTINCT FROM $4::bool
+                    OR s.gpc IS DISTINCT FROM $5::bool) AS stale
+            FROM sessions s JOIN subjects sub USING (tenant_id, subject_id)
+            WHERE s.tenant_id = $1 AND s.token_hash = $2 AND s.expires_at > now()
+        ), touched AS (
+            UPDATE sessions SET last_seen_at = now(), ip_anon = $3, dnt = $4, gpc = $5,
+                   expires_at = now() + make_interval(days => $6)
+            FROM found
+            WHERE sessions.tenant_id = $1 AND sessions.session_id = found.session_id
+              AND found.stale
+        )
+        SELECT session_id, subject_id, conversation_id, restricted FROM found
         """,
         tenant_id,
-        session_id,
+        token_hash,
         ip_anon,
         dnt,
         gpc,
         session_days,
+    )
+    if row is None:
+        return None
+    return SessionRow(
+        row["session_id"], row["subject_id"], row["conversation_id"], True, row["restricted"]
     )
 
 

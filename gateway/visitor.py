@@ -144,16 +144,14 @@ async def open_session(
         row = None
         token = ""
         for candidate in candidates:
-            row = await store.find_session(conn, tenant_id, token_hash(candidate))
+            row = await store.resume_session(
+                conn, tenant_id, token_hash(candidate), ctx.ip_anon, signals.dnt, signals.gpc, days
+            )
             if row is not None:
                 token = candidate
                 break
         new_subject = False
-        if row is not None:
-            await store.touch_session(
-                conn, tenant_id, row.session_id, ctx.ip_anon, signals.dnt, signals.gpc, days
-            )
-        else:
+        if row is None:
             token = ctx.new_token or new_token()
             # a verified site user id links to its existing subject; anything else is a new one
             ref = await identity.verified_ref(conn, svc.keyring, tenant_id, hello.get("user"))

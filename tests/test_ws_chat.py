@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import asyncpg
 
 from gateway.fake_upstream import FakeUpstream
@@ -50,6 +52,46 @@ async def test_resume_with_token_keeps_conversation(
     texts = [(m["role"], m["text"]) for m in page[-1]["messages"]]
     assert texts == [("user", "first message"), ("assistant", "first message")]
     await ws2.close()
+
+
+async def test_a_resume_writes_the_session_only_when_something_changed(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    async def seen(cid: str) -> asyncpg.Record:
+        row = await owner_pool.fetchrow(
+            "SELECT last_seen_at, expires_at, gpc, xmin::text::bigint AS version"
+            " FROM sessions WHERE conversation_id = $1::uuid",
+            cid,
+        )
+        assert row is not None
+        return row
+
+    async def resume(token: str, **fields: object) -> None:
+        ws = await offline_gateway.ws(tenant.site_key)
+        assert (await hello(ws, session_token=token, **fields))["resumed"] is True
+        await ws.close()
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    first = await hello(ws)
+    await ws.close()
+    token, cid = first["session_token"], first["conversation_id"]
+    created = await seen(cid)
+    await resume(token)  # within the minute, nothing changed: no write at all
+    assert await seen(cid) == created
+    await resume(token, signals={"gpc": True})  # a changed signal is written at once
+    after_gpc = await seen(cid)
+    assert after_gpc["gpc"] is True and after_gpc["version"] != created["version"]
+    assert after_gpc["expires_at"] >= created["expires_at"]
+    # a touch over a minute old is refreshed: last seen now, expiry slid again
+    await owner_pool.execute(
+        "UPDATE sessions SET last_seen_at = now() - interval '2 minutes'"
+        " WHERE conversation_id = $1::uuid",
+        cid,
+    )
+    await resume(token, signals={"gpc": True})
+    refreshed = await seen(cid)
+    assert refreshed["last_seen_at"] > after_gpc["last_seen_at"] - timedelta(seconds=1)
+    assert refreshed["expires_at"] >= after_gpc["expires_at"]
 
 
 async def test_unknown_token_starts_new_session(
