@@ -150,8 +150,10 @@ class Outbox:
             await self._put(frame)
         finally:
             self.writing = False
-        if self.frames and self.task is None:
-            self.task = asyncio.create_task(self._write())
+            # what queued behind this write gets its writer, even if this sender was
+            # cancelled while it waited for the socket
+            if self.frames and self.task is None:
+                self.task = asyncio.create_task(self._write())
 
     async def _put(self, frame: dict[str, Any]) -> None:
         try:

@@ -4,6 +4,7 @@ merged, a full outbox makes the sender wait."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, cast
 
 import orjson
@@ -75,6 +76,21 @@ async def test_full_outbox_makes_the_sender_wait() -> None:
     await asyncio.wait_for(asyncio.gather(first, third), 2.0)
     await out.flush(2.0)
     assert [f["type"] for f in sock.sent] == ["ack", "done", "ack", "done"]
+
+
+async def test_frames_queued_behind_a_cancelled_sender_are_still_written() -> None:
+    sock = SlowSocket(paused=True)
+    out = Outbox(cast(web.WebSocketResponse, sock), limit=64)
+    reply = asyncio.create_task(out.send(protocol.delta("m", "a")))
+    await asyncio.sleep(0)  # the reply's sender waits inside its write
+    await out.send(protocol.ack("n", 2))  # an answer queued behind it
+    reply.cancel()  # the connection closes: its reply worker is cancelled
+    with contextlib.suppress(asyncio.CancelledError):
+        await reply
+    assert out.task is not None  # the queued frame has its own writer
+    sock.writable.set()
+    await out.flush(2.0)
+    assert protocol.ack("n", 2) in sock.sent
 
 
 async def test_a_write_to_a_gone_peer_drops_what_waits() -> None:
