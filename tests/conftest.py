@@ -32,8 +32,8 @@ from gateway.db import create_pool, migrate
 from gateway.embedded import start_embedded, with_user
 from gateway.fake_upstream import FakeUpstream, start_fake_upstream
 from gateway.provision import NewTenant, create_tenant
+from tests.support import ORIGIN, PrivateRedis, free_port
 
-ORIGIN = "http://widget.test"
 TEST_APP_ROLE = "omnigate_test_app"
 MASTER_KEY = ("test1", base64.b64decode(base64.b64encode(b"k" * 32)))
 
@@ -44,12 +44,6 @@ class Database:
 
     owner_url: str
     app_url: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +97,7 @@ def redis_url() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("no OMNIGATE_TEST_REDIS_URL and no redis-server on PATH to start")
-    port = _free_port()
+    port = free_port()
     workdir = tempfile.mkdtemp(prefix="omnigate-redis-")
     proc = subprocess.Popen(
         [
@@ -281,3 +275,21 @@ def no_tracebacks() -> Iterator[None]:
     root.removeHandler(handler)
     logged = stream.getvalue()
     assert "Traceback" not in logged, logged[-3000:]
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A running private redis-server, stopped at the end."""
+    r = PrivateRedis()
+    r.start()
+    try:
+        yield r
+    finally:
+        r.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[ClientSession]:
+    """A plain HTTP client, for gateways started as processes."""
+    async with ClientSession() as s:
+        yield s

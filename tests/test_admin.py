@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
 
 import asyncpg
 import pytest
 
 from gateway.provision import NewTenant, create_tenant
 from tests.conftest import ORIGIN, Gateway, chat, hello
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def call(
-    gw: Gateway, method: str, path: str, key: str | None, json: Any = None, **kw: Any
-) -> tuple[int, Any]:
-    headers = {**(bearer(key) if key else {}), **kw.pop("headers", {})}
-    async with gw.session.request(method, gw.url(path), json=json, headers=headers, **kw) as r:
-        return r.status, await r.json()
+from tests.support import call
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from gateway.config import Settings
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant, create_tenant
 from tests.conftest import ORIGIN, Gateway, chat, hello, reply_text, start_gateway
-from tests.test_admin import call
+from tests.support import CORRUPT_FIRST_MESSAGE, call
 
 
 async def _conversation(gw: Gateway, site_key: str, text: str) -> str:
@@ -416,14 +416,6 @@ async def test_byo_upstream_audit_logs_only_the_host(
         tenant.tenant_id,
     )
     assert len(rows) == 1 and "api.example" in rows[0]["d"] and "tok-" not in rows[0]["d"]
-
-
-CORRUPT_FIRST_MESSAGE = (
-    "UPDATE messages SET ciphertext = set_byte(ciphertext, length(ciphertext) - 1,"
-    " (get_byte(ciphertext, length(ciphertext) - 1) + 1) % 256)"
-    " WHERE conversation_id = $1::uuid AND seq = (SELECT min(seq) FROM messages"
-    " WHERE conversation_id = $1::uuid)"
-)
 
 
 async def test_transcript_with_an_unreadable_message_is_still_read_and_audited(

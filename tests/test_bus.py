@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from gateway import bus
 from gateway.bus import RedisBus
 from gateway.redisconn import connect
-from tests.test_ratelimit import PrivateRedis, private_redis  # noqa: F401 - fixture
+from tests.support import PrivateRedis
 
 Seen = list[tuple[str, dict[str, Any]]]
 
@@ -100,7 +100,7 @@ async def test_malformed_messages_are_ignored(
 
 
 async def test_reconnects_invalidates_and_resends(
-    private_redis: PrivateRedis,  # noqa: F811
+    private_redis: PrivateRedis,
 ) -> None:
     clients = [connect(private_redis.url), connect(private_redis.url)]
     a = RedisBus(clients[0], reconnect_delay=0.1)
@@ -135,7 +135,7 @@ async def test_reconnects_invalidates_and_resends(
 
 
 async def test_starts_without_redis_and_catches_up(
-    private_redis: PrivateRedis,  # noqa: F811
+    private_redis: PrivateRedis,
 ) -> None:
     private_redis.stop()
     client = connect(private_redis.url)

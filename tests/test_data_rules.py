@@ -8,6 +8,7 @@ import pytest
 from gateway.db import DatabaseError, check_app_role, create_pool, tenant_tx
 from gateway.provision import NewTenant, create_tenant
 from tests.conftest import Database, Gateway, chat, hello
+from tests.support import dump_database
 
 TENANT_TABLES = [
     "tenants",
@@ -25,16 +26,6 @@ TENANT_TABLES = [
     "analytics_daily",
     "audit_log",
 ]
-
-
-async def dump_database(owner_pool: asyncpg.Pool) -> str:
-    """Every row of every table as text: what a stolen backup would show."""
-    tables = await owner_pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-    parts = []
-    for t in tables:
-        rows = await owner_pool.fetch(f'SELECT t::text AS row FROM "{t["tablename"]}" t')
-        parts.extend(r["row"] for r in rows)
-    return "\n".join(parts)
 
 
 async def test_no_plaintext_message_at_rest(

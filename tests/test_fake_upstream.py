@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from gateway.fake_upstream import FakeUpstream, fake_upstream, merge_pieces
 from gateway.upstream import split_words
+from tests.support import free_port
 
 AUTH = {"Authorization": "Bearer sk-fake"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,13 +53,6 @@ async def sse(resp: aiohttp.ClientResponse) -> list[Any]:
             data = block[len("data: ") :]
             out.append(data if data == "[DONE]" else orjson.loads(data))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_missing_key_is_401_with_openai_error(

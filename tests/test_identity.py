@@ -10,7 +10,7 @@ import pytest
 from gateway import identity, metrics
 from gateway.provision import NewTenant
 from tests.conftest import Gateway, chat, hello
-from tests.test_admin import call
+from tests.support import call
 
 
 @pytest.mark.parametrize(

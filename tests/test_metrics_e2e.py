@@ -39,7 +39,7 @@ from tests.conftest import (
     recv_until,
     start_gateway,
 )
-from tests.test_workers import Server, open_ws, send, spread, start_server, stop_server
+from tests.support import Server, open_ws, send, spread, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 

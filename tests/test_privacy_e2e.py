@@ -15,7 +15,7 @@ from gateway.fake_upstream import FakeUpstream
 from gateway.logs import make_handler
 from gateway.provision import NewTenant
 from tests.conftest import Gateway, chat, hello, on_fake, reply_text, start_gateway
-from tests.test_data_rules import dump_database
+from tests.support import dump_database
 
 CLIENT_IP = "203.0.113.77"
 PII = {

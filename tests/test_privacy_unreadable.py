@@ -16,7 +16,7 @@ from gateway.appkeys import SERVICES
 from gateway.erasure import SubjectNotFound, erase_subject, subject_ref
 from gateway.provision import NewTenant
 from tests.conftest import Gateway, chat, hello
-from tests.test_admin_data import CORRUPT_FIRST_MESSAGE
+from tests.support import CORRUPT_FIRST_MESSAGE
 
 
 async def test_export_with_an_unreadable_message_is_valid_json(

@@ -10,12 +10,9 @@ afresh under the original `seq`.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +21,11 @@ import asyncpg
 import pytest
 
 from tests.conftest import ORIGIN, Database
-from tests.test_ratelimit import free_port
-from tests.test_workers import Server, start_server, stop_server, tenant_with
-from tests.test_workers import slow_upstream as workers_slow_upstream
+from tests.support import Server, serving_slow_upstream, tenant_with
 
 pytestmark = pytest.mark.timeout(120)
 
 WAIT = 15.0  # bound on every single frame wait
-
-
-def slow_upstream(port: int) -> subprocess.Popen[bytes]:
-    """The standalone fake upstream, echoing the message 300 ms per word."""
-    return workers_slow_upstream(port, delay_ms=300)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def connect(
@@ -85,18 +69,7 @@ async def test_sigkill_mid_reply_resumes_without_loss(
     session: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    up_port = free_port()
-    upstream = await asyncio.to_thread(slow_upstream, up_port)
-    s: Server | None = None
-    try:
-        s = await asyncio.to_thread(
-            start_server,
-            database,
-            redis_url,
-            tmp_path,
-            OPENAI_API_KEY="sk-test",
-            OMNIGATE_UPSTREAM_URL=f"http://127.0.0.1:{up_port}/v1",
-        )
+    async with serving_slow_upstream(database, redis_url, tmp_path, 300) as s:
         t = await tenant_with(app_pool)
         ws, welcome = await connect(session, s, t.site_key)
         token, conversation = welcome["session_token"], welcome["conversation_id"]
@@ -173,12 +146,3 @@ async def test_sigkill_mid_reply_resumes_without_loss(
         assert len(await history(ws3)) == 5
         for sock in (ws2, ws3):
             await sock.close()
-    finally:
-        if s is not None:
-            await asyncio.to_thread(stop_server, s)
-        upstream.terminate()
-        try:
-            upstream.wait(10)
-        except subprocess.TimeoutExpired:
-            upstream.kill()
-            upstream.wait(5)
