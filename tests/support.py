@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import asyncpg
+import orjson
 
 from gateway import store
 from gateway.db import tenant_tx
@@ -341,3 +342,28 @@ CORRUPT_FIRST_MESSAGE = (
     " WHERE conversation_id = $1::uuid AND seq = (SELECT min(seq) FROM messages"
     " WHERE conversation_id = $1::uuid)"
 )
+
+
+# --- the HTTP/SSE fallback -------------------------------------------------------------
+
+
+def parse_sse(body: bytes) -> list[dict[str, Any]]:
+    """The JSON events of an SSE body."""
+    events = []
+    for block in body.decode().split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                events.append(orjson.loads(line[6:]))
+    return events
+
+
+async def post(
+    g: Gateway, site: str, body: Any, **headers: str
+) -> tuple[int, dict[str, str], bytes]:
+    """POST a message to the SSE fallback; status, headers and the raw body."""
+    async with g.session.post(
+        g.url(f"/v1/widget/chat?site={site}"),
+        data=orjson.dumps(body),
+        headers={"Origin": ORIGIN, **headers},
+    ) as resp:
+        return resp.status, dict(resp.headers), await resp.read()

@@ -23,6 +23,7 @@ from gateway.config import Settings
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant
 from tests.conftest import Database, chat, hello, recv_until, reply_text, start_gateway
+from tests.support import parse_sse, post
 
 # A storage failure must be answered quickly: a cut connection is reset, not silent.
 FAST = 8.0
@@ -264,8 +265,6 @@ async def test_storage_cut_while_streaming(
 async def test_storage_cut_on_the_http_fallback(
     proxied: Settings, proxy: PgProxy, tenant: NewTenant
 ) -> None:
-    from tests.test_http_fallback import parse_sse, post
-
     async for gw in start_gateway(proxied):
         status, _, body = await post(gw, tenant.site_key, {"id": "h1", "text": "first"})
         assert status == 200 and parse_sse(body)[-1]["type"] == "done"

@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
 from gateway.provision import NewTenant
 from tests.conftest import ORIGIN, Gateway
-
-
-def parse_sse(body: bytes) -> list[dict[str, Any]]:
-    events = []
-    for block in body.decode().split("\n\n"):
-        for line in block.splitlines():
-            if line.startswith("data: "):
-                events.append(orjson.loads(line[6:]))
-    return events
-
-
-async def post(
-    g: Gateway, site: str, body: Any, **headers: str
-) -> tuple[int, dict[str, str], bytes]:
-    async with g.session.post(
-        g.url(f"/v1/widget/chat?site={site}"),
-        data=orjson.dumps(body),
-        headers={"Origin": ORIGIN, **headers},
-    ) as resp:
-        return resp.status, dict(resp.headers), await resp.read()
+from tests.support import parse_sse, post
 
 
 async def test_sse_chat_and_resume(offline_gateway: Gateway, tenant: NewTenant) -> None:
