@@ -202,7 +202,11 @@ async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor)
     on another live socket of the same session gets a marker too; when it completes, its
     `complete` row follows the marker and supersedes it (docs/protocol.md).
     """
+    # The common case, nothing left unanswered, takes no lock (one round trip, not two).
+    if not await store.unanswered_user_seqs(conn, v.tenant_id, v.conversation_id):
+        return
     await store.lock_conversation(conn, v.conversation_id)  # two resumes mark once
+    # read again under the lock: a concurrent resume may have marked them meanwhile
     seqs = await store.unanswered_user_seqs(conn, v.tenant_id, v.conversation_id)
     if not seqs:
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from gateway.fake_upstream import FakeUpstream
@@ -104,3 +106,25 @@ async def test_resume_marks_only_the_messages_left_without_a_reply(
             ("assistant", "", "interrupted", seq["second"]),
         ]
         await ws.close()
+
+
+async def test_two_resumes_at_once_mark_an_unanswered_message_once(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True})
+    upstream.queue("error", status=400)
+    assert (await chat(ws, "a", "left unanswered"))[-1]["code"] == "upstream_rejected"
+    await ws.close()
+    sockets = [await gateway.ws(tenant.site_key) for _ in range(4)]
+    welcomes = await asyncio.gather(*(hello(s, session_token=w["session_token"]) for s in sockets))
+    assert all(x["resumed"] for x in welcomes)
+    await sockets[0].send_json({"type": "history"})
+    page = (await recv_until(sockets[0], "history"))[-1]["messages"]
+    assert [(m["role"], m["status"]) for m in page] == [
+        ("user", "complete"),
+        ("assistant", "interrupted"),
+    ]
+    for s in sockets:
+        await s.close()
