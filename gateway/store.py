@@ -100,6 +100,14 @@ async def insert_policy(
     )
 
 
+def _resumed(row: asyncpg.Record | None) -> SessionRow | None:
+    if row is None:
+        return None
+    return SessionRow(
+        row["session_id"], row["subject_id"], row["conversation_id"], True, row["restricted"]
+    )
+
+
 async def find_session(
     conn: asyncpg.Connection, tenant_id: UUID, token_hash: bytes
 ) -> SessionRow | None:
@@ -113,11 +121,7 @@ async def find_session(
         tenant_id,
         token_hash,
     )
-    if row is None:
-        return None
-    return SessionRow(
-        row["session_id"], row["subject_id"], row["conversation_id"], True, row["restricted"]
-    )
+    return _resumed(row)
 
 
 async def resume_session(
@@ -161,11 +165,7 @@ async def resume_session(
         gpc,
         session_days,
     )
-    if row is None:
-        return None
-    return SessionRow(
-        row["session_id"], row["subject_id"], row["conversation_id"], True, row["restricted"]
-    )
+    return _resumed(row)
 
 
 async def create_subject(
