@@ -156,6 +156,21 @@ async def test_fallback_when_redis_unreachable(caplog: pytest.LogCaptureFixture)
     assert "hunter2" not in caplog.text and "127.0.0.1" not in caplog.text
 
 
+async def test_concurrent_calls_to_a_dead_redis_are_all_answered_locally() -> None:
+    # the first call goes alone and fails; the others queued behind it fail as one batch
+    dead = connect(f"redis://127.0.0.1:{free_port()}/0")
+    primary = RedisRateLimiter(dead)
+    rl = FallbackRateLimiter(primary, LocalRateLimiter(), retry_after=60)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(rl.hit([("k", 5)]) for _ in range(20))), 5
+        )
+    finally:
+        await dead.aclose()
+    assert results.count(None) == 5  # the local bucket decided every one of them
+    assert rl.degraded and not primary._busy and primary._queue == []
+
+
 async def test_fallback_recovers_when_redis_returns(
     private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
