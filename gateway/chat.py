@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import asyncpg
 import orjson
@@ -23,6 +23,7 @@ from gateway.db import tenant_tx
 from gateway.logs import log_secrets
 from gateway.protocol import ProtocolError
 from gateway.services import Services
+from gateway.store import NewMessage
 from gateway.upstream import UpstreamError
 from gateway.visitor import CONTEXT_MESSAGES, Visitor
 from policies import ChatDecision, CompiledPolicy, ReplyRestorer, decide_chat
@@ -194,13 +195,15 @@ async def _exchange(
                 # one autocommit round trip: the function sets the tenant itself
                 reply_seq = await _insert_message(
                     svc,
-                    v.tenant_id,
-                    v.conversation_id,
-                    mid,
-                    "assistant",
-                    blob,
-                    reply_to=user_seq,
-                    finish_reason=finish,
+                    NewMessage(
+                        v.tenant_id,
+                        v.conversation_id,
+                        mid,
+                        "assistant",
+                        blob,
+                        reply_to=user_seq,
+                        finish_reason=finish,
+                    ),
                 )
         except (*STORAGE_ERRORS, CryptoError):
             raise _storage_error(msg_id) from None
@@ -213,23 +216,11 @@ async def _exchange(
     await emit(protocol.done(msg_id, reply_seq, finish))
 
 
-async def _insert_message(
-    svc: Services,
-    tenant_id: UUID,
-    conversation_id: UUID,
-    message_id: UUID,
-    role: str,
-    ciphertext: bytes,
-    **kw: Any,
-) -> int | None:
+async def _insert_message(svc: Services, msg: NewMessage) -> int | None:
     """A message write: group-committed with other sessions' when the writer is running."""
     if svc.writer is not None:
-        return await svc.writer.insert(
-            tenant_id, conversation_id, message_id, role, ciphertext, **kw
-        )
-    return await store.insert_message(
-        svc.pool, tenant_id, conversation_id, message_id, role, ciphertext, **kw
-    )
+        return await svc.writer.insert(msg)
+    return await store.insert_message(svc.pool, msg)
 
 
 async def _store_user(
@@ -260,13 +251,15 @@ async def _store_user(
             # one autocommit round trip: the function sets the tenant itself
             seq = await _insert_message(
                 svc,
-                v.tenant_id,
-                v.conversation_id,
-                mid,
-                "user",
-                blob,
-                client_ref=client_ref,
-                redaction_sealed=sealed_map,
+                NewMessage(
+                    v.tenant_id,
+                    v.conversation_id,
+                    mid,
+                    "user",
+                    blob,
+                    client_ref=client_ref,
+                    redaction_sealed=sealed_map,
+                ),
             )
         if seq is not None:
             return seq

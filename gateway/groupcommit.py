@@ -15,20 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import Any
-from uuid import UUID
 
 from gateway import store
 from gateway.db import Pool
+from gateway.store import NewMessage
 
 _INSERT_MESSAGES = (
     "SELECT ord, seq, failed FROM omnigate_insert_messages("
     "$1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bytea[], $6::bigint[],"
     " $7::text[], $8::text[], $9::bytea[], $10::bytea[])"
 )
-
-# one row: tenant, conversation, message, role, client_ref, reply_to, status, finish,
-# ciphertext, redaction
-_Row = tuple[UUID, UUID, UUID, str, bytes | None, int | None, str, str | None, bytes, bytes | None]
 
 
 class StorageError(OSError):
@@ -41,42 +37,17 @@ class GroupCommitter:
     def __init__(self, pool: Pool, *, max_batch: int = 64, max_pending: int = 1024) -> None:
         self._pool = pool
         self._max_batch = max_batch
-        self._queue: list[tuple[_Row, asyncio.Future[int | None]]] = []
+        self._queue: list[tuple[NewMessage, asyncio.Future[int | None]]] = []
         self._slots = asyncio.Semaphore(max_pending)  # queued + in flight; beyond, callers wait
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # round trips sent
         self.rows = 0  # rows sent
 
-    async def insert(
-        self,
-        tenant_id: UUID,
-        conversation_id: UUID,
-        message_id: UUID,
-        role: str,
-        ciphertext: bytes,
-        *,
-        client_ref: bytes | None = None,
-        reply_to: int | None = None,
-        status: str = "complete",
-        finish_reason: str | None = None,
-        redaction_sealed: bytes | None = None,
-    ) -> int | None:
+    async def insert(self, msg: NewMessage) -> int | None:
         """Insert a message once it is committed; its seq, or None when client_ref existed."""
-        row: _Row = (
-            tenant_id,
-            conversation_id,
-            message_id,
-            role,
-            client_ref,
-            reply_to,
-            status,
-            finish_reason,
-            ciphertext,
-            redaction_sealed,
-        )
         async with self._slots:
             fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-            self._queue.append((row, fut))
+            self._queue.append((msg, fut))
             if self._task is None:
                 self._task = asyncio.create_task(self._run())
             # shielded: a cancelled caller must not cancel a write that may commit anyway
@@ -91,8 +62,10 @@ class GroupCommitter:
         finally:
             self._task = None
 
-    async def _flush(self, batch: list[tuple[_Row, asyncio.Future[int | None]]]) -> None:
-        columns: list[list[Any]] = [list(c) for c in zip(*(row for row, _ in batch), strict=True)]
+    async def _flush(self, batch: list[tuple[NewMessage, asyncio.Future[int | None]]]) -> None:
+        columns: list[list[Any]] = [
+            list(c) for c in zip(*(m.args() for m, _ in batch), strict=True)
+        ]
         self.batches += 1
         self.rows += len(batch)
         try:
@@ -108,32 +81,19 @@ class GroupCommitter:
                     fut.set_exception(StorageError("message write interrupted"))
             raise
         results = {r["ord"]: r for r in records}
-        for i, (row, fut) in enumerate(batch, start=1):
+        for i, (msg, fut) in enumerate(batch, start=1):
             if fut.done():
                 continue
             r = results.get(i)
             if r is None or r["failed"]:
                 # alone, so the caller gets the database's own error (and a second chance)
-                await self._retry_alone(row, fut)
+                await self._retry_alone(msg, fut)
             else:
                 fut.set_result(r["seq"])
 
-    async def _retry_alone(self, row: _Row, fut: asyncio.Future[int | None]) -> None:
-        tenant, conversation, message, role, client_ref, reply_to, status, finish, ct, red = row
+    async def _retry_alone(self, msg: NewMessage, fut: asyncio.Future[int | None]) -> None:
         try:
-            seq = await store.insert_message(
-                self._pool,
-                tenant,
-                conversation,
-                message,
-                role,
-                ct,
-                client_ref=client_ref,
-                reply_to=reply_to,
-                status=status,
-                finish_reason=finish,
-                redaction_sealed=red,
-            )
+            seq = await store.insert_message(self._pool, msg)
         except Exception as exc:
             if not fut.done():
                 fut.set_exception(exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, NamedTuple
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -252,41 +253,46 @@ async def wrapped_key(
     return (row["kek_id"], row["wrapped_key"]) if row else None
 
 
+class NewMessage(NamedTuple):
+    """One message to write: what `insert_message` and the group committer take."""
+
+    tenant_id: UUID
+    conversation_id: UUID
+    message_id: UUID
+    role: str
+    ciphertext: bytes
+    client_ref: bytes | None = None
+    reply_to: int | None = None
+    status: str = "complete"
+    finish_reason: str | None = None
+    redaction_sealed: bytes | None = None
+
+    def args(self) -> tuple[Any, ...]:
+        """The values in the parameter order of omnigate_insert_message(s)."""
+        return (
+            self.tenant_id,
+            self.conversation_id,
+            self.message_id,
+            self.role,
+            self.client_ref,
+            self.reply_to,
+            self.status,
+            self.finish_reason,
+            self.ciphertext,
+            self.redaction_sealed,
+        )
+
+
 # migrations/0004: sets the tenant itself, so on a pool it is one autocommit round trip
 _INSERT_MESSAGE = "SELECT omnigate_insert_message($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 
-async def insert_message(
-    conn: asyncpg.Connection | Pool,
-    tenant_id: UUID,
-    conversation_id: UUID,
-    message_id: UUID,
-    role: str,
-    ciphertext: bytes,
-    *,
-    client_ref: bytes | None = None,
-    reply_to: int | None = None,
-    status: str = "complete",
-    finish_reason: str | None = None,
-    redaction_sealed: bytes | None = None,
-) -> int | None:
+async def insert_message(conn: asyncpg.Connection | Pool, msg: NewMessage) -> int | None:
     """Insert a message in one round trip; None when the client_ref already exists.
 
     `conn` may be the pool itself: the statement is then its own tenant transaction.
     """
-    seq: int | None = await conn.fetchval(
-        _INSERT_MESSAGE,
-        tenant_id,
-        conversation_id,
-        message_id,
-        role,
-        client_ref,
-        reply_to,
-        status,
-        finish_reason,
-        ciphertext,
-        redaction_sealed,
-    )
+    seq: int | None = await conn.fetchval(_INSERT_MESSAGE, *msg.args())
     return seq
 
 

@@ -219,14 +219,16 @@ async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor)
         blob = svc.vault.seal_text(cipher, v.tenant_id, v.conversation_id, mid, "assistant", "")
         await store.insert_message(
             conn,
-            v.tenant_id,
-            v.conversation_id,
-            mid,
-            "assistant",
-            blob,
-            reply_to=seq,
-            status="interrupted",
-            finish_reason="interrupted",
+            store.NewMessage(
+                v.tenant_id,
+                v.conversation_id,
+                mid,
+                "assistant",
+                blob,
+                reply_to=seq,
+                status="interrupted",
+                finish_reason="interrupted",
+            ),
         )
 
 

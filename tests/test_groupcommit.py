@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
@@ -12,9 +13,14 @@ from gateway.chat import STORAGE_ERRORS
 from gateway.db import create_pool, tenant_tx
 from gateway.groupcommit import GroupCommitter
 from gateway.provision import NewTenant, create_tenant
+from gateway.store import NewMessage
 from tests.conftest import ORIGIN, TEST_APP_ROLE, Database, Gateway, hello
 
 BLOB = b"x" * 40
+
+
+def user_message(tenant_id: uuid.UUID, conversation_id: uuid.UUID, **kw: Any) -> NewMessage:
+    return NewMessage(tenant_id, conversation_id, uuid.uuid4(), "user", BLOB, **kw)
 
 
 async def flushed(gc: GroupCommitter, batches: int) -> None:
@@ -40,10 +46,7 @@ async def test_concurrent_inserts_share_round_trips_and_stay_per_tenant(
     convs = [await conversation_of(offline_gateway, t) for t in tenants]
     gc = GroupCommitter(app_pool)
     seqs = await asyncio.gather(
-        *(
-            gc.insert(tenants[i % 3].tenant_id, convs[i % 3], uuid.uuid4(), "user", BLOB)
-            for i in range(50)
-        )
+        *(gc.insert(user_message(tenants[i % 3].tenant_id, convs[i % 3])) for i in range(50))
     )
     assert all(isinstance(s, int) for s in seqs)
     assert len(set(seqs)) == 50
@@ -68,20 +71,20 @@ async def test_bad_row_fails_alone_and_duplicate_is_none(
     conv = await conversation_of(offline_gateway, tenant)
     gc = GroupCommitter(app_pool)
     ref = b"r" * 16
-    first = await gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB, client_ref=ref)
+    first = await gc.insert(user_message(tenant.tenant_id, conv, client_ref=ref))
     assert isinstance(first, int)
 
     # hold a flush in flight so the next four rows go together in one batch
-    blocker = asyncio.create_task(gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB))
+    blocker = asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
     await flushed(gc, 2)
     results = await asyncio.gather(
-        gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB),
+        gc.insert(user_message(tenant.tenant_id, conv)),
         # another tenant's row into this tenant's conversation: RLS hides it, the FK fails
-        gc.insert(other.tenant_id, conv, uuid.uuid4(), "user", BLOB),
+        gc.insert(user_message(other.tenant_id, conv)),
         # a conversation that does not exist (erased)
-        gc.insert(tenant.tenant_id, uuid.uuid4(), uuid.uuid4(), "user", BLOB),
+        gc.insert(user_message(tenant.tenant_id, uuid.uuid4())),
         # a re-sent client_ref: already stored
-        gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB, client_ref=ref),
+        gc.insert(user_message(tenant.tenant_id, conv, client_ref=ref)),
         return_exceptions=True,
     )
     assert isinstance(await blocker, int)
@@ -126,9 +129,7 @@ async def test_cut_connection_fails_the_batch_then_recovers(
         gc = GroupCommitter(pool)
 
         def one() -> asyncio.Task[int | None]:
-            return asyncio.create_task(
-                gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB)
-            )
+            return asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
 
         async with owner_pool.acquire() as owner:
             tx = owner.transaction()
@@ -150,7 +151,7 @@ async def test_cut_connection_fails_the_batch_then_recovers(
                     await task
             await tx.rollback()
         assert gc.batches == 2
-        seq = await gc.insert(tenant.tenant_id, conv, uuid.uuid4(), "user", BLOB)
+        seq = await gc.insert(user_message(tenant.tenant_id, conv))
         assert isinstance(seq, int)
         async with tenant_tx(pool, tenant.tenant_id) as conn:
             assert await conn.fetchval("SELECT count(*) FROM messages") == 1

@@ -83,9 +83,8 @@ async def test_export_streams_ten_thousand_messages(
         cipher = await vault.cipher(conn, tid, sid)
         for i in range(10_000):
             mid = __import__("uuid").uuid4()
-            await store.insert_message(
-                conn, tid, cid, mid, "user", vault.seal_text(cipher, tid, cid, mid, "user", f"n{i}")
-            )
+            blob = vault.seal_text(cipher, tid, cid, mid, "user", f"n{i}")
+            await store.insert_message(conn, store.NewMessage(tid, cid, mid, "user", blob))
     status, doc = await export_of(offline_gateway, w["session_token"])
     assert status == 200
     assert len(doc["conversations"][0]["messages"]) == 10_002
