@@ -7,8 +7,6 @@ from typing import Any
 
 import orjson
 
-KB = 1024
-
 
 def _f(v: float | None, fmt: str = "{:.1f}") -> str:
     return "—" if v is None else fmt.format(v)

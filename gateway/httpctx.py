@@ -83,7 +83,7 @@ def set_session_cookie(
     """Attach the session cookie with the policy's lifetime."""
     response.headers.add(
         "Set-Cookie",
-        session_cookie(svc.settings.cookie_secure, cp.policy.session_days * 86400, token),
+        session_cookie(svc.settings.cookie_secure, cp.session_max_age_seconds, token),
     )
 
 

@@ -179,11 +179,6 @@ def _with_variants(current: tuple[str, ...], values: tuple[str, ...]) -> tuple[s
     return tuple(sorted(found, key=len, reverse=True))
 
 
-def register_secret(text: str) -> None:
-    """Redact ``text`` as ``[text]`` from log lines written in the current context."""
-    _SECRETS.set(_with_variants(_SECRETS.get(), (text,)))
-
-
 @contextmanager
 def log_secrets(*values: str) -> Iterator[None]:
     """Within the block, redact these strings (e.g. a visitor's message) from log lines."""
@@ -282,8 +277,3 @@ def setup_logging(level: str | int = "INFO") -> None:
     root.addHandler(make_handler())
     root.setLevel(level.upper() if isinstance(level, str) else level)
     logging.raiseExceptions = False
-
-
-def get_logger(name: str) -> logging.Logger:
-    """Return the named logger (a thin alias so modules import logging helpers from here)."""
-    return logging.getLogger(name)

@@ -159,8 +159,6 @@ RETENTION_KINDS = frozenset(
     }
 )
 
-#: ``omnigate_db_pool_connections{state}``.
-POOL_STATES = frozenset({"size", "idle"})
 
 #: ``omnigate_http_requests_total{route}``: aiohttp route *templates* (never raw
 #: paths). Extended at start-up by :func:`register_routes`; unmatched requests

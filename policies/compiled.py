@@ -25,7 +25,6 @@ class CompiledPolicy:
     consent_version: int
     max_message_chars: int
     session_max_age_seconds: int
-    retention_seconds: int
 
     def origin_allowed(self, origin: str | None) -> bool:
         """True when ``origin`` (the raw Origin header) is one of the allowed origins."""
@@ -57,5 +56,4 @@ def compile_policy(policy: Policy, version: int) -> CompiledPolicy:
         consent_version=policy.consent_version,
         max_message_chars=policy.max_message_chars,
         session_max_age_seconds=policy.session_days * 86_400,
-        retention_seconds=policy.retention_days * 86_400,
     )

@@ -12,10 +12,8 @@ import pytest
 
 from gateway.logs import (
     ALLOWED_EXTRAS,
-    get_logger,
     log_secrets,
     make_handler,
-    register_secret,
     scrub,
     setup_logging,
 )
@@ -36,7 +34,7 @@ MESSAGE_TEXT = "my order never arrived, please call me"
 def capture() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     """A private logger whose only handler writes JSON lines into a StringIO."""
     stream = io.StringIO()
-    logger = get_logger("omnigate.test_logs")
+    logger = logging.getLogger("omnigate.test_logs")
     handler = make_handler(stream)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
@@ -179,12 +177,13 @@ def test_log_secrets_is_scoped_and_ignores_short_strings() -> None:
     assert scrub(text) == text
 
 
-def test_register_secret_stays_in_its_context() -> None:
-    def task() -> str:
-        register_secret("private words here")
-        return scrub("x private words here")
+def test_logged_secrets_stay_in_their_block_and_context() -> None:
+    def task() -> tuple[str, str]:
+        with log_secrets("private words here"):
+            inside = scrub("x private words here")
+        return inside, scrub("x private words here")
 
-    assert contextvars.copy_context().run(task) == "x [text]"
+    assert contextvars.copy_context().run(task) == ("x [text]", "x private words here")
     assert scrub("private words here") == "private words here"
 
 
