@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,15 @@ if TYPE_CHECKING:
 
 ORIGIN = "http://widget.test"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+async def until(cond: Callable[[], object], timeout: float = 2.0) -> None:
+    """Wait for `cond()` to be true, polling: for counters that have no event to await."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
 
 
 # --- ports and a private Redis -------------------------------------------------------

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from gateway import bus
 from gateway.bus import RedisBus
 from gateway.redisconn import connect
-from tests.support import PrivateRedis
+from tests.support import PrivateRedis, until
 
 Seen = list[tuple[str, dict[str, Any]]]
 
@@ -31,15 +31,6 @@ def recorder(b: RedisBus, seen: Seen) -> None:
             seen.append((kind, payload))
 
         b.subscribe(kind, handler)
-
-
-async def until(cond: Any, timeout: float = 1.0) -> None:
-    """Wait for `cond()` to be true, polling."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

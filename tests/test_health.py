@@ -24,6 +24,7 @@ from gateway.embedded import with_user
 from gateway.fake_upstream import FakeUpstream
 from gateway.redisconn import connect
 from tests.conftest import Database, Gateway, _user_of, start_gateway
+from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -142,12 +143,7 @@ async def test_unready_when_the_database_is_gone(database: Database, empty_datab
 
 
 async def test_redis_down_degrades_but_stays_ready(owner_pool: asyncpg.Pool) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dead = connect(f"redis://127.0.0.1:{port}/0")
+    dead = connect(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:
         code, body = await readiness(owner_pool, dead)
     finally:
@@ -165,12 +161,7 @@ async def test_redis_down_degrades_but_stays_ready(owner_pool: asyncpg.Pool) -> 
 async def test_database_down_and_redis_down_is_unavailable(
     empty_database: str,
 ) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dead = connect(f"redis://127.0.0.1:{port}/0")
+    dead = connect(f"redis://127.0.0.1:{free_port()}/0")
     pool = await create_pool(empty_database, min_size=1, max_size=2)
     try:
         code, body = await readiness(pool, dead)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +25,7 @@ from gateway.upstream import (
     parse_retry_after,
     split_words,
 )
+from tests.support import free_port, until
 
 KEY = "sk-secret-test-key"
 TEXT = "Hello there, general Kenobi"
@@ -269,10 +269,7 @@ async def test_missing_key_is_rejected_as_auth(
 
 
 async def test_connection_refused_is_unavailable() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens once the socket is closed
-    cfg = make_config(f"http://127.0.0.1:{port}/v1", retries=1)
+    cfg = make_config(f"http://127.0.0.1:{free_port()}/v1", retries=1)
     async with UpstreamClient(cfg) as client:
         stream = client.stream_chat(MESSAGES)
         err, _ = await fail(stream)
@@ -294,7 +291,7 @@ async def test_hang_before_first_token_times_out(
     # two attempts of 0.3 s plus a tiny backoff; the upper bound is loose for a busy CI box
     assert 0.6 <= elapsed < 3.0
     assert len(fake.requests) == 2
-    await asyncio.wait_for(_until(lambda: fake.disconnects == 2), 2)
+    await asyncio.wait_for(until(lambda: fake.disconnects == 2), 2)
 
 
 async def test_idle_between_chunks_times_out_without_retry(
@@ -330,12 +327,6 @@ async def test_cut_before_any_token_is_retried(
     assert stream.retried == ["cut"]
 
 
-async def _until(predicate: Any) -> None:
-    # The fake's counters have no event per value; a short poll is simplest in a test.
-    while not predicate():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-
-
 async def test_cancelling_the_consumer_drops_the_upstream_request(
     upstream: tuple[FakeUpstream, str], client: UpstreamClient
 ) -> None:
@@ -362,7 +353,7 @@ async def test_cancelling_while_waiting_for_first_token(
     fake, _ = upstream
     fake.queue("hang_before_first", send_headers=True)
     task = asyncio.create_task(collect(client.stream_chat(MESSAGES)))
-    await asyncio.wait_for(_until(lambda: len(fake.requests) == 1), 2)
+    await asyncio.wait_for(until(lambda: len(fake.requests) == 1), 2)
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
