@@ -20,7 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.conftest import ORIGIN, Database
+from tests.conftest import ORIGIN, Database, recv_until
 from tests.support import Server, serving_slow_upstream, tenant_with
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,18 +41,9 @@ async def connect(
     return ws, frame
 
 
-async def until(ws: aiohttp.ClientWebSocketResponse, ftype: str) -> list[dict[str, Any]]:
-    """Frames up to and including the first of type `ftype` (or an error)."""
-    frames: list[dict[str, Any]] = []
-    while True:
-        frames.append(await ws.receive_json(timeout=WAIT))
-        if frames[-1]["type"] in (ftype, "error"):
-            return frames
-
-
 async def history(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
     await ws.send_json({"type": "history", "limit": 100})
-    frames = await until(ws, "history")
+    frames = await recv_until(ws, "history", WAIT)
     assert frames[-1]["type"] == "history", frames
     messages: list[dict[str, Any]] = frames[-1]["messages"]
     return messages
@@ -76,14 +67,14 @@ async def test_sigkill_mid_reply_resumes_without_loss(
 
         a_text = "alpha beta gamma"
         await ws.send_json({"type": "message", "id": "a", "text": a_text})
-        frames = await until(ws, "done")
+        frames = await recv_until(ws, "done", WAIT)
         assert frames[0]["type"] == "ack" and frames[-1]["type"] == "done", frames
         a_seq = frames[0]["seq"]
 
         # B streams one word every 300 ms: about 6 s, long enough to kill it midway
         b_text = " ".join(f"w{i}" for i in range(20))
         await ws.send_json({"type": "message", "id": "b", "text": b_text})
-        frames = await until(ws, "delta")
+        frames = await recv_until(ws, "delta", WAIT)
         assert [f["type"] for f in frames] == ["ack", "delta"], frames
         b_seq = frames[0]["seq"]
         victim = s.worker_of(ws)
@@ -120,7 +111,7 @@ async def test_sigkill_mid_reply_resumes_without_loss(
 
         # the widget re-sends its pending message: answered afresh, under its original seq
         await ws2.send_json({"type": "message", "id": "b", "text": b_text})
-        frames = await until(ws2, "done")
+        frames = await recv_until(ws2, "done", WAIT)
         assert frames[0] == {"type": "ack", "id": "b", "seq": b_seq}, frames
         assert frames[-1]["type"] == "done", frames
         assert "".join(f["text"] for f in frames if f["type"] == "delta") == b_text
@@ -141,7 +132,7 @@ async def test_sigkill_mid_reply_resumes_without_loss(
 
         # and a re-send now answers from storage, still without a duplicate
         await ws3.send_json({"type": "message", "id": "b", "text": b_text})
-        frames = await until(ws3, "done")
+        frames = await recv_until(ws3, "done", WAIT)
         assert frames[0]["seq"] == b_seq and frames[-1]["seq"] == b_reply_seq, frames
         assert len(await history(ws3)) == 5
         for sock in (ws2, ws3):
