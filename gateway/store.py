@@ -125,48 +125,55 @@ async def find_session(
     return _resumed(row)
 
 
-async def resume_session(
-    conn: asyncpg.Connection,
+@dataclass(frozen=True)
+class ResumedSession:
+    """A live session found by its token, with what a resume needs to rebuild its state."""
+
+    session: SessionRow
+    redaction_sealed: bytes | None
+    # the latest decision per purpose: records with purpose, granted, consent_version
+    consents: list[asyncpg.Record]
+    # user messages with no assistant row at all, oldest first
+    unanswered: list[int]
+    # the last messages of the conversation, oldest first
+    recent: list[StoredMessage]
+
+
+# migrations/0009: sets the tenant itself, so on a pool it is one autocommit round trip
+_RESUME = "SELECT * FROM omnigate_resume($1, $2, $3, $4, $5, $6, $7)"
+
+
+async def resume(
+    pool: Pool,
     tenant_id: UUID,
     token_hash: bytes,
     ip_anon: str | None,
     dnt: bool,
     gpc: bool,
     session_days: int,
-) -> SessionRow | None:
-    """A live session by token hash, touched: latest anonymized IP and signals, expiry slid.
+    recent: int,
+) -> ResumedSession | None:
+    """A live session by token hash, touched, with its consent, redaction map and history.
 
-    One round trip. The touch is written only when something changed or the last one
-    is over a minute old, so a resume within a minute (the SSE fallback resumes on
-    every message) writes nothing and its transaction commits without a WAL flush.
+    One round trip instead of seven (the SSE fallback resumes on every message). The
+    touch (latest anonymized IP and signals, expiry slid) is written only when something
+    changed or the last one is over a minute old, so a resume within a minute writes
+    nothing and commits without a WAL flush.
     """
-    row = await conn.fetchrow(
-        """
-        WITH found AS (
-            SELECT s.session_id, s.subject_id, s.conversation_id, sub.restricted,
-                   (s.last_seen_at < now() - interval '1 minute'
-                    OR s.ip_anon IS DISTINCT FROM $3::text
-                    OR s.dnt IS DISTINCT FROM $4::bool
-                    OR s.gpc IS DISTINCT FROM $5::bool) AS stale
-            FROM sessions s JOIN subjects sub USING (tenant_id, subject_id)
-            WHERE s.tenant_id = $1 AND s.token_hash = $2 AND s.expires_at > now()
-        ), touched AS (
-            UPDATE sessions SET last_seen_at = now(), ip_anon = $3, dnt = $4, gpc = $5,
-                   expires_at = now() + make_interval(days => $6)
-            FROM found
-            WHERE sessions.tenant_id = $1 AND sessions.session_id = found.session_id
-              AND found.stale
-        )
-        SELECT session_id, subject_id, conversation_id, restricted FROM found
-        """,
-        tenant_id,
-        token_hash,
-        ip_anon,
-        dnt,
-        gpc,
-        session_days,
+    row = await pool.fetchrow(
+        _RESUME, tenant_id, token_hash, ip_anon, dnt, gpc, session_days, recent
     )
-    return _resumed(row)
+    if row is None:
+        return None
+    return ResumedSession(
+        SessionRow(
+            row["session_id"], row["subject_id"], row["conversation_id"], True, row["restricted"]
+        ),
+        row["redaction_sealed"],
+        row["consents"],
+        row["unanswered"],
+        [_message(m) for m in row["recent"]],
+    )
 
 
 async def create_subject(
@@ -384,18 +391,6 @@ async def history(
         limit,
     )
     return [_message(r) for r in reversed(rows)]
-
-
-async def redaction_map(
-    conn: asyncpg.Connection, tenant_id: UUID, conversation_id: UUID
-) -> bytes | None:
-    """The sealed placeholder map of a conversation."""
-    sealed: bytes | None = await conn.fetchval(
-        "SELECT redaction_sealed FROM conversations WHERE tenant_id = $1 AND conversation_id = $2",
-        tenant_id,
-        conversation_id,
-    )
-    return sealed
 
 
 async def consent_rows(

@@ -92,16 +92,14 @@ def consent_changes(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     return grant, revoke
 
 
-async def apply_consent(
-    conn: asyncpg.Connection,
+def consent_update(
     v: Visitor,
     cp: CompiledPolicy,
     grant: list[str],
     revoke: list[str],
     age_confirmed: bool | None,
-    source: str,
-) -> None:
-    """Apply and record consent changes (append-only, with policy and consent versions)."""
+) -> tuple[ConsentState, list[tuple[str, bool]]]:
+    """The consent state after a change, and the decisions to record (none if nothing changed)."""
     grant = [p for p in grant if p != "necessary"]
     revoke = [p for p in revoke if p != "necessary"]
     try:
@@ -112,20 +110,46 @@ async def apply_consent(
     if age_confirmed and not v.consent.age_confirmed:
         changes.append((AGE_PURPOSE, True))
         state = ConsentState(state.granted, state.version, True, state.revoked)
-    if changes:
-        await store.record_consents(
-            conn,
-            v.tenant_id,
-            v.subject_id,
-            v.session_id,
-            changes,
-            cp.version,
-            cp.policy.consent_version,
-            source,
-        )
-        for purpose, granted in changes:
-            if purpose != AGE_PURPOSE:
-                metrics.count_consent(purpose, "granted" if granted else "revoked")
+    return state, changes
+
+
+async def record_consent(
+    conn: asyncpg.Connection,
+    v: Visitor,
+    cp: CompiledPolicy,
+    changes: list[tuple[str, bool]],
+    source: str,
+) -> None:
+    """Record consent decisions (append-only, with policy and consent versions)."""
+    if not changes:
+        return
+    await store.record_consents(
+        conn,
+        v.tenant_id,
+        v.subject_id,
+        v.session_id,
+        changes,
+        cp.version,
+        cp.policy.consent_version,
+        source,
+    )
+    for purpose, granted in changes:
+        if purpose != AGE_PURPOSE:
+            metrics.count_consent(purpose, "granted" if granted else "revoked")
+
+
+async def apply_consent(
+    conn: asyncpg.Connection,
+    v: Visitor,
+    cp: CompiledPolicy,
+    grant: list[str],
+    revoke: list[str],
+    age_confirmed: bool | None,
+    source: str,
+) -> None:
+    """Apply and record consent changes."""
+    state, changes = consent_update(v, cp, grant, revoke, age_confirmed)
+    await record_consent(conn, v, cp, changes, source)
     v.consent = state
 
 
@@ -136,61 +160,114 @@ async def open_session(
     ctx: RequestContext,
     hello: Mapping[str, Any],
 ) -> Visitor:
-    """Resume the session a valid token names, or start a new one; apply hello's consent."""
+    """Resume the session a valid token names, or start a new one; apply hello's consent.
+
+    A resume is one round trip (the SSE fallback resumes on every message); a
+    transaction follows only when there is something to write: a consent change, or
+    replies that never completed.
+    """
     signals = signals_from(ctx.signal_headers, hello.get("signals"), cp.policy.honor_dnt)
-    days = cp.policy.session_days
-    candidates = [t for t in (hello.get("session_token"), ctx.cookie_token) if t]
-    async with tenant_tx(svc.pool, tenant_id) as conn:
-        row = None
-        token = ""
-        for candidate in candidates:
-            row = await store.resume_session(
-                conn, tenant_id, token_hash(candidate), ctx.ip_anon, signals.dnt, signals.gpc, days
-            )
-            if row is not None:
-                token = candidate
-                break
-        new_subject = False
-        if row is None:
-            token = ctx.new_token or new_token()
-            # a verified site user id links to its existing subject; anything else is a new one
-            ref = await identity.verified_ref(conn, svc.keyring, tenant_id, hello.get("user"))
-            subject_id, dek = await identity.subject_for_ref(conn, svc.keyring, tenant_id, ref)
-            if dek is not None:  # made just now
-                svc.vault.remember(tenant_id, subject_id, dek)
-                new_subject = True
-            row = await store.create_session(
-                conn,
-                tenant_id,
-                subject_id,
-                token_hash(token),
-                ctx.ip_anon,
-                signals.dnt,
-                signals.gpc,
-                days,
-            )
-        # a subject made in this transaction has no decisions yet: no query for them
-        rows = [] if new_subject else await store.consent_rows(conn, tenant_id, row.subject_id)
-        v = Visitor(
-            tenant_id,
-            row.session_id,
-            row.subject_id,
-            row.conversation_id,
-            token,
-            row.resumed,
-            consent_state(rows, cp),
-            signals,
-            row.restricted,
-            ctx.ip_anon,
-        )
-        consent = hello.get("consent")
-        if consent or hello.get("age_confirmed"):
-            grant, revoke = consent_changes(consent or {})
-            await apply_consent(conn, v, cp, grant, revoke, hello.get("age_confirmed"), "widget")
-        if row.resumed:
-            await _mark_interrupted(svc, conn, v)
-            await _load_context(svc, conn, v, cp)
+    grant, revoke = consent_changes(hello.get("consent") or {})
+    age = hello.get("age_confirmed")
+    resumed = await _resume(svc, tenant_id, cp, ctx, hello, signals)
+    if resumed is None:
+        # a new session and its consent commit together, or not at all
+        async with tenant_tx(svc.pool, tenant_id) as conn:
+            v = await _new_session(conn, svc, tenant_id, cp, ctx, hello, signals)
+            await apply_consent(conn, v, cp, grant, revoke, age, "widget")
+        return v
+    token, found = resumed
+    v = _visitor(tenant_id, found.session, token, consent_state(found.consents, cp), signals, ctx)
+    state, changes = consent_update(v, cp, grant, revoke, age)
+    # the common resume writes nothing: no transaction at all
+    if changes or found.unanswered:
+        async with tenant_tx(svc.pool, tenant_id) as conn:
+            await record_consent(conn, v, cp, changes, "widget")
+            if found.unanswered:
+                await _mark_interrupted(svc, conn, v)
+    v.consent = state
+    await _load_context(svc, v, found)
     return v
+
+
+async def _resume(
+    svc: Services,
+    tenant_id: UUID,
+    cp: CompiledPolicy,
+    ctx: RequestContext,
+    hello: Mapping[str, Any],
+    signals: Signals,
+) -> tuple[str, store.ResumedSession] | None:
+    """The live session named by hello's token, else by the cookie's, with its token."""
+    for token in (hello.get("session_token"), ctx.cookie_token):
+        if not token:
+            continue
+        found = await store.resume(
+            svc.pool,
+            tenant_id,
+            token_hash(token),
+            ctx.ip_anon,
+            signals.dnt,
+            signals.gpc,
+            cp.policy.session_days,
+            CONTEXT_MESSAGES,
+        )
+        if found is not None:
+            return token, found
+    return None
+
+
+def _visitor(
+    tenant_id: UUID,
+    row: store.SessionRow,
+    token: str,
+    consent: ConsentState,
+    signals: Signals,
+    ctx: RequestContext,
+) -> Visitor:
+    return Visitor(
+        tenant_id,
+        row.session_id,
+        row.subject_id,
+        row.conversation_id,
+        token,
+        row.resumed,
+        consent,
+        signals,
+        row.restricted,
+        ctx.ip_anon,
+    )
+
+
+async def _new_session(
+    conn: asyncpg.Connection,
+    svc: Services,
+    tenant_id: UUID,
+    cp: CompiledPolicy,
+    ctx: RequestContext,
+    hello: Mapping[str, Any],
+    signals: Signals,
+) -> Visitor:
+    """A new session, for a new subject or a verified site user's existing one."""
+    token = ctx.new_token or new_token()
+    # a verified site user id links to its existing subject; anything else is a new one
+    ref = await identity.verified_ref(conn, svc.keyring, tenant_id, hello.get("user"))
+    subject_id, dek = await identity.subject_for_ref(conn, svc.keyring, tenant_id, ref)
+    if dek is not None:  # made just now
+        svc.vault.remember(tenant_id, subject_id, dek)
+    row = await store.create_session(
+        conn,
+        tenant_id,
+        subject_id,
+        token_hash(token),
+        ctx.ip_anon,
+        signals.dnt,
+        signals.gpc,
+        cp.policy.session_days,
+    )
+    # a subject made in this transaction has no decisions yet: no query for them
+    rows = [] if dek is not None else await store.consent_rows(conn, tenant_id, subject_id)
+    return _visitor(tenant_id, row, token, consent_state(rows, cp), signals, ctx)
 
 
 async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor) -> None:
@@ -198,13 +275,11 @@ async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor)
 
     A user message with no assistant row at all was being answered when its connection
     (or its worker) died, or its reply failed: an empty sealed marker makes that visible
-    in history. It costs nothing per message: only a resume looks. A reply still streaming
-    on another live socket of the same session gets a marker too; when it completes, its
-    `complete` row follows the marker and supersedes it (docs/protocol.md).
+    in history. It costs nothing per message: only a resume that found such messages
+    comes here. A reply still streaming on another live socket of the same session gets
+    a marker too; when it completes, its `complete` row follows the marker and
+    supersedes it (docs/protocol.md).
     """
-    # The common case, nothing left unanswered, takes no lock (one round trip, not two).
-    if not await store.unanswered_user_seqs(conn, v.tenant_id, v.conversation_id):
-        return
     await store.lock_conversation(conn, v.conversation_id)  # two resumes mark once
     # read again under the lock: a concurrent resume may have marked them meanwhile
     seqs = await store.unanswered_user_seqs(conn, v.tenant_id, v.conversation_id)
@@ -232,20 +307,22 @@ async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor)
         )
 
 
-async def _load_context(
-    svc: Services, conn: asyncpg.Connection, v: Visitor, cp: CompiledPolicy
-) -> None:
-    """Restore the redaction map and the model's recent context after a reconnect."""
+async def _load_context(svc: Services, v: Visitor, found: store.ResumedSession) -> None:
+    """Restore the redaction map and the model's recent context after a reconnect.
+
+    Markers written by _mark_interrupted are not in `found.recent`; they are empty and
+    never part of the model's context anyway.
+    """
     try:
-        cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
+        cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
     except CryptoError:
         raise ProtocolError(SESSION_INVALID, "this session's data was erased") from None
-    sealed = await store.redaction_map(conn, v.tenant_id, v.conversation_id)
-    if sealed:
-        raw = svc.vault.open_blob(cipher, v.tenant_id, v.conversation_id, "redaction", sealed)
+    if found.redaction_sealed:
+        raw = svc.vault.open_blob(
+            cipher, v.tenant_id, v.conversation_id, "redaction", found.redaction_sealed
+        )
         v.placeholders = PlaceholderMap.from_dict(orjson.loads(raw))
-    recent = await store.history(conn, v.tenant_id, v.conversation_id, None, CONTEXT_MESSAGES)
-    for m in recent:
+    for m in found.recent:
         if m.status != "complete":
             continue  # an interrupted marker is empty: nothing the model said
         text = svc.vault.open_text(

@@ -94,6 +94,61 @@ async def test_a_resume_writes_the_session_only_when_something_changed(
     assert refreshed["expires_at"] >= after_gpc["expires_at"]
 
 
+async def test_consent_in_a_resuming_hello_is_recorded_only_when_it_changes(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    async def decisions(cid: str) -> list[tuple[str, bool]]:
+        rows = await owner_pool.fetch(
+            "SELECT purpose, granted FROM consents WHERE subject_id ="
+            " (SELECT subject_id FROM sessions WHERE conversation_id = $1::uuid)"
+            " ORDER BY consent_id",
+            cid,
+        )
+        return [(r["purpose"], r["granted"]) for r in rows]
+
+    async def resume(token: str, **fields: object) -> dict[str, object]:
+        ws = await offline_gateway.ws(tenant.site_key)
+        welcome = await hello(ws, session_token=token, **fields)
+        await ws.close()
+        assert welcome["resumed"] is True
+        return welcome
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    first = await hello(ws, consent={"analytics": True})
+    await ws.close()
+    token, cid = first["session_token"], first["conversation_id"]
+    assert "analytics" in first["policy"]["granted"]
+    assert await decisions(cid) == [("analytics", True)]
+    # the same consent again (the SSE fallback sends its hello with every message)
+    again = await resume(token, consent={"analytics": True})
+    assert "analytics" in again["policy"]["granted"]  # type: ignore[index]
+    assert await decisions(cid) == [("analytics", True)]
+    revoked = await resume(token, consent={"analytics": False})
+    assert "analytics" not in revoked["policy"]["granted"]  # type: ignore[index]
+    assert await decisions(cid) == [("analytics", True), ("analytics", False)]
+    # a resume without consent reads the latest decision back from storage
+    plain = await resume(token)
+    assert "analytics" not in plain["policy"]["granted"]  # type: ignore[index]
+
+
+async def test_a_refused_hello_creates_no_session(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    async def sessions() -> int:
+        n: int = await owner_pool.fetchval(
+            "SELECT count(*) FROM sessions WHERE tenant_id = $1", tenant.tenant_id
+        )
+        return n
+
+    before = await sessions()
+    ws = await offline_gateway.ws(tenant.site_key)
+    await ws.send_json({"type": "hello", "v": 1, "consent": {"telepathy": True}})
+    frame = await ws.receive_json()
+    assert frame["type"] == "error" and frame["code"] == "bad_request", frame
+    await ws.close()
+    assert await sessions() == before
+
+
 async def test_unknown_token_starts_new_session(
     offline_gateway: Gateway, tenant: NewTenant
 ) -> None:

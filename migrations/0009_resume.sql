@@ -1,0 +1,86 @@
+-- Resuming a session in one round trip. The SSE fallback resumes on every message, and
+-- doing it as separate statements in a transaction (BEGIN, find and touch the session,
+-- consent, unanswered messages, redaction map, recent history, COMMIT) cost seven round
+-- trips per message. omnigate_resume does the same reads as one autocommit statement:
+-- it sets the transaction-local tenant itself, like omnigate_insert_message (0004), and
+-- is SECURITY INVOKER, so row-level security applies as to any statement of the app
+-- role. It returns no row when no live session has that token hash. The touch is
+-- written only when something changed or the last one is over a minute old.
+CREATE TYPE omnigate_consent_row AS (purpose text, granted boolean, consent_version int);
+
+CREATE TYPE omnigate_message_row AS (
+    seq bigint, message_id uuid, role text, ciphertext bytea, created_at timestamptz,
+    status text, finish_reason text, reply_to bigint
+);
+
+CREATE FUNCTION omnigate_resume(
+    p_tenant uuid, p_token_hash bytea, p_ip text, p_dnt boolean, p_gpc boolean,
+    p_days int, p_recent int
+) RETURNS TABLE(
+    session_id uuid, subject_id uuid, conversation_id uuid, restricted boolean,
+    redaction_sealed bytea, consents omnigate_consent_row[], unanswered bigint[],
+    recent omnigate_message_row[]
+)
+    LANGUAGE plpgsql SECURITY INVOKER
+    AS $$
+#variable_conflict use_column
+DECLARE
+    s record;
+BEGIN
+    PERFORM set_config('app.tenant_id', p_tenant::text, true);
+    SELECT ss.session_id, ss.subject_id, ss.conversation_id, sub.restricted,
+           (ss.last_seen_at < now() - interval '1 minute'
+            OR ss.ip_anon IS DISTINCT FROM p_ip
+            OR ss.dnt IS DISTINCT FROM p_dnt
+            OR ss.gpc IS DISTINCT FROM p_gpc) AS stale
+      INTO s
+      FROM sessions ss JOIN subjects sub USING (tenant_id, subject_id)
+     WHERE ss.tenant_id = p_tenant AND ss.token_hash = p_token_hash
+       AND ss.expires_at > now();
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF s.stale THEN
+        UPDATE sessions
+           SET last_seen_at = now(), ip_anon = p_ip, dnt = p_dnt, gpc = p_gpc,
+               expires_at = now() + make_interval(days => p_days)
+         WHERE sessions.tenant_id = p_tenant AND sessions.session_id = s.session_id;
+    END IF;
+    session_id := s.session_id;
+    subject_id := s.subject_id;
+    conversation_id := s.conversation_id;
+    restricted := s.restricted;
+    SELECT c.redaction_sealed INTO redaction_sealed
+      FROM conversations c
+     WHERE c.tenant_id = p_tenant AND c.conversation_id = s.conversation_id;
+    -- the latest decision per purpose
+    consents := ARRAY(
+        SELECT DISTINCT ON (c.purpose)
+               ROW(c.purpose, c.granted, c.consent_version)::omnigate_consent_row
+          FROM consents c
+         WHERE c.tenant_id = p_tenant AND c.subject_id = s.subject_id
+         ORDER BY c.purpose, c.consent_id DESC);
+    -- user messages with no assistant row at all: a set difference, linear (0008)
+    unanswered := ARRAY(
+        SELECT m.seq FROM messages m
+         WHERE m.tenant_id = p_tenant AND m.conversation_id = s.conversation_id
+           AND m.role = 'user'
+        EXCEPT
+        SELECT m.reply_to FROM messages m
+         WHERE m.tenant_id = p_tenant AND m.conversation_id = s.conversation_id
+           AND m.role = 'assistant' AND m.reply_to IS NOT NULL
+        ORDER BY 1);
+    -- the last p_recent messages, oldest first
+    recent := ARRAY(
+        SELECT ROW(r.seq, r.message_id, r.role, r.ciphertext, r.created_at, r.status,
+                   r.finish_reason, r.reply_to)::omnigate_message_row
+          FROM (SELECT * FROM messages m
+                 WHERE m.tenant_id = p_tenant AND m.conversation_id = s.conversation_id
+                 ORDER BY m.seq DESC LIMIT p_recent) r
+         ORDER BY r.seq);
+    RETURN NEXT;
+END
+$$;
+
+GRANT EXECUTE ON FUNCTION omnigate_resume(uuid, bytea, text, boolean, boolean, int, int)
+    TO omnigate_app;
