@@ -135,8 +135,8 @@ class ResumedSession:
     consents: list[asyncpg.Record]
     # user messages with no assistant row at all, oldest first
     unanswered: list[int]
-    # the last messages of the conversation, oldest first
-    recent: list[StoredMessage]
+    # the complete messages among the last few, oldest first: message_id, role, ciphertext
+    recent: list[asyncpg.Record]
 
 
 # migrations/0009: sets the tenant itself, so on a pool it is one autocommit round trip
@@ -172,7 +172,7 @@ async def resume(
         row["redaction_sealed"],
         row["consents"],
         row["unanswered"],
-        [_message(m) for m in row["recent"]],
+        row["recent"],
     )
 
 

@@ -310,8 +310,7 @@ async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor)
 async def _load_context(svc: Services, v: Visitor, found: store.ResumedSession) -> None:
     """Restore the redaction map and the model's recent context after a reconnect.
 
-    Markers written by _mark_interrupted are not in `found.recent`; they are empty and
-    never part of the model's context anyway.
+    `found.recent` holds no interrupted markers: they are empty, nothing the model said.
     """
     try:
         cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
@@ -322,14 +321,12 @@ async def _load_context(svc: Services, v: Visitor, found: store.ResumedSession) 
             cipher, v.tenant_id, v.conversation_id, "redaction", found.redaction_sealed
         )
         v.placeholders = PlaceholderMap.from_dict(orjson.loads(raw))
-    for m in found.recent:
-        if m.status != "complete":
-            continue  # an interrupted marker is empty: nothing the model said
+    for message_id, role, ciphertext in found.recent:
         text = svc.vault.open_text(
-            cipher, v.tenant_id, v.conversation_id, m.message_id, m.role, m.ciphertext
+            cipher, v.tenant_id, v.conversation_id, message_id, role, ciphertext
         )
         # the stored text is what the visitor saw; the model sees it redacted again
-        v.context.append({"role": m.role, "content": v.placeholders.reapply(text)})
+        v.context.append({"role": role, "content": v.placeholders.reapply(text)})
 
 
 def welcome(v: Visitor, cp: CompiledPolicy) -> dict[str, Any]:

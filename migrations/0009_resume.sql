@@ -8,10 +8,8 @@
 -- written only when something changed or the last one is over a minute old.
 CREATE TYPE omnigate_consent_row AS (purpose text, granted boolean, consent_version int);
 
-CREATE TYPE omnigate_message_row AS (
-    seq bigint, message_id uuid, role text, ciphertext bytea, created_at timestamptz,
-    status text, finish_reason text, reply_to bigint
-);
+-- what the model's context needs of a stored message
+CREATE TYPE omnigate_context_row AS (message_id uuid, role text, ciphertext bytea);
 
 CREATE FUNCTION omnigate_resume(
     p_tenant uuid, p_token_hash bytea, p_ip text, p_dnt boolean, p_gpc boolean,
@@ -19,7 +17,7 @@ CREATE FUNCTION omnigate_resume(
 ) RETURNS TABLE(
     session_id uuid, subject_id uuid, conversation_id uuid, restricted boolean,
     redaction_sealed bytea, consents omnigate_consent_row[], unanswered bigint[],
-    recent omnigate_message_row[]
+    recent omnigate_context_row[]
 )
     LANGUAGE plpgsql SECURITY INVOKER
     AS $$
@@ -70,13 +68,14 @@ BEGIN
          WHERE m.tenant_id = p_tenant AND m.conversation_id = s.conversation_id
            AND m.role = 'assistant' AND m.reply_to IS NOT NULL
         ORDER BY 1);
-    -- the last p_recent messages, oldest first
+    -- the complete messages among the last p_recent, oldest first (an interrupted
+    -- marker is empty: nothing the model said)
     recent := ARRAY(
-        SELECT ROW(r.seq, r.message_id, r.role, r.ciphertext, r.created_at, r.status,
-                   r.finish_reason, r.reply_to)::omnigate_message_row
-          FROM (SELECT * FROM messages m
+        SELECT ROW(r.message_id, r.role, r.ciphertext)::omnigate_context_row
+          FROM (SELECT m.seq, m.message_id, m.role, m.ciphertext, m.status FROM messages m
                  WHERE m.tenant_id = p_tenant AND m.conversation_id = s.conversation_id
                  ORDER BY m.seq DESC LIMIT p_recent) r
+         WHERE r.status = 'complete'
          ORDER BY r.seq);
     RETURN NEXT;
 END

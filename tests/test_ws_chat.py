@@ -215,3 +215,32 @@ async def test_resent_unanswered_message_reaches_the_model_once(
     sent = upstream.requests[-1]["body"]["messages"]
     assert [m["content"] for m in sent].count("unanswered question") == 1
     await ws.close()
+
+
+async def test_a_resumed_session_gives_the_model_its_earlier_turns_redacted(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    assert (await chat(ws, "a", "mail me at jane@example.com"))[-1]["type"] == "done"
+    for _ in range(2):  # every attempt fails: stored, never answered
+        upstream.queue("error", status=500)
+    assert (await chat(ws, "b", "second question"))[-1]["type"] == "error"
+    await ws.close()
+    expected = [
+        ("user", "mail me at <EMAIL_1>"),
+        ("assistant", "mail me at <EMAIL_1>"),
+        ("user", "second question"),
+    ]
+    # a resume rebuilds the context from storage: the placeholder map and the stored
+    # turns redacted again; the first resume also marks "b" interrupted, and the second
+    # finds that (empty) marker among the recent rows and leaves it out
+    for turn in ("third", "fourth"):
+        ws = await gateway.ws(tenant.site_key)
+        await hello(ws, session_token=welcome["session_token"])
+        assert (await chat(ws, turn, turn))[-1]["type"] == "done"
+        await ws.close()
+        sent = upstream.requests[-1]["body"]["messages"]
+        assert [(m["role"], m["content"]) for m in sent[1:]] == [*expected, ("user", turn)]
+        expected += [("user", turn), ("assistant", turn)]
