@@ -44,6 +44,11 @@ QUICK = {
 }
 FULL = {"sessions": 50, "messages": 20, "idle": 2000, "retention_rows": 1_000_000,
         "export_messages": 10_000}  # fmt: skip
+# The one-session runs (baseline, ws, sse) take turns in rounds, so drift on a shared
+# machine hits each alike, and send at least this many messages in all: the added TTFT
+# is a difference of two p50s, too noisy from one 20-message run each.
+ONE_SESSION_ROUNDS = 5
+ONE_SESSION_MESSAGES = 200
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +129,36 @@ def _stats_json(s: RunStats) -> dict[str, Any]:
     }
 
 
+class Usage:
+    """CPU seconds each party spent while one or more load runs ran."""
+
+    def __init__(self) -> None:
+        self.gateway = self.fake = self.client = self.postgres = 0.0
+        self.idle = self.total = 0.0  # all cores, from psutil.cpu_times()
+        self.metered_gateway = False
+
+    async def measure(
+        self, gw: Child | None, fake: Child | None, fn: Callable[[], Awaitable[RunStats]]
+    ) -> RunStats:
+        """Run `fn` and add what every party spent meanwhile."""
+        me = psutil.Process()
+        g0 = gw.cpu_seconds() if gw else 0.0
+        f0 = fake.cpu_seconds() if fake else 0.0
+        c0 = sum(me.cpu_times()[:2])
+        p0, m0 = postgres_cpu(), psutil.cpu_times()
+        stats = await fn()
+        m1, p1 = psutil.cpu_times(), postgres_cpu()
+        self.metered_gateway |= gw is not None
+        self.gateway += (gw.cpu_seconds() - g0) if gw else 0.0
+        self.fake += (fake.cpu_seconds() - f0) if fake else 0.0
+        self.client += sum(me.cpu_times()[:2]) - c0
+        # backends started during the run count from zero; ones that exited are lost
+        self.postgres += sum(t - p0.get(pid, 0.0) for pid, t in p1.items())
+        self.idle += (m1.idle - m0.idle) + (m1.iowait - m0.iowait)
+        self.total += sum(m1) - sum(m0)
+        return stats
+
+
 def postgres_cpu() -> dict[int, float]:
     """CPU seconds of every PostgreSQL process on this machine, by pid."""
     out: dict[int, float] = {}
@@ -187,40 +222,55 @@ class Runner:
         self, key: str, gw: Child | None, fn: Callable[[], Awaitable[RunStats]]
     ) -> RunStats:
         """Run a load function and record its stats with gateway/fake/client CPU per message."""
-        me = psutil.Process()
-        g0 = gw.cpu_seconds() if gw else 0.0
-        f0 = self.fake.cpu_seconds() if self.fake else 0.0
-        c0 = sum(me.cpu_times()[:2])
-        p0, m0 = postgres_cpu(), psutil.cpu_times()
-        stats = await fn()
-        g1 = gw.cpu_seconds() if gw else 0.0
-        f1 = self.fake.cpu_seconds() if self.fake else 0.0
-        c1 = sum(me.cpu_times()[:2])
-        p1, m1 = postgres_cpu(), psutil.cpu_times()
+        usage = Usage()
+        stats = await usage.measure(gw, self.fake, fn)
+        self.record(key, stats, usage)
+        return stats
+
+    def record(self, key: str, stats: RunStats, usage: Usage) -> None:
         out = _stats_json(stats)
         # other work on the machine skews every number: keep the load next to them
         out["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
         per = max(stats.ok, 1)
-        if gw:
-            out["gateway_cpu_s"] = round(g1 - g0, 3)
-            out["gateway_cpu_ms_per_msg"] = (g1 - g0) * 1000 / per
-        out["fake_cpu_ms_per_msg"] = (f1 - f0) * 1000 / per
-        out["client_cpu_ms_per_msg"] = (c1 - c0) * 1000 / per
-        # backends started during the run count from zero; ones that exited are lost
-        pg = sum(t - p0.get(pid, 0.0) for pid, t in p1.items())
-        out["postgres_cpu_ms_per_msg"] = pg * 1000 / per
+        if usage.metered_gateway:
+            out["gateway_cpu_s"] = round(usage.gateway, 3)
+            out["gateway_cpu_ms_per_msg"] = usage.gateway * 1000 / per
+        out["fake_cpu_ms_per_msg"] = usage.fake * 1000 / per
+        out["client_cpu_ms_per_msg"] = usage.client * 1000 / per
+        out["postgres_cpu_ms_per_msg"] = usage.postgres * 1000 / per
         # is the machine the limit? the share of all cores busy (not idle, not waiting on I/O)
-        idle = (m1.idle - m0.idle) + (m1.iowait - m0.iowait)
-        total = sum(m1) - sum(m0)
-        out["machine_busy_pct"] = round(100 * (1 - idle / total), 1) if total > 0 else None
+        out["machine_busy_pct"] = (
+            round(100 * (1 - usage.idle / usage.total), 1) if usage.total > 0 else None
+        )
         self.results["runs"][key] = out
         self.say(
             f"{key:<12} {stats.ok:>6} ok {stats.errors:>4} err  {stats.rate:8.1f} msg/s  "
             f"TTFT p50 {_ms(out['ttft_p50_ms'])} p99 {_ms(out['ttft_p99_ms'])}"
-            + (f"  gw CPU {out['gateway_cpu_ms_per_msg']:.2f} ms/msg" if gw else "")
+            + (
+                f"  gw CPU {out['gateway_cpu_ms_per_msg']:.2f} ms/msg"
+                if usage.metered_gateway
+                else ""
+            )
             + (f"  errors {stats.error_kinds}" if stats.errors else "")
         )
-        return stats
+
+    async def one_session(
+        self, runs: list[tuple[str, Child | None, Callable[[int], Awaitable[RunStats]]]]
+    ) -> None:
+        """The one-session runs, taking turns in rounds; each key records all its rounds."""
+        total = (
+            self.cfg["messages"]
+            if self.cfg["quick"]
+            else max(self.cfg["messages"], ONE_SESSION_MESSAGES)
+        )
+        per_round = -(-total // ONE_SESSION_ROUNDS)
+        acc = {key: (RunStats(key, 1, 0), Usage()) for key, _, _ in runs}
+        for _ in range(ONE_SESSION_ROUNDS):
+            for key, gw, fn in runs:
+                stats, usage = acc[key]
+                stats.absorb(await usage.measure(gw, self.fake, lambda fn=fn: fn(per_round)))
+        for key, (stats, usage) in acc.items():
+            self.record(key, stats, usage)
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -242,7 +292,6 @@ class Runner:
         if "baseline" in self.only:
             await run_baseline(self.fake_url, 2, 2)  # warm-up
             await self.measured("baseline", None, lambda: run_baseline(self.fake_url, n, m))
-            await self.measured("baseline_1", None, lambda: run_baseline(self.fake_url, 1, m))
         gw_needed = self.only & {"ws", "sse", "idle", "slow-jobs"}
         gw: Child | None = None
         url = ""
@@ -250,6 +299,9 @@ class Runner:
             gw, url = self.start_gateway(cfg["workers"])
             self.say(f"gateway pid {gw.pid} on {url} ({cfg['workers']} worker(s))")
         site = self.tenant.site_key
+        singles: list[tuple[str, Child | None, Callable[[int], Awaitable[RunStats]]]] = []
+        if "baseline" in self.only:
+            singles.append(("baseline_1", None, lambda k: run_baseline(self.fake_url, 1, k)))
         for transport, fn in (("ws", run_ws), ("sse", run_sse)):
             if transport not in self.only:
                 continue
@@ -259,7 +311,9 @@ class Runner:
             await self.measured(transport, gw, lambda fn=fn: fn(url, site, n, m))
             if prof:
                 self.stop_profile(*prof)
-            await self.measured(transport + "_1", gw, lambda fn=fn: fn(url, site, 1, m))
+            singles.append((transport + "_1", gw, lambda k, fn=fn: fn(url, site, 1, k)))
+        if singles:
+            await self.one_session(singles)
         if "idle" in self.only:
             assert gw is not None
             await self.run_idle(gw, url)

@@ -48,6 +48,19 @@ class RunStats:
     setup: float = 0.0
     frames: int = 0  # frames or events received in answer to messages (ack, deltas, done)
 
+    def absorb(self, other: RunStats) -> None:
+        """Add another run of the same kind (one round of an interleaved measurement)."""
+        self.messages += other.messages
+        self.ok += other.ok
+        for kind, n in other.error_kinds.items():
+            self.errors += n
+            self.error_kinds[kind] = self.error_kinds.get(kind, 0) + n
+        self.ttft += other.ttft
+        self.total += other.total
+        self.wall += other.wall
+        self.setup += other.setup
+        self.frames += other.frames
+
     def error(self, kind: str) -> None:
         self.errors += 1
         self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
