@@ -12,8 +12,11 @@ Modes: ``ok``, ``reply`` (text=), ``error`` (status=, message=, type=, code=),
 ``rate_limit`` (retry_after=, code=), ``hang_before_first`` (send_headers=), ``slow``
 (delay_ms=), ``cut`` (after=), ``malformed`` (every=, valid=, lines=), ``keepalive``
 (every=). Streaming modes also take reply=, chunks=, delay_ms=, first_delay_ms=,
-crlf=, nospace=, burst= (the whole body in one write) and ignore_stream= (answer a
-plain JSON completion).
+crlf=, nospace=, burst= (the whole body in one write), eof_delay_ms= (a pause between
+``[DONE]`` and the end of the chunked body, as when its last bytes come in a later
+packet) and ignore_stream= (answer a plain JSON completion). Each recorded request
+also names its client port (``peer_port``): requests that share one were sent on one
+kept-alive connection.
 """
 
 from __future__ import annotations
@@ -143,12 +146,14 @@ class FakeUpstream:
 
     def _record(self, request: web.Request, body: Any) -> None:
         headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         self.requests.append(
             {
                 "path": request.path,
                 "headers": headers,
                 "authorization": "Authorization" in request.headers,
                 "body": body,
+                "peer_port": peer[1] if peer else None,
             }
         )
 
@@ -274,18 +279,20 @@ class FakeUpstream:
                     await asyncio.sleep(delay)
                 if b.mode == "cut" and i >= int(p.get("after", 1)):
                     # Abort mid-stream: no finish chunk, no [DONE], chunked body unterminated.
+                    if burst:
+                        await resp.write(b"".join(burst))
                     assert request.transport is not None
                     request.transport.close()
                     return resp
                 if b.mode == "malformed" and i % every == 0:
                     bad = p.get("lines", _BAD_LINES)
-                    await resp.write(bad[i % len(bad)] + eol + eol)
+                    await send(bad[i % len(bad)] + eol + eol)
                 if b.mode == "keepalive" and i % every == 0:
-                    await resp.write(b": keep-alive" + eol + eol + eol)
+                    await send(b": keep-alive" + eol + eol + eol)
                 if valid:
-                    await resp.write(chunk({"content": piece}, None))
+                    await send(chunk({"content": piece}, None))
             if valid:
-                await resp.write(chunk({}, "stop"))
+                await send(chunk({}, "stop"))
                 opts = body.get("stream_options")
                 if isinstance(opts, dict) and opts.get("include_usage"):
                     usage = {
@@ -296,8 +303,12 @@ class FakeUpstream:
                         "choices": [],
                         "usage": _usage(pieces),
                     }
-                    await resp.write(prefix + orjson.dumps(usage) + eol + eol)
-            await resp.write(prefix + b"[DONE]" + eol + eol)
+                    await send(prefix + orjson.dumps(usage) + eol + eol)
+            await send(prefix + b"[DONE]" + eol + eol)
+            if burst:
+                await resp.write(b"".join(burst))
+            if p.get("eof_delay_ms"):
+                await asyncio.sleep(float(p["eof_delay_ms"]) / 1000)
             await resp.write_eof()
         except (asyncio.CancelledError, ConnectionResetError):
             self._note_disconnect()
