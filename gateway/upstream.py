@@ -262,12 +262,22 @@ class UpstreamClient:
     finish_reason raises `upstream_unavailable` with kind "cut".
     """
 
-    def __init__(self, config: UpstreamConfig, *, pool_limit: int = 200) -> None:
+    def __init__(
+        self, config: UpstreamConfig, *, pool_limit: int = 200, eof_grace: float = 1.0
+    ) -> None:
         self.config = config
         self._pool_limit = pool_limit
         self._session: aiohttp.ClientSession | None = None
         # for `public_only` configs: made on first use, its resolver refuses private addresses
         self._guarded: aiohttp.ClientSession | None = None
+        # replies complete at [DONE] whose connection waits for the body's last bytes
+        self._eof_grace = eof_grace
+        self._draining: set[asyncio.Task[None]] = set()
+
+    @property
+    def draining(self) -> int:
+        """Connections waiting for the end of a finished reply's body, to be kept alive."""
+        return len(self._draining)
 
     def _new_session(self, **connector: Any) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
@@ -285,6 +295,9 @@ class UpstreamClient:
 
     async def close(self) -> None:
         """Close the sessions and every pooled connection."""
+        for task in self._draining:
+            task.cancel()
+        await asyncio.gather(*self._draining, return_exceptions=True)
         for session in (self._session, self._guarded):
             if session is not None:
                 await session.close()
@@ -385,10 +398,36 @@ class UpstreamClient:
                     yield piece
             completed = True
         finally:
-            if completed:
+            if not completed:
+                resp.close()  # drop the socket so the upstream stops generating
+            elif resp.content.at_eof():
                 resp.release()  # back to the pool for keep-alive reuse
             else:
-                resp.close()  # drop the socket so the upstream stops generating
+                # [DONE] came before the end of the chunked body, whose last bytes are a
+                # packet behind. Released now, the connection would be closed (and the
+                # next message would pay a new connection, TLS included); it goes back
+                # to the pool when they arrive, without holding up the reply.
+                task = asyncio.create_task(_release_at_eof(resp, self._eof_grace))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+
+
+async def _release_at_eof(resp: aiohttp.ClientResponse, grace: float) -> None:
+    """Return the connection to the pool once the body ends; close it if it does not in time."""
+    reusable = False
+    try:
+        async with asyncio.timeout(grace):
+            tail = 0
+            while tail <= _MAX_LINE and (chunk := await resp.content.readany()):
+                tail += len(chunk)  # anything after [DONE] is dropped
+        reusable = resp.content.at_eof()
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        pass
+    finally:
+        if reusable:
+            resp.release()
+        else:
+            resp.close()
 
 
 def _timeout(*, first: bool) -> UpstreamError:

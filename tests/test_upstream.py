@@ -106,6 +106,33 @@ async def test_chunks_of_one_read_are_one_piece(
     assert stream.finish_reason == "stop"
 
 
+async def test_a_body_ending_after_done_keeps_its_connection(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, _ = upstream
+    # the body's last bytes come 30 ms after [DONE]: a connection released at [DONE]
+    # would be closed, and every request would open a new one
+    for _ in range(3):
+        fake.queue("ok", eof_delay_ms=30)
+        assert "".join(await collect(client.stream_chat(MESSAGES))) == TEXT
+        await until(lambda: client.draining == 0)
+    assert len({r["peer_port"] for r in fake.requests}) == 1
+
+
+async def test_a_body_that_never_ends_after_done_is_closed_after_a_grace(
+    upstream: tuple[FakeUpstream, str],
+) -> None:
+    fake, url = upstream
+    async with UpstreamClient(make_config(url), eof_grace=0.05) as client:
+        fake.queue("ok", eof_delay_ms=60_000)
+        assert "".join(await collect(client.stream_chat(MESSAGES))) == TEXT
+        assert client.draining == 1
+        await until(lambda: client.draining == 0)
+        assert "".join(await collect(client.stream_chat(MESSAGES))) == TEXT
+    ports = [r["peer_port"] for r in fake.requests]
+    assert len(ports) == 2 and ports[0] != ports[1]
+
+
 async def test_a_slow_stream_yields_each_chunk_as_it_arrives(
     upstream: tuple[FakeUpstream, str], client: UpstreamClient
 ) -> None:
