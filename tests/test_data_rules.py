@@ -181,6 +181,31 @@ async def test_insert_function_is_one_tenant_transaction(
         assert await conn.fetchval("SELECT count(*) FROM messages") == 0
 
 
+async def test_resume_function_sees_only_the_tenant_it_is_given(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    from gateway.crypto import token_hash
+
+    other = await create_tenant(app_pool, "other", ["http://other.test"])
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws, consent={"analytics": True})
+    await chat(ws, "m1", "hello")
+    await ws.close()
+    token = token_hash(welcome["session_token"])
+    sql = "SELECT * FROM omnigate_resume($1, $2, NULL, false, false, 30, 20)"
+    async with app_pool.acquire() as conn:
+        # another tenant's id with this tenant's token hash: nothing, not even under RLS
+        assert await conn.fetch(sql, other.tenant_id, token) == []
+        row = await conn.fetchrow(sql, tenant.tenant_id, token)
+        assert row is not None and str(row["conversation_id"]) == welcome["conversation_id"]
+        assert [(c["purpose"], c["granted"]) for c in row["consents"]] == [("analytics", True)]
+        assert [m["role"] for m in row["recent"]] == ["user", "assistant"]
+        assert row["unanswered"] == []
+        # autocommit: the tenant setting ended with the statement
+        assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+        assert await conn.fetchval("SELECT count(*) FROM sessions") == 0
+
+
 def test_an_erased_subjects_key_is_never_cached_again() -> None:
     import uuid
 
