@@ -306,7 +306,7 @@ class Runner:
             if transport not in self.only:
                 continue
             assert gw is not None
-            await fn(url, site, 2, 3)  # warm-up: policy compiled, pools filled, code paths hot
+            await fn(url, site, n, 2)  # warm-up: policy compiled, pools filled, code paths hot
             prof = self.start_profile(gw, transport) if self.args.profile else None
             await self.measured(transport, gw, lambda fn=fn: fn(url, site, n, m))
             if prof:
