@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import math
 import os
 import platform
 import resource
@@ -263,7 +264,7 @@ class Runner:
             if self.cfg["quick"]
             else max(self.cfg["messages"], ONE_SESSION_MESSAGES)
         )
-        per_round = -(-total // ONE_SESSION_ROUNDS)
+        per_round = math.ceil(total / ONE_SESSION_ROUNDS)
         acc = {key: (RunStats(key, 1, 0), Usage()) for key, _, _ in runs}
         for _ in range(ONE_SESSION_ROUNDS):
             for key, gw, fn in runs:

@@ -101,9 +101,7 @@ async def insert_policy(
     )
 
 
-def _resumed(row: asyncpg.Record | None) -> SessionRow | None:
-    if row is None:
-        return None
+def _resumed(row: asyncpg.Record) -> SessionRow:
     return SessionRow(
         row["session_id"], row["subject_id"], row["conversation_id"], True, row["restricted"]
     )
@@ -122,7 +120,7 @@ async def find_session(
         tenant_id,
         token_hash,
     )
-    return _resumed(row)
+    return None if row is None else _resumed(row)
 
 
 @dataclass(frozen=True)
@@ -166,9 +164,7 @@ async def resume(
     if row is None:
         return None
     return ResumedSession(
-        SessionRow(
-            row["session_id"], row["subject_id"], row["conversation_id"], True, row["restricted"]
-        ),
+        _resumed(row),
         row["redaction_sealed"],
         row["consents"],
         row["unanswered"],
