@@ -267,21 +267,36 @@ async def test_storage_cut_on_the_http_fallback(
 ) -> None:
     async for gw in start_gateway(proxied):
         status, _, body = await post(gw, tenant.site_key, {"id": "h1", "text": "first"})
-        assert status == 200 and parse_sse(body)[-1]["type"] == "done"
+        events = parse_sse(body)
+        assert status == 200 and events[-1]["type"] == "done"
+        # every later POST resumes this session: the resume itself meets the cut
+        hello = {"session_token": events[0]["session_token"]}
         proxy.cut()
-        status, headers, body = await post(gw, tenant.site_key, {"id": "h2", "text": "cut"})
+        status, headers, body = await post(
+            gw, tenant.site_key, {"id": "h2", "text": "cut", "hello": hello}
+        )
         events = parse_sse(body)
         assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
         assert [e["type"] for e in events] == ["error"], events
         assert events[0]["code"] == "storage_unavailable"
         proxy.restore()
         for _ in range(40):
-            status, _, body = await post(gw, tenant.site_key, {"id": "h3", "text": "back"})
+            status, _, body = await post(
+                gw, tenant.site_key, {"id": "h3", "text": "back", "hello": hello}
+            )
             events = parse_sse(body)
             if events and events[-1]["type"] == "done":
                 break
             await asyncio.sleep(0.1)
         assert events[-1]["type"] == "done", events
+        # the same conversation, resumed: the message refused during the cut is not in it
+        assert events[0]["type"] == "welcome" and events[0]["resumed"] is True, events
+        ws = await gw.ws(tenant.site_key)
+        await ws.send_json({"type": "hello", "v": 1, **hello})
+        await ws.receive_json(timeout=FAST)
+        users = [m["text"] for m in await _history(ws) if m["role"] == "user"]
+        assert users == ["first", "back"], users
+        await ws.close()
 
 
 async def test_storage_cut_on_an_api_call_is_503(
