@@ -272,12 +272,15 @@ class UpstreamClient:
         self._guarded: aiohttp.ClientSession | None = None
         # replies complete at [DONE] whose connection waits for the body's last bytes
         self._eof_grace = eof_grace
-        self._draining: set[asyncio.Task[None]] = set()
+        self._draining: dict[asyncio.Task[None], aiohttp.ClientResponse] = {}
 
     @property
     def draining(self) -> int:
         """Connections waiting for the end of a finished reply's body, to be kept alive."""
         return len(self._draining)
+
+    def _forget_draining(self, task: asyncio.Task[None]) -> None:
+        self._draining.pop(task, None)
 
     def _new_session(self, **connector: Any) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
@@ -295,8 +298,10 @@ class UpstreamClient:
 
     async def close(self) -> None:
         """Close the sessions and every pooled connection."""
-        for task in self._draining:
+        # a task cancelled before it ran never reaches its `finally`: close here
+        for task, resp in list(self._draining.items()):
             task.cancel()
+            resp.close()
         await asyncio.gather(*self._draining, return_exceptions=True)
         for session in (self._session, self._guarded):
             if session is not None:
@@ -408,8 +413,8 @@ class UpstreamClient:
                 # next message would pay a new connection, TLS included); it goes back
                 # to the pool when they arrive, without holding up the reply.
                 task = asyncio.create_task(_release_at_eof(resp, self._eof_grace))
-                self._draining.add(task)
-                task.add_done_callback(self._draining.discard)
+                self._draining[task] = resp
+                task.add_done_callback(self._forget_draining)
 
 
 async def _release_at_eof(resp: aiohttp.ClientResponse, grace: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -131,6 +132,18 @@ async def test_a_body_that_never_ends_after_done_is_closed_after_a_grace(
         assert "".join(await collect(client.stream_chat(MESSAGES))) == TEXT
     ports = [r["peer_port"] for r in fake.requests]
     assert len(ports) == 2 and ports[0] != ports[1]
+
+
+async def test_closing_the_client_drops_connections_still_waiting_for_their_end(
+    upstream: tuple[FakeUpstream, str],
+) -> None:
+    fake, url = upstream
+    async with UpstreamClient(make_config(url), eof_grace=30) as client:
+        fake.queue("ok", eof_delay_ms=60_000)
+        assert "".join(await collect(client.stream_chat(MESSAGES))) == TEXT
+        assert client.draining == 1
+    assert client.draining == 0  # cancelled by close(), not left pending
+    gc.collect()  # a connection left unclosed would warn here, in this test
 
 
 async def test_a_slow_stream_yields_each_chunk_as_it_arrives(
