@@ -1,10 +1,11 @@
 """Group commit of message writes: several sessions' inserts in one round trip.
 
-Natural batching, no timers. When no flush is in flight an insert is sent at once
-(alone, so one session's latency does not grow); while a flush is in flight new
-inserts queue, and when it returns the next flush takes everything queued (up to
-`max_batch`). The batch is one autocommit statement, `omnigate_insert_messages`
-(migrations/0006), so when it returns every row in it is committed: each caller's
+Natural batching, no timers. When no write is in flight an insert is sent at once,
+alone, by its caller: the one-row `omnigate_insert_message` (migrations/0004), with
+no task in between, so one session's latency does not grow. While a write is in
+flight new inserts queue, and when it returns the next flush takes everything queued
+(up to `max_batch`) as one autocommit statement, `omnigate_insert_messages`
+(migrations/0006): when it returns every row in it is committed, and each caller's
 future is resolved only then. A row that failed in the batch (its conversation was
 erased, say) is tried once more alone, so its caller gets the database's own error
 and the others are untouched; a failed round trip fails every caller of that batch.
@@ -40,18 +41,33 @@ class GroupCommitter:
         self._queue: list[tuple[NewMessage, asyncio.Future[int | None]]] = []
         self._slots = asyncio.Semaphore(max_pending)  # queued + in flight; beyond, callers wait
         self._task: asyncio.Task[None] | None = None
+        self._alone = False  # a caller's own write is in flight
         self.batches = 0  # round trips sent
         self.rows = 0  # rows sent
 
     async def insert(self, msg: NewMessage) -> int | None:
         """Insert a message once it is committed; its seq, or None when client_ref existed."""
         async with self._slots:
+            if self._task is None and not self._alone:
+                return await self._insert_now(msg)
             fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
             self._queue.append((msg, fut))
-            if self._task is None:
-                self._task = asyncio.create_task(self._run())
-            # shielded: a cancelled caller must not cancel a write that may commit anyway
+            # shielded: a cancelled caller must not cancel a batch that carries other rows
             return await asyncio.shield(fut)
+
+    async def _insert_now(self, msg: NewMessage) -> int | None:
+        # Alone, in the caller's task: 0.17 ms sooner than through a one-row batch
+        # (measured in docs/performance.md). Cancelled with its caller, the write may
+        # or may not commit, as a batch's could: nothing was acknowledged for it.
+        self._alone = True
+        self.batches += 1
+        self.rows += 1
+        try:
+            return await store.insert_message(self._pool, msg)
+        finally:
+            self._alone = False
+            if self._queue and self._task is None:
+                self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         try:

@@ -159,6 +159,35 @@ async def test_cut_connection_fails_the_batch_then_recovers(
         await pool.close()
 
 
+async def test_rows_queued_behind_a_cancelled_lone_write_are_still_written(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, app_pool: asyncpg.Pool
+) -> None:
+    conv = await conversation_of(offline_gateway, tenant)
+    gc = GroupCommitter(app_pool)
+    async with owner_pool.acquire() as owner:
+        tx = owner.transaction()
+        await tx.start()
+        # hold the conversation row: the lone write's UPDATE waits on it
+        await owner.execute(
+            "UPDATE conversations SET message_count = message_count WHERE conversation_id = $1",
+            conv,
+        )
+        lone = asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
+        await flushed(gc, 1)
+        queued = [
+            asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv))) for _ in range(3)
+        ]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in queued)  # waiting behind the write in flight
+        lone.cancel()  # its visitor went away
+        with pytest.raises(asyncio.CancelledError):
+            await lone
+        await tx.rollback()
+    seqs = await asyncio.wait_for(asyncio.gather(*queued), 10)
+    assert all(isinstance(s, int) for s in seqs)
+    assert gc.batches == 2 and gc.rows == 4  # the lone write, then the three together
+
+
 async def test_gateway_writes_through_the_committer(
     offline_gateway: Gateway, tenant: NewTenant
 ) -> None:
