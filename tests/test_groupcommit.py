@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -104,6 +106,22 @@ async def test_bad_row_fails_alone_and_duplicate_is_none(
         assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
 
 
+@contextlib.asynccontextmanager
+async def holding_conversation(owner_pool: asyncpg.Pool, conv: uuid.UUID) -> AsyncIterator[None]:
+    """Hold the conversation's row lock: every write's UPDATE of it waits until the end."""
+    async with owner_pool.acquire() as owner:
+        tx = owner.transaction()
+        await tx.start()
+        await owner.execute(
+            "UPDATE conversations SET message_count = message_count WHERE conversation_id = $1",
+            conv,
+        )
+        try:
+            yield
+        finally:
+            await tx.rollback()
+
+
 async def _kill_waiting_writer(owner: asyncpg.Pool) -> None:
     """Terminate the app backend blocked on the held row lock (mid-flush)."""
     for _ in range(500):
@@ -131,25 +149,17 @@ async def test_cut_connection_fails_the_batch_then_recovers(
         def one() -> asyncio.Task[int | None]:
             return asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
 
-        async with owner_pool.acquire() as owner:
-            tx = owner.transaction()
-            await tx.start()
-            # hold the conversation row: the batch's UPDATE waits on it
-            await owner.execute(
-                "UPDATE conversations SET message_count = message_count WHERE conversation_id = $1",
-                conv,
-            )
+        async with holding_conversation(owner_pool, conv):
             first = one()
             await flushed(gc, 1)
             queued = [one() for _ in range(4)]
-            await _kill_waiting_writer(owner_pool)  # the first flush, one row
+            await _kill_waiting_writer(owner_pool)  # the lone write
             with pytest.raises(STORAGE_ERRORS):
                 await first
             await _kill_waiting_writer(owner_pool)  # the next flush: the four queued rows
             for task in queued:
                 with pytest.raises(STORAGE_ERRORS):
                     await task
-            await tx.rollback()
         assert gc.batches == 2
         seq = await gc.insert(user_message(tenant.tenant_id, conv))
         assert isinstance(seq, int)
@@ -164,14 +174,7 @@ async def test_rows_queued_behind_a_cancelled_lone_write_are_still_written(
 ) -> None:
     conv = await conversation_of(offline_gateway, tenant)
     gc = GroupCommitter(app_pool)
-    async with owner_pool.acquire() as owner:
-        tx = owner.transaction()
-        await tx.start()
-        # hold the conversation row: the lone write's UPDATE waits on it
-        await owner.execute(
-            "UPDATE conversations SET message_count = message_count WHERE conversation_id = $1",
-            conv,
-        )
+    async with holding_conversation(owner_pool, conv):
         lone = asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
         await flushed(gc, 1)
         queued = [
@@ -182,7 +185,6 @@ async def test_rows_queued_behind_a_cancelled_lone_write_are_still_written(
         lone.cancel()  # its visitor went away
         with pytest.raises(asyncio.CancelledError):
             await lone
-        await tx.rollback()
     seqs = await asyncio.wait_for(asyncio.gather(*queued), 10)
     assert all(isinstance(s, int) for s in seqs)
     assert gc.batches == 2 and gc.rows == 4  # the lone write, then the three together
