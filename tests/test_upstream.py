@@ -287,6 +287,19 @@ async def test_server_error_then_success(
     assert stream.retried == ["status_5xx"]
 
 
+async def test_a_retry_after_an_error_reuses_the_connection(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, _ = upstream
+    fake.queue("error", status=500)
+    fake.queue("rate_limit", retry_after=0)
+    stream = client.stream_chat(MESSAGES)
+    assert "".join(await collect(stream)) == TEXT
+    assert stream.attempts == 3
+    # the error bodies were read to their end: one kept-alive connection for all three
+    assert len({r["peer_port"] for r in fake.requests}) == 1
+
+
 @pytest.mark.parametrize(
     ("status", "kind"),
     [(400, "status_4xx"), (401, "auth"), (403, "auth"), (404, "status_4xx"), (422, "status_4xx")],
