@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the gateway during the ws run (SVG + collapsed stacks)",
+        help="py-spy the gateway during the ws and sse runs at N sessions "
+        "(bench/results/<timestamp>-<run>.collapsed)",
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     return p  # fmt: skip
