@@ -135,9 +135,11 @@ class ResumedSession:
     unanswered: list[int]
     # the complete messages among the last few, oldest first: message_id, role, ciphertext
     recent: list[asyncpg.Record]
+    # the subject's kek id and wrapped data key, None once destroyed
+    wrapped_key: tuple[str, bytes] | None
 
 
-# migrations/0009: sets the tenant itself, so on a pool it is one autocommit round trip
+# migrations/0010: sets the tenant itself, so on a pool it is one autocommit round trip
 _RESUME = "SELECT * FROM omnigate_resume($1, $2, $3, $4, $5, $6, $7)"
 
 
@@ -153,7 +155,8 @@ async def resume(
 ) -> ResumedSession | None:
     """A live session by token hash, touched, with its consent, redaction map and history.
 
-    One round trip instead of seven (the SSE fallback resumes on every message). The
+    One round trip instead of seven (the SSE fallback resumes on every message), with the
+    subject's wrapped data key for a process that has not cached it. The
     touch (latest anonymized IP and signals, expiry slid) is written only when something
     changed or the last one is over a minute old, so a resume within a minute writes
     nothing and commits without a WAL flush.
@@ -169,6 +172,7 @@ async def resume(
         row["consents"],
         row["unanswered"],
         row["recent"],
+        None if row["wrapped_key"] is None else (row["kek_id"], row["wrapped_key"]),
     )
 
 

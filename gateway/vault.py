@@ -24,7 +24,18 @@ class Vault:
         cached = self.cache.get(tenant_id, subject_id)
         if cached is not None:
             return cached
-        wrapped = await store.wrapped_key(conn, tenant_id, subject_id)
+        return self.unwrapped(
+            tenant_id, subject_id, await store.wrapped_key(conn, tenant_id, subject_id)
+        )
+
+    def unwrapped(
+        self, tenant_id: UUID, subject_id: UUID, wrapped: tuple[str, bytes] | None
+    ) -> AESGCM:
+        """The subject's data key from the cache, else unwrapped from `wrapped` (kek id and
+        wrapped key, as the caller's own query read them); CryptoError once erased."""
+        cached = self.cache.get(tenant_id, subject_id)
+        if cached is not None:
+            return cached
         if wrapped is None:
             raise CryptoError("the subject's data key is destroyed")
         dek = self.keyring.unwrap(tenant_id, subject_id, *wrapped)

@@ -10,6 +10,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import orjson
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import identity, metrics, store
 from gateway.crypto import CryptoError, new_token, token_hash
@@ -178,15 +179,19 @@ async def open_session(
         return v
     token, found = resumed
     v = _visitor(tenant_id, found.session, token, consent_state(found.consents, cp), signals, ctx)
+    try:
+        cipher = svc.vault.unwrapped(tenant_id, v.subject_id, found.wrapped_key)
+    except CryptoError:
+        raise ProtocolError(SESSION_INVALID, "this session's data was erased") from None
     state, changes = consent_update(v, cp, grant, revoke, age)
     # the common resume writes nothing: no transaction at all
     if changes or found.unanswered:
         async with tenant_tx(svc.pool, tenant_id) as conn:
             await record_consent(conn, v, cp, changes, "widget")
             if found.unanswered:
-                await _mark_interrupted(svc, conn, v)
+                await _mark_interrupted(svc, conn, v, cipher)
     v.consent = state
-    await _load_context(svc, v, found)
+    _load_context(svc, v, found, cipher)
     return v
 
 
@@ -270,7 +275,9 @@ async def _new_session(
     return _visitor(tenant_id, row, token, consent_state(rows, cp), signals, ctx)
 
 
-async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor) -> None:
+async def _mark_interrupted(
+    svc: Services, conn: asyncpg.Connection, v: Visitor, cipher: AESGCM
+) -> None:
     """On resume, record every reply that never completed as an `interrupted` assistant row.
 
     A user message with no assistant row at all was being answered when its connection
@@ -285,10 +292,6 @@ async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor)
     seqs = await store.unanswered_user_seqs(conn, v.tenant_id, v.conversation_id)
     if not seqs:
         return
-    try:
-        cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
-    except CryptoError:
-        raise ProtocolError(SESSION_INVALID, "this session's data was erased") from None
     for seq in seqs:
         mid = uuid4()
         blob = svc.vault.seal_text(cipher, v.tenant_id, v.conversation_id, mid, "assistant", "")
@@ -307,15 +310,11 @@ async def _mark_interrupted(svc: Services, conn: asyncpg.Connection, v: Visitor)
         )
 
 
-async def _load_context(svc: Services, v: Visitor, found: store.ResumedSession) -> None:
+def _load_context(svc: Services, v: Visitor, found: store.ResumedSession, cipher: AESGCM) -> None:
     """Restore the redaction map and the model's recent context after a reconnect.
 
     `found.recent` holds no interrupted markers: they are empty, nothing the model said.
     """
-    try:
-        cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
-    except CryptoError:
-        raise ProtocolError(SESSION_INVALID, "this session's data was erased") from None
     if found.redaction_sealed:
         raw = svc.vault.open_blob(
             cipher, v.tenant_id, v.conversation_id, "redaction", found.redaction_sealed

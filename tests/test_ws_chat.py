@@ -244,3 +244,49 @@ async def test_a_resumed_session_gives_the_model_its_earlier_turns_redacted(
         sent = upstream.requests[-1]["body"]["messages"]
         assert [(m["role"], m["content"]) for m in sent[1:]] == [*expected, ("user", turn)]
         expected += [("user", turn), ("assistant", turn)]
+
+
+async def test_a_process_without_the_key_cached_resumes_with_the_key_the_resume_read(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    from gateway.appkeys import SERVICES
+
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    assert (await chat(ws, "a", "mail me at jane@example.com"))[-1]["type"] == "done"
+    await ws.close()
+    # as after a restart, or on another worker: no data key in this process's cache
+    gateway.server.app[SERVICES].vault.cache.clear()
+    ws = await gateway.ws(tenant.site_key)
+    assert (await hello(ws, session_token=welcome["session_token"]))["resumed"] is True
+    assert (await chat(ws, "b", "again"))[-1]["type"] == "done"
+    await ws.close()
+    sent = upstream.requests[-1]["body"]["messages"]
+    assert [m["content"] for m in sent[1:]] == [
+        "mail me at <EMAIL_1>",
+        "mail me at <EMAIL_1>",
+        "again",
+    ]
+
+
+async def test_a_session_whose_key_is_destroyed_cannot_be_resumed(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    from gateway.appkeys import SERVICES
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    await chat(ws, "a", "something to keep")
+    await ws.close()
+    await owner_pool.execute(
+        "DELETE FROM subject_keys WHERE subject_id ="
+        " (SELECT subject_id FROM sessions WHERE conversation_id = $1::uuid)",
+        welcome["conversation_id"],
+    )
+    offline_gateway.server.app[SERVICES].vault.cache.clear()
+    ws = await offline_gateway.ws(tenant.site_key)
+    await ws.send_json({"type": "hello", "v": 1, "session_token": welcome["session_token"]})
+    frame = await ws.receive_json()
+    assert frame["type"] == "error" and frame["code"] == "session_invalid", frame
+    await ws.close()
