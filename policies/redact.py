@@ -204,11 +204,16 @@ class Redactor:
 
     def redact(self, text: str, mapping: PlaceholderMap) -> RedactionResult:
         """Replace every match with its placeholder, recording it in ``mapping``."""
+        return self.apply(text, self.find(text), mapping)
+
+    def apply(
+        self, text: str, matches: Sequence[Match], mapping: PlaceholderMap
+    ) -> RedactionResult:
+        """Replace ``matches`` (what ``find`` returned for ``text``, wherever it ran)."""
         # Reserve first, so a value found in this very message cannot be issued a number
         # the visitor typed literally.
         for m in PLACEHOLDER_RE.finditer(text):
             mapping.reserve(_ENTITY_BY_NAME[m.group(1)], int(m.group(2)))
-        matches = self.find(text)
         parts: list[str] = []
         counts: dict[str, int] = {}
         remarks: list[Remark] = []

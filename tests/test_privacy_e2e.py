@@ -169,13 +169,13 @@ async def test_redaction_failure_fails_closed(
 ) -> None:
     from policies import Redactor
 
-    def broken(self: Redactor, text: str, mapping: object) -> None:
+    def broken(self: Redactor, text: str) -> None:
         raise RuntimeError("detector crashed")
 
     upstream, _ = fake
     ws = await gateway.ws(tenant.site_key)
     welcome = await hello(ws)
-    monkeypatch.setattr(Redactor, "redact", broken)
+    monkeypatch.setattr(Redactor, "find", broken)
     frames = await chat(ws, "m", f"my card is {PII['card']}")
     assert frames == [
         {"type": "error", "id": "m", "code": "internal", "message": frames[-1]["message"]}
