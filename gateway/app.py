@@ -21,6 +21,7 @@ from gateway.crypto import DataKeyCache, KeyRing, dev_master_keys
 from gateway.db import check_app_role, create_pool, migrations_current
 from gateway.groupcommit import GroupCommitter
 from gateway.httpctx import add_cors_headers
+from gateway.redactpool import RedactionPool
 from gateway.retention import retention_loop
 from gateway.services import Services
 from gateway.tenants import TenantRegistry
@@ -156,6 +157,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             model = client
         svc = build_services(settings, pool, model, upstream)
         svc.writer = GroupCommitter(pool)
+        svc.redaction = RedactionPool(settings.redaction_helpers)
         redis_client = svc.redis
         _subscribe(svc)
         await svc.bus.start()
@@ -167,6 +169,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             await retention
         await svc.bus.close()
         await svc.writer.aclose()
+        await svc.redaction.aclose()
         await svc.aclose()
     finally:
         await ws.close_all(app[CONNECTIONS])

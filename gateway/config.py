@@ -49,6 +49,8 @@ class Settings:
     max_connections_per_ip: int = 50
     shutdown_grace: float = 20.0
     retention_interval: float = 3600.0
+    # helper processes searching digit-laden messages for PII (0: every search inline)
+    redaction_helpers: int = 1
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -173,4 +175,5 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         max_connections_per_ip=_int(e, "OMNIGATE_MAX_CONNECTIONS_PER_IP", 50, 1, 1_000_000),
         shutdown_grace=_float(e, "OMNIGATE_SHUTDOWN_GRACE", 20.0),
         retention_interval=_float(e, "OMNIGATE_RETENTION_INTERVAL", 3600.0),
+        redaction_helpers=_int(e, "OMNIGATE_REDACTION_HELPERS", 1, 0, 16),
     )

@@ -245,6 +245,10 @@ REDACTIONS = Counter(
     "PII entities replaced by placeholders before forwarding, by entity.",
     ["entity"],
 )
+REDACTION_HELPER = Counter(
+    "omnigate_redaction_helper_total",
+    "Messages searched for PII by a helper process (digit-laden ones), off the event loop.",
+)
 CONSENT_DECISIONS = Counter(
     "omnigate_consent_decisions_total",
     "Consent decisions recorded, by purpose and decision.",

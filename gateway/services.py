@@ -16,6 +16,7 @@ from gateway.crypto import KeyRing
 from gateway.db import Pool, tenant_tx
 from gateway.groupcommit import GroupCommitter
 from gateway.ratelimit import LocalRateLimiter, RateLimiter
+from gateway.redactpool import RedactionPool
 from gateway.tenants import TenantRegistry
 from gateway.upstream import ChatModel, ChatStream, UpstreamClient, UpstreamConfig
 from gateway.vault import Vault
@@ -39,6 +40,8 @@ class Services:
     bus: Any = field(default_factory=LocalBus)
     # message writes of concurrent sessions, batched into one round trip (None: one each)
     writer: GroupCommitter | None = None
+    # digit-laden messages are searched for PII off the event loop (0 helpers: inline)
+    redaction: RedactionPool = field(default_factory=lambda: RedactionPool(0))
     # live connections by (tenant, subject): erasure closes them on every process
     live: dict[tuple[UUID, UUID], set[Any]] = field(default_factory=dict)
     # open widget sockets per (tenant, anonymized IP) in this process

@@ -1,0 +1,209 @@
+"""Digit-laden messages are searched for PII in a helper process, off the event loop.
+
+Phone numbers are found with ``phonenumbers``, which is pure Python: a short message
+costs a fraction of a millisecond, but a 4,000-character message full of numbers (a
+pasted order list, a table of dates and amounts, or a message written to hurt) costs
+25-250 ms of CPU, during which one event loop would serve nobody else. Such a message
+is searched in a helper process instead; every other message, and the replacement of
+what was found, stays inline. The result is the same either way: the helper runs the
+same ``Redactor.find``.
+
+The helper is ``python -m gateway.redactpool``, started on first use, speaking over
+its stdin and stdout: each frame is a 4-byte big-endian length and an orjson body, a
+request ``[entities, regions, text]`` and its answer (a list of matches, or
+``{"error": true}``) in the same order. ``concurrent.futures.ProcessPoolExecutor``
+did the same job at 0.44-0.88 ms of this process's CPU per call (its queue threads
+contend for the GIL); these pipes cost about a tenth of that (docs/performance.md).
+
+A failure of the helper (it died, it raised, it took longer than ``timeout``) is an
+exception for the caller, which fails closed: nothing is forwarded. A dead helper is
+replaced on the next use. The helper never logs and never echoes text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import re
+import struct
+import sys
+from functools import lru_cache
+from typing import Any, BinaryIO
+
+import orjson
+
+from policies import Redactor
+from policies.detect import DEFAULT_PHONE_REGIONS, Match
+
+# Messages with at least this many digits go to a helper (when the policy redacts phone
+# numbers): below it, the search costs about what the round trip does.
+HEAVY_DIGITS = 32
+# A search that takes longer than this means a stuck helper: it is stopped.
+TIMEOUT = 30.0
+
+_LEN = struct.Struct(">I")
+_NOT_DIGITS = re.compile(r"\D+")
+
+
+class HelperFailed(Exception):
+    """A helper could not search a message; carries no text."""
+
+
+def digit_count(text: str) -> int:
+    """How many decimal digits ``text`` holds (any script, as the phone matcher reads)."""
+    return len(_NOT_DIGITS.sub("", text))
+
+
+class _Helper:
+    """One helper process and the answers it owes, oldest first."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.waiting: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
+        self.stopped = False
+        self.reader = asyncio.create_task(self._read())
+
+    @property
+    def alive(self) -> bool:
+        return not self.stopped and self.proc.returncode is None
+
+    def ask(self, body: bytes) -> asyncio.Future[list[Any]]:
+        assert self.proc.stdin is not None
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        self.proc.stdin.write(_LEN.pack(len(body)) + body)
+        return fut
+
+    async def _read(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        try:
+            while True:
+                (size,) = _LEN.unpack(await out.readexactly(_LEN.size))
+                answer = orjson.loads(await out.readexactly(size))
+                fut = self.waiting.popleft()
+                if fut.done():
+                    continue  # its caller went away; the answer is dropped
+                if isinstance(answer, list):
+                    fut.set_result(answer)
+                else:
+                    fut.set_exception(HelperFailed("the helper could not search a message"))
+        except (asyncio.IncompleteReadError, OSError, orjson.JSONDecodeError, IndexError):
+            pass  # the helper is gone (or spoke nonsense): everyone waiting fails
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.stopped = True
+        while self.waiting:
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(HelperFailed("the redaction helper stopped"))
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+class RedactionPool:
+    """Helper processes for heavy searches, started on first use."""
+
+    def __init__(
+        self, processes: int, heavy_digits: int = HEAVY_DIGITS, timeout: float = TIMEOUT
+    ) -> None:
+        self.processes = processes
+        self.heavy_digits = heavy_digits
+        self.timeout = timeout
+        self._helpers: list[_Helper | None] = [None] * processes
+        self._next = 0
+        self._starting = asyncio.Lock()
+
+    def is_heavy(self, redactor: Redactor, text: str) -> bool:
+        """True when ``text`` should be searched by a helper."""
+        return (
+            self.processes > 0
+            and "phone" in redactor.entities
+            and len(text) >= self.heavy_digits
+            and digit_count(text) >= self.heavy_digits
+        )
+
+    async def find(self, redactor: Redactor, text: str) -> list[Match]:
+        """``redactor.find(text)``, run in a helper process."""
+        helper = await self._helper()
+        body = orjson.dumps([sorted(redactor.entities), redactor.phone_regions, text])
+        try:
+            async with asyncio.timeout(self.timeout):
+                found = await helper.ask(body)
+        except TimeoutError:
+            helper.stop()
+            raise HelperFailed("the redaction helper took too long") from None
+        return [Match(*m) for m in found]
+
+    def pids(self) -> list[int]:
+        """Process ids of the running helpers (tests stop one to see the gateway recover)."""
+        return [h.proc.pid for h in self._helpers if h is not None and h.alive]
+
+    async def _helper(self) -> _Helper:
+        n = self._next
+        self._next = (n + 1) % self.processes
+        helper = self._helpers[n]
+        if helper is not None and helper.alive:
+            return helper
+        async with self._starting:
+            helper = self._helpers[n]
+            if helper is None or not helper.alive:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gateway.redactpool",
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                helper = self._helpers[n] = _Helper(proc)
+        return helper
+
+    async def aclose(self) -> None:
+        """Stop the helpers; searches still waiting fail (their callers fail closed)."""
+        helpers, self._helpers = self._helpers, [None] * self.processes
+        for helper in helpers:
+            if helper is not None:
+                helper.stop()
+                await helper.proc.wait()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper.reader
+
+
+# --- in the helper process -------------------------------------------------------------
+
+
+@lru_cache(maxsize=32)
+def _redactor(entities: tuple[str, ...], regions: tuple[str, ...]) -> Redactor:
+    return Redactor(entities, regions)
+
+
+def _answer(body: bytes) -> bytes:
+    try:
+        entities, regions, text = orjson.loads(body)
+        found = _redactor(tuple(entities), tuple(regions)).find(text)
+        return orjson.dumps([[m.start, m.end, m.entity, m.rule, m.key] for m in found])
+    except Exception:
+        # the exception could quote the text: the answer says only that it failed
+        return orjson.dumps({"error": True})
+
+
+def _read(stream: BinaryIO, size: int) -> bytes | None:
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """Answer requests until stdin closes (the gateway stopped or dropped this helper)."""
+    _redactor(("phone",), DEFAULT_PHONE_REGIONS).find("call +1 415 555 2671 or 020 7946 0958")
+    while (head := _read(stdin, _LEN.size)) is not None:
+        body = _read(stdin, _LEN.unpack(head)[0])
+        if body is None:
+            return
+        answer = _answer(body)
+        stdout.write(_LEN.pack(len(answer)) + answer)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -1,0 +1,208 @@
+"""Digit-laden messages are searched for PII in a helper process (gateway/redactpool.py).
+
+The helper is a real child process speaking over pipes; the gateway tests run a real
+gateway on the fake upstream and check what reached the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client import REGISTRY
+
+from gateway.appkeys import SERVICES
+from gateway.fake_upstream import FakeUpstream
+from gateway.redactpool import HelperFailed, RedactionPool, digit_count
+from policies import ENTITIES, PlaceholderMap, Redactor
+from tests.conftest import Gateway, chat, hello, recv_until
+from tests.support import tenant_with
+
+REDACTOR = Redactor(ENTITIES)
+
+
+def numbers_text(n: int, seed: int = 1) -> str:
+    """A message of `n` short lines of orders, dates, amounts and a few real contacts."""
+    rnd = random.Random(seed)
+    lines = []
+    for i in range(n):
+        lines.append(
+            f"order {rnd.randint(10**6, 10**7)} on 2026-{rnd.randint(1, 12):02d}-"
+            f"{rnd.randint(1, 28):02d} paid ${rnd.randint(1, 9999)}.{rnd.randint(0, 99):02d}"
+        )
+        if i % 7 == 3:
+            lines.append("call (415) 555-2671 or +44 20 7946 0958, mail ann@example.org")
+    return "\n".join(lines)
+
+
+def slow_text(chars: int) -> str:
+    """Digits one space apart: one long run the phone matcher reads candidate by candidate."""
+    rnd = random.Random(7)
+    return " ".join(str(rnd.randint(0, 9)) for _ in range(chars // 2))[:chars]
+
+
+TEXTS = [
+    numbers_text(40),
+    "Ruf mich an: 030 123456789 oder 0171 2345678, IBAN DE89 3704 0044 0532 0130 00.",
+    "Carte 4111 1111 1111 1111, tél. 01 23 45 67 89, ip 203.0.113.9, ssn 123-45-6789 " + "1" * 40,
+    # fullwidth digits are digits to the phone matcher, and to the heaviness count
+    "call \uff14\uff11\uff15 \uff15\uff15\uff15 \uff12\uff16\uff17\uff11 " * 6,
+    "typed <PHONE_1> and <EMAIL_2> then 020 7946 0958 " + "0" * 40,
+]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[RedactionPool]:
+    p = RedactionPool(1)
+    yield p
+    await p.aclose()
+
+
+async def test_the_helper_finds_exactly_what_the_inline_search_finds(pool: RedactionPool) -> None:
+    for text in TEXTS:
+        assert pool.is_heavy(REDACTOR, text), text[:40]
+        assert await pool.find(REDACTOR, text) == REDACTOR.find(text)
+    # another policy's entities and regions travel with the request
+    narrow = Redactor({"phone"}, ("DE",))
+    text = TEXTS[1]
+    found = await pool.find(narrow, text)
+    assert found == narrow.find(text)
+    assert {m.entity for m in found} == {"phone"}
+    assert found != REDACTOR.find(text)
+
+
+def test_only_digit_laden_messages_are_heavy() -> None:
+    pool = RedactionPool(1)
+    bench_like = (
+        "Hello, this is visitor 3 writing about order 1007, which never arrived. Please "
+        "email me at jane.doe3@example.com or call +1 415 555 2671 any time today."
+    )
+    assert not pool.is_heavy(REDACTOR, bench_like)
+    assert not pool.is_heavy(REDACTOR, "words " * 1000)
+    assert pool.is_heavy(REDACTOR, numbers_text(5))
+    assert digit_count("\uff11\uff12 3 \u0664") == 4
+    # without phone numbers to find, every detector is a linear regex: inline
+    assert not pool.is_heavy(Redactor({"email", "credit_card"}), numbers_text(5))
+    # no helpers configured: everything inline
+    assert not RedactionPool(0).is_heavy(REDACTOR, numbers_text(5))
+
+
+async def test_a_killed_helper_fails_its_searches_and_is_replaced(pool: RedactionPool) -> None:
+    await pool.find(REDACTOR, TEXTS[0])
+    (pid,) = pool.pids()
+    waiting = asyncio.create_task(pool.find(REDACTOR, slow_text(20_000)))
+    await asyncio.sleep(0.3)  # the helper is busy with it
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(HelperFailed):
+        await waiting
+    assert await pool.find(REDACTOR, TEXTS[1]) == REDACTOR.find(TEXTS[1])
+    assert pool.pids() and pool.pids() != [pid]
+
+
+async def test_a_stuck_helper_is_stopped_after_its_deadline(pool: RedactionPool) -> None:
+    await pool.find(REDACTOR, TEXTS[0])
+    (pid,) = pool.pids()
+    pool.timeout = 0.1
+    with pytest.raises(HelperFailed):
+        await pool.find(REDACTOR, slow_text(20_000))
+    pool.timeout = 30.0
+    # the late answer of the stopped helper can never be taken for the next one's
+    assert await pool.find(REDACTOR, TEXTS[2]) == REDACTOR.find(TEXTS[2])
+    assert pool.pids() != [pid]
+
+
+async def test_answers_stay_in_order_when_a_caller_goes_away(pool: RedactionPool) -> None:
+    await pool.find(REDACTOR, TEXTS[0])
+    first = asyncio.create_task(pool.find(REDACTOR, TEXTS[0]))
+    second = asyncio.create_task(pool.find(REDACTOR, TEXTS[1]))
+    await asyncio.sleep(0)  # both asked
+    first.cancel()
+    assert await second == REDACTOR.find(TEXTS[1])
+    assert await pool.find(REDACTOR, TEXTS[2]) == REDACTOR.find(TEXTS[2])
+
+
+def _helped() -> float:
+    return REGISTRY.get_sample_value("omnigate_redaction_helper_total") or 0.0
+
+
+async def test_a_digit_laden_message_is_redacted_by_the_helper_end_to_end(
+    gateway: Gateway, app_pool: asyncpg.Pool, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream, _ = fake
+    t = await tenant_with(app_pool, max_message_chars=32000)
+    text = numbers_text(60)
+    before = _helped()
+    ws = await gateway.ws(t.site_key)
+    await hello(ws, consent={"ai_processing": True, "conversation_storage": True})
+    frames = await chat(ws, "m1", text)
+    assert frames[0]["type"] == "ack" and frames[-1]["type"] == "done", frames[-1]
+    assert _helped() == before + 1
+    sent = upstream.requests[-1]["body"]["messages"][-1]["content"]
+    assert sent == REDACTOR.redact(text, PlaceholderMap()).text
+    assert "(415) 555-2671" not in sent and "<PHONE_1>" in sent and "<EMAIL_1>" in sent
+    await ws.close()
+
+
+async def test_other_visitors_are_answered_while_a_heavy_message_is_searched(
+    gateway: Gateway, app_pool: asyncpg.Pool
+) -> None:
+    t = await tenant_with(app_pool, max_message_chars=32000)
+    heavy_ws = await gateway.ws(t.site_key)
+    other_ws = await gateway.ws(t.site_key)
+    await hello(heavy_ws)
+    await hello(other_ws)
+    await chat(heavy_ws, "warm", numbers_text(5))  # the helper is running
+    loop = asyncio.get_running_loop()
+
+    async def first_frame() -> tuple[dict[str, Any], float]:
+        frame = await heavy_ws.receive_json(timeout=30)
+        return frame, loop.time()
+
+    heavy_ack = asyncio.create_task(first_frame())
+    # ~1 s of phone matching: inline it would hold the loop, and nobody would be served
+    await heavy_ws.send_json({"type": "message", "id": "h", "text": slow_text(20_000)})
+    await asyncio.sleep(0.05)
+    other = await chat(other_ws, "o", "hello, is anyone there?")
+    other_done_at = loop.time()
+    assert other[-1]["type"] == "done", other
+    ack, ack_at = await heavy_ack
+    assert ack["type"] == "ack" and ack["id"] == "h", ack
+    assert other_done_at < ack_at
+    rest = await recv_until(heavy_ws, "done", timeout=30)
+    assert rest[-1]["type"] == "done", rest[-1]
+    await heavy_ws.close()
+    await other_ws.close()
+
+
+async def test_a_failed_helper_forwards_and_stores_nothing(
+    gateway: Gateway,
+    app_pool: asyncpg.Pool,
+    owner_pool: asyncpg.Pool,
+    fake: tuple[FakeUpstream, str],
+) -> None:
+    upstream, _ = fake
+    t = await tenant_with(app_pool, max_message_chars=32000)
+    ws = await gateway.ws(t.site_key)
+    welcome = await hello(ws, consent={"ai_processing": True, "conversation_storage": True})
+    svc = gateway.server.app[SERVICES]
+    svc.redaction.timeout = 0.05  # the helper cannot finish this one in time
+    frames = await chat(ws, "h", slow_text(20_000))
+    assert frames == [
+        {"type": "error", "id": "h", "code": "internal", "message": frames[-1]["message"]}
+    ]
+    assert upstream.requests == []
+    stored = await owner_pool.fetchval(
+        "SELECT count(*) FROM messages WHERE conversation_id = $1::uuid", welcome["conversation_id"]
+    )
+    assert stored == 0
+    svc.redaction.timeout = 30.0
+    frames = await chat(ws, "n", numbers_text(10))  # a new helper takes over
+    assert frames[-1]["type"] == "done", frames[-1]
+    assert len(upstream.requests) == 1
+    await ws.close()
