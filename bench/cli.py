@@ -30,11 +30,11 @@ import psutil
 from bench import report
 from bench.db import BenchDatabase, Tenant
 from bench.idle import run_idle
-from bench.load import RunStats, pct, run_baseline, run_sse, run_ws
+from bench.load import RunStats, heavy_text, pct, run_baseline, run_sse, run_ws, run_ws_beside
 from bench.procs import Child, free_port, start_fake, start_gateway
 from bench.slow import run_export_job, run_retention_job
 
-SCENARIOS = ("baseline", "ws", "sse", "idle", "slow-jobs", "scale")
+SCENARIOS = ("baseline", "ws", "sse", "idle", "slow-jobs", "scale", "heavy")
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = {
     "sessions": 10,
@@ -50,6 +50,8 @@ FULL = {"sessions": 50, "messages": 20, "idle": 2000, "retention_rows": 1_000_00
 # is a difference of two p50s, too noisy from one 20-message run each.
 ONE_SESSION_ROUNDS = 5
 ONE_SESSION_MESSAGES = 200
+# The heavy-neighbour runs: gateways with and without the redaction helper take turns.
+HEAVY_ROUNDS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,9 +216,12 @@ class Runner:
             env["OMNIGATE_REDIS_URL"] = self.args.redis_url
         return env
 
-    def start_gateway(self, workers: int, name: str = "gateway") -> tuple[Child, str]:
+    def start_gateway(
+        self, workers: int, name: str = "gateway", env: dict[str, str] | None = None
+    ) -> tuple[Child, str]:
         port = free_port()
-        child = start_gateway(port, workers, self.gateway_env(workers), self.logdir, name)
+        env = {**self.gateway_env(workers), **(env or {})}
+        child = start_gateway(port, workers, env, self.logdir, name)
         self.children.append(child)
         return child, f"http://127.0.0.1:{port}"
 
@@ -285,7 +290,7 @@ class Runner:
         self.results["database"] = {"name": self.db.name, "embedded": self.db.embedded}
         self.say(f"database {self.db.name}{' (embedded server)' if self.db.embedded else ''}")
         self.tenant = await self.db.tenant("bench")
-        needs_fake = self.only & {"baseline", "ws", "sse", "scale"}
+        needs_fake = self.only & {"baseline", "ws", "sse", "scale", "heavy"}
         if needs_fake:
             port = free_port()
             self.fake = start_fake(port, cfg["delay_ms"], cfg["chunks"], self.logdir)
@@ -325,6 +330,8 @@ class Runner:
             gw.stop()
         if "scale" in self.only:
             await self.run_scale(url if "ws" in self.results["runs"] else None)
+        if "heavy" in self.only:
+            await self.run_heavy()
 
     async def run_idle(self, gw: Child, url: str) -> None:
         assert self.tenant is not None
@@ -396,6 +403,38 @@ class Runner:
                 gw.stop()
         self.results["scale"] = {"w1": rates[1], "w2": rates[2],
                                  "ratio": rates[2] / rates[1] if rates[1] else None}  # fmt: skip
+
+    async def run_heavy(self) -> None:
+        """ws at N sessions beside a visitor sending digit-laden messages: inline vs helper."""
+        assert self.tenant is not None
+        n, m = self.cfg["sessions"], self.cfg["messages"]
+        site = self.tenant.site_key
+        modes = {"inline": "0", "helper": "1"}
+        gws = {
+            mode: self.start_gateway(1, f"gateway_{mode}", {"OMNIGATE_REDACTION_HELPERS": h})
+            for mode, h in modes.items()
+        }
+        try:
+            for _gw, url in gws.values():
+                await run_ws(url, site, n, 2)
+                await run_ws_beside(url, site, 2, 2)  # the helper has started
+            acc = {mode: (RunStats(f"ws_beside_{mode}", n, 0), Usage()) for mode in gws}
+            per_round = math.ceil(m / HEAVY_ROUNDS)
+            for _ in range(HEAVY_ROUNDS):
+                for mode, (gw, url) in gws.items():
+                    stats, usage = acc[mode]
+                    stats.absorb(
+                        await usage.measure(
+                            gw, self.fake, lambda url=url: run_ws_beside(url, site, n, per_round)
+                        )
+                    )
+            for mode, (stats, usage) in acc.items():
+                self.record(f"ws_beside_{mode}", stats, usage)
+                self.results["runs"][f"ws_beside_{mode}"]["neighbour_answered"] = stats.neighbour
+            self.results["heavy"] = {"message_chars": len(heavy_text(1)), "rounds": HEAVY_ROUNDS}
+        finally:
+            for gw, _url in gws.values():
+                gw.stop()
 
     def start_profile(self, gw: Child, name: str) -> tuple[subprocess.Popen[bytes], Path] | None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -487,6 +526,9 @@ async def _main(args: argparse.Namespace) -> int:
     print(report.table(res))
     print()
     print(report.targets_table(res["targets"]))
+    if "heavy" in res:
+        print()
+        print(report.heavy_table(res))
     print(f"\nwrote {stem.with_suffix('.json')}{chart_note} in {res['duration_s']} s")
     return 0
 

@@ -32,6 +32,24 @@ def message_text(session: int, n: int) -> str:
     )
 
 
+def heavy_text(n: int) -> str:
+    """~4,000 characters of pasted orders (numbers, dates, amounts, one phone number).
+
+    The costliest kind of message to search for PII: the phone matcher reads every
+    group of digits (about 100 ms of CPU on the bench machine).
+    """
+    lines = [f"My orders, please check them all ({n}):"]
+    i = 0
+    while sum(map(len, lines)) < 3900:
+        lines.append(
+            f"#{4_100_000 + 37 * i + n} of 2026-{1 + i % 12:02d}-{1 + i % 28:02d}, "
+            f"{1 + i % 9} items, ${(i * 7919) % 10_000}.{i % 100:02d}"
+        )
+        i += 1
+    lines.append("Reach me at (415) 555-2671.")
+    return "\n".join(lines)[:4000]
+
+
 @dataclass
 class RunStats:
     """What one load run measured."""
@@ -47,6 +65,7 @@ class RunStats:
     wall: float = 0.0
     setup: float = 0.0
     frames: int = 0  # frames or events received in answer to messages (ack, deltas, done)
+    neighbour: int = 0  # messages of the heavy neighbour answered meanwhile (run_ws_beside)
 
     def absorb(self, other: RunStats) -> None:
         """Add another run of the same kind (one round of an interleaved measurement)."""
@@ -60,6 +79,7 @@ class RunStats:
         self.wall += other.wall
         self.setup += other.setup
         self.frames += other.frames
+        self.neighbour += other.neighbour
 
     def error(self, kind: str) -> None:
         self.errors += 1
@@ -226,6 +246,36 @@ async def run_ws(gateway: str, site_key: str, sessions: int, messages: int) -> R
                             break
 
         return await drive(stats, session)
+
+
+async def run_ws_beside(gateway: str, site_key: str, sessions: int, messages: int) -> RunStats:
+    """`run_ws` while one more visitor sends `heavy_text` messages back to back."""
+    url = f"{gateway}/v1/widget/ws?site={site_key}"
+    stop = asyncio.Event()
+    answered = 0
+
+    async def neighbour(http: aiohttp.ClientSession) -> None:
+        nonlocal answered
+        async with http.ws_connect(url, headers={"Origin": ORIGIN}) as ws:
+            await ws.send_str(orjson.dumps({"type": "hello", "v": 1, "consent": CONSENT}).decode())
+            await _next_frame(ws)
+            n = 0
+            while not stop.is_set():
+                n += 1
+                frame = {"type": "message", "id": f"h{n}", "text": heavy_text(n)}
+                await ws.send_str(orjson.dumps(frame).decode())
+                while (f := await _next_frame(ws)).get("type") not in ("done", "error"):
+                    pass
+                answered += f.get("type") == "done"
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        task = asyncio.create_task(neighbour(http))
+        stats = await run_ws(gateway, site_key, sessions, messages)
+        stop.set()
+        await task
+    stats.name = "ws_beside"
+    stats.neighbour = answered
+    return stats
 
 
 async def _next_frame(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:

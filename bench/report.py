@@ -119,6 +119,28 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def heavy_table(results: dict[str, Any]) -> str:
+    """ws at N sessions beside one visitor sending digit-laden messages back to back."""
+    n = results["config"]["sessions"]
+    cols = ("ws", "ws_beside_inline", "ws_beside_helper")
+    rows: list[tuple[str, list[str]]] = [
+        (f"msgs/s @{n} sessions", [_f(_get(results, c, "msgs_per_s")) for c in cols]),
+        (f"TTFT p50 ms @{n}", [_f(_get(results, c, "ttft_p50_ms"), "{:.2f}") for c in cols]),
+        (f"TTFT p99 ms @{n}", [_f(_get(results, c, "ttft_p99_ms"), "{:.2f}") for c in cols]),
+        ("gateway CPU ms/msg", [_f(_get(results, c, "gateway_cpu_ms_per_msg"), "{:.2f}")
+                                for c in cols]),
+        ("neighbour's messages answered", [_f(_get(results, c, "neighbour_answered"), "{:.0f}")
+                                           for c in cols]),
+    ]  # fmt: skip
+    w0 = max(len(r[0]) for r in rows)
+    heads = ("no neighbour", "inline", "helper")
+    lines = [f"| {'beside a heavy neighbour':<{w0}} | " + " | ".join(f"{h:>12}" for h in heads)
+             + " |", f"|{'-' * (w0 + 2)}|" + "|".join("-" * 14 for _ in heads) + "|"]  # fmt: skip
+    for name, vals in rows:
+        lines.append(f"| {name:<{w0}} | " + " | ".join(f"{v:>12}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
 def targets_table(rows: list[dict[str, Any]]) -> str:
     w = max(len(r["target"]) for r in rows)
     wm = max(len(r["measured"]) for r in rows)
