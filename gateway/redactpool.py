@@ -3,7 +3,7 @@
 Phone numbers are found with ``phonenumbers``, which is pure Python: a short message
 costs a fraction of a millisecond, but a 4,000-character message full of numbers (a
 pasted order list, a table of dates and amounts, or a message written to hurt) costs
-25-250 ms of CPU, during which one event loop would serve nobody else. Such a message
+25-260 ms of CPU, during which one event loop would serve nobody else. Such a message
 is searched in a helper process instead; every other message, and the replacement of
 what was found, stays inline. The result is the same either way: the helper runs the
 same ``Redactor.find``.
