@@ -61,8 +61,7 @@ class PlaceholderMap:
         self._values: dict[str, str] = {}
         self._counters: dict[str, int] = {}
         # Built by ``reapply`` on first use; dropped whenever a placeholder is issued.
-        self._reapply_re: re.Pattern[str] | None = None
-        self._reapply_to: dict[str, str] = {}
+        self._spellings: dict[str, str] | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -84,7 +83,7 @@ class PlaceholderMap:
         placeholder = f"<{PLACEHOLDER_NAMES[entity]}_{number}>"
         self._by_key[(entity, key)] = placeholder
         self._values[placeholder] = value
-        self._reapply_re = None
+        self._spellings = None
         return placeholder
 
     def reserve(self, entity: str, number: int) -> None:
@@ -105,10 +104,13 @@ class PlaceholderMap:
 
         Each placeholder is matched in two spellings: the value as first seen (what
         ``restore_text`` gives back) and its canonical form (e-mail lower-cased, phone as
-        E.164, card/IBAN without spaces, ...). One left-to-right pass of a cached
-        alternation, longest spelling first, so a value that contains another wins.
-        Matching is literal and ignores word boundaries: a known value inside a longer
-        token is replaced too (over-redaction, the safe side).
+        E.164, card/IBAN without spaces, ...). Leftmost first, and at one position the
+        longest spelling, so a value that contains another wins (what a regex
+        alternation sorted longest first does, without compiling one: ``re`` compiles
+        in Python, 0.15-5 ms for 1-100 values, and would keep every conversation's
+        values in its module cache). Matching is literal and ignores word boundaries:
+        a known value inside a longer token is replaced too (over-redaction, the safe
+        side).
 
         Values the map never saw are NOT redacted. That is fine only because ``reapply``
         is meant for text that already went through ``Redactor.redact`` with this map
@@ -118,22 +120,34 @@ class PlaceholderMap:
         """
         if not self._values or not text:
             return text
-        pattern = self._reapply_re
-        if pattern is None:
-            spellings: dict[str, str] = {}
+        spellings = self._spellings
+        if spellings is None:
+            spellings = {}
             for placeholder, value in self._values.items():
                 spellings.setdefault(value, placeholder)
             for (_, key), placeholder in self._by_key.items():
                 spellings.setdefault(key, placeholder)
             spellings.pop("", None)
-            if not spellings:
-                return text
-            ordered = sorted(spellings, key=lambda v: (-len(v), v))
-            pattern = re.compile("|".join(re.escape(v) for v in ordered))
-            self._reapply_re = pattern
-            self._reapply_to = spellings
-        to = self._reapply_to
-        return pattern.sub(lambda m: to[m.group()], text)
+            self._spellings = spellings
+        # every occurrence of every spelling present: (start, -length, placeholder)
+        hits: list[tuple[int, int, str]] = []
+        for spelling, placeholder in spellings.items():
+            at = text.find(spelling)
+            while at >= 0:
+                hits.append((at, -len(spelling), placeholder))
+                at = text.find(spelling, at + 1)
+        if not hits:
+            return text
+        hits.sort()
+        parts: list[str] = []
+        pos = 0
+        for start, neg_len, placeholder in hits:
+            if start >= pos:  # else it overlaps what was just replaced
+                parts.append(text[pos:start])
+                parts.append(placeholder)
+                pos = start - neg_len
+        parts.append(text[pos:])
+        return "".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able form for (encrypted) storage."""

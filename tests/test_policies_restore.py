@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -235,3 +237,38 @@ def test_reapply_round_trip(turns: list[str]) -> None:
     redacted = [redactor.redact(t, m).text for t in turns]
     for r in redacted:
         assert m.reapply(restore_text(r, m)) == r
+
+
+def _regex_reapply(m: PlaceholderMap, text: str) -> str:
+    """The oracle: one alternation of every spelling, longest first (the former code)."""
+    spellings: dict[str, str] = {}
+    for placeholder in m._by_key.values():  # values first, in the order they were issued
+        spellings.setdefault(m.value_of(placeholder) or "", placeholder)
+    for (_, key), placeholder in m._by_key.items():
+        spellings.setdefault(key, placeholder)
+    spellings.pop("", None)
+    if not spellings:
+        return text
+    ordered = sorted(spellings, key=lambda v: (-len(v), v))
+    pattern = re.compile("|".join(re.escape(v) for v in ordered))
+    return pattern.sub(lambda x: spellings[x.group()], text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    # values and their canonical keys over a tiny alphabet: prefixes, suffixes,
+    # overlaps and repeats of one another are the common case, not the rare one
+    entries=st.lists(
+        st.tuples(st.text("ab1", min_size=1, max_size=5), st.text("ab1", min_size=1, max_size=5)),
+        min_size=1,
+        max_size=8,
+    ),
+    text=st.text("ab1 ", max_size=40),
+)
+def test_reapply_matches_a_longest_first_alternation(
+    entries: list[tuple[str, str]], text: str
+) -> None:
+    m = PlaceholderMap()
+    for value, key in entries:
+        m.placeholder_for("email", key, value)
+    assert m.reapply(text) == _regex_reapply(m, text)
