@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import re
+import signal
 import struct
 import sys
 from functools import lru_cache
@@ -209,4 +210,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C in a terminal reaches the whole process group: the gateway shuts down and
+    # closes this helper's stdin, which ends it without a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -207,3 +207,20 @@ async def test_a_failed_helper_forwards_and_stores_nothing(
     assert frames[-1]["type"] == "done", frames[-1]
     assert len(upstream.requests) == 1
     await ws.close()
+
+
+async def test_the_helper_outlives_a_terminal_ctrl_c_and_ends_with_its_stdin(
+    pool: RedactionPool,
+) -> None:
+    await pool.find(REDACTOR, TEXTS[0])
+    (pid,) = pool.pids()
+    os.kill(pid, signal.SIGINT)  # what Ctrl-C sends the whole process group
+    await asyncio.sleep(0.2)
+    assert await pool.find(REDACTOR, TEXTS[1]) == REDACTOR.find(TEXTS[1])
+    assert pool.pids() == [pid]
+    helper = pool._helpers[0]
+    assert helper is not None and helper.proc.stdin is not None
+    helper.proc.stdin.close()  # the gateway went away
+    # the reader ends only at the end of the helper's stdout: the helper has exited
+    await asyncio.wait_for(asyncio.shield(helper.reader), 10)
+    await asyncio.wait_for(helper.proc.wait(), 10)
