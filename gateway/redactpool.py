@@ -15,9 +15,12 @@ request ``[entities, regions, text]`` and its answer (a list of matches, or
 did the same job at 0.44-0.88 ms of this process's CPU per call (its queue threads
 contend for the GIL); these pipes cost about a tenth of that (docs/performance.md).
 
-A failure of the helper (it died, it raised, it took longer than ``timeout``) is an
-exception for the caller, which fails closed: nothing is forwarded. A dead helper is
-replaced on the next use. The helper never logs and never echoes text.
+A failure of the helper (it died, it raised) is an exception for the caller, which
+fails closed: nothing is forwarded. So is a search not answered within ``timeout``
+(queueing included); if the helper has answered nothing at all for that long, it is
+stuck and is stopped, but a helper that is merely busy with others' searches keeps
+going. A stopped or dead helper is replaced on the next use. The helper never logs
+and never echoes text.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from policies.detect import DEFAULT_PHONE_REGIONS, Match
 # round trip does.
 HEAVY_DIGITS = 32
 DIGIT_ENTITIES = frozenset({"phone", "credit_card"})
-# A search that takes longer than this means a stuck helper: it is stopped.
+# A search not answered within this fails; a helper silent for this long is stopped.
 TIMEOUT = 30.0
 
 _LEN = struct.Struct(">I")
@@ -66,6 +69,9 @@ class _Helper:
         self.proc = proc
         self.waiting: collections.deque[asyncio.Future[list[Any]]] = collections.deque()
         self.stopped = False
+        # when the helper last answered (or started): a search that times out finds the
+        # helper stuck if it has been silent that long, busy with others' otherwise
+        self.progress = asyncio.get_running_loop().time()
         self.reader = asyncio.create_task(self._read())
 
     @property
@@ -86,6 +92,7 @@ class _Helper:
             while True:
                 (size,) = _LEN.unpack(await out.readexactly(_LEN.size))
                 answer = orjson.loads(await out.readexactly(size))
+                self.progress = asyncio.get_running_loop().time()
                 fut = self.waiting.popleft()
                 if fut.done():
                     continue  # its caller went away; the answer is dropped
@@ -139,7 +146,8 @@ class RedactionPool:
             async with asyncio.timeout(self.timeout):
                 found = await helper.ask(body)
         except TimeoutError:
-            helper.stop()
+            if asyncio.get_running_loop().time() - helper.progress >= self.timeout:
+                helper.stop()  # owed answers and silent that long: stuck, not busy
             raise HelperFailed("the redaction helper took too long") from None
         return [Match(*m) for m in found]
 

@@ -226,3 +226,27 @@ async def test_the_helper_outlives_a_terminal_ctrl_c_and_ends_with_its_stdin(
     # the reader ends only at the end of the helper's stdout: the helper has exited
     await asyncio.wait_for(asyncio.shield(helper.reader), 10)
     await asyncio.wait_for(helper.proc.wait(), 10)
+
+
+async def test_a_busy_helper_is_not_taken_for_a_stuck_one(pool: RedactionPool) -> None:
+    text = numbers_text(150)
+    await pool.find(REDACTOR, text)
+    (pid,) = pool.pids()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await pool.find(REDACTOR, text)
+    one = loop.time() - began  # one search, as the helper runs it on this machine
+    # ten queued searches, each allowed three times one: the last ones time out
+    # waiting their turn while the helper keeps answering the ones before them
+    pool.timeout = 3 * one
+    outcomes = await asyncio.gather(
+        *(pool.find(REDACTOR, text) for _ in range(10)), return_exceptions=True
+    )
+    pool.timeout = 30.0
+    expected = REDACTOR.find(text)
+    assert outcomes[0] == expected
+    assert isinstance(outcomes[-1], HelperFailed), outcomes[-1]
+    assert all(o == expected or isinstance(o, HelperFailed) for o in outcomes)
+    assert pool.pids() == [pid]  # busy, not stuck: kept
+    # the answers owed to the callers who gave up are dropped, not handed to the next
+    assert await pool.find(REDACTOR, TEXTS[1]) == REDACTOR.find(TEXTS[1])
