@@ -150,7 +150,7 @@ async def _exchange(
     try:
         with metrics.timed("redaction"):
             if svc.redaction.is_heavy(cp.redactor, text):
-                # a digit-laden message: searched in a helper, the loop keeps serving
+                # costly to search (national phone numbers, lists of numbers): in a helper
                 found = await svc.redaction.find(cp.redactor, text)
                 metrics.REDACTION_HELPER.inc()
             else:

@@ -49,7 +49,7 @@ class Settings:
     max_connections_per_ip: int = 50
     shutdown_grace: float = 20.0
     retention_interval: float = 3600.0
-    # helper processes searching digit-laden messages for PII (0: every search inline)
+    # helper processes searching costly messages for PII (0: every search inline)
     redaction_helpers: int = 1
     extra: Mapping[str, str] = field(default_factory=dict)
 

@@ -247,7 +247,7 @@ REDACTIONS = Counter(
 )
 REDACTION_HELPER = Counter(
     "omnigate_redaction_helper_total",
-    "Messages searched for PII by a helper process (digit-laden ones), off the event loop.",
+    "Messages searched for PII by a helper process (costly ones), off the event loop.",
 )
 CONSENT_DECISIONS = Counter(
     "omnigate_consent_decisions_total",

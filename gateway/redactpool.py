@@ -1,12 +1,14 @@
-"""Digit-laden messages are searched for PII in a helper process, off the event loop.
+"""Messages costly to search for PII are searched in a helper process, off the event loop.
 
-Phone numbers are found with ``phonenumbers``, which is pure Python: a short message
-costs a fraction of a millisecond, but a 4,000-character message full of numbers (a
+Phone numbers are found with ``phonenumbers``, which is pure Python. A number written
+"+1 415 555 2671" costs about 0.3 ms to find, but one written in national format
+("(415) 555-2671", or an order number that might be one) costs a matcher pass per
+region of the policy, 1-1.6 ms, and a 4,000-character message full of numbers (a
 pasted order list, a table of dates and amounts, or a message written to hurt) costs
-25-260 ms of CPU, during which one event loop would serve nobody else. Such a message
-is searched in a helper process instead; every other message, and the replacement of
-what was found, stays inline. The result is the same either way: the helper runs the
-same ``Redactor.find``.
+25-260 ms, during which one event loop would serve nobody else. A message whose search
+would cost more than the round trip to a helper is searched there; every other
+message, and the replacement of what was found, stays inline. The result is the same
+either way: the helper runs the same ``Redactor.find``.
 
 The helper is ``python -m gateway.redactpool``, started on first use, speaking over
 its stdin and stdout: each frame is a 4-byte big-endian length and an orjson body, a
@@ -38,14 +40,14 @@ from typing import Any, BinaryIO
 import orjson
 
 from policies import Redactor
-from policies.detect import DEFAULT_PHONE_REGIONS, Match
+from policies.detect import DEFAULT_PHONE_REGIONS, Match, phone_passes
 
-# Messages with at least this many digits go to a helper, when the policy redacts phone
-# numbers or cards (the detectors whose cost grows with the digits: 4,000 characters of
-# digit groups cost the card detector ~40 ms); below it the search costs about what the
-# round trip does.
-HEAVY_DIGITS = 32
-DIGIT_ENTITIES = frozenset({"phone", "credit_card"})
+# A message goes to a helper when its search would cost more than the round trip to one
+# (~1 ms; docs/performance.md): when the phone matcher would make this many passes over
+# it (a few tenths of a millisecond each: one national number is four), or, when the
+# policy redacts cards, when it holds this many digits (about 1 ms of the card detector).
+HEAVY_PASSES = 4
+HEAVY_CARD_DIGITS = 256
 # A search not answered within this fails; a helper silent for this long is stopped.
 TIMEOUT = 30.0
 
@@ -119,11 +121,8 @@ class _Helper:
 class RedactionPool:
     """Helper processes for heavy searches, started on first use."""
 
-    def __init__(
-        self, processes: int, heavy_digits: int = HEAVY_DIGITS, timeout: float = TIMEOUT
-    ) -> None:
+    def __init__(self, processes: int, timeout: float = TIMEOUT) -> None:
         self.processes = processes
-        self.heavy_digits = heavy_digits
         self.timeout = timeout
         self._helpers: list[_Helper | None] = [None] * processes
         self._next = 0
@@ -131,11 +130,15 @@ class RedactionPool:
 
     def is_heavy(self, redactor: Redactor, text: str) -> bool:
         """True when ``text`` should be searched by a helper."""
-        return (
-            self.processes > 0
-            and not DIGIT_ENTITIES.isdisjoint(redactor.entities)
-            and len(text) >= self.heavy_digits
-            and digit_count(text) >= self.heavy_digits
+        if self.processes == 0:
+            return False
+        entities = redactor.entities
+        if "phone" in entities and (
+            phone_passes(text, redactor.phone_regions, HEAVY_PASSES) >= HEAVY_PASSES
+        ):
+            return True
+        return "credit_card" in entities and (
+            len(text) >= HEAVY_CARD_DIGITS and digit_count(text) >= HEAVY_CARD_DIGITS
         )
 
     async def find(self, redactor: Redactor, text: str) -> list[Match]:

@@ -40,7 +40,7 @@ class Services:
     bus: Any = field(default_factory=LocalBus)
     # message writes of concurrent sessions, batched into one round trip (None: one each)
     writer: GroupCommitter | None = None
-    # digit-laden messages are searched for PII off the event loop (0 helpers: inline)
+    # costly messages are searched for PII off the event loop (0 helpers: inline)
     redaction: RedactionPool = field(default_factory=lambda: RedactionPool(0))
     # live connections by (tenant, subject): erasure closes them on every process
     live: dict[tuple[UUID, UUID], set[Any]] = field(default_factory=dict)

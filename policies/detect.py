@@ -126,21 +126,14 @@ def _regions_for(run: str, digits: int, regions: tuple[str, ...]) -> tuple[str, 
     return tuple(r for r in regions if digits >= _region_min_digits(r))
 
 
-def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> Iterator[Match]:
-    """Yield phone numbers that are VALID for one of ``regions`` (or international).
-
-    Same result as one ``PhoneNumberMatcher`` pass per region over the whole text (a span
-    found by an earlier region keeps that region's reading), but each matcher only sees
-    the short windows of phone-like characters, windows with too few digits are
-    skipped, and a window is passed only to the regions that could read that many
-    digits as a number.
-    """
+def _phone_windows(
+    text: str, regions: tuple[str, ...]
+) -> Iterator[tuple[int, str, str, tuple[str, ...]]]:
+    """(offset, window, run, regions to pass it to) for each window worth a matcher pass."""
     if not _PHONE_HINT_RE.search(text):
         return
-    regions = tuple(regions)
     min_digits = _min_digits(regions)
     size = len(text)
-    seen: set[tuple[int, int]] = set()
     for w in _PHONE_WINDOW_RE.finditer(text):
         run = w.group()
         digits = sum(ch.isdecimal() for ch in run)
@@ -150,8 +143,37 @@ def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> It
         # Latin letter or a currency sign, and "at the start of the text" must stay true.
         lo = w.start() - 1 if w.start() > 0 else 0
         hi = w.end() + 1 if w.end() < size else size
-        window = text[lo:hi]
-        for n, region in enumerate(_regions_for(run, digits, regions)):
+        yield lo, text[lo:hi], run, _regions_for(run, digits, regions)
+
+
+def phone_passes(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS, limit: int = 0) -> int:
+    """How many matcher passes ``find_phones`` makes over ``text`` (it stops counting once
+    it reaches a non-zero ``limit``): its cost, each pass a few tenths of a millisecond.
+
+    A window written "+..." counts once: the first region's pass usually settles it.
+    """
+    passes = 0
+    for _, _, run, for_regions in _phone_windows(text, tuple(regions)):
+        passes += 1 if "+" in run or "\uff0b" in run else len(for_regions)
+        if limit and passes >= limit:
+            break
+    return passes
+
+
+def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> Iterator[Match]:
+    """Yield phone numbers that are VALID for one of ``regions`` (or international).
+
+    Same result as one ``PhoneNumberMatcher`` pass per region over the whole text (a span
+    found by an earlier region keeps that region's reading), but each matcher only sees
+    the short windows of phone-like characters, windows with too few digits are
+    skipped, and a window is passed only to the regions that could read that many
+    digits as a number.
+    """
+    regions = tuple(regions)
+    min_digits = _min_digits(regions)
+    seen: set[tuple[int, int]] = set()
+    for lo, window, _, for_regions in _phone_windows(text, regions):
+        for n, region in enumerate(for_regions):
             found = list(
                 phonenumbers.PhoneNumberMatcher(
                     window, region, leniency=phonenumbers.Leniency.VALID

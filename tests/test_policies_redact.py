@@ -20,6 +20,7 @@ from policies.detect import (
     find_phones,
     iban_valid,
     luhn_valid,
+    phone_passes,
 )
 
 ALL = Redactor(ENTITIES)
@@ -586,3 +587,33 @@ def test_every_iban_in_a_message_is_redacted(text: str) -> None:
     assert not any(
         ch.isdigit() for ch in result.text.replace("<IBAN_1>", "").replace("<IBAN_2>", "")
     ), result.text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "call (415) 555-2671 about order 12345678 of 2026-03-04",
+        "Ruf mich an: 030 12345678, oder 0171 2345678",
+        "call +1 415 555 2671 today",
+        "no digits at all",
+        "order 1007 only",
+        "+44 20 7946 0958 and 01 23 45 67 89",
+    ],
+)
+def test_phone_passes_counts_the_matcher_passes_find_phones_makes(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = 0
+    real = phonenumbers.PhoneNumberMatcher
+
+    def counting(*args: object, **kwargs: object) -> phonenumbers.PhoneNumberMatcher:
+        nonlocal made
+        made += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(phonenumbers, "PhoneNumberMatcher", counting)
+    list(find_phones(text))
+    assert phone_passes(text) == made
+    # with a limit it stops counting once there: enough to compare against it
+    for limit in (1, 4, 5):
+        assert (phone_passes(text, limit=limit) >= limit) == (made >= limit)
