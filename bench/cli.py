@@ -30,7 +30,17 @@ import psutil
 from bench import report
 from bench.db import BenchDatabase, Tenant
 from bench.idle import run_idle
-from bench.load import RunStats, heavy_text, pct, run_baseline, run_sse, run_ws, run_ws_beside
+from bench.load import (
+    PHONES,
+    RunStats,
+    heavy_text,
+    pct,
+    run_baseline,
+    run_sse,
+    run_ws,
+    run_ws_beside,
+    use_phone,
+)
 from bench.procs import Child, free_port, start_fake, start_gateway
 from bench.slow import run_export_job, run_retention_job
 
@@ -69,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, help="concurrent sessions N (default 50)")
     p.add_argument("--messages", type=int, help="messages per session M (default 20)")
     p.add_argument("--chunks", type=int, default=16, help="fake upstream reply chunks")
+    p.add_argument(
+        "--phone",
+        choices=sorted(PHONES),
+        default="international",
+        help="how each message writes its phone number (national costs more to find)",
+    )
     p.add_argument("--delay-ms", type=float, default=0.0, help="fake upstream delay between chunks")
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     p.add_argument("--idle", type=int, help="idle sockets K (default 2000; try 10000)")
@@ -91,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cfg(args: argparse.Namespace) -> dict[str, Any]:
     base = QUICK if args.quick else FULL
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
-    cfg.update(chunks=args.chunks, delay_ms=args.delay_ms, workers=args.workers, quick=args.quick)
+    cfg.update(chunks=args.chunks, delay_ms=args.delay_ms, workers=args.workers, quick=args.quick,
+               phone=args.phone)  # fmt: skip
     return cfg
 
 
@@ -506,6 +523,7 @@ def _brief(d: dict[str, Any]) -> str:
 
 async def _main(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
+    use_phone(cfg["phone"])
     runner = Runner(args, cfg)
     t0 = time.perf_counter()
     try:

@@ -23,11 +23,24 @@ CONSENT = {"ai_processing": True, "conversation_storage": True}
 SYSTEM_PROMPT = "You are a helpful customer-service assistant."
 
 
+# The phone number of every message: "+1 415 555 2671" (the default) reads the same in
+# every region, so one matcher pass finds it; a national "(415) 555-2671" costs one
+# pass per phone region of the policy (`--phone national`, docs/performance.md).
+PHONES = {"international": "+1 415 555 2671", "national": "(415) 555-2671"}
+_phone = PHONES["international"]
+
+
+def use_phone(kind: str) -> None:
+    """Write the phone number of every message in this form from now on."""
+    global _phone
+    _phone = PHONES[kind]
+
+
 def message_text(session: int, n: int) -> str:
     """A ~35-word visitor message with one email and one phone number to redact."""
     return (
         f"Hello, this is visitor {session} writing about order {1000 + n}, which never arrived. "
-        f"Please email me at jane.doe{session}@example.com or call +1 415 555 2671 any time "
+        f"Please email me at jane.doe{session}@example.com or call {_phone} any time "
         "today; I would also like to know how returns work for items bought on sale last week."
     )
 
