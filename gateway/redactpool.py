@@ -40,13 +40,14 @@ from typing import Any, BinaryIO
 import orjson
 
 from policies import Redactor
-from policies.detect import DEFAULT_PHONE_REGIONS, Match, phone_passes
+from policies.detect import DEFAULT_PHONE_REGIONS, Match, phone_cost
 
 # A message goes to a helper when its search would cost more than the round trip to one
-# (~1 ms; docs/performance.md): when the phone matcher would make this many passes over
-# it (a few tenths of a millisecond each: one national number is four), or, when the
-# policy redacts cards, when it holds this many digits (about 1 ms of the card detector).
-HEAVY_PASSES = 4
+# (~1 ms; docs/performance.md): when the phone matcher's cost (``phone_cost``, in passes
+# over a short window, a few tenths of a millisecond each: one national number is four)
+# reaches this, or, when the policy redacts cards, when the message holds this many
+# digits (about 1 ms of the card detector).
+HEAVY_COST = 4
 HEAVY_CARD_DIGITS = 256
 # A search not answered within this fails; a helper silent for this long is stopped.
 TIMEOUT = 30.0
@@ -134,7 +135,7 @@ class RedactionPool:
             return False
         entities = redactor.entities
         if "phone" in entities and (
-            phone_passes(text, redactor.phone_regions, HEAVY_PASSES) >= HEAVY_PASSES
+            phone_cost(text, redactor.phone_regions, HEAVY_COST) >= HEAVY_COST
         ):
             return True
         return "credit_card" in entities and (

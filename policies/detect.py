@@ -146,18 +146,27 @@ def _phone_windows(
         yield lo, text[lo:hi], run, _regions_for(run, digits, regions)
 
 
-def phone_passes(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS, limit: int = 0) -> int:
-    """How many matcher passes ``find_phones`` makes over ``text`` (it stops counting once
-    it reaches a non-zero ``limit``): its cost, each pass a few tenths of a millisecond.
+def phone_cost(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS, limit: int = 0) -> int:
+    """What ``find_phones`` would cost on ``text``, in matcher passes over a short window
+    (a few tenths of a millisecond each); it stops counting at a non-zero ``limit``.
 
-    A window written "+..." counts once: the first region's pass usually settles it.
+    Each window costs a pass per region it goes to, and one more per 32 characters (a
+    pass reads the window candidate by candidate). A short window written "+..." counts
+    one pass: the first region's settles it when it holds one number. A longer one may
+    hold more, and whether the first pass settles it is known only after searching, so
+    it counts every region's.
     """
-    passes = 0
+    cost = 0
     for _, _, run, for_regions in _phone_windows(text, tuple(regions)):
-        passes += 1 if "+" in run or "\uff0b" in run else len(for_regions)
-        if limit and passes >= limit:
+        short = len(run) < _LONG_WINDOW
+        passes = 1 if short and ("+" in run or "\uff0b" in run) else len(for_regions)
+        cost += passes * (1 + len(run) // _LONG_WINDOW)
+        if limit and cost >= limit:
             break
-    return passes
+    return cost
+
+
+_LONG_WINDOW = 32
 
 
 def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> Iterator[Match]:

@@ -20,7 +20,7 @@ from policies.detect import (
     find_phones,
     iban_valid,
     luhn_valid,
-    phone_passes,
+    phone_cost,
 )
 
 ALL = Redactor(ENTITIES)
@@ -600,7 +600,7 @@ def test_every_iban_in_a_message_is_redacted(text: str) -> None:
         "+44 20 7946 0958 and 01 23 45 67 89",
     ],
 )
-def test_phone_passes_counts_the_matcher_passes_find_phones_makes(
+def test_phone_cost_of_short_windows_is_the_matcher_passes_find_phones_makes(
     text: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made = 0
@@ -613,7 +613,7 @@ def test_phone_passes_counts_the_matcher_passes_find_phones_makes(
 
     monkeypatch.setattr(phonenumbers, "PhoneNumberMatcher", counting)
     list(find_phones(text))
-    assert phone_passes(text) == made
+    assert phone_cost(text) == made
     # with a limit it stops counting once there: enough to compare against it
     for limit in (1, 4, 5):
-        assert (phone_passes(text, limit=limit) >= limit) == (made >= limit)
+        assert (phone_cost(text, limit=limit) >= limit) == (made >= limit)

@@ -93,6 +93,15 @@ def test_only_messages_costly_to_search_are_heavy() -> None:
     assert pool.is_heavy(REDACTOR, numbers_text(5))
     # many short windows behind one long number: each short one costs passes too
     assert pool.is_heavy(REDACTOR, "+1 415 555 2671 " + "12345 | " * 300)
+    # a pass over a long window costs by its length, even written "+…"
+    one_region = Redactor({"phone"}, ("DE",))
+    assert not pool.is_heavy(one_region, "Ruf mich an: 030 12345678")  # one short pass
+    assert pool.is_heavy(one_region, "+" + slow_text(4000))
+    assert pool.is_heavy(REDACTOR, "+" + slow_text(4000))
+    # a run of 32 characters or more written "+…" is counted at every region's pass:
+    # whether the first pass settles it is known only after searching (here it does,
+    # and the estimate errs towards the helper: 0.25 ms inline, the round trip's cost)
+    assert pool.is_heavy(REDACTOR, "+1 415 555 2671 +44 20 7946 0958 +33 1 23 45 67 89")
     assert digit_count("\uff11\uff12 3 \u0664") == 4
     # cards alone: only when the digits would cost the card detector about 1 ms
     cards = Redactor({"credit_card"})
