@@ -422,7 +422,7 @@ class Runner:
                                  "ratio": rates[2] / rates[1] if rates[1] else None}  # fmt: skip
 
     async def run_heavy(self) -> None:
-        """ws at N sessions beside a visitor sending digit-laden messages: inline vs helper."""
+        """ws at N sessions beside a visitor sending order lists: searched inline vs in a helper."""
         assert self.tenant is not None
         n, m = self.cfg["sessions"], self.cfg["messages"]
         site = self.tenant.site_key

@@ -120,7 +120,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def heavy_table(results: dict[str, Any]) -> str:
-    """ws at N sessions beside one visitor sending digit-laden messages back to back."""
+    """ws at N sessions beside one visitor sending order lists back to back."""
     n = results["config"]["sessions"]
     cols = ("ws", "ws_beside_inline", "ws_beside_helper")
     rows: list[tuple[str, list[str]]] = [
