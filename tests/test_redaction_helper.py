@@ -7,6 +7,7 @@ gateway on the fake upstream and check what reached the model.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -207,6 +208,7 @@ async def test_a_failed_helper_forwards_and_stores_nothing(
     app_pool: asyncpg.Pool,
     owner_pool: asyncpg.Pool,
     fake: tuple[FakeUpstream, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     upstream, _ = fake
     t = await tenant_with(app_pool, max_message_chars=32000)
@@ -214,10 +216,16 @@ async def test_a_failed_helper_forwards_and_stores_nothing(
     welcome = await hello(ws, consent={"ai_processing": True, "conversation_storage": True})
     svc = gateway.server.app[SERVICES]
     svc.redaction.timeout = 0.05  # the helper cannot finish this one in time
-    frames = await chat(ws, "h", slow_text(32_000))
+    text = slow_text(31_900) + " write to zed.quill@example.org"
+    with caplog.at_level(logging.DEBUG):
+        frames = await chat(ws, "h", text)
     assert frames == [
         {"type": "error", "id": "h", "code": "internal", "message": frames[-1]["message"]}
     ]
+    # logged as a failure, raw (before the gateway's own log filter), with its
+    # traceback: and nothing of the message in it
+    assert "redaction failed" in caplog.text and "HelperFailed" in caplog.text
+    assert "zed.quill" not in caplog.text and text[:40] not in caplog.text
     assert upstream.requests == []
     stored = await owner_pool.fetchval(
         "SELECT count(*) FROM messages WHERE conversation_id = $1::uuid", welcome["conversation_id"]
