@@ -25,7 +25,7 @@ import psutil
 from bench.load import heavy_text, message_text
 from gateway.redactpool import HEAVY_COST, RedactionPool
 from policies import ENTITIES, Redactor
-from policies.detect import Match, phone_cost
+from policies.detect import Match, phone_cost, phone_windows
 
 REDACTOR = Redactor(ENTITIES)
 
@@ -79,7 +79,7 @@ async def main() -> None:
         row = [await per_call(lambda f=f, t=text: f(t), n) for f in (inline, helped, pooled)]
         (iw, _), (hw, hc), (pw, pc) = row
         print(
-            f"{name:<22}{phone_cost(text):>7}{iw:>9.3f}{hw:>13.3f}{hc:>10.3f}{pw:>11.3f}{pc:>10.3f}"
+            f"{name:<22}{phone_cost(phone_windows(text)):>7}{iw:>9.3f}{hw:>13.3f}{hc:>10.3f}{pw:>11.3f}{pc:>10.3f}"
         )
 
     rss = sum(psutil.Process(pid).memory_info().rss for pid in helper.pids())

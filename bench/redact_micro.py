@@ -63,12 +63,8 @@ def per_call_us(fn: partial[object], number: int) -> float:
 def main() -> None:
     after = Redactor(ENTITIES)
     before = Redactor(ENTITIES)
-    before._detectors = tuple(
-        partial(old_find_phones, regions=before.phone_regions)
-        if getattr(d, "func", None) is not None
-        else d
-        for d in after._detectors
-    )
+    before._phones = False  # the current phone search off, the original one in its place
+    before._detectors = (*after._detectors, partial(old_find_phones, regions=before.phone_regions))
     print(f"{'message':<26}{'chars':>6}{'before µs':>11}{'after µs':>10}{'speed-up':>10}")
     for name, text in MESSAGES.items():
         assert (

@@ -26,7 +26,7 @@ from gateway.services import Services
 from gateway.store import NewMessage
 from gateway.upstream import UpstreamError
 from gateway.visitor import CONTEXT_MESSAGES, Visitor
-from policies import ChatDecision, CompiledPolicy, ReplyRestorer, decide_chat
+from policies import ChatDecision, CompiledPolicy, ReplyRestorer, TooCostly, decide_chat
 
 log = logging.getLogger("omnigate.chat")
 
@@ -149,12 +149,12 @@ async def _exchange(
     known = len(v.placeholders)
     try:
         with metrics.timed("redaction"):
-            if svc.redaction.is_heavy(cp.redactor, text):
+            try:
+                found = cp.redactor.find(text, svc.redaction.budget)
+            except TooCostly:
                 # costly to search (national phone numbers, lists of numbers): in a helper
                 found = await svc.redaction.find(cp.redactor, text)
                 metrics.REDACTION_HELPER.inc()
-            else:
-                found = cp.redactor.find(text)
             redacted = cp.redactor.apply(text, found, v.placeholders)
     except Exception:
         # fail closed: nothing leaves for the model when the rules could not run

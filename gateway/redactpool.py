@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import re
 import signal
 import struct
 import sys
@@ -40,29 +39,21 @@ from typing import Any, BinaryIO
 import orjson
 
 from policies import Redactor
-from policies.detect import DEFAULT_PHONE_REGIONS, Match, phone_cost
+from policies.detect import DEFAULT_PHONE_REGIONS, Match
 
 # A message goes to a helper when its search would cost more than the round trip to one
-# (~1 ms; docs/performance.md): when the phone matcher's cost (``phone_cost``, in passes
-# over a short window, a few tenths of a millisecond each: one national number is four)
-# reaches this, or, when the policy redacts cards, when the message holds this many
-# digits (about 1 ms of the card detector).
+# (~1 ms; docs/performance.md): this many matcher passes over a short window, a few
+# tenths of a millisecond each (``Redactor.find``'s budget: one national phone number
+# is four, 256 digits of card-like groups are four).
 HEAVY_COST = 4
-HEAVY_CARD_DIGITS = 256
 # A search not answered within this fails; a helper silent for this long is stopped.
 TIMEOUT = 30.0
 
 _LEN = struct.Struct(">I")
-_NOT_DIGITS = re.compile(r"\D+")
 
 
 class HelperFailed(Exception):
     """A helper could not search a message; carries no text."""
-
-
-def digit_count(text: str) -> int:
-    """How many decimal digits ``text`` holds (any script, as the phone matcher reads)."""
-    return len(_NOT_DIGITS.sub("", text))
 
 
 class _Helper:
@@ -129,18 +120,10 @@ class RedactionPool:
         self._next = 0
         self._starting = asyncio.Lock()
 
-    def is_heavy(self, redactor: Redactor, text: str) -> bool:
-        """True when ``text`` should be searched by a helper."""
-        if self.processes == 0:
-            return False
-        entities = redactor.entities
-        if "phone" in entities and (
-            phone_cost(text, redactor.phone_regions, HEAVY_COST) >= HEAVY_COST
-        ):
-            return True
-        return "credit_card" in entities and (
-            len(text) >= HEAVY_CARD_DIGITS and digit_count(text) >= HEAVY_CARD_DIGITS
-        )
+    @property
+    def budget(self) -> int:
+        """``Redactor.find``'s budget: a search costing this much comes here (0: never)."""
+        return HEAVY_COST if self.processes > 0 else 0
 
     async def find(self, redactor: Redactor, text: str) -> list[Match]:
         """``redactor.find(text)``, run in a helper process."""

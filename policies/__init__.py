@@ -31,6 +31,7 @@ from .redact import (
     Redactor,
     Remark,
     ReplyRestorer,
+    TooCostly,
     restore_text,
 )
 from .schema import (
@@ -68,6 +69,7 @@ __all__ = [
     "ReplyRestorer",
     "SaltRing",
     "Signals",
+    "TooCostly",
     "UnknownPurpose",
     "anonymize",
     "anonymize_ip",

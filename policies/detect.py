@@ -126,14 +126,18 @@ def _regions_for(run: str, digits: int, regions: tuple[str, ...]) -> tuple[str, 
     return tuple(r for r in regions if digits >= _region_min_digits(r))
 
 
-def _phone_windows(
-    text: str, regions: tuple[str, ...]
-) -> Iterator[tuple[int, str, str, tuple[str, ...]]]:
-    """(offset, window, run, regions to pass it to) for each window worth a matcher pass."""
+# (offset, window, run, regions to pass it to): a window of text worth a matcher pass
+PhoneWindow = tuple[int, str, str, tuple[str, ...]]
+
+
+def phone_windows(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> list[PhoneWindow]:
+    """The windows ``find_phones`` passes to the matcher, with the regions for each."""
     if not _PHONE_HINT_RE.search(text):
-        return
+        return []
+    regions = tuple(regions)
     min_digits = _min_digits(regions)
     size = len(text)
+    out: list[PhoneWindow] = []
     for w in _PHONE_WINDOW_RE.finditer(text):
         run = w.group()
         digits = sum(ch.isdecimal() for ch in run)
@@ -143,12 +147,13 @@ def _phone_windows(
         # Latin letter or a currency sign, and "at the start of the text" must stay true.
         lo = w.start() - 1 if w.start() > 0 else 0
         hi = w.end() + 1 if w.end() < size else size
-        yield lo, text[lo:hi], run, _regions_for(run, digits, regions)
+        out.append((lo, text[lo:hi], run, _regions_for(run, digits, regions)))
+    return out
 
 
-def phone_cost(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS, limit: int = 0) -> int:
-    """What ``find_phones`` would cost on ``text``, in matcher passes over a short window
-    (a few tenths of a millisecond each); it stops counting at a non-zero ``limit``.
+def phone_cost(windows: Sequence[PhoneWindow]) -> int:
+    """What ``find_phones`` costs over these windows, in matcher passes over a short
+    window (a few tenths of a millisecond each).
 
     Each window costs a pass per region it goes to, and one more per 32 characters (a
     pass reads the window candidate by candidate). A short window written "+..." counts
@@ -157,31 +162,42 @@ def phone_cost(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS, limit:
     it counts every region's.
     """
     cost = 0
-    for _, _, run, for_regions in _phone_windows(text, tuple(regions)):
+    for _, _, run, for_regions in windows:
         short = len(run) < _LONG_WINDOW
         passes = 1 if short and ("+" in run or "\uff0b" in run) else len(for_regions)
         cost += passes * (1 + len(run) // _LONG_WINDOW)
-        if limit and cost >= limit:
-            break
     return cost
 
 
 _LONG_WINDOW = 32
+_NOT_DIGITS = re.compile(r"\D+")
 
 
-def find_phones(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> Iterator[Match]:
+def digit_count(text: str) -> int:
+    """How many decimal digits ``text`` holds (any script, as the detectors read them)."""
+    return len(_NOT_DIGITS.sub("", text))
+
+
+def find_phones(
+    text: str,
+    regions: Sequence[str] = DEFAULT_PHONE_REGIONS,
+    windows: Sequence[PhoneWindow] | None = None,
+) -> Iterator[Match]:
     """Yield phone numbers that are VALID for one of ``regions`` (or international).
 
     Same result as one ``PhoneNumberMatcher`` pass per region over the whole text (a span
     found by an earlier region keeps that region's reading), but each matcher only sees
     the short windows of phone-like characters, windows with too few digits are
     skipped, and a window is passed only to the regions that could read that many
-    digits as a number.
+    digits as a number. ``windows`` are ``phone_windows(text, regions)``, when the
+    caller already has them.
     """
     regions = tuple(regions)
     min_digits = _min_digits(regions)
     seen: set[tuple[int, int]] = set()
-    for lo, window, _, for_regions in _phone_windows(text, regions):
+    if windows is None:
+        windows = phone_windows(text, regions)
+    for lo, window, _, for_regions in windows:
         for n, region in enumerate(for_regions):
             found = list(
                 phonenumbers.PhoneNumberMatcher(

@@ -23,7 +23,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .detect import DEFAULT_PHONE_REGIONS, Match, detectors, resolve
+from .detect import (
+    DEFAULT_PHONE_REGIONS,
+    Match,
+    PhoneWindow,
+    detectors,
+    digit_count,
+    find_phones,
+    phone_cost,
+    phone_windows,
+    resolve,
+)
 from .schema import ENTITIES
 
 PLACEHOLDER_NAMES: dict[str, str] = {e: e.upper() for e in ENTITIES}
@@ -195,6 +205,15 @@ class PlaceholderMap:
         return out
 
 
+class TooCostly(Exception):
+    """``Redactor.find`` was given a budget this search would reach; nothing was searched."""
+
+
+# Digits per matcher pass of cost, for the card detector: it checks every window of
+# digit groups, about 1 ms (four passes) for 256 digits in groups of four.
+_CARD_DIGITS_PER_PASS = 64
+
+
 class Redactor:
     """Finds and replaces the configured PII entities; built once per policy version."""
 
@@ -207,14 +226,35 @@ class Redactor:
             raise ValueError(f"unknown entities: {', '.join(sorted(unknown))}")
         self.entities = ents
         self.phone_regions = tuple(phone_regions)
-        self._detectors = detectors(ents, self.phone_regions)
+        # phone numbers are searched apart: their windows also price the search
+        self._phones = "phone" in ents
+        self._cards = "credit_card" in ents
+        self._detectors = detectors(ents - {"phone"}, self.phone_regions)
 
-    def find(self, text: str) -> list[Match]:
-        """Return the non-overlapping matches in ``text``, left to right."""
+    def find(self, text: str, budget: int = 0) -> list[Match]:
+        """Return the non-overlapping matches in ``text``, left to right.
+
+        With a ``budget`` (in matcher passes, see ``detect.phone_cost``), raise
+        ``TooCostly`` instead, before searching, when the search would cost that much:
+        the caller searches elsewhere (gateway/redactpool.py). The phone windows that
+        price it are the ones searched, so deciding costs no second scan.
+        """
+        windows = phone_windows(text, self.phone_regions) if self._phones else None
+        if budget and self._cost(text, windows, budget) >= budget:
+            raise TooCostly
         found: list[Match] = []
         for detect in self._detectors:
             found.extend(detect(text))
+        if windows:
+            found.extend(find_phones(text, self.phone_regions, windows))
         return resolve(found)
+
+    def _cost(self, text: str, windows: list[PhoneWindow] | None, budget: int) -> int:
+        cost = phone_cost(windows) if windows else 0
+        # the digits are counted only when there could be enough of them to matter
+        if self._cards and cost + len(text) // _CARD_DIGITS_PER_PASS >= budget:
+            cost += digit_count(text) // _CARD_DIGITS_PER_PASS
+        return cost
 
     def redact(self, text: str, mapping: PlaceholderMap) -> RedactionResult:
         """Replace every match with its placeholder, recording it in ``mapping``."""

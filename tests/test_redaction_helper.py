@@ -20,8 +20,9 @@ from prometheus_client import REGISTRY
 
 from gateway.appkeys import SERVICES
 from gateway.fake_upstream import FakeUpstream
-from gateway.redactpool import HelperFailed, RedactionPool, digit_count
-from policies import ENTITIES, PlaceholderMap, Redactor
+from gateway.redactpool import HEAVY_COST, HelperFailed, RedactionPool
+from policies import ENTITIES, PlaceholderMap, Redactor, TooCostly
+from policies.detect import digit_count
 from tests.conftest import Gateway, chat, hello, recv_until
 from tests.support import tenant_with
 
@@ -67,7 +68,7 @@ async def pool() -> AsyncIterator[RedactionPool]:
 
 async def test_the_helper_finds_exactly_what_the_inline_search_finds(pool: RedactionPool) -> None:
     for text in TEXTS:
-        assert pool.is_heavy(REDACTOR, text), text[:40]
+        assert costly(REDACTOR, text), text[:40]
         assert await pool.find(REDACTOR, text) == REDACTOR.find(text)
     # another policy's entities and regions travel with the request
     narrow = Redactor({"phone"}, ("DE",))
@@ -78,40 +79,50 @@ async def test_the_helper_finds_exactly_what_the_inline_search_finds(pool: Redac
     assert found != REDACTOR.find(text)
 
 
+def costly(redactor: Redactor, text: str) -> bool:
+    """Whether the gateway's budget sends ``text`` to the helper."""
+    try:
+        redactor.find(text, HEAVY_COST)
+    except TooCostly:
+        return True
+    return False
+
+
 def test_only_messages_costly_to_search_are_heavy() -> None:
-    pool = RedactionPool(1)
     bench_like = (
         "Hello, this is visitor 3 writing about order 1007, which never arrived. Please "
         "email me at jane.doe3@example.com or call +1 415 555 2671 any time today."
     )
-    # one number written "+…": one matcher pass, cheaper than the round trip
-    assert not pool.is_heavy(REDACTOR, bench_like)
-    assert not pool.is_heavy(REDACTOR, "words " * 1000)
-    assert not pool.is_heavy(REDACTOR, "Where is order 1007?")
+    # one number written "+…": one matcher pass, cheaper than the round trip; searched
+    # under the budget exactly as without one
+    assert not costly(REDACTOR, bench_like)
+    assert REDACTOR.find(bench_like, HEAVY_COST) == REDACTOR.find(bench_like) != []
+    assert not costly(REDACTOR, "words " * 1000)
+    assert not costly(REDACTOR, "Where is order 1007?")
     # one national number (or an order number that could be one): a pass per region
-    assert pool.is_heavy(REDACTOR, bench_like.replace("+1 415 555 2671", "(415) 555-2671"))
-    assert pool.is_heavy(REDACTOR, "Ruf mich an: 030 12345678")
-    assert pool.is_heavy(REDACTOR, numbers_text(5))
+    assert costly(REDACTOR, bench_like.replace("+1 415 555 2671", "(415) 555-2671"))
+    assert costly(REDACTOR, "Ruf mich an: 030 12345678")
+    assert costly(REDACTOR, numbers_text(5))
     # many short windows behind one long number: each short one costs passes too
-    assert pool.is_heavy(REDACTOR, "+1 415 555 2671 " + "12345 | " * 300)
+    assert costly(REDACTOR, "+1 415 555 2671 " + "12345 | " * 300)
     # a pass over a long window costs by its length, even written "+…"
     one_region = Redactor({"phone"}, ("DE",))
-    assert not pool.is_heavy(one_region, "Ruf mich an: 030 12345678")  # one short pass
-    assert pool.is_heavy(one_region, "+" + slow_text(4000))
-    assert pool.is_heavy(REDACTOR, "+" + slow_text(4000))
+    assert not costly(one_region, "Ruf mich an: 030 12345678")  # one short pass
+    assert costly(one_region, "+" + slow_text(4000))
+    assert costly(REDACTOR, "+" + slow_text(4000))
     # a run of 32 characters or more written "+…" is counted at every region's pass:
     # whether the first pass settles it is known only after searching (here it does,
     # and the estimate errs towards the helper: 0.25 ms inline, the round trip's cost)
-    assert pool.is_heavy(REDACTOR, "+1 415 555 2671 +44 20 7946 0958 +33 1 23 45 67 89")
+    assert costly(REDACTOR, "+1 415 555 2671 +44 20 7946 0958 +33 1 23 45 67 89")
     assert digit_count("\uff11\uff12 3 \u0664") == 4
     # cards alone: only when the digits would cost the card detector about 1 ms
     cards = Redactor({"credit_card"})
-    assert not pool.is_heavy(cards, numbers_text(2))
-    assert pool.is_heavy(cards, numbers_text(40))
+    assert not costly(cards, numbers_text(2))
+    assert costly(cards, numbers_text(40))
     # neither phone numbers nor cards to find: every detector is a cheap regex, inline
-    assert not pool.is_heavy(Redactor({"email", "iban", "ip", "us_ssn"}), numbers_text(40))
-    # no helpers configured: everything inline
-    assert not RedactionPool(0).is_heavy(REDACTOR, numbers_text(5))
+    assert not costly(Redactor({"email", "iban", "ip", "us_ssn"}), numbers_text(40))
+    # no helpers configured: no budget, everything inline
+    assert RedactionPool(0).budget == 0 and RedactionPool(1).budget == HEAVY_COST
 
 
 async def test_a_killed_helper_fails_its_searches_and_is_replaced(pool: RedactionPool) -> None:
