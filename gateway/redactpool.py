@@ -151,10 +151,13 @@ class RedactionPool:
         async with self._starting:
             helper = self._helpers[n]
             if helper is None or not helper.alive:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "gateway.redactpool",
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                )  # fmt: skip
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "gateway.redactpool",
+                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    )  # fmt: skip
+                except OSError:  # out of processes or file descriptors: the next one retries
+                    raise HelperFailed("the redaction helper could not start") from None
                 helper = self._helpers[n] = _Helper(proc)
         return helper
 

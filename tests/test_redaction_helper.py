@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -288,3 +289,14 @@ async def test_a_busy_helper_is_not_taken_for_a_stuck_one(pool: RedactionPool) -
     assert pool.pids() == [pid]  # busy, not stuck: kept
     # the answers owed to the callers who gave up are dropped, not handed to the next
     assert await pool.find(REDACTOR, TEXTS[1]) == REDACTOR.find(TEXTS[1])
+
+
+async def test_a_helper_that_cannot_start_fails_the_search_and_is_tried_again(
+    pool: RedactionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.raises(HelperFailed):
+        await pool.find(REDACTOR, TEXTS[0])
+    assert pool.pids() == []
+    monkeypatch.undo()
+    assert await pool.find(REDACTOR, TEXTS[0]) == REDACTOR.find(TEXTS[0])
