@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from bench import report
+from bench import report, stages
 from bench.db import BenchDatabase, Tenant
 from bench.idle import run_idle
 from bench.load import (
@@ -144,6 +144,7 @@ def _stats_json(s: RunStats) -> dict[str, Any]:
         "msgs_per_s": round(s.rate, 2),
         "ttft_p50_ms": pct(s.ttft, 50),
         "ttft_p99_ms": pct(s.ttft, 99),
+        "ttft_mean_ms": 1000 * sum(s.ttft) / len(s.ttft) if s.ttft else None,
         "total_p50_ms": pct(s.total, 50),
         "total_p99_ms": pct(s.total, 99),
         "frames_per_msg": round(s.frames / s.ok, 2) if s.frames and s.ok else None,
@@ -279,9 +280,15 @@ class Runner:
         )
 
     async def one_session(
-        self, runs: list[tuple[str, Child | None, Callable[[int], Awaitable[RunStats]]]]
+        self,
+        runs: list[tuple[str, Child | None, Callable[[int], Awaitable[RunStats]]]],
+        gateway_url: str,
     ) -> None:
-        """The one-session runs, taking turns in rounds; each key records all its rounds."""
+        """The one-session runs, taking turns in rounds; each key records all its rounds.
+
+        Around each gateway run its `/metrics` is read, so each key also records where
+        its time to first delta went (bench/stages.py).
+        """
         total = (
             self.cfg["messages"]
             if self.cfg["quick"]
@@ -289,12 +296,18 @@ class Runner:
         )
         per_round = math.ceil(total / ONE_SESSION_ROUNDS)
         acc = {key: (RunStats(key, 1, 0), Usage()) for key, _, _ in runs}
+        spent: dict[str, stages.Sums] = {key: {} for key, _, _ in runs}
         for _ in range(ONE_SESSION_ROUNDS):
             for key, gw, fn in runs:
                 stats, usage = acc[key]
+                before = await stages.scrape(gateway_url) if gw else {}
                 stats.absorb(await usage.measure(gw, self.fake, lambda fn=fn: fn(per_round)))
+                if gw:
+                    stages.add_delta(spent[key], before, await stages.scrape(gateway_url))
         for key, (stats, usage) in acc.items():
             self.record(key, stats, usage)
+            if spent[key]:
+                self.results["runs"][key]["stages"] = stages.means_ms(spent[key], stats.ok)
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -337,7 +350,7 @@ class Runner:
                 self.stop_profile(*prof)
             singles.append((transport + "_1", gw, lambda k, fn=fn: fn(url, site, 1, k)))
         if singles:
-            await self.one_session(singles)
+            await self.one_session(singles, url)
         if "idle" in self.only:
             assert gw is not None
             await self.run_idle(gw, url)
@@ -544,6 +557,9 @@ async def _main(args: argparse.Namespace) -> int:
     print(report.table(res))
     print()
     print(report.targets_table(res["targets"]))
+    if any(r.get("stages") for r in res["runs"].values()):
+        print()
+        print(report.stages_table(res))
     if "heavy" in res:
         print()
         print(report.heavy_table(res))

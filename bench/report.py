@@ -141,6 +141,47 @@ def heavy_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stages_table(results: dict[str, Any]) -> str:
+    """Where one session's time to first delta went (means, from the gateway's histograms).
+
+    Each stage is the mean of one observation; `crypto` and `database` are observed
+    twice per message (the visitor's message and the reply: one of each comes before
+    the first delta). The rest is the client's mean TTFT less the baseline's and less
+    the stages before the first delta.
+    """
+    cols = [c for c in ("ws_1", "sse_1") if _get(results, c, "stages")]
+    base = _get(results, "baseline_1", "ttft_mean_ms")
+    names = {
+        "policy": "policy checks",
+        "redaction": "redaction",
+        "crypto": "sealing (AES-GCM)",
+        "database": "durable insert (commit)",
+        "upstream_first_chunk": "upstream's first chunk",
+    }
+    rows: list[tuple[str, list[str]]] = [
+        ("client TTFT mean", [_f(_get(results, c, "ttft_mean_ms"), "{:.2f}") for c in cols]),
+        ("baseline TTFT mean", [_f(base, "{:.2f}") for _ in cols]),
+    ]
+    rest: list[float | None] = []
+    for c in cols:
+        st = results["runs"][c]["stages"]
+        mean = _get(results, c, "ttft_mean_ms")
+        parts = [st[k]["mean_ms"] for k in names if st[k]["mean_ms"] is not None]
+        whole = mean is not None and base is not None and len(parts) == len(names)
+        rest.append(mean - base - sum(parts) if whole else None)  # type: ignore[operator]
+    for key, label in names.items():
+        rows.append((label, [_f(results["runs"][c]["stages"][key]["mean_ms"], "{:.3f}")
+                             for c in cols]))  # fmt: skip
+    rows.append(("rest (socket, framing, resume, loop, client)", [_f(r, "{:.2f}") for r in rest]))
+    w0 = max(len(r[0]) for r in rows)
+    heads = [c.removesuffix("_1") for c in cols]
+    lines = [f"| {'where TTFT @1 goes, mean ms':<{w0}} | " + " | ".join(f"{h:>8}" for h in heads)
+             + " |", f"|{'-' * (w0 + 2)}|" + "|".join("-" * 10 for _ in heads) + "|"]  # fmt: skip
+    for name, vals in rows:
+        lines.append(f"| {name:<{w0}} | " + " | ".join(f"{v:>8}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
 def targets_table(rows: list[dict[str, Any]]) -> str:
     w = max(len(r["target"]) for r in rows)
     wm = max(len(r["measured"]) for r in rows)
