@@ -393,7 +393,15 @@ class Runner:
         assert self.db is not None and self.tenant is not None
         rows = self.cfg["retention_rows"]
         self.say(f"slow jobs: retention over {rows:,} backdated messages")
-        ret = await run_retention_job(self.db, self.gateway_env(1), rows)
+        # A database of its own: the gateways of this run take their first retention pass
+        # a minute after they start, and one that took the lease then would skip (or do)
+        # the pass being timed.
+        own = await BenchDatabase.create(self.db.server_url)
+        try:
+            env = {**self.gateway_env(1), "OMNIGATE_DATABASE_URL": own.app_url}
+            ret = await run_retention_job(own, env, rows)
+        finally:
+            await own.drop()
         self.say(f"retention: {_brief(ret)}")
         exp: dict[str, Any]
         if gw is None:

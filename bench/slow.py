@@ -162,11 +162,15 @@ async def run_retention_job(
             _run_timed, [sys.executable, "-m", "bench._retention_child"], child_env, limit_s
         )
     after = await _retention_state(db, tenant.tenant_id)
+    reason = None
+    if result["exit"] != 0:
+        reason = f"exit {result['exit']}: {result['stderr'][-300:]}"
+    elif after["messages"]:
+        # the timed pass must be the one that deleted them all, or the time means nothing
+        reason = f"{after['messages']} backdated messages left: {result['stdout'][-300:]}"
     return {
-        "available": result["exit"] == 0,
-        "reason": None
-        if result["exit"] == 0
-        else f"exit {result['exit']}: {result['stderr'][-300:]}",
+        "available": reason is None,
+        "reason": reason,
         "via": via,
         **seed,
         **{k: v for k, v in result.items() if k not in ("stderr",)},
