@@ -1,0 +1,70 @@
+"""`python -m bench` still runs end to end: a small run, its JSON checked for what it measured.
+
+Speed is not asserted here (docs/performance.md is the measure); what is asserted is
+that every scenario of the run completed its messages without errors and recorded
+the numbers the report is built from, so the benchmark cannot rot unseen.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from tests.conftest import Database
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_small_bench_run_measures_every_scenario(database: Database, tmp_path: Path) -> None:
+    sessions, messages = 3, 3
+    argv = [
+        sys.executable, "-m", "bench", "--quick",
+        "--database-url", database.owner_url,
+        "--sessions", str(sessions), "--messages", str(messages),
+        "--idle", "20", "--retention-rows", "2000", "--export-messages", "50",
+        "--only", "baseline", "--only", "ws", "--only", "sse",
+        "--only", "idle", "--only", "slow-jobs",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    logs = tmp_path / "logs"  # the run's child logs, kept out of the machine's /tmp
+    logs.mkdir()
+    env = {**os.environ, "TMPDIR": str(logs)}
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [result_file] = tmp_path.glob("*.json")
+    res = orjson.loads(result_file.read_bytes())
+    runs = res["runs"]
+
+    for key in ("baseline", "ws", "sse"):
+        assert runs[key]["ok"] == sessions * messages, key
+        assert runs[key]["errors"] == 0, runs[key]["error_kinds"]
+        assert runs[key]["ttft_p50_ms"] > 0
+    for key in ("ws", "sse"):
+        assert runs[key]["gateway_cpu_ms_per_msg"] > 0
+        assert runs[key]["frames_per_msg"] >= 3  # ack, at least one delta, done
+        one = runs[key + "_1"]
+        assert one["ok"] > 0 and one["errors"] == 0
+        # every answered message went through each stage before its first delta
+        for stage in ("policy", "redaction", "crypto", "database", "upstream_first_chunk"):
+            assert one["stages"][stage]["mean_ms"] > 0, (key, stage)
+            assert one["stages"][stage]["per_message"] >= 1, (key, stage)
+
+    idle = res["idle"]
+    assert idle["held"] == 20 and idle["failed"] == 0
+    assert idle["rss_per_conn_kb"] is not None
+
+    retention = res["slow_jobs"]["retention"]
+    assert retention["available"], retention["reason"]
+    assert retention["after"] == {"messages": 0, "conversations_anonymized": 20}
+    export = res["slow_jobs"]["export"]
+    assert export["available"], export.get("reason")
+    assert export["messages_in_export"] == 50
+
+    # the report printed the tables the docs quote
+    assert "where TTFT @1 goes" in done.stdout
+    assert "| target" in done.stdout
+    assert (tmp_path / result_file.with_suffix(".png").name).exists()
