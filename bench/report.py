@@ -167,8 +167,10 @@ def stages_table(results: dict[str, Any]) -> str:
         st = results["runs"][c]["stages"]
         mean = _get(results, c, "ttft_mean_ms")
         parts = [st[k]["mean_ms"] for k in names if st[k]["mean_ms"] is not None]
-        whole = mean is not None and base is not None and len(parts) == len(names)
-        rest.append(mean - base - sum(parts) if whole else None)  # type: ignore[operator]
+        if mean is None or base is None or len(parts) < len(names):
+            rest.append(None)
+        else:
+            rest.append(mean - base - sum(parts))
     for key, label in names.items():
         rows.append((label, [_f(results["runs"][c]["stages"][key]["mean_ms"], "{:.3f}")
                              for c in cols]))  # fmt: skip

@@ -38,7 +38,7 @@ def parse(text: str) -> Sums:
 
 
 async def scrape(base_url: str) -> Sums:
-    """The sums of one gateway process (the one that answers: run with one worker)."""
+    """The gateway's sums (with several workers, the answering one reports them all)."""
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
         http.get(base_url + "/metrics") as resp,

@@ -57,3 +57,20 @@ def test_only_what_happened_between_two_scrapes_counts() -> None:
     assert means["crypto"]["per_message"] == pytest.approx(2.0)
     assert means[stages.UPSTREAM]["mean_ms"] == pytest.approx(2.0)
     assert means["policy"] == {"mean_ms": None, "per_message": 0.0}
+
+
+def test_the_rest_is_what_no_stage_covers() -> None:
+    from bench import report
+
+    stages_ms = {"policy": 0.1, "redaction": 0.5, "crypto": 0.2, "database": 1.0}
+    st = {k: {"mean_ms": v, "per_message": 1.0} for k, v in stages_ms.items()}
+    st[stages.UPSTREAM] = {"mean_ms": 1.5, "per_message": 1.0}
+    runs = {"baseline_1": {"ttft_mean_ms": 1.0}, "ws_1": {"ttft_mean_ms": 5.0, "stages": st}}
+    table = report.stages_table({"runs": runs})
+    rest = next(line for line in table.splitlines() if line.startswith("| rest"))
+    assert rest.split("|")[2].strip() == "0.70"  # 5.0 - 1.0 - (0.1 + 0.5 + 0.2 + 1.0 + 1.5)
+    assert "sse" not in table.splitlines()[0]  # no sse run, no sse column
+    st["policy"]["mean_ms"] = None  # a stage never observed: no rest to speak of
+    rest = next(line for line in report.stages_table({"runs": runs}).splitlines()
+                if line.startswith("| rest"))  # fmt: skip
+    assert rest.split("|")[2].strip() == "—"
