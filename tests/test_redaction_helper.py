@@ -300,3 +300,22 @@ async def test_a_helper_that_cannot_start_fails_the_search_and_is_tried_again(
     assert pool.pids() == []
     monkeypatch.undo()
     assert await pool.find(REDACTOR, TEXTS[0]) == REDACTOR.find(TEXTS[0])
+
+
+async def test_a_saturated_helper_refuses_at_once_and_answers_what_it_took() -> None:
+    pool = RedactionPool(1, max_owed=10_000)
+    try:
+        await pool.find(REDACTOR, TEXTS[0])  # started
+        text = slow_text(4_000)
+        taken = [asyncio.create_task(pool.find(REDACTOR, text)) for _ in range(2)]
+        await asyncio.sleep(0)  # both asked: 8,000 characters owed
+        with pytest.raises(HelperFailed, match="saturated"):
+            await pool.find(REDACTOR, text)  # 12,000 would be owed
+        # refused without waiting its turn: the two before it are still being searched
+        assert not any(t.done() for t in taken)
+        expected = REDACTOR.find(text)
+        assert await asyncio.gather(*taken) == [expected, expected]
+        # answered, they are owed no more; and an idle helper takes any one message
+        assert await pool.find(REDACTOR, slow_text(12_000)) == REDACTOR.find(slow_text(12_000))
+    finally:
+        await pool.aclose()
