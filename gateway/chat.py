@@ -22,6 +22,7 @@ from gateway.crypto import CryptoError
 from gateway.db import tenant_tx
 from gateway.logs import log_secrets
 from gateway.protocol import ProtocolError
+from gateway.redactpool import HelperFailed
 from gateway.services import Services
 from gateway.store import NewMessage
 from gateway.upstream import UpstreamError
@@ -156,9 +157,16 @@ async def _exchange(
                 found = await svc.redaction.find(cp.redactor, text)
                 metrics.REDACTION_HELPER.inc()
             redacted = cp.redactor.apply(text, found, v.placeholders)
-    except Exception:
+    except Exception as exc:
         # fail closed: nothing leaves for the model when the rules could not run
-        log.exception("redaction failed", extra={"tenant_id": str(v.tenant_id)})
+        if isinstance(exc, HelperFailed):
+            # an operational condition (the helper died, took too long or is saturated),
+            # not a bug: named by its fixed reason, which holds no text, without traceback
+            log.warning(
+                "redaction helper failed", extra={"tenant_id": str(v.tenant_id), "reason": str(exc)}
+            )
+        else:
+            log.exception("redaction failed", extra={"tenant_id": str(v.tenant_id)})
         raise ProtocolError(
             protocol.INTERNAL,
             "privacy rules could not be applied; nothing was sent",
