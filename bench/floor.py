@@ -1,0 +1,258 @@
+"""The floor under the time to first delta: each leg the gateway puts in series, alone.
+
+Run: ``.venv/bin/python -m bench.floor`` (about 30 s). Against a throwaway database
+and the fake upstream, sequential calls of:
+
+* ``SELECT 1``: one PostgreSQL round trip;
+* ``INSERT, commit``: one row in an autocommit statement, with ``synchronous_commit``
+  on (the WAL flush every acknowledged message pays) and off (the flush alone is the
+  difference);
+* ``durable insert``: a visitor message written as the gateway writes it (the group
+  committer, ``omnigate_insert_message``, row-level security);
+* ``redaction``: ``Redactor.find`` and ``apply`` on the bench's message;
+* ``upstream, aiohttp`` and ``upstream, gateway client``: a streamed reply from the
+  fake, to its first content chunk, by bare aiohttp (the baseline's way) and by the
+  gateway's ``UpstreamClient``.
+
+Each leg runs back to back and again with ``--idle-ms`` (1 ms) of sleep before every
+call: in the one-session run PostgreSQL and the fake sit idle while the other legs
+work, and a process woken from idle answers later on this VM. Rounds alternate so
+drift hits every leg alike; p50s over all rounds. DESIGN §4 puts redaction and the
+durable insert in series before forwarding, so their sum is time the gateway adds
+to the baseline's whole time to first chunk whatever else it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import orjson
+import uvloop
+
+from bench.db import APP_ROLE, BenchDatabase
+from bench.load import SYSTEM_PROMPT, message_text
+from bench.procs import free_port, start_fake
+from gateway.db import create_pool
+from gateway.groupcommit import GroupCommitter
+from gateway.store import NewMessage
+from gateway.upstream import UpstreamClient, UpstreamConfig
+from policies import ENTITIES, PlaceholderMap, Redactor
+
+Leg = Callable[[], Awaitable[object]]
+
+LEGS = (
+    "SELECT 1",
+    "INSERT, commit (synchronous_commit on)",
+    "INSERT, commit (synchronous_commit off)",
+    "durable insert (as the gateway)",
+    "redaction (bench message)",
+    "upstream first chunk, aiohttp",
+    "upstream first chunk, gateway client",
+)
+# the legs in series before a message is forwarded (DESIGN §4)
+AHEAD_OF_FORWARDING = ("redaction (bench message)", "durable insert (as the gateway)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.floor", description="the legs of the time to first delta, alone"
+    )
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (5)")
+    p.add_argument("--calls", type=int, default=300, help="calls per leg per round (300)")
+    p.add_argument("--idle-ms", type=float, default=1.0, help="sleep before each idle call (1)")
+    p.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="an owner/superuser URL; a throwaway database is created there",
+    )
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.calls < 1 or args.idle_ms < 0:
+        p.error("--rounds and --calls must be at least 1, --idle-ms not negative")
+    return args
+
+
+async def timed_calls(fn: Leg, calls: int, idle_s: float) -> list[float]:
+    """Seconds per call of `calls` sequential calls, each after `idle_s` of sleep."""
+    out: list[float] = []
+    for _ in range(calls):
+        if idle_s:
+            await asyncio.sleep(idle_s)
+        t0 = time.perf_counter()
+        own = await fn()
+        # a leg that times itself (the first chunk of a reply read to its end) says so
+        out.append(own if isinstance(own, float) else time.perf_counter() - t0)
+    return out
+
+
+async def _seed(db: BenchDatabase, tenant_id: uuid.UUID, conversations: int) -> list[uuid.UUID]:
+    """Conversations to write into, and a probe table the app role may insert into."""
+    convs = [uuid.uuid4() for _ in range(conversations)]
+    conn = await asyncpg.connect(db.owner_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", str(tenant_id))
+            for conv in convs:
+                subject = uuid.uuid4()
+                await conn.execute(
+                    "INSERT INTO subjects (tenant_id, subject_id) VALUES ($1, $2)",
+                    tenant_id,
+                    subject,
+                )
+                await conn.execute(
+                    "INSERT INTO conversations (tenant_id, conversation_id, subject_id) "
+                    "VALUES ($1, $2, $3)",
+                    tenant_id,
+                    conv,
+                    subject,
+                )
+            await conn.execute("CREATE TABLE floor_probe (v bytea NOT NULL)")
+            await conn.execute(f'GRANT INSERT ON floor_probe TO "{APP_ROLE}"')
+    finally:
+        await conn.close()
+    return convs
+
+
+def _first_content(line: bytes) -> bool:
+    return line.startswith(b"data: ") and b'"content"' in line
+
+
+def _first_or_fail(first: float | None) -> float:
+    if first is None:
+        raise RuntimeError("the fake upstream answered no content")
+    return first
+
+
+async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """p50 and mean in ms of every leg, back to back and after idle."""
+    db = await BenchDatabase.create(args.database_url)
+    logdir = Path(tempfile.mkdtemp(prefix="omnigate-floor-"))
+    fake = None
+    closers: list[Callable[[], Awaitable[object]]] = []
+    try:
+        tenant = await db.tenant("floor")
+        convs = await _seed(db, tenant.tenant_id, 50)
+        port = free_port()
+        fake = start_fake(port, 0.0, 16, logdir)
+        base_url = f"http://127.0.0.1:{port}/v1"
+
+        on = await asyncpg.connect(db.app_url)
+        off = await asyncpg.connect(db.app_url, server_settings={"synchronous_commit": "off"})
+        pool = await create_pool(db.app_url)
+        writer = GroupCommitter(pool)
+        http = aiohttp.ClientSession()
+        upstream = UpstreamClient(UpstreamConfig(base_url=base_url, api_key="sk-floor", model="m"))
+        await upstream.start()
+        closers += [on.close, off.close, pool.close, http.close, upstream.close]
+
+        blob = os.urandom(300)  # a sealed message of the bench's size
+        text = message_text(3, 7)
+        redactor = Redactor(ENTITIES)
+        prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+        body = orjson.dumps({"model": "m", "stream": True, "messages": prompt})
+        headers = {"Authorization": "Bearer sk-floor", "Content-Type": "application/json"}
+        n = 0
+
+        async def insert_message() -> object:
+            nonlocal n
+            n += 1
+            conv = convs[n % len(convs)]
+            msg = NewMessage(
+                tenant.tenant_id, conv, uuid.uuid4(), "user", blob, client_ref=os.urandom(16)
+            )
+            return await writer.insert(msg)
+
+        async def redaction() -> object:
+            return redactor.apply(text, redactor.find(text), PlaceholderMap())
+
+        # the reply is read to its end (a connection left mid-body is not reused), but
+        # only the time to its first content chunk counts
+        async def bare_upstream() -> float:
+            t0, first = time.perf_counter(), None
+            async with http.post(base_url + "/chat/completions", data=body, headers=headers) as r:
+                async for line in r.content:
+                    if first is None and _first_content(line):
+                        first = time.perf_counter() - t0
+            return _first_or_fail(first)
+
+        async def gateway_upstream() -> float:
+            t0, first = time.perf_counter(), None
+            async with upstream.stream_chat(prompt) as stream:
+                async for _ in stream:
+                    if first is None:
+                        first = time.perf_counter() - t0
+            return _first_or_fail(first)
+
+        legs: dict[str, Leg] = {
+            LEGS[0]: lambda: on.fetchval("SELECT 1"),
+            LEGS[1]: lambda: on.execute("INSERT INTO floor_probe VALUES ($1)", blob),
+            LEGS[2]: lambda: off.execute("INSERT INTO floor_probe VALUES ($1)", blob),
+            LEGS[3]: insert_message,
+            LEGS[4]: redaction,
+            LEGS[5]: bare_upstream,
+            LEGS[6]: gateway_upstream,
+        }
+        for fn in legs.values():  # warm caches, prepared statements, pooled connections
+            await timed_calls(fn, 20, 0.0)
+        samples: dict[str, list[float]] = {}
+        for r in range(args.rounds):
+            for mode, idle in (("back_to_back", 0.0), ("after_idle", args.idle_ms / 1000)):
+                for name, fn in legs.items():
+                    samples.setdefault(f"{name}|{mode}", []).extend(
+                        await timed_calls(fn, args.calls, idle)
+                    )
+            print(f"[floor] round {r + 1}/{args.rounds}", file=sys.stderr)
+        results = {
+            key: {"p50_ms": statistics.median(v) * 1e3, "mean_ms": statistics.fmean(v) * 1e3}
+            for key, v in samples.items()
+        }
+    finally:
+        for close in reversed(closers):
+            await close()
+        if fake is not None:
+            fake.stop()
+        await db.drop()
+    shutil.rmtree(logdir, ignore_errors=True)  # the fake's log, kept only when a run fails
+    return results
+
+
+def report(results: dict[str, dict[str, float]], idle_ms: float) -> str:
+    """The table: p50 (mean) ms per leg, back to back and after idle; then the sum."""
+    head = f"| leg | back to back, p50 (mean) ms | after {idle_ms:g} ms idle, p50 (mean) ms |"
+    lines = [head, "|---|---|---|"]
+    for name in LEGS:
+        cells = [
+            "{p50_ms:.3f} ({mean_ms:.3f})".format(**results[f"{name}|{mode}"])
+            for mode in ("back_to_back", "after_idle")
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    ahead = [
+        sum(results[f"{name}|{mode}"]["p50_ms"] for name in AHEAD_OF_FORWARDING)
+        for mode in ("back_to_back", "after_idle")
+    ]
+    lines.append(
+        f"| in series before forwarding (redaction + durable insert) "
+        f"| {ahead[0]:.3f} | {ahead[1]:.3f} |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    results = uvloop.run(measure(args))
+    print(report(results, args.idle_ms))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`python -m bench.floor` runs and reports every leg (speed is not asserted: it is the measure)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from bench.floor import AHEAD_OF_FORWARDING, LEGS
+from tests.conftest import Database
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the fake's log stays under the test's dir
+    return subprocess.run(
+        [sys.executable, "-m", "bench.floor", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+async def _bench_databases(owner_url: str) -> set[str]:
+    conn = await asyncpg.connect(owner_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'omnigate_bench_%'"
+        )
+    finally:
+        await conn.close()
+    return {r["datname"] for r in rows}
+
+
+def test_every_leg_is_measured_and_the_series_is_their_sum(
+    database: Database, tmp_path: Path
+) -> None:
+    before = asyncio.run(_bench_databases(database.owner_url))
+    done = _run(["--rounds", "1", "--calls", "3", "--database-url", database.owner_url], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows: dict[str, list[float]] = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        nums = [float(m) for c in cells[1:] for m in re.findall(r"\d+\.\d+", c)[:1]]
+        if len(nums) == 2:
+            rows[cells[0]] = nums
+    for leg in LEGS:
+        assert leg in rows, leg
+        assert all(v > 0 for v in rows[leg]), (leg, rows[leg])
+    [series] = [v for k, v in rows.items() if k.startswith("in series before forwarding")]
+    for col in (0, 1):
+        expected = sum(rows[leg][col] for leg in AHEAD_OF_FORWARDING)
+        assert abs(series[col] - expected) < 0.0015, (series, expected)
+    # the run dropped its database and left no log behind on success
+    assert asyncio.run(_bench_databases(database.owner_url)) == before
+    assert not list(tmp_path.glob("omnigate-floor-*"))
+
+
+def test_a_wrong_argument_is_one_clear_error(tmp_path: Path) -> None:
+    done = _run(["--calls", "0"], tmp_path)
+    assert done.returncode == 2
+    assert "--calls must be at least 1" in done.stderr
+    assert "Traceback" not in done.stderr
