@@ -14,7 +14,7 @@ from uuid import UUID
 from aiohttp import web
 
 from gateway import admin, bus, metrics, privacy, widget, ws
-from gateway.appkeys import CONNECTIONS, SERVICES, SETTINGS
+from gateway.appkeys import CONNECTIONS, SALT_CHAIN, SERVICES, SETTINGS
 from gateway.chat import STORAGE_ERRORS
 from gateway.config import Settings
 from gateway.crypto import DataKeyCache, KeyRing, dev_master_keys
@@ -27,7 +27,8 @@ from gateway.services import Services
 from gateway.tenants import TenantRegistry
 from gateway.upstream import ChatModel, OfflineModel, UpstreamClient, UpstreamConfig
 from gateway.vault import Vault
-from policies import SaltRing
+from gateway.visitor import today
+from policies import SaltChain, SaltRing
 
 log = logging.getLogger("omnigate.app")
 
@@ -104,9 +105,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def build_services(
-    settings: Settings, pool: object, model: ChatModel, upstream: UpstreamConfig | None
+    settings: Settings,
+    pool: object,
+    model: ChatModel,
+    upstream: UpstreamConfig | None,
+    salt_chain: SaltChain | None = None,
 ) -> Services:
-    """Assemble the per-process services around an open pool."""
+    """Assemble the per-process services around an open pool.
+
+    `salt_chain`: the supervisor's, so that workers hash IPs alike; a process alone
+    makes its own salts.
+    """
     keys = settings.master_keys or dev_master_keys(settings.state_dir)
     keyring = KeyRing(keys)
     shared: dict[str, Any] = {}
@@ -126,7 +135,7 @@ def build_services(
         tenants=TenantRegistry(pool),
         model=model,
         upstream=upstream,
-        salts=SaltRing(os.urandom),
+        salts=SaltRing(os.urandom, chain=salt_chain),
         **shared,
     )
 
@@ -155,7 +164,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             client = UpstreamClient(upstream)
             await client.start()
             model = client
-        svc = build_services(settings, pool, model, upstream)
+        svc = build_services(settings, pool, model, upstream, app.get(SALT_CHAIN))
         svc.writer = GroupCommitter(pool)
         svc.redaction = RedactionPool(settings.redaction_helpers)
         redis_client = svc.redis
@@ -163,10 +172,13 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         await svc.bus.start()
         app[SERVICES] = svc
         retention = asyncio.create_task(_retention(svc, settings.retention_interval))
+        salts = asyncio.create_task(_expire_salts(svc.salts)) if svc.salts else None
         yield
-        retention.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await retention
+        for task in (retention, salts):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await svc.bus.close()
         await svc.writer.aclose()
         await svc.redaction.aclose()
@@ -184,6 +196,17 @@ async def _retention(svc: Services, interval: float) -> None:
     # first pass a minute after start, not during it: a restart storm must not stampede
     await asyncio.sleep(min(60.0, interval))
     await retention_loop(svc, interval)
+
+
+# how often a process destroys the IP salts (and moves its salt chain) that have expired
+SALT_EXPIRY_CHECK = 60.0
+
+
+async def _expire_salts(salts: SaltRing) -> None:
+    """A day's IP salt is destroyed on time even when no visitor of a hash tenant comes by."""
+    while True:
+        salts.expire(today())
+        await asyncio.sleep(SALT_EXPIRY_CHECK)
 
 
 def _subscribe(svc: Services) -> None:
@@ -319,10 +342,12 @@ def setup_routes(app: web.Application) -> None:
     widget.setup_routes(app)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The gateway application for these settings."""
+def create_app(settings: Settings, *, salt_chain: SaltChain | None = None) -> web.Application:
+    """The gateway application for these settings (a worker's: with its supervisor's chain)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
+    if salt_chain is not None:
+        app[SALT_CHAIN] = salt_chain
     app[CONNECTIONS] = weakref.WeakSet()
     app.cleanup_ctx.append(_services_ctx)
     app.on_response_prepare.append(_security_headers)

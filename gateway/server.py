@@ -25,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from gateway.config import ConfigError, Settings
+from policies import SaltChain, SaltRing, day_of
 
 log = logging.getLogger("omnigate.server")
 
@@ -65,7 +66,9 @@ async def _orphan_watch(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
 
 
-def _run_one(settings: Settings, reuse_port: bool) -> None:
+def _run_one(
+    settings: Settings, reuse_port: bool, salt_state: tuple[int, bytes] | None = None
+) -> None:
     from gateway.app import create_app
     from gateway.logs import setup_logging
 
@@ -81,7 +84,7 @@ def _run_one(settings: Settings, reuse_port: bool) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    app = create_app(settings)
+    app = create_app(settings, salt_chain=SaltChain(*salt_state) if salt_state else None)
     # aiohttp runs on_shutdown after its sites stop accepting and before it
     # waits (shutdown_timeout) for handlers and runs cleanup_ctx.
     app.on_shutdown.append(drain_connections)
@@ -144,7 +147,14 @@ def _forget_metrics(pid: int) -> None:
 
 
 class _Supervisor:
-    """Keeps N workers alive until told to stop."""
+    """Keeps N workers alive until told to stop.
+
+    It also holds the chain of daily IP salts (policies.SaltChain) its workers derive
+    theirs from, so an address hashes alike in every worker (`ip_mode: hash`). It moves
+    the chain past each day as that day's salt expires, like the workers' rings do, so
+    it never holds what could rebuild a destroyed salt; a worker it starts later gets
+    the chain as it stands then.
+    """
 
     def __init__(self, settings: Settings, workers: int) -> None:
         self.settings = settings
@@ -153,9 +163,18 @@ class _Supervisor:
         self.procs: list[BaseProcess] = []
         self.stopping = False
         self.restart_delay = 0.0
+        self.salts = SaltChain.new(self._salt_floor(), os.urandom)
+
+    @staticmethod
+    def _salt_floor() -> int:
+        # the earliest day whose salt a worker's SaltRing still keeps
+        return day_of(time.time()) - SaltRing.KEEP_DAYS + 1
 
     def _spawn(self) -> BaseProcess:
-        p = self.ctx.Process(target=_run_one, args=(self.settings, True), daemon=False)
+        self.salts.advance_to(self._salt_floor())
+        # the spawn context pickles the arguments down a pipe to the child: no file holds them
+        args = (self.settings, True, self.salts.state())
+        p = self.ctx.Process(target=_run_one, args=args, daemon=False)
         p.start()
         p._omnigate_started = time.monotonic()  # type: ignore[attr-defined]
         return p
@@ -175,6 +194,7 @@ class _Supervisor:
         self.procs = [self._spawn() for _ in range(self.workers)]
         while not self.stopping:
             wait([p.sentinel for p in self.procs], timeout=0.5)
+            self.salts.advance_to(self._salt_floor())
             for i, p in enumerate(self.procs):
                 if p.is_alive() or self.stopping:
                     continue

@@ -17,6 +17,7 @@ from .consent import (
 )
 from .ip import (
     IPDecision,
+    SaltChain,
     SaltRing,
     anonymize,
     anonymize_ip,
@@ -67,6 +68,7 @@ __all__ = [
     "Redactor",
     "Remark",
     "ReplyRestorer",
+    "SaltChain",
     "SaltRing",
     "Signals",
     "TooCostly",

@@ -159,20 +159,87 @@ def day_of(timestamp: float) -> int:
     return int(timestamp // SECONDS_PER_DAY)
 
 
+_CHAIN_NEXT = b"omnigate ip salt chain: next day"
+_CHAIN_SALT = b"omnigate ip salt chain: salt"
+
+
+class SaltChain:
+    """Daily salts that several processes derive alike, and none can derive backwards.
+
+    A hash chain: ``key(d + 1) = HMAC(key(d), "next day")``, ``salt(d) = HMAC(key(d),
+    "salt")``. Processes handed the same ``(day, key)`` derive the same salt for every
+    day from then on, so a worker of ``--workers N`` hashes an address as its siblings
+    do (one stored value, one rate-limit key). ``advance_to`` overwrites the key: what a
+    process holds afterwards yields no salt of an earlier day, so a salt destroyed by
+    its ``SaltRing`` stays destroyed. Never stored: it lives in memory and travels
+    only from the supervisor to the workers it starts.
+    """
+
+    def __init__(self, day: int, key: bytes) -> None:
+        if len(key) < 32:
+            raise ValueError("a salt chain key must be at least 32 bytes")
+        self._day = day
+        self._key = key
+
+    @classmethod
+    def new(cls, day: int, random_bytes: Callable[[int], bytes]) -> SaltChain:
+        """A fresh chain starting at ``day``."""
+        return cls(day, random_bytes(32))
+
+    @property
+    def day(self) -> int:
+        """The earliest day whose salt can still be derived."""
+        return self._day
+
+    def state(self) -> tuple[int, bytes]:
+        """``(day, key)``, to hand to another process (never to a log or a file)."""
+        return self._day, self._key
+
+    def advance_to(self, day: int) -> None:
+        """Forget every day before ``day``; a day already forgotten changes nothing."""
+        while self._day < day:
+            self._key = _chain_next(self._key)
+            self._day += 1
+
+    def salt_for(self, day: int) -> bytes:
+        """The salt of ``day`` (32 bytes), without moving the chain."""
+        if day < self._day:
+            raise ValueError(f"salt for day {day} is no longer derivable")
+        key = self._key
+        for _ in range(day - self._day):
+            key = _chain_next(key)
+        return hmac.new(key, _CHAIN_SALT, hashlib.sha256).digest()
+
+
+def _chain_next(key: bytes) -> bytes:
+    return hmac.new(key, _CHAIN_NEXT, hashlib.sha256).digest()
+
+
 class SaltRing:
     """Daily-rotated HMAC salts, destroyed 48 hours after their day starts.
 
     Pure logic: randomness comes from the injected callable (``os.urandom`` in
-    production) and time from the day numbers the caller passes in.
+    production) and time from the day numbers the caller passes in. With a
+    ``chain`` the salts come from it instead, so processes sharing the chain agree;
+    destroying a day also moves the chain past it.
     """
 
     KEEP_DAYS = 2
 
-    def __init__(self, random_bytes: Callable[[int], bytes], size: int = 32) -> None:
+    def __init__(
+        self,
+        random_bytes: Callable[[int], bytes],
+        size: int = 32,
+        *,
+        chain: SaltChain | None = None,
+    ) -> None:
         if size < 16:
             raise ValueError("salt size must be at least 16 bytes")
+        if chain is not None and size != 32:
+            raise ValueError("a chain's salts are 32 bytes")
         self._random = random_bytes
         self._size = size
+        self._chain = chain
         self._salts: dict[int, bytes] = {}
         self._floor: int | None = None  # days below this were destroyed
 
@@ -183,7 +250,7 @@ class SaltRing:
             raise ValueError(f"salt for day {day} was destroyed")
         salt = self._salts.get(day)
         if salt is None:
-            salt = self._random(self._size)
+            salt = self._chain.salt_for(day) if self._chain else self._random(self._size)
             if len(salt) != self._size:
                 raise ValueError("random source returned the wrong number of bytes")
             self._salts[day] = salt
@@ -196,6 +263,8 @@ class SaltRing:
         for d in gone:
             del self._salts[d]
         self._floor = floor if self._floor is None else max(self._floor, floor)
+        if self._chain is not None:
+            self._chain.advance_to(self._floor)
         return sorted(gone)
 
     def days(self) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import pytest
 
 from policies import (
     IPDecision,
+    SaltChain,
     SaltRing,
     anonymize,
     anonymize_ip,
@@ -230,6 +231,48 @@ def test_salt_ring_rejects_bad_random_source() -> None:
     ring = SaltRing(lambda n: b"x")
     with pytest.raises(ValueError, match="wrong number"):
         ring.salt_for(1)
+
+
+def test_salt_chains_with_one_state_agree_on_every_day() -> None:
+    supervisor = SaltChain.new(10, lambda n: b"\x07" * n)
+    worker = SaltChain(*supervisor.state())  # what a worker is handed
+    later = SaltChain(*supervisor.state())
+    assert [worker.salt_for(d) for d in (10, 11, 40)] == [later.salt_for(d) for d in (10, 11, 40)]
+    assert len({worker.salt_for(d) for d in range(10, 20)}) == 10  # a new salt each day
+    assert all(len(worker.salt_for(d)) == 32 for d in (10, 11))
+    other = SaltChain.new(10, lambda n: b"\x08" * n)
+    assert other.salt_for(10) != worker.salt_for(10)  # another launch, another chain
+
+
+def test_a_salt_chain_cannot_go_back() -> None:
+    chain = SaltChain.new(10, lambda n: b"\x07" * n)
+    s12 = chain.salt_for(12)
+    day, key = chain.state()
+    chain.advance_to(12)
+    assert chain.day == 12 and chain.salt_for(12) == s12
+    # the key it holds now is not the one that could derive days 10 and 11
+    assert chain.state()[1] != key and chain.state()[0] == 12 > day
+    with pytest.raises(ValueError, match="no longer derivable"):
+        chain.salt_for(11)
+    chain.advance_to(5)  # a clock set back does not rewind it
+    assert chain.day == 12
+    with pytest.raises(ValueError, match="at least 32"):
+        SaltChain(1, b"short")
+
+
+def test_a_ring_on_a_chain_takes_its_salts_and_moves_it_on_expiry() -> None:
+    chain = SaltChain.new(10, lambda n: b"\x07" * n)
+    twin = SaltChain(*chain.state())
+    ring = SaltRing(lambda n: pytest.fail("a chained ring draws no randomness"), chain=chain)
+    assert ring.salt_for(11) == twin.salt_for(11)
+    assert ring.expire(12) == []  # day 11's salt is kept until day 13 starts
+    assert chain.day == 11  # but nothing before day 11 can be derived any more
+    assert ring.expire(13) == [11]
+    assert chain.day == 12
+    with pytest.raises(ValueError, match="destroyed"):
+        ring.salt_for(11)
+    with pytest.raises(ValueError, match="32 bytes"):
+        SaltRing(lambda n: b"x" * n, size=16, chain=chain)
 
 
 def test_day_of() -> None:

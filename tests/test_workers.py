@@ -18,6 +18,8 @@ from redis.asyncio import Redis
 
 from gateway.bus import BUS_CHANNEL, POLICY_CHANGED
 from gateway.config import Settings
+from gateway.db import tenant_tx
+from gateway.provision import NewTenant
 from tests.conftest import Database, start_gateway
 from tests.support import (
     PrivateRedis,
@@ -62,6 +64,26 @@ async def test_rate_limit_is_shared_by_workers(
     assert {r["code"] for r in results if r["type"] == "error"} == {"rate_limited"}
 
 
+async def _hashed_ips(pool: asyncpg.Pool, t: NewTenant) -> set[str]:
+    async with tenant_tx(pool, t.tenant_id) as conn:
+        rows = await conn.fetch("SELECT ip_anon FROM sessions WHERE tenant_id = $1", t.tenant_id)
+    return {r["ip_anon"] for r in rows}
+
+
+async def test_hashed_ips_and_their_limit_are_shared_by_workers(
+    server: Server, app_pool: asyncpg.Pool, session: aiohttp.ClientSession
+) -> None:
+    # ip_mode hash: every worker derives the same daily salt from the supervisor's chain,
+    # so one address is one key everywhere (stored, and counted by the shared limit)
+    t = await tenant_with(app_pool, ip_mode="hash", rate_limit={"per_ip_per_minute": 4})
+    by_worker = await spread(session, server, t, per_worker=4)
+    [hashed] = await _hashed_ips(app_pool, t)
+    assert hashed.startswith("h:") and "127.0.0.1" not in hashed
+    results = [await send(ws, "hi") for socks in by_worker.values() for ws in socks]
+    assert [r["type"] for r in results].count("done") == 4  # not 4 per worker
+    assert {r["code"] for r in results if r["type"] == "error"} == {"rate_limited"}
+
+
 async def test_policy_change_reaches_the_other_worker(
     server: Server, app_pool: asyncpg.Pool, redis_url: str, session: aiohttp.ClientSession
 ) -> None:
@@ -100,10 +122,12 @@ async def test_a_killed_worker_is_replaced(
         assert time.monotonic() < deadline, server.log.read_text()[-2000:]
         await asyncio.sleep(0.1)
     assert before[0] not in now and before[1] in now
-    t = await tenant_with(app_pool)
+    t = await tenant_with(app_pool, ip_mode="hash")
     by_worker = await spread(session, server, t, per_worker=1)
     for socks in by_worker.values():
         assert (await send(socks[0], "still here"))["type"] == "done"
+    # the replacement was handed the chain as it stands today: same salt as its sibling
+    assert len(await _hashed_ips(app_pool, t)) == 1
 
 
 async def test_redis_outage_falls_back_and_recovers(
