@@ -29,7 +29,7 @@ import psutil
 
 from bench import report, stages
 from bench.db import BenchDatabase, Tenant
-from bench.idle import run_idle
+from bench.idle import IdleResult, run_idle, run_idle_http
 from bench.load import (
     PHONES,
     RunStats,
@@ -320,7 +320,7 @@ class Runner:
         self.results["database"] = {"name": self.db.name, "embedded": self.db.embedded}
         self.say(f"database {self.db.name}{' (embedded server)' if self.db.embedded else ''}")
         self.tenant = await self.db.tenant("bench")
-        needs_fake = self.only & {"baseline", "ws", "sse", "scale", "heavy"}
+        needs_fake = self.only & {"baseline", "ws", "sse", "idle", "scale", "heavy"}
         if needs_fake:
             port = free_port()
             self.fake = start_fake(port, cfg["delay_ms"], cfg["chunks"], self.logdir)
@@ -329,7 +329,7 @@ class Runner:
         if "baseline" in self.only:
             await run_baseline(self.fake_url, 2, 2)  # warm-up
             await self.measured("baseline", None, lambda: run_baseline(self.fake_url, n, m))
-        gw_needed = self.only & {"ws", "sse", "idle", "slow-jobs"}
+        gw_needed = self.only & {"ws", "sse", "slow-jobs"}
         gw: Child | None = None
         url = ""
         if gw_needed:
@@ -352,8 +352,7 @@ class Runner:
         if singles:
             await self.one_session(singles, url)
         if "idle" in self.only:
-            assert gw is not None
-            await self.run_idle(gw, url)
+            await self.run_idle()
         if "slow-jobs" in self.only:
             await self.run_slow(gw, url)
         if gw is not None:
@@ -363,13 +362,33 @@ class Runner:
         if "heavy" in self.only:
             await self.run_heavy()
 
-    async def run_idle(self, gw: Child, url: str) -> None:
+    async def run_idle(self) -> None:
+        # each kind in a gateway of its own, just started: memory freed by the load runs
+        # (or by the other kind's connections) would be reused and hide what they cost
+        for key, what, run in (
+            ("idle", "WebSockets", run_idle),
+            ("idle_sse", "fallback keep-alives", run_idle_http),
+        ):
+            gw, url = self.start_gateway(1, f"gateway-{key}")
+            try:
+                await self.run_idle_kind(gw, url, key, what, run)
+            finally:
+                gw.stop()
+
+    async def run_idle_kind(
+        self,
+        gw: Child,
+        url: str,
+        key: str,
+        what: str,
+        run: Callable[[str, str, Child, int], Awaitable[IdleResult]],
+    ) -> None:
         assert self.tenant is not None
         k = self.cfg["idle"]
-        self.say(f"idle: opening {k} sockets")
-        r = await run_idle(url, self.tenant.site_key, gw, k)
+        self.say(f"{key}: opening {k} {what} (gateway pid {gw.pid}, just started)")
+        r = await run(url, self.tenant.site_key, gw, k)
         per = r.rss_per_conn
-        self.results["idle"] = {
+        self.results[key] = {
             "requested": r.requested,
             "held": r.held,
             "failed": r.failed,
@@ -383,7 +402,7 @@ class Runner:
             "server_nofile": "raised to the hard limit by preexec_fn (ulimit -n)",
         }
         self.say(
-            f"idle: {r.held}/{k} held, {r.failed} failed, "
+            f"{key}: {r.held}/{k} held, {r.failed} failed, "
             f"{'—' if per is None else f'{per / 1024:.1f}'} KB/conn, "
             f"opened in {r.open_seconds:.1f} s"
             + (f"; first error {r.first_error}" if r.first_error else "")

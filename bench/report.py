@@ -25,8 +25,8 @@ def added(results: dict[str, Any], run: str, base: str, key: str = "ttft_p50_ms"
 def table(results: dict[str, Any]) -> str:
     """The side-by-side table (markdown, readable in a terminal too)."""
     n = results["config"]["sessions"]
-    idle = results.get("idle") or {}
-    rss = idle.get("rss_per_conn_kb")
+    rss = (results.get("idle") or {}).get("rss_per_conn_kb")
+    rss_sse = (results.get("idle_sse") or {}).get("rss_per_conn_kb")
     cols = ("baseline", "ws", "sse")
     rows: list[tuple[str, list[str]]] = [
         (f"msgs/s @{n} sessions", [_f(_get(results, c, "msgs_per_s")) for c in cols]),
@@ -49,7 +49,7 @@ def table(results: dict[str, Any]) -> str:
         (f"machine CPU busy % @{n}", [_f(_get(results, c, "machine_busy_pct")) for c in cols]),
         (f"frames or events per reply @{n}",
          [_f(_get(results, c, "frames_per_msg"), "{:.1f}") for c in cols]),
-        ("RSS per idle conn KB", ["—", _f(rss), "—"]),
+        ("RSS per idle conn KB", ["—", _f(rss), _f(rss_sse)]),
         ("errors", [str(_get(results, c, "errors") or 0) if c in results.get("runs", {}) else "—"
                     for c in cols]),
     ]  # fmt: skip
@@ -97,6 +97,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _f(rss, "{:.1f} KB"),
         None if rss is None else rss <= 25,
         f"{idle.get('held')} sockets" if idle else "",
+    )
+    idle_sse = results.get("idle_sse") or {}
+    rss_sse = idle_sse.get("rss_per_conn_kb")
+    add(
+        "sse: idle keep-alive connection ≤ 25 KB RSS",
+        _f(rss_sse, "{:.1f} KB"),
+        None if rss_sse is None else rss_sse <= 25,
+        f"{idle_sse.get('held')} connections" if idle_sse else "",
     )
     if idle and idle.get("requested", 0) >= 10_000 and results["config"]["workers"] == 1:
         add(
