@@ -90,22 +90,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             _f(a, "{:+.2f} ms"),
             None if a is None else a <= 1.0,
         )
+    for key, target, unit in (
+        ("idle", "idle session ≤ 25 KB RSS", "sockets"),
+        ("idle_sse", "sse: idle keep-alive connection ≤ 25 KB RSS", "connections"),
+    ):
+        kind = results.get(key) or {}
+        rss = kind.get("rss_per_conn_kb")
+        add(
+            target,
+            _f(rss, "{:.1f} KB"),
+            None if rss is None else rss <= 25,
+            f"{kind.get('held')} {unit}" if kind else "",
+        )
     idle = results.get("idle") or {}
-    rss = idle.get("rss_per_conn_kb")
-    add(
-        "idle session ≤ 25 KB RSS",
-        _f(rss, "{:.1f} KB"),
-        None if rss is None else rss <= 25,
-        f"{idle.get('held')} sockets" if idle else "",
-    )
-    idle_sse = results.get("idle_sse") or {}
-    rss_sse = idle_sse.get("rss_per_conn_kb")
-    add(
-        "sse: idle keep-alive connection ≤ 25 KB RSS",
-        _f(rss_sse, "{:.1f} KB"),
-        None if rss_sse is None else rss_sse <= 25,
-        f"{idle_sse.get('held')} connections" if idle_sse else "",
-    )
     if idle and idle.get("requested", 0) >= 10_000 and results["config"]["workers"] == 1:
         add(
             "one process holds 10,000 idle sockets",
