@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--delay-ms", type=float, default=0.0, help="fake upstream delay between chunks")
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
-    p.add_argument("--idle", type=int, help="idle sockets K (default 2000; try 10000)")
+    p.add_argument(
+        "--idle", type=int, help="idle connections K of each kind (default 2000; try 10000)"
+    )
     p.add_argument("--retention-rows", type=int, help="backdated messages (default 1,000,000)")
     p.add_argument("--export-messages", type=int, help="messages of the exported visitor (10,000)")
     p.add_argument(
