@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from bench import report, stages
-from bench.db import BenchDatabase, Tenant
+from bench.db import DEFAULT_SERVER_URL, BenchDatabase, Tenant, server_url_arg
 from bench.idle import IdleResult, run_idle, run_idle_http
 from bench.load import (
     PHONES,
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument(
         "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/test",
+        type=server_url_arg,
+        default=DEFAULT_SERVER_URL,
         help="owner/superuser URL; a throwaway omnigate_bench_<rand> DB is made on it",
     )
     p.add_argument(

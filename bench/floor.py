@@ -41,7 +41,7 @@ import asyncpg
 import orjson
 import uvloop
 
-from bench.db import APP_ROLE, BenchDatabase
+from bench.db import APP_ROLE, DEFAULT_SERVER_URL, BenchDatabase, server_url_arg
 from bench.load import SYSTEM_PROMPT, message_text
 from bench.procs import free_port, start_fake
 from gateway.db import create_pool
@@ -74,7 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--idle-ms", type=float, default=1.0, help="sleep before each idle call (1)")
     p.add_argument(
         "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/test",
+        type=server_url_arg,
+        default=DEFAULT_SERVER_URL,
         help="an owner/superuser URL; a throwaway database is created there",
     )
     args = p.parse_args(argv)

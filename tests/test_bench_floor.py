@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from bench.floor import AHEAD_OF_FORWARDING, LEGS
 from tests.conftest import Database
@@ -17,10 +18,12 @@ from tests.conftest import Database
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], tmp_path: Path, module: str = "bench.floor"
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # the fake's log stays under the test's dir
     return subprocess.run(
-        [sys.executable, "-m", "bench.floor", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -60,8 +63,18 @@ def test_every_leg_is_measured_and_the_series_is_their_sum(
     assert not list(tmp_path.glob("omnigate-floor-*"))
 
 
-def test_a_wrong_argument_is_one_clear_error(tmp_path: Path) -> None:
-    done = _run(["--calls", "0"], tmp_path)
+@pytest.mark.parametrize(
+    ("module", "args", "says"),
+    [
+        ("bench.floor", ["--calls", "0"], "--calls must be at least 1"),
+        ("bench.floor", ["--database-url", "localhost:5432"], "expected postgresql://"),
+        ("bench", ["--database-url", "mysql://root@127.0.0.1/test"], "expected postgresql://"),
+    ],
+)
+def test_a_wrong_argument_is_one_clear_error(
+    tmp_path: Path, module: str, args: list[str], says: str
+) -> None:
+    done = _run(args, tmp_path, module)
     assert done.returncode == 2
-    assert "--calls must be at least 1" in done.stderr
+    assert says in done.stderr
     assert "Traceback" not in done.stderr
