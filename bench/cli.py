@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -64,6 +65,37 @@ ONE_SESSION_MESSAGES = 200
 HEAVY_ROUNDS = 3
 
 
+def _at_least(lo: int) -> Callable[[str], int]:
+    """argparse type: a whole number of at least `lo` (else a one-line usage error)."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
+        return n
+
+    return parse
+
+
+def _milliseconds(value: str) -> float:
+    try:
+        ms = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {value!r}") from None
+    if not 0 <= ms <= 60_000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 60000, got {value}")
+    return ms
+
+
+def _redis_url_arg(value: str) -> str:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError("expected redis://host[:port]/db")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -74,25 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--redis-url",
+        type=_redis_url_arg,
         default="redis://127.0.0.1:6379/0",
         help="used when the gateway runs more than one worker",
     )
-    p.add_argument("--sessions", type=int, help="concurrent sessions N (default 50)")
-    p.add_argument("--messages", type=int, help="messages per session M (default 20)")
-    p.add_argument("--chunks", type=int, default=16, help="fake upstream reply chunks")
+    p.add_argument("--sessions", type=_at_least(1), help="concurrent sessions N (default 50)")
+    p.add_argument("--messages", type=_at_least(1), help="messages per session M (default 20)")
+    p.add_argument("--chunks", type=_at_least(1), default=16, help="fake upstream reply chunks")
     p.add_argument(
         "--phone",
         choices=sorted(PHONES),
         default="international",
         help="how each message writes its phone number (national costs more to find)",
     )
-    p.add_argument("--delay-ms", type=float, default=0.0, help="fake upstream delay between chunks")
-    p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     p.add_argument(
-        "--idle", type=int, help="idle connections K of each kind (default 2000; try 10000)"
+        "--delay-ms", type=_milliseconds, default=0.0, help="fake upstream delay between chunks"
     )
-    p.add_argument("--retention-rows", type=int, help="backdated messages (default 1,000,000)")
-    p.add_argument("--export-messages", type=int, help="messages of the exported visitor (10,000)")
+    p.add_argument("--workers", type=_at_least(1), default=1, help="gateway worker processes")
+    p.add_argument(
+        "--idle",
+        type=_at_least(1),
+        help="idle connections K of each kind (default 2000; try 10000)",
+    )
+    p.add_argument(
+        "--retention-rows", type=_at_least(1), help="backdated messages (default 1,000,000)"
+    )
+    p.add_argument(
+        "--export-messages", type=_at_least(1), help="messages of the exported visitor (10,000)"
+    )
     p.add_argument(
         "--only", choices=SCENARIOS, action="append", help="run only this scenario (repeatable)"
     )

@@ -1,4 +1,7 @@
-"""`python -m bench.floor` runs and reports every leg (speed is not asserted: it is the measure)."""
+"""`python -m bench.floor` runs and reports every leg (speed is not asserted: it is the measure).
+
+Also: the bench's CLIs answer a wrong argument with one usage line, before doing anything.
+"""
 
 from __future__ import annotations
 
@@ -69,6 +72,13 @@ def test_every_leg_is_measured_and_the_series_is_their_sum(
         ("bench.floor", ["--calls", "0"], "--calls must be at least 1"),
         ("bench.floor", ["--database-url", "localhost:5432"], "expected postgresql://"),
         ("bench", ["--database-url", "mysql://root@127.0.0.1/test"], "expected postgresql://"),
+        ("bench", ["--sessions", "0"], "--sessions: must be at least 1"),
+        ("bench", ["--messages", "-1"], "--messages: must be at least 1"),
+        ("bench", ["--chunks", "many"], "--chunks: expected a whole number"),
+        ("bench", ["--workers", "0"], "--workers: must be at least 1"),
+        ("bench", ["--idle", "-1"], "--idle: must be at least 1"),
+        ("bench", ["--delay-ms", "-5"], "--delay-ms: must be between 0 and 60000"),
+        ("bench", ["--redis-url", "nonsense"], "--redis-url: expected redis://"),
     ],
 )
 def test_a_wrong_argument_is_one_clear_error(
