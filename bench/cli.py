@@ -576,8 +576,6 @@ class Runner:
 
 
 def _redis_up(url: str) -> bool:
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     try:
         socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1).close()
@@ -608,6 +606,11 @@ def _brief(d: dict[str, Any]) -> str:
 async def _main(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     use_phone(cfg["phone"])
+    # SIGTERM (`timeout`, a CI job cancelled) ends the run as Ctrl-C does: through the
+    # cleanup below, so no child process or throwaway database outlives it
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     runner = Runner(args, cfg)
     t0 = time.perf_counter()
     try:
@@ -650,3 +653,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(_main(args)))
     except KeyboardInterrupt:
         sys.exit(130)
+    except asyncio.CancelledError:  # SIGTERM, after the cleanup
+        sys.exit(143)

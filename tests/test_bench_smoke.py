@@ -7,12 +7,17 @@ the numbers the report is built from, so the benchmark cannot rot unseen.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import asyncpg
 import orjson
+import psutil
 
 from tests.conftest import Database
 
@@ -69,3 +74,44 @@ def test_a_small_bench_run_measures_every_scenario(database: Database, tmp_path:
     assert "where TTFT @1 goes" in done.stdout
     assert "| target" in done.stdout
     assert (tmp_path / result_file.with_suffix(".png").name).exists()
+
+
+async def _bench_databases(owner_url: str) -> set[str]:
+    conn = await asyncpg.connect(owner_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'omnigate_bench_%'"
+        )
+    finally:
+        await conn.close()
+    return {r["datname"] for r in rows}
+
+
+def test_sigterm_stops_a_run_and_leaves_nothing_behind(database: Database, tmp_path: Path) -> None:
+    before = asyncio.run(_bench_databases(database.owner_url))
+    argv = [
+        sys.executable, "-m", "bench", "--quick", "--database-url", database.owner_url,
+        "--sessions", "2", "--messages", "2000", "--only", "ws", "--out", str(tmp_path),
+    ]  # fmt: skip
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = tmp_path / "bench.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env={**os.environ, "TMPDIR": str(logs)}, stdout=sink, stderr=sink
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while b"gateway pid" not in out.read_bytes():  # mid-run: gateway and fake up
+                assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+                time.sleep(0.1)
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            assert len(kids) >= 2  # the fake upstream and the gateway
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 143, out.read_text()[-2000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    _, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive, alive
+    assert asyncio.run(_bench_databases(database.owner_url)) == before
