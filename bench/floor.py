@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -137,6 +138,10 @@ def _first_or_fail(first: float | None) -> float:
 
 async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """p50 and mean in ms of every leg, back to back and after idle."""
+    # SIGTERM ends the run through the cleanup below, as Ctrl-C does (bench/cli.py)
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     db = await BenchDatabase.create(args.database_url)
     logdir = Path(tempfile.mkdtemp(prefix="omnigate-floor-"))
     fake = None
@@ -251,7 +256,12 @@ def report(results: dict[str, dict[str, float]], idle_ms: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    results = uvloop.run(measure(args))
+    try:
+        results = uvloop.run(measure(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except asyncio.CancelledError:  # SIGTERM, after the cleanup
+        sys.exit(143)
     print(report(results, args.idle_ms))
 
 
