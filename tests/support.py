@@ -376,3 +376,15 @@ async def post(
         headers={"Origin": ORIGIN, **headers},
     ) as resp:
         return resp.status, dict(resp.headers), await resp.read()
+
+
+async def bench_databases(owner_url: str) -> set[str]:
+    """The throwaway databases of bench runs present on the server (each run drops its own)."""
+    conn = await asyncpg.connect(owner_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'omnigate_bench_%'"
+        )
+    finally:
+        await conn.close()
+    return {r["datname"] for r in rows}

@@ -12,11 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from bench.floor import AHEAD_OF_FORWARDING, LEGS
 from tests.conftest import Database
+from tests.support import bench_databases
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,21 +31,10 @@ def _run(
     )  # fmt: skip
 
 
-async def _bench_databases(owner_url: str) -> set[str]:
-    conn = await asyncpg.connect(owner_url)
-    try:
-        rows = await conn.fetch(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'omnigate_bench_%'"
-        )
-    finally:
-        await conn.close()
-    return {r["datname"] for r in rows}
-
-
 def test_every_leg_is_measured_and_the_series_is_their_sum(
     database: Database, tmp_path: Path
 ) -> None:
-    before = asyncio.run(_bench_databases(database.owner_url))
+    before = asyncio.run(bench_databases(database.owner_url))
     done = _run(["--rounds", "1", "--calls", "3", "--database-url", database.owner_url], tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows: dict[str, list[float]] = {}
@@ -62,7 +51,7 @@ def test_every_leg_is_measured_and_the_series_is_their_sum(
         expected = sum(rows[leg][col] for leg in AHEAD_OF_FORWARDING)
         assert abs(series[col] - expected) < 0.0015, (series, expected)
     # the run dropped its database and left no log behind on success
-    assert asyncio.run(_bench_databases(database.owner_url)) == before
+    assert asyncio.run(bench_databases(database.owner_url)) == before
     assert not list(tmp_path.glob("omnigate-floor-*"))
 
 

@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import asyncpg
 import orjson
 import psutil
 
 from tests.conftest import Database
+from tests.support import bench_databases
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,19 +76,8 @@ def test_a_small_bench_run_measures_every_scenario(database: Database, tmp_path:
     assert (tmp_path / result_file.with_suffix(".png").name).exists()
 
 
-async def _bench_databases(owner_url: str) -> set[str]:
-    conn = await asyncpg.connect(owner_url)
-    try:
-        rows = await conn.fetch(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'omnigate_bench_%'"
-        )
-    finally:
-        await conn.close()
-    return {r["datname"] for r in rows}
-
-
 def test_sigterm_stops_a_run_and_leaves_nothing_behind(database: Database, tmp_path: Path) -> None:
-    before = asyncio.run(_bench_databases(database.owner_url))
+    before = asyncio.run(bench_databases(database.owner_url))
     argv = [
         sys.executable, "-m", "bench", "--quick", "--database-url", database.owner_url,
         "--sessions", "2", "--messages", "2000", "--only", "ws", "--out", str(tmp_path),
@@ -114,4 +103,4 @@ def test_sigterm_stops_a_run_and_leaves_nothing_behind(database: Database, tmp_p
                 proc.kill()
     _, alive = psutil.wait_procs(kids, timeout=10)
     assert not alive, alive
-    assert asyncio.run(_bench_databases(database.owner_url)) == before
+    assert asyncio.run(bench_databases(database.owner_url)) == before
