@@ -27,7 +27,7 @@ import orjson
 import psutil
 
 from bench.db import ORIGIN
-from bench.load import CONSENT, message_text
+from bench.load import BROWSER_HEADERS, CONSENT, WS_EXTENSIONS, message_text
 from bench.procs import Child, raise_nofile
 
 WARM = 20  # connections opened first so one-off allocations are not charged to the K
@@ -84,7 +84,8 @@ class _KeepAlive:
 
 async def _open_ws(http: aiohttp.ClientSession, gateway: str, site_key: str) -> _Conn:
     url = f"{gateway}/v1/widget/ws?site={site_key}"
-    ws = await http.ws_connect(url, headers={"Origin": ORIGIN}, autoping=True, heartbeat=None)
+    headers = {"Origin": ORIGIN, **BROWSER_HEADERS, **WS_EXTENSIONS}
+    ws = await http.ws_connect(url, headers=headers, autoping=True, heartbeat=None)
     await ws.send_str(orjson.dumps({"type": "hello", "v": 1, "consent": CONSENT}).decode())
     msg = await ws.receive(timeout=60)
     frame: dict[str, Any] = orjson.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else {}
@@ -102,7 +103,7 @@ async def _open_http(_shared: aiohttp.ClientSession, gateway: str, site_key: str
     )
     try:
         body = orjson.dumps({"id": "m0", "text": message_text(0, 0), "hello": {"consent": CONSENT}})
-        headers = {"Origin": ORIGIN, "Content-Type": "application/json"}
+        headers = {"Origin": ORIGIN, "Content-Type": "application/json", **BROWSER_HEADERS}
         url = f"{gateway}/v1/widget/chat?site={site_key}"
         outcome = None
         async with http.post(url, data=body, headers=headers) as resp:

@@ -21,6 +21,22 @@ from bench.db import ORIGIN
 
 CONSENT = {"ai_processing": True, "conversation_storage": True}
 SYSTEM_PROMPT = "You are a helpful customer-service assistant."
+# What a desktop Chrome sends besides what aiohttp's client writes itself (Host,
+# Connection, Upgrade, the WebSocket key and version): an idle socket keeps its parsed
+# upgrade request for as long as it lives, so a bench with bare requests would weigh
+# sockets lighter than visitors' are. The extension is offered, as browsers do, and
+# refused by the gateway (no compression context per socket).
+BROWSER_HEADERS = {
+    "User-Agent": (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/131.0.0.0 Safari/537.36"
+    ),
+    "Accept-Language": "en-GB,en-US;q=0.9,en;q=0.8,de;q=0.7",
+    "Accept-Encoding": "gzip, deflate, br, zstd",
+    "Cache-Control": "no-cache",
+    "Pragma": "no-cache",
+}
+WS_EXTENSIONS = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
 
 
 # The phone number of every message: "+1 415 555 2671" (the default) reads the same in
