@@ -48,6 +48,10 @@ SECURITY_HEADERS = {
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if response.status == 101:
+        # a WebSocket upgrade has no body for them to govern, and its response lives as
+        # long as the socket: four headers less per idle socket
+        return
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from aiohttp import web
 
 from gateway.services import Services
@@ -9,6 +12,7 @@ from gateway.visitor import RequestContext, today
 from policies import CompiledPolicy, anonymize_ip, client_ip, coarse_client, normalize_origin
 
 COOKIE = "omnigate_session"
+NO_SIGNALS: Mapping[str, str] = MappingProxyType({})
 # set on a request whose Origin the tenant allows; the response then carries CORS headers
 CORS_ORIGIN = web.RequestKey("omnigate_cors_origin", str)
 SIGNAL_HEADERS = ("DNT", "Sec-GPC")
@@ -54,7 +58,7 @@ def request_context(
     signals = {h: request.headers[h] for h in SIGNAL_HEADERS if h in request.headers}
     return RequestContext(
         anonymized_ip(request, svc, cp),
-        signals,
+        signals or NO_SIGNALS,  # most send none: one shared empty mapping, not a dict each
         session_token_of(request),
         new_token,
         coarse_client(request.headers.get("User-Agent")),

@@ -43,7 +43,7 @@ class Services:
     # costly messages are searched for PII off the event loop (0 helpers: inline)
     redaction: RedactionPool = field(default_factory=lambda: RedactionPool(0))
     # live connections by (tenant, subject): erasure closes them on every process
-    live: dict[tuple[UUID, UUID], set[Any]] = field(default_factory=dict)
+    live: dict[tuple[UUID, UUID], list[Any]] = field(default_factory=dict)
     # open widget sockets per (tenant, anonymized IP) in this process
     ip_connections: dict[str, int] = field(default_factory=dict)
 

@@ -74,12 +74,7 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     metrics.WS_CONNECTIONS.inc()
 
     outbox = Outbox(ws, WRITE_QUEUE)
-
-    async def terminate(reason: str) -> None:
-        # 4001: the session is gone (erased); the widget starts afresh, it does not resume
-        await ws.close(code=4001, message=reason.encode())
-
-    conn = Connection(svc, tenant_id, ctx, outbox.send, terminate)
+    conn = Connection(svc, tenant_id, ctx, outbox.send, outbox.terminate)
     close: tuple[int, bytes] = (WSCloseCode.OK, b"")
     try:
         close = await _read_loop(
@@ -131,6 +126,10 @@ class Outbox:
         self.task: asyncio.Task[None] | None = None
         self.writing = False  # a sender is inside its own write
         self.broken = False
+
+    async def terminate(self, reason: str) -> None:
+        """Close with 4001: the session is gone (erased); the widget starts afresh."""
+        await self.ws.close(code=4001, message=reason.encode())
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Write a frame, or queue it behind the write in progress (dropped once the

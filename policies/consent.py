@@ -76,7 +76,18 @@ def signals_from(headers: Mapping[str, str], hello_signals: object, honor_dnt: b
     return Signals(dnt=dnt, gpc=gpc, source=",".join(sources))
 
 
-@dataclass(frozen=True)
+_KNOWN = frozenset(PURPOSES) | {NECESSARY}
+_SHARED: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _shared(purposes: frozenset[str]) -> frozenset[str]:
+    # Sets of known purposes are few (2 ** 6 at most), so every visitor holding one
+    # holds the same object: an idle socket carries no set of its own.
+    s = frozenset(purposes)
+    return _SHARED.setdefault(s, s) if s <= _KNOWN else s
+
+
+@dataclass(frozen=True, slots=True)
 class ConsentState:
     """The purposes a visitor granted and the consent_version they were granted under."""
 
@@ -85,6 +96,10 @@ class ConsentState:
     age_confirmed: bool = False
     # explicit refusals; they never go stale (a "no" stays a "no" across versions)
     revoked: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "granted", _shared(self.granted))
+        object.__setattr__(self, "revoked", _shared(self.revoked))
 
 
 @dataclass(frozen=True)

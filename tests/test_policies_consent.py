@@ -606,3 +606,15 @@ def test_default_policy_needs_no_consent() -> None:
     assert Policy().optional_consents == frozenset()
     # ... and keeps the transcript: storage is in neither list
     assert decide_chat(compile_policy(Policy(), 1), state(), NO).store_transcript is True
+
+
+def test_consent_states_share_their_purpose_sets_and_the_sharing_is_bounded() -> None:
+    # every idle visitor holds a ConsentState: equal sets are one object, not one each
+    a = ConsentState(frozenset({"ai_processing", "analytics"}), 1)
+    b, _ = apply_consent_change(ConsentState(frozenset(), 1), ["analytics", "ai_processing"], [], 1)
+    assert a.granted == b.granted and a.granted is b.granted
+    assert a.revoked is b.revoked
+    # only sets of known purposes are shared: arbitrary strings cannot grow the table
+    odd = ConsentState(frozenset({"not-a-purpose"}), 1)
+    assert odd.granted is not ConsentState(frozenset({"not-a-purpose"}), 1).granted
+    assert not hasattr(a, "__dict__")  # slots: no per-instance dict either

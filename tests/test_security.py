@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlsplit
+
 import asyncpg
 import pytest
 
@@ -170,3 +173,19 @@ async def test_security_headers_on_refusals_and_writes(
             assert resp.headers.get("X-Content-Type-Options") == "nosniff", path
             assert resp.headers.get("Referrer-Policy") == "no-referrer", path
             assert "default-src 'none'" in resp.headers.get("Content-Security-Policy", ""), path
+    # the one exception: a 101 has no body to govern, and its headers stay in memory as
+    # long as the socket lives (docs/performance.md, round 7)
+    url = urlsplit(g.url(f"/v1/widget/ws?site={tenant.site_key}"))
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(
+            f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\nOrigin: {ORIGIN}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+    finally:
+        writer.close()
+    assert head.startswith("http/1.1 101"), head
+    assert "content-security-policy" not in head
+    assert "set-cookie: omnigate_session=" in head  # what the 101 must carry, it still does
