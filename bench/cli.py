@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 import psutil
 
 from bench import report, stages
-from bench.db import DEFAULT_SERVER_URL, BenchDatabase, Tenant, server_url_arg
+from bench.args import DEFAULT_SERVER_URL, at_least, milliseconds, redis_url, server_url
+from bench.db import BenchDatabase, Tenant
 from bench.idle import IdleResult, run_idle, run_idle_http
 from bench.load import (
     PHONES,
@@ -65,54 +66,23 @@ ONE_SESSION_MESSAGES = 200
 HEAVY_ROUNDS = 3
 
 
-def _at_least(lo: int) -> Callable[[str], int]:
-    """argparse type: a whole number of at least `lo` (else a one-line usage error)."""
-
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
-        return n
-
-    return parse
-
-
-def _milliseconds(value: str) -> float:
-    try:
-        ms = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, got {value!r}") from None
-    if not 0 <= ms <= 60_000:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 60000, got {value}")
-    return ms
-
-
-def _redis_url_arg(value: str) -> str:
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-        raise argparse.ArgumentTypeError("expected redis://host[:port]/db")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument(
         "--database-url",
-        type=server_url_arg,
+        type=server_url,
         default=DEFAULT_SERVER_URL,
         help="owner/superuser URL; a throwaway omnigate_bench_<rand> DB is made on it",
     )
     p.add_argument(
         "--redis-url",
-        type=_redis_url_arg,
+        type=redis_url,
         default="redis://127.0.0.1:6379/0",
         help="used when the gateway runs more than one worker",
     )
-    p.add_argument("--sessions", type=_at_least(1), help="concurrent sessions N (default 50)")
-    p.add_argument("--messages", type=_at_least(1), help="messages per session M (default 20)")
-    p.add_argument("--chunks", type=_at_least(1), default=16, help="fake upstream reply chunks")
+    p.add_argument("--sessions", type=at_least(1), help="concurrent sessions N (default 50)")
+    p.add_argument("--messages", type=at_least(1), help="messages per session M (default 20)")
+    p.add_argument("--chunks", type=at_least(1), default=16, help="fake upstream reply chunks")
     p.add_argument(
         "--phone",
         choices=sorted(PHONES),
@@ -120,19 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="how each message writes its phone number (national costs more to find)",
     )
     p.add_argument(
-        "--delay-ms", type=_milliseconds, default=0.0, help="fake upstream delay between chunks"
+        "--delay-ms", type=milliseconds, default=0.0, help="fake upstream delay between chunks"
     )
-    p.add_argument("--workers", type=_at_least(1), default=1, help="gateway worker processes")
+    p.add_argument("--workers", type=at_least(1), default=1, help="gateway worker processes")
     p.add_argument(
         "--idle",
-        type=_at_least(1),
+        type=at_least(1),
         help="idle connections K of each kind (default 2000; try 10000)",
     )
     p.add_argument(
-        "--retention-rows", type=_at_least(1), help="backdated messages (default 1,000,000)"
+        "--retention-rows", type=at_least(1), help="backdated messages (default 1,000,000)"
     )
     p.add_argument(
-        "--export-messages", type=_at_least(1), help="messages of the exported visitor (10,000)"
+        "--export-messages", type=at_least(1), help="messages of the exported visitor (10,000)"
     )
     p.add_argument(
         "--only", choices=SCENARIOS, action="append", help="run only this scenario (repeatable)"

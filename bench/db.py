@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tempfile
 import uuid
@@ -96,18 +95,6 @@ class BenchDatabase:
         finally:
             await pool.close()
         return Tenant(t.tenant_id, t.site_key, t.admin_key)
-
-
-DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def server_url_arg(value: str) -> str:
-    """argparse type of --database-url: a PostgreSQL URL, or a one-line error (no traceback)."""
-    if urlsplit(value).scheme not in ("postgresql", "postgres"):
-        raise argparse.ArgumentTypeError(
-            "expected postgresql://user@host[:port]/database (an owner or superuser)"
-        )
-    return value
 
 
 def _start_embedded() -> str:

@@ -42,7 +42,8 @@ import asyncpg
 import orjson
 import uvloop
 
-from bench.db import APP_ROLE, DEFAULT_SERVER_URL, BenchDatabase, server_url_arg
+from bench.args import DEFAULT_SERVER_URL, at_least, milliseconds, server_url
+from bench.db import APP_ROLE, BenchDatabase
 from bench.load import SYSTEM_PROMPT, message_text
 from bench.procs import free_port, start_fake
 from gateway.db import create_pool
@@ -70,19 +71,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.floor", description="the legs of the time to first delta, alone"
     )
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (5)")
-    p.add_argument("--calls", type=int, default=300, help="calls per leg per round (300)")
-    p.add_argument("--idle-ms", type=float, default=1.0, help="sleep before each idle call (1)")
+    p.add_argument("--rounds", type=at_least(1), default=5, help="alternating rounds (5)")
+    p.add_argument("--calls", type=at_least(1), default=300, help="calls per leg per round (300)")
+    p.add_argument(
+        "--idle-ms", type=milliseconds, default=1.0, help="sleep before each idle call (1)"
+    )
     p.add_argument(
         "--database-url",
-        type=server_url_arg,
+        type=server_url,
         default=DEFAULT_SERVER_URL,
         help="an owner/superuser URL; a throwaway database is created there",
     )
-    args = p.parse_args(argv)
-    if args.rounds < 1 or args.calls < 1 or args.idle_ms < 0:
-        p.error("--rounds and --calls must be at least 1, --idle-ms not negative")
-    return args
+    return p.parse_args(argv)
 
 
 async def timed_calls(fn: Leg, calls: int, idle_s: float) -> list[float]:

@@ -58,7 +58,8 @@ def test_every_leg_is_measured_and_the_series_is_their_sum(
 @pytest.mark.parametrize(
     ("module", "args", "says"),
     [
-        ("bench.floor", ["--calls", "0"], "--calls must be at least 1"),
+        ("bench.floor", ["--calls", "0"], "--calls: must be at least 1"),
+        ("bench.floor", ["--idle-ms", "-1"], "--idle-ms: must be between 0 and 60000"),
         ("bench.floor", ["--database-url", "localhost:5432"], "expected postgresql://"),
         ("bench", ["--database-url", "mysql://root@127.0.0.1/test"], "expected postgresql://"),
         ("bench", ["--sessions", "0"], "--sessions: must be at least 1"),
