@@ -25,6 +25,7 @@ from policies import (
     Signals,
     UnknownPurpose,
     apply_consent_change,
+    day_of,
     decide_chat,
     signals_from,
 )
@@ -350,5 +351,5 @@ def welcome(v: Visitor, cp: CompiledPolicy) -> dict[str, Any]:
 
 
 def today() -> int:
-    """The day number used for daily salt rotation."""
-    return int(time.time() // 86400)
+    """The day number used for daily salt rotation (the supervisor's clock too)."""
+    return day_of(time.time())
