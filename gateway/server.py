@@ -170,11 +170,20 @@ class _Supervisor:
         # the earliest day whose salt a worker's SaltRing still keeps
         return day_of(time.time()) - SaltRing.KEEP_DAYS + 1
 
-    def _spawn(self) -> BaseProcess:
+    def advance_salts(self) -> None:
+        """Forget the days whose salts the workers' rings have destroyed by now."""
         self.salts.advance_to(self._salt_floor())
-        # the spawn context pickles the arguments down a pipe to the child: no file holds them
-        args = (self.settings, True, self.salts.state())
-        p = self.ctx.Process(target=_run_one, args=args, daemon=False)
+
+    def worker_args(self) -> tuple[Settings, bool, tuple[int, bytes]]:
+        """`_run_one`'s arguments for a worker started now: the chain as it stands today.
+
+        The spawn context pickles them down a pipe to the child: no file holds them.
+        """
+        self.advance_salts()
+        return self.settings, True, self.salts.state()
+
+    def _spawn(self) -> BaseProcess:
+        p = self.ctx.Process(target=_run_one, args=self.worker_args(), daemon=False)
         p.start()
         p._omnigate_started = time.monotonic()  # type: ignore[attr-defined]
         return p
@@ -194,7 +203,7 @@ class _Supervisor:
         self.procs = [self._spawn() for _ in range(self.workers)]
         while not self.stopping:
             wait([p.sentinel for p in self.procs], timeout=0.5)
-            self.salts.advance_to(self._salt_floor())
+            self.advance_salts()
             for i, p in enumerate(self.procs):
                 if p.is_alive() or self.stopping:
                     continue

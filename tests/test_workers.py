@@ -212,3 +212,30 @@ async def test_readyz_reports_redis(settings: Settings, redis_url: str) -> None:
             "checks": {"database": "ok", "redis": "unreachable"},
             "upstream": "offline",
         }
+
+
+def test_the_supervisor_hands_out_todays_chain_and_forgets_expired_days(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import server
+    from policies import SaltChain, day_of
+
+    day = day_of(time.time())
+    clock = [day * 86_400 + 3_600.0]
+    monkeypatch.setattr(server.time, "time", lambda: clock[0])
+    sup = server._Supervisor(settings, 2)
+    _, _, state = sup.worker_args()
+    first = SaltChain(*state)  # a worker started today
+    assert first.day == day - 1  # yesterday's salt is still kept by the rings
+    clock[0] += 2 * 86_400  # two days later a worker is replaced
+    _, _, state = sup.worker_args()
+    later = SaltChain(*state)
+    assert later.day == day + 1
+    # the replacement hashes as the first worker does today...
+    assert later.salt_for(day + 2) == first.salt_for(day + 2)
+    # ...and nothing the supervisor holds rebuilds the salt destroyed since
+    with pytest.raises(ValueError, match="no longer derivable"):
+        later.salt_for(day)
+    clock[0] += 86_400  # its loop moves on even when no worker is started
+    sup.advance_salts()
+    assert sup.salts.day == day + 2
