@@ -16,7 +16,9 @@ and the fake upstream, sequential calls of:
 
 Each leg runs back to back and again with ``--idle-ms`` (1 ms) of sleep before every
 call: in the one-session run PostgreSQL and the fake sit idle while the other legs
-work, and a process woken from idle answers later on this VM. Rounds alternate so
+work, and a process woken from idle answers later on this VM. This process's CPU per
+call is kept for the back-to-back calls: what the gateway's own code spends on each
+leg, PostgreSQL's and the fake's share left out. Rounds alternate so
 drift hits every leg alike; p50s over all rounds. DESIGN §4 puts redaction and the
 durable insert in series before forwarding, so their sum is time the gateway adds
 to the baseline's whole time to first chunk whatever else it does.
@@ -85,9 +87,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def timed_calls(fn: Leg, calls: int, idle_s: float) -> list[float]:
-    """Seconds per call of `calls` sequential calls, each after `idle_s` of sleep."""
+async def timed_calls(fn: Leg, calls: int, idle_s: float) -> tuple[list[float], float]:
+    """Seconds per call of `calls` sequential calls, each after `idle_s` of sleep, and
+    this process's CPU seconds per call over them."""
     out: list[float] = []
+    cpu0 = time.process_time()
     for _ in range(calls):
         if idle_s:
             await asyncio.sleep(idle_s)
@@ -95,7 +99,7 @@ async def timed_calls(fn: Leg, calls: int, idle_s: float) -> list[float]:
         own = await fn()
         # a leg that times itself (the first chunk of a reply read to its end) says so
         out.append(own if isinstance(own, float) else time.perf_counter() - t0)
-    return out
+    return out, (time.process_time() - cpu0) / calls
 
 
 async def _seed(db: BenchDatabase, tenant_id: uuid.UUID, conversations: int) -> list[uuid.UUID]:
@@ -127,7 +131,14 @@ async def _seed(db: BenchDatabase, tenant_id: uuid.UUID, conversations: int) -> 
 
 
 def _first_content(line: bytes) -> bool:
-    return line.startswith(b"data: ") and b'"content"' in line
+    """A data line carrying reply text: the baseline's first delta (bench/load.py).
+
+    Not the role chunk the stream opens with, whose content is empty.
+    """
+    if not line.startswith(b"data: ") or b'"content"' not in line:
+        return False
+    choices = orjson.loads(line[6:]).get("choices") or [{}]
+    return bool((choices[0].get("delta") or {}).get("content"))
 
 
 def _first_or_fail(first: float | None) -> float:
@@ -137,7 +148,7 @@ def _first_or_fail(first: float | None) -> float:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """p50 and mean in ms of every leg, back to back and after idle."""
+    """p50 and mean in ms of every leg, back to back and after idle; CPU µs per call."""
     # SIGTERM ends the run through the cleanup below, as Ctrl-C does (bench/cli.py)
     task = asyncio.current_task()
     assert task is not None
@@ -160,7 +171,7 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         http = aiohttp.ClientSession()
         upstream = UpstreamClient(UpstreamConfig(base_url=base_url, api_key="sk-floor", model="m"))
         await upstream.start()
-        closers += [on.close, off.close, pool.close, http.close, upstream.close]
+        closers += [on.close, off.close, pool.close, writer.aclose, http.close, upstream.close]
 
         blob = os.urandom(300)  # a sealed message of the bench's size
         text = message_text(3, 7)
@@ -212,15 +223,20 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         for fn in legs.values():  # warm caches, prepared statements, pooled connections
             await timed_calls(fn, 20, 0.0)
         samples: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         for r in range(args.rounds):
             for mode, idle in (("back_to_back", 0.0), ("after_idle", args.idle_ms / 1000)):
                 for name, fn in legs.items():
-                    samples.setdefault(f"{name}|{mode}", []).extend(
-                        await timed_calls(fn, args.calls, idle)
-                    )
+                    walls, per_call = await timed_calls(fn, args.calls, idle)
+                    samples.setdefault(f"{name}|{mode}", []).extend(walls)
+                    cpu.setdefault(f"{name}|{mode}", []).append(per_call)
             print(f"[floor] round {r + 1}/{args.rounds}", file=sys.stderr)
         results = {
-            key: {"p50_ms": statistics.median(v) * 1e3, "mean_ms": statistics.fmean(v) * 1e3}
+            key: {
+                "p50_ms": statistics.median(v) * 1e3,
+                "mean_ms": statistics.fmean(v) * 1e3,
+                "cpu_us": statistics.median(cpu[key]) * 1e6,
+            }
             for key, v in samples.items()
         }
     finally:
@@ -234,22 +250,28 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def report(results: dict[str, dict[str, float]], idle_ms: float) -> str:
-    """The table: p50 (mean) ms per leg, back to back and after idle; then the sum."""
-    head = f"| leg | back to back, p50 (mean) ms | after {idle_ms:g} ms idle, p50 (mean) ms |"
-    lines = [head, "|---|---|---|"]
+    """The table: p50 (mean) ms per leg, back to back and after idle, and this
+    process's CPU per call back to back; then the sum of the legs ahead of forwarding."""
+    head = (
+        f"| leg | back to back, p50 (mean) ms | after {idle_ms:g} ms idle, p50 (mean) ms "
+        "| our CPU per call, µs |"
+    )
+    lines = [head, "|---|---|---|---|"]
     for name in LEGS:
         cells = [
             "{p50_ms:.3f} ({mean_ms:.3f})".format(**results[f"{name}|{mode}"])
             for mode in ("back_to_back", "after_idle")
         ]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        cpu_us = results[f"{name}|back_to_back"]["cpu_us"]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cpu_us:.1f} |")
     ahead = [
         sum(results[f"{name}|{mode}"]["p50_ms"] for name in AHEAD_OF_FORWARDING)
         for mode in ("back_to_back", "after_idle")
     ]
+    ahead_cpu = sum(results[f"{name}|back_to_back"]["cpu_us"] for name in AHEAD_OF_FORWARDING)
     lines.append(
         f"| in series before forwarding (redaction + durable insert) "
-        f"| {ahead[0]:.3f} | {ahead[1]:.3f} |"
+        f"| {ahead[0]:.3f} | {ahead[1]:.3f} | {ahead_cpu:.1f} |"
     )
     return "\n".join(lines)
 

@@ -41,15 +41,16 @@ def test_every_leg_is_measured_and_the_series_is_their_sum(
     for line in done.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         nums = [float(m) for c in cells[1:] for m in re.findall(r"\d+\.\d+", c)[:1]]
-        if len(nums) == 2:
+        if len(nums) >= 2:
             rows[cells[0]] = nums
     for leg in LEGS:
         assert leg in rows, leg
-        assert all(v > 0 for v in rows[leg]), (leg, rows[leg])
+        # back to back, after idle, and this process's CPU per call
+        assert len(rows[leg]) == 3 and all(v > 0 for v in rows[leg]), (leg, rows[leg])
     [series] = [v for k, v in rows.items() if k.startswith("in series before forwarding")]
-    for col in (0, 1):
+    for col, rounding in ((0, 0.0015), (1, 0.0015), (2, 0.15)):
         expected = sum(rows[leg][col] for leg in AHEAD_OF_FORWARDING)
-        assert abs(series[col] - expected) < 0.0015, (series, expected)
+        assert abs(series[col] - expected) < rounding, (series, expected)
     # the run dropped its database and left no log behind on success
     assert asyncio.run(bench_databases(database.owner_url)) == before
     assert not list(tmp_path.glob("omnigate-floor-*"))
