@@ -151,6 +151,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(settings.database_url)
     client: UpstreamClient | None = None
     redis_client = None
+    writer: GroupCommitter | None = None
     try:
         await check_app_role(pool)
         upstream = None
@@ -169,7 +170,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             await client.start()
             model = client
         svc = build_services(settings, pool, model, upstream, app.get(SALT_CHAIN))
-        svc.writer = GroupCommitter(pool)
+        svc.writer = writer = GroupCommitter(pool)
         svc.redaction = RedactionPool(settings.redaction_helpers)
         redis_client = svc.redis
         _subscribe(svc)
@@ -184,7 +185,6 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await svc.bus.close()
-        await svc.writer.aclose()
         await svc.redaction.aclose()
         await svc.aclose()
     finally:
@@ -193,6 +193,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             await client.close()
         if redis_client is not None:
             await redis_client.aclose()
+        if writer is not None:
+            await writer.aclose()  # it keeps a connection the pool must get back to close
         await pool.close()
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.chat import STORAGE_ERRORS
 from gateway.db import create_pool, tenant_tx
-from gateway.groupcommit import GroupCommitter
+from gateway.groupcommit import GroupCommitter, _usable
 from gateway.provision import NewTenant, create_tenant
 from gateway.store import NewMessage
 from tests.conftest import ORIGIN, TEST_APP_ROLE, Database, Gateway, hello
@@ -64,6 +64,7 @@ async def test_concurrent_inserts_share_round_trips_and_stay_per_tenant(
         assert {r["seq"] for r in rows} == mine  # only this tenant's rows are visible
         assert {r["conversation_id"] for r in rows} == {convs[i]}
         assert count == len(mine)
+    await gc.aclose()
 
 
 async def test_bad_row_fails_alone_and_duplicate_is_none(
@@ -101,9 +102,10 @@ async def test_bad_row_fails_alone_and_duplicate_is_none(
         assert await conn.fetchval("SELECT count(*) FROM messages") == 3
     async with tenant_tx(app_pool, other.tenant_id) as conn:
         assert await conn.fetchval("SELECT count(*) FROM messages") == 0
-    # autocommit: no tenant setting survives the statement on the pooled connection
-    async with app_pool.acquire() as conn:
-        assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+    # autocommit: no tenant setting survives the statement on the connection it keeps
+    conn = gc._conn
+    assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+    await gc.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -163,6 +165,7 @@ async def test_cut_connection_fails_the_batch_then_recovers(
         assert gc.batches == 2
         seq = await gc.insert(user_message(tenant.tenant_id, conv))
         assert isinstance(seq, int)
+        await gc.aclose()  # the pool's one connection was the committer's
         async with tenant_tx(pool, tenant.tenant_id) as conn:
             assert await conn.fetchval("SELECT count(*) FROM messages") == 1
     finally:
@@ -188,6 +191,7 @@ async def test_rows_queued_behind_a_cancelled_lone_write_are_still_written(
     seqs = await asyncio.wait_for(asyncio.gather(*queued), 10)
     assert all(isinstance(s, int) for s in seqs)
     assert gc.batches == 2 and gc.rows == 4  # the lone write, then the three together
+    await gc.aclose()
 
 
 async def test_gateway_writes_through_the_committer(
@@ -203,3 +207,80 @@ async def test_gateway_writes_through_the_committer(
     assert frames[-1]["type"] == "done" and isinstance(frames[-1]["seq"], int)
     svc = offline_gateway.server.app[SERVICES]
     assert svc.writer is not None and svc.writer.rows >= 2
+
+
+async def _kill_app_backends(owner: asyncpg.Pool) -> int:
+    return int(
+        await owner.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE usename = $1 AND datname = current_database()",
+            TEST_APP_ROLE,
+        )
+    )
+
+
+async def test_one_connection_is_kept_between_writes_and_given_back_on_close(
+    offline_gateway: Gateway, tenant: NewTenant, database: Database
+) -> None:
+    conv = await conversation_of(offline_gateway, tenant)
+    pool = await create_pool(database.app_url, min_size=2, max_size=2)
+    try:
+        gc = GroupCommitter(pool)
+        assert pool.get_idle_size() == 2
+        for _ in range(3):
+            assert isinstance(await gc.insert(user_message(tenant.tenant_id, conv)), int)
+            assert pool.get_idle_size() == 1  # kept, not checked out and back per write
+        await asyncio.gather(*(gc.insert(user_message(tenant.tenant_id, conv)) for _ in range(5)))
+        assert pool.get_idle_size() == 1 and pool.get_size() == 2
+        await gc.aclose()
+        assert pool.get_idle_size() == 2
+        # a write after close checks a connection out for itself and returns it
+        assert isinstance(await gc.insert(user_message(tenant.tenant_id, conv)), int)
+        assert pool.get_idle_size() == 2
+        await asyncio.wait_for(pool.close(), 5)  # nothing held: the pool closes at once
+        pool = None
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+async def test_a_kept_connection_that_broke_is_replaced(
+    offline_gateway: Gateway, tenant: NewTenant, database: Database, owner_pool: asyncpg.Pool
+) -> None:
+    conv = await conversation_of(offline_gateway, tenant)
+    pool = await create_pool(database.app_url, min_size=1, max_size=1)
+    try:
+        gc = GroupCommitter(pool)
+        assert isinstance(await gc.insert(user_message(tenant.tenant_id, conv)), int)
+        assert await _kill_app_backends(owner_pool) >= 1
+        for _ in range(100):  # the loop reads the server's goodbye
+            await asyncio.sleep(0.01)
+            if gc._conn is None or not _usable(gc._conn):
+                break
+        seq = await gc.insert(user_message(tenant.tenant_id, conv))
+        assert isinstance(seq, int)
+        await gc.aclose()
+        async with tenant_tx(pool, tenant.tenant_id) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM messages") == 2
+    finally:
+        await pool.close()
+
+
+async def test_closing_with_a_write_in_flight_gives_the_connection_back_after_it(
+    offline_gateway: Gateway, tenant: NewTenant, database: Database, owner_pool: asyncpg.Pool
+) -> None:
+    conv = await conversation_of(offline_gateway, tenant)
+    pool = await create_pool(database.app_url, min_size=1, max_size=1)
+    try:
+        gc = GroupCommitter(pool)
+        async with holding_conversation(owner_pool, conv):
+            lone = asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
+            await flushed(gc, 1)
+            await asyncio.sleep(0.05)
+            await gc.aclose()
+            assert not lone.done() and pool.get_idle_size() == 0  # still the write's
+        assert isinstance(await lone, int)
+        assert pool.get_idle_size() == 1
+        await asyncio.wait_for(pool.close(), 5)
+    finally:
+        pool.terminate()
