@@ -234,7 +234,8 @@ async def erase_by_user(request: web.Request, admin: Admin) -> web.Response:
             "user_id must be a non-empty string",
             fields=[{"field": "user_id", "message": "must be a non-empty string"}],
         )
-    ref = identity.external_ref(admin.svc.keyring, admin.tenant_id, user_id)
+    hash_key = await admin.svc.hash_keys.key(admin.tenant_id)
+    ref = identity.external_ref(hash_key, admin.tenant_id, user_id)
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
         subject_id = await store.subject_by_ref(conn, admin.tenant_id, ref)
     if subject_id is None:

@@ -170,6 +170,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             await client.start()
             model = client
         svc = build_services(settings, pool, model, upstream, app.get(SALT_CHAIN))
+        # before any rotation: the hashes tenants already hold were made under the primary
+        await svc.hash_keys.seal_missing()
         svc.writer = writer = GroupCommitter(pool)
         svc.redaction = RedactionPool(settings.redaction_helpers)
         redis_client = svc.redis

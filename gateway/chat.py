@@ -178,7 +178,7 @@ async def _exchange(
 
     user_seq: int | None = None
     if keep:
-        client_ref = svc.keyring.keyed_hash(v.conversation_id.bytes, msg_id.encode())
+        client_ref = await svc.hash_keys.hash(v.tenant_id, v.conversation_id.bytes, msg_id.encode())
         # the sealed map is rewritten only when this message added a placeholder
         grew = len(v.placeholders) != known
         user_seq = await _store_user(svc, v, msg_id, text, client_ref, grew, emit)

@@ -59,7 +59,9 @@ class KeyRing:
             raise ValueError("at least one master key is required")
         self._keys = {kid: AESGCM(k) for kid, k in keys}
         self.primary_id = keys[0][0]
-        # derived, never stored: keys for keyed hashes of client ids and lookups
+        # derived from the primary, never stored: what a tenant's hash key starts as the
+        # first time it is sealed (gateway/hashkeys.py), so hashes made before tenants kept
+        # their own stay valid. A hash made with it directly would change with a rotation.
         self.hash_key = hashlib.sha256(b"omnigate-hash|" + keys[0][1]).digest()
 
     @property
@@ -103,13 +105,15 @@ class KeyRing:
             raise CryptoError(f"master key {kid!r} is not configured")
         return open_sealed(kek, blob[1 + n :], b"secret|" + tenant_id.bytes + purpose.encode())
 
-    def keyed_hash(self, *parts: bytes) -> bytes:
-        """HMAC-SHA256 (truncated to 16 bytes) for references that must not be reversible."""
-        mac = hmac.new(self.hash_key, digestmod=hashlib.sha256)
-        for p in parts:
-            mac.update(len(p).to_bytes(4, "big"))
-            mac.update(p)
-        return mac.digest()[:16]
+
+
+def keyed_hash(key: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 (truncated to 16 bytes) for references that must not be reversible."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for p in parts:
+        mac.update(len(p).to_bytes(4, "big"))
+        mac.update(p)
+    return mac.digest()[:16]
 
 
 class DataKeyCache:

@@ -18,7 +18,8 @@ from uuid import UUID
 import asyncpg
 
 from gateway import metrics, store
-from gateway.crypto import CryptoError, KeyRing
+from gateway.crypto import CryptoError, KeyRing, keyed_hash
+from gateway.hashkeys import HashKeys
 
 PURPOSE = "identity"
 MAX_USER_ID = 256
@@ -34,9 +35,10 @@ def new_secret() -> str:
     return "is_" + secrets.token_urlsafe(32)
 
 
-def external_ref(keyring: KeyRing, tenant_id: UUID, user_id: str) -> bytes:
-    """The stored reference of a verified user id: a keyed hash, bound to the tenant."""
-    return keyring.keyed_hash(tenant_id.bytes, user_id.encode())
+def external_ref(hash_key: bytes, tenant_id: UUID, user_id: str) -> bytes:
+    """The stored reference of a verified user id: a keyed hash under the tenant's hash key
+    (gateway/hashkeys.py, unchanged by a master-key rotation), bound to the tenant."""
+    return keyed_hash(hash_key, tenant_id.bytes, user_id.encode())
 
 
 def verify(secret: str | None, user: Any) -> str | None:
@@ -78,16 +80,17 @@ async def store_secret(
 
 
 async def verified_ref(
-    conn: asyncpg.Connection, keyring: KeyRing, tenant_id: UUID, user: Any
+    conn: asyncpg.Connection, keyring: KeyRing, hash_keys: HashKeys, tenant_id: UUID, user: Any
 ) -> bytes | None:
-    """The external_ref of hello's `user` when it verifies; counts every failure."""
+    """The external_ref of hello's `user` when it verifies (inside the tenant's
+    transaction); counts every failure."""
     if user is None:
         return None
     uid = verify(await load_secret(conn, keyring, tenant_id), user)
     if uid is None:
         metrics.IDENTITY_UNVERIFIED.inc()
         return None
-    return external_ref(keyring, tenant_id, uid)
+    return external_ref(await hash_keys.key(tenant_id, conn), tenant_id, uid)
 
 
 async def subject_for_ref(

@@ -10,7 +10,8 @@ keep working throughout. When the printed `remaining_by_key` shows no row for
 the old key, remove it from OMNIGATE_MASTER_KEYS: it is retired.
 
 The tenant secrets sealed with `KeyRing.seal_secret` (the bring-your-own
-upstream and the identity-verification secret, columns of `tenants`) name their
+upstream, the identity-verification secret and the key of the tenant's keyed
+hashes, columns of `tenants`) name their
 master key in the blob's prefix; the same pass re-seals them under the primary,
 and they count in `remaining_by_key`, so a key is never reported retirable while
 a secret still needs it.
@@ -32,13 +33,21 @@ class RotationError(Exception):
 
 
 # tenants column -> the purpose its secret is sealed for (the AAD binds it)
-SEALED_SECRETS = {"upstream_sealed": "upstream", "identity_secret_sealed": "identity"}
-_SELECT_SECRETS = "SELECT upstream_sealed, identity_secret_sealed FROM tenants WHERE tenant_id = $1"
+SEALED_SECRETS = {
+    "upstream_sealed": "upstream",
+    "identity_secret_sealed": "identity",
+    "hash_key_sealed": "hash",
+}
+_SELECT_SECRETS = (
+    "SELECT upstream_sealed, identity_secret_sealed, hash_key_sealed FROM tenants"
+    " WHERE tenant_id = $1"
+)
 _UPDATE_SECRET = {
     "upstream_sealed": "UPDATE tenants SET upstream_sealed = $2 WHERE tenant_id = $1",
     "identity_secret_sealed": (
         "UPDATE tenants SET identity_secret_sealed = $2 WHERE tenant_id = $1"
     ),
+    "hash_key_sealed": "UPDATE tenants SET hash_key_sealed = $2 WHERE tenant_id = $1",
 }
 
 

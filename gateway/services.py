@@ -15,6 +15,7 @@ from gateway.config import Settings
 from gateway.crypto import KeyRing
 from gateway.db import Pool, tenant_tx
 from gateway.groupcommit import GroupCommitter
+from gateway.hashkeys import HashKeys
 from gateway.ratelimit import LocalRateLimiter, RateLimiter
 from gateway.redactpool import RedactionPool
 from gateway.tenants import TenantRegistry
@@ -51,8 +52,11 @@ class Services:
     byo: dict[UUID, UpstreamConfig | None] = field(default_factory=dict, repr=False)
     _byo_client: UpstreamClient | None = field(default=None, repr=False)
     _byo_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # every tenant's key for keyed hashes (verified user ids, client_refs), opened once
+    hash_keys: HashKeys = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.hash_keys = HashKeys(self.pool, self.keyring)
         # chat.py streams from `svc.model`; route tenants with their own upstream to a
         # real client even when the gateway's own model is the offline one.
         if not isinstance(self.model, _TenantRoutedModel):

@@ -257,7 +257,9 @@ async def _new_session(
     """A new session, for a new subject or a verified site user's existing one."""
     token = ctx.new_token or new_token()
     # a verified site user id links to its existing subject; anything else is a new one
-    ref = await identity.verified_ref(conn, svc.keyring, tenant_id, hello.get("user"))
+    ref = await identity.verified_ref(
+        conn, svc.keyring, svc.hash_keys, tenant_id, hello.get("user")
+    )
     subject_id, dek = await identity.subject_for_ref(conn, svc.keyring, tenant_id, ref)
     if dek is not None:  # made just now
         svc.vault.remember(tenant_id, subject_id, dek)
