@@ -14,6 +14,7 @@ import orjson
 
 from gateway import dsr
 from gateway.crypto import CryptoError
+from gateway.httpctx import open_ip
 from gateway.services import Services
 from policies import CompiledPolicy
 
@@ -125,7 +126,8 @@ async def write_export(
             "expires_at FROM sessions WHERE tenant_id = $1 AND subject_id = $2 ORDER BY created_at",
             *args,
         ),
-        dict,
+        # an address kept whole (ip_mode full) is stored sealed: the visitor gets it opened
+        lambda row: {**row, "ip_anon": open_ip(svc.keyring, tenant_id, row["ip_anon"])},
     )
     history = [
         dict(r)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from types import MappingProxyType
+from uuid import UUID
 
 from aiohttp import web
 
+from gateway.crypto import KeyRing, keyed_hash
 from gateway.services import Services
 from gateway.visitor import RequestContext, today
 from policies import CompiledPolicy, anonymize_ip, client_ip, coarse_client, normalize_origin
@@ -16,6 +19,8 @@ NO_SIGNALS: Mapping[str, str] = MappingProxyType({})
 # set on a request whose Origin the tenant allows; the response then carries CORS headers
 CORS_ORIGIN = web.RequestKey("omnigate_cors_origin", str)
 SIGNAL_HEADERS = ("DNT", "Sec-GPC")
+SEALED_IP = "s:"  # a whole address (ip_mode full) as stored: sealed, never in clear
+IP_PURPOSE = "ip"
 
 
 def origin_allowed(request: web.Request, cp: CompiledPolicy) -> str | None:
@@ -28,19 +33,44 @@ def origin_allowed(request: web.Request, cp: CompiledPolicy) -> str | None:
     return origin if origin is not None and origin in cp.policy.allowed_origins else None
 
 
-def anonymized_ip(request: web.Request, svc: Services, cp: CompiledPolicy) -> str | None:
-    """The client IP in the tenant's ip_mode; the raw address never leaves this function."""
+def anonymized_ip(
+    request: web.Request, svc: Services, cp: CompiledPolicy, tenant_id: UUID
+) -> tuple[str | None, str | None]:
+    """The client IP in the tenant's ip_mode: (what may be stored, what limits count by).
+
+    The raw address never leaves this function. Under `full` the address is kept
+    whole, as the tenant chose, but sealed (`seal_ip`): DESIGN §5 allows no full IP
+    in an unencrypted column, and rate limits count it by a keyed hash instead.
+    """
     ip = client_ip(
         request.remote, request.headers.getall("X-Forwarded-For", []), svc.settings.trusted_proxies
     )
     if ip is None:
-        return None
+        return None, None
     salt = None
     if cp.policy.ip_mode == "hash" and svc.salts:
         day = today()
         svc.salts.expire(day)  # salts older than 48 h are destroyed, never reused
         salt = svc.salts.salt_for(day)
-    return anonymize_ip(ip, cp.policy.ip_mode, salt)
+    value = anonymize_ip(ip, cp.policy.ip_mode, salt)
+    if value is None or cp.policy.ip_mode != "full":
+        return value, value
+    key = "k:" + keyed_hash(svc.keyring.hash_key, b"ip", value.encode()).hex()
+    return seal_ip(svc.keyring, tenant_id, value), key
+
+
+def seal_ip(keyring: KeyRing, tenant_id: UUID, address: str) -> str:
+    """A whole address as it may be stored: sealed under the master key, tagged `s:`."""
+    blob = keyring.seal_secret(tenant_id, IP_PURPOSE, address.encode())
+    return SEALED_IP + base64.urlsafe_b64encode(blob).decode()
+
+
+def open_ip(keyring: KeyRing, tenant_id: UUID, stored: str | None) -> str | None:
+    """A stored IP as the visitor's export shows it: a sealed one opened, else as it is."""
+    if stored is None or not stored.startswith(SEALED_IP):
+        return stored
+    blob = base64.urlsafe_b64decode(stored[len(SEALED_IP) :])
+    return keyring.open_secret(tenant_id, IP_PURPOSE, blob).decode()
 
 
 def session_token_of(request: web.Request) -> str | None:
@@ -52,16 +82,22 @@ def session_token_of(request: web.Request) -> str | None:
 
 
 def request_context(
-    request: web.Request, svc: Services, cp: CompiledPolicy, new_token: str | None = None
+    request: web.Request,
+    svc: Services,
+    cp: CompiledPolicy,
+    tenant_id: UUID,
+    new_token: str | None = None,
 ) -> RequestContext:
     """Reduce a request to what the visitor logic may see."""
     signals = {h: request.headers[h] for h in SIGNAL_HEADERS if h in request.headers}
+    stored, key = anonymized_ip(request, svc, cp, tenant_id)
     return RequestContext(
-        anonymized_ip(request, svc, cp),
+        stored,
         signals or NO_SIGNALS,  # most send none: one shared empty mapping, not a dict each
         session_token_of(request),
         new_token,
         coarse_client(request.headers.get("User-Agent")),
+        key,
     )
 
 

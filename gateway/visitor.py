@@ -45,6 +45,8 @@ class RequestContext:
     new_token: str | None = None
     # browser family, major version and device class: all analytics keeps of a User-Agent
     client: Mapping[str, Any] = field(default_factory=dict)
+    # what rate limits count by: ip_anon, or a keyed hash where ip_anon is sealed (full)
+    ip_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -60,7 +62,8 @@ class Visitor:
     consent: ConsentState
     signals: Signals
     restricted: bool = False
-    # the anonymized IP (or None under ip_mode drop), used as a rate-limit key
+    # what rate limits count the visitor's IP by (None under ip_mode drop): the
+    # anonymized IP, or a keyed hash of an address kept whole (RequestContext.ip_key)
     ip_key: str | None = None
     placeholders: PlaceholderMap = field(default_factory=PlaceholderMap)
     # the last exchanges in the redacted form the model saw, for its context
@@ -241,7 +244,7 @@ def _visitor(
         consent,
         signals,
         row.restricted,
-        ctx.ip_anon,
+        ctx.ip_key,
     )
 
 

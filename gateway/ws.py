@@ -45,9 +45,9 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     tenant_id, cp, _ = await _tenant_and_policy(request)
     minted = None if request.cookies.get("omnigate_session") else new_token()
-    ctx = request_context(request, svc, cp, minted)
+    ctx = request_context(request, svc, cp, tenant_id, minted)
     # per anonymized IP and per process; under ip_mode drop there is no key to count by
-    ip_key = f"{tenant_id}:{ctx.ip_anon}" if ctx.ip_anon else None
+    ip_key = f"{tenant_id}:{ctx.ip_key}" if ctx.ip_key else None
     if ip_key and svc.ip_connections.get(ip_key, 0) >= svc.settings.max_connections_per_ip:
         raise web.HTTPTooManyRequests(
             text="too many connections from this address", headers={"Retry-After": "10"}
@@ -233,7 +233,7 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     tenant_id, cp, origin = await _tenant_and_policy(request)
     raw = await request.read() if request.can_read_body else b""
-    ctx = request_context(request, svc, cp)
+    ctx = request_context(request, svc, cp, tenant_id)
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",

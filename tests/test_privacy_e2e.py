@@ -213,3 +213,64 @@ async def test_rate_limit_keys_in_redis_hold_no_raw_ip(
     mine = [k for k in keys if str(tenant.tenant_id) in k]
     assert any(":i:" in k and "203.0.113.0" in k for k in mine), mine  # the /24, not the IP
     assert not any(CLIENT_IP in k for k in keys)
+
+
+async def test_a_whole_ip_is_stored_sealed_and_counted_by_a_keyed_hash(
+    settings: Settings,
+    fake: tuple[FakeUpstream, str],
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    redis_url: str,
+    captured_logs: io.StringIO,
+) -> None:
+    """ip_mode full keeps the address, as the tenant chose, but never in clear at rest:
+    sealed in its column, a keyed hash in Redis's rate-limit keys, opened for the export."""
+    import redis.asyncio as aioredis
+
+    from gateway.config import parse_networks
+    from tests.support import call
+
+    s = on_fake(
+        settings,
+        fake[1],
+        upstream_retries=0,
+        trusted_proxies=parse_networks("127.0.0.0/8"),
+        redis_url=redis_url,
+    )
+    async for g in start_gateway(s):
+        status, _ = await call(
+            g,
+            "PUT",
+            "/api/admin/policy",
+            tenant.admin_key,
+            json={"ip_mode": "full", "rate_limit": {"per_ip_per_minute": 2}},
+        )
+        assert status == 200
+        ws = await g.ws(tenant.site_key, headers={"X-Forwarded-For": CLIENT_IP})
+        welcome = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+        assert (await chat(ws, "m1", "one"))[-1]["type"] == "done"
+        assert (await chat(ws, "m2", "two"))[-1]["type"] == "done"
+        # the third in the minute: the address is counted, under a key that is not it
+        assert (await chat(ws, "m3", "three"))[-1]["code"] == "rate_limited"
+        await ws.close()
+
+        stored = await owner_pool.fetchval(
+            "SELECT ip_anon FROM sessions WHERE conversation_id = $1::uuid",
+            welcome["conversation_id"],
+        )
+        assert stored.startswith("s:") and CLIENT_IP not in stored
+        client = aioredis.from_url(redis_url)
+        try:
+            keys = [k async for k in client.scan_iter(match="*", count=1000)]
+        finally:
+            await client.aclose()
+        assert keys and not [k for k in keys if CLIENT_IP.encode() in k]
+        headers = {"Authorization": f"Session {welcome['session_token']}"}
+        async with g.session.get(g.url("/api/privacy/export"), headers=headers) as r:
+            assert r.status == 200
+            doc = await r.json(content_type=None)
+        assert [x["ip_anon"] for x in doc["sessions"]] == [CLIENT_IP]  # theirs, opened
+
+    dump = await dump_database(owner_pool)
+    assert CLIENT_IP not in dump
+    assert CLIENT_IP not in captured_logs.getvalue()
