@@ -297,18 +297,26 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=code)
 
 
-def metrics_access_allowed(remote: str | None, auth_header: str | None, token: str | None) -> bool:
+# headers a reverse proxy adds: the peer is then the proxy, not the one who asked
+PROXY_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+
+def metrics_access_allowed(
+    remote: str | None, auth_header: str | None, token: str | None, proxied: bool = False
+) -> bool:
     """Whether a `/metrics` request may be answered (pure: table-tested).
 
     With a token configured, only `Authorization: Bearer <token>` (compared in
-    constant time) is accepted, from anywhere; without one, only loopback peers.
+    constant time) is accepted, from anywhere; without one, only loopback peers, and
+    not a request that came through a proxy: behind a reverse proxy on the same host
+    every request's peer is loopback, whoever sent it.
     """
     if token:
         import hmac
 
         given = (auth_header or "").encode()
         return hmac.compare_digest(given, f"Bearer {token}".encode())
-    if not remote:
+    if not remote or proxied:
         return False
     import ipaddress
 
@@ -324,10 +332,14 @@ def metrics_access_allowed(remote: str | None, auth_header: str | None, token: s
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus text; bearer token when configured, else loopback peers only."""
     token = request.app[SETTINGS].metrics_token
-    if not metrics_access_allowed(request.remote, request.headers.get("Authorization"), token):
+    proxied = any(h in request.headers for h in PROXY_HEADERS)
+    auth = request.headers.get("Authorization")
+    if not metrics_access_allowed(request.remote, auth, token, proxied):
         if token:
             raise web.HTTPUnauthorized(text="metrics need a bearer token")
-        raise web.HTTPForbidden(text="metrics are served to loopback only")
+        raise web.HTTPForbidden(
+            text="metrics are served to loopback only, not through a proxy; set a token"
+        )
     svc = request.app.get(SERVICES)
     if svc is not None:  # this process's pool, as of this scrape
         metrics.set_db_pool(svc.pool.get_size(), svc.pool.get_idle_size())

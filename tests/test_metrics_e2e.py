@@ -387,6 +387,19 @@ def test_metrics_access_allowed(
     remote: str | None, auth: str | None, token: str | None, allowed: bool
 ) -> None:
     assert metrics_access_allowed(remote, auth, token) is allowed
+    # through a reverse proxy on the same host the peer is loopback whoever asked:
+    # only the token lets such a request in
+    assert metrics_access_allowed(remote, auth, token, proxied=True) is (allowed and bool(token))
+
+
+async def test_metrics_through_a_local_proxy_need_the_token(settings: Settings) -> None:
+    async for g in start_gateway(settings):
+        async with g.session.get(g.url("/metrics")) as resp:
+            assert resp.status == 200  # loopback, asked directly
+        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+            async with g.session.get(g.url("/metrics"), headers={header: "203.0.113.9"}) as resp:
+                assert resp.status == 403, header
+                assert b"omnigate_" not in await resp.read()
 
 
 async def test_metrics_token_required_when_set(settings: Settings) -> None:
