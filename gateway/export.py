@@ -16,6 +16,7 @@ from gateway import dsr
 from gateway.crypto import CryptoError
 from gateway.httpctx import open_ip
 from gateway.services import Services
+from gateway.upstream import UpstreamConfig
 from policies import CompiledPolicy
 
 FETCH = 500
@@ -37,11 +38,11 @@ def _dump(value: Any) -> bytes:
     return orjson.dumps(value, default=str)
 
 
-def recipients(svc: Services) -> list[dict[str, str]]:
-    """Who receives the visitor's messages besides the site owner."""
-    if svc.upstream is None:
+def recipients(upstream: UpstreamConfig | None) -> list[dict[str, str]]:
+    """Who receives the visitor's messages besides the site owner: the tenant's upstream."""
+    if upstream is None:
         return [{"name": "offline model", "role": "built-in model; nothing leaves the gateway"}]
-    host = urlsplit(svc.upstream.base_url).hostname or "unknown host"
+    host = urlsplit(upstream.base_url).hostname or "unknown host"
     return [
         {
             "name": f"OpenAI-compatible upstream at {host}",
@@ -50,14 +51,15 @@ def recipients(svc: Services) -> list[dict[str, str]]:
     ]
 
 
-def header(svc: Services, cp: CompiledPolicy) -> dict[str, Any]:
-    """The parts of an export that describe the processing rather than the data."""
+def header(upstream: UpstreamConfig | None, cp: CompiledPolicy) -> dict[str, Any]:
+    """The parts of an export that describe the processing rather than the data;
+    `upstream` is where the tenant's chats go (`Services.upstream_for`)."""
     retention = cp.policy.retention_days
     return {
         "format": "omnigate.export/1",
         "generated_at": datetime.now(UTC).isoformat(),
         "purposes": PURPOSE_TEXT,
-        "recipients": recipients(svc),
+        "recipients": recipients(upstream),
         "retention": {
             "messages_days": retention,
             "conversations": f"anonymized (subject link removed) {retention} days after "
@@ -113,7 +115,8 @@ async def write_export(
     if subject is None:
         raise CryptoError("the subject is erased")
     cipher = await svc.vault.cipher(conn, tenant_id, subject_id)
-    head = header(svc, cp)
+    # the tenant's own upstream when it has one, even on an offline gateway
+    head = header(await svc.upstream_for(tenant_id, cp), cp)
     head["subject"] = dict(subject)
     await write(_dump(head)[:-1])
     args = (tenant_id, subject_id)

@@ -186,13 +186,19 @@ async def _byo_flow(
 
     fake.requests.clear()
     ws = await gw.ws(a.site_key)
-    await hello(ws)
+    welcome = await hello(ws)
     frames = await chat(ws, "1", "hi from a")
     assert reply_text(frames) == "hi from a", frames
     (req,) = fake.requests
     assert req["authorization"] is True and req["path"] == "/v1/chat/completions"
     assert req["body"]["model"] == "tenant-a-model"
     await ws.close()
+    # the visitor's export names where their messages went: the tenant's upstream
+    headers = {"Authorization": f"Session {welcome['session_token']}"}
+    async with gw.session.get(gw.url("/api/privacy/export"), headers=headers) as r:
+        doc = await r.json(content_type=None)
+    host = url.split("//")[1].split(":")[0]
+    assert [x["name"] for x in doc["recipients"]] == [f"OpenAI-compatible upstream at {host}"]
 
     # reverting takes effect on the next message, via the bus
     status, _ = await call(gw, "DELETE", "/api/admin/upstream", a.admin_key)
@@ -210,7 +216,7 @@ async def _byo_flow(
         assert fake.requests == []  # the offline model answered
 
     _, log = await call(gw, "GET", "/api/admin/audit", a.admin_key)
-    assert [e["action"] for e in log["entries"]] == ["upstream.delete", "upstream.set"]
+    assert [e["action"] for e in log["entries"]] == ["upstream.delete", "export", "upstream.set"]
     assert secret not in str(log)
 
 
