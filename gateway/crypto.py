@@ -106,7 +106,6 @@ class KeyRing:
         return open_sealed(kek, blob[1 + n :], b"secret|" + tenant_id.bytes + purpose.encode())
 
 
-
 def keyed_hash(key: bytes, *parts: bytes) -> bytes:
     """HMAC-SHA256 (truncated to 16 bytes) for references that must not be reversible."""
     mac = hmac.new(key, digestmod=hashlib.sha256)

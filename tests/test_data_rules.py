@@ -256,3 +256,24 @@ async def test_privacy_requests_check_constraints(
                 kind,
                 status,
             )
+
+
+async def test_app_role_cannot_rewrite_history(
+    app_pool: asyncpg.Pool, tenant: NewTenant, offline_gateway: Gateway
+) -> None:
+    """Consent decisions and policy versions are append-only for the app; tenants stay."""
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws, consent={"analytics": True})
+    await ws.close()
+    for sql in (
+        "UPDATE consents SET granted = NOT granted",
+        "DELETE FROM consents",
+        "UPDATE policies SET doc = doc",
+        "DELETE FROM policies",
+        "DELETE FROM tenants",
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+                await conn.execute(sql)
+    async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM consents") == 1
