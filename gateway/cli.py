@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn, TypeVar
 
+import asyncpg
 import orjson
 
 from gateway.config import ConfigError, Settings, load_settings
@@ -188,7 +189,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command in ("retention", "keys", "audit"):
         return _privacy_job(settings, args)
     if args.command == "serve":
-        from gateway.server import serve
+        from gateway.server import preflight, serve
 
         host = args.host or settings.host
         port = settings.port if args.port is None else args.port
@@ -196,7 +197,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--port must be 0-65535")
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
-        settings, owner = resolve_database(replace(settings, host=host, port=port))
+        settings = replace(settings, host=host, port=port)
+        preflight(settings, args.workers)  # a busy port fails before any database work
+        settings, owner = resolve_database(settings)
         if owner is not None:
             asyncio.run(_migrate(settings, owner))
         if args.demo:
@@ -204,6 +207,27 @@ def run(argv: Sequence[str] | None = None) -> int:
         serve(settings, workers=args.workers)
         return 0
     raise UsageError(f"unknown command {args.command}")
+
+
+# SQLSTATEs of a missing schema object: the database was not migrated (or not fully).
+_UNMIGRATED = frozenset({"3F000", "42P01", "42703", "42704", "42883"})
+
+
+def _postgres_error(exc: Exception) -> str:
+    """The error's class and SQLSTATE only: its text can quote values, and no URL is known."""
+    state = str(getattr(exc, "sqlstate", None) or "?")
+    line = f"database error: {type(exc).__name__} (SQLSTATE {state})"
+    if state in _UNMIGRATED:
+        line += "; is the database migrated? run `omnigate migrate`"
+    return line
+
+
+def _os_error(exc: OSError) -> str:
+    """The system's reason (and file), not ``str(exc)``: no argument of the call it came from."""
+    line = exc.strerror or type(exc).__name__
+    if exc.filename is not None:
+        line += f": {exc.filename}"
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -219,6 +243,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 2
     except (ConfigError, DatabaseError) as exc:
         sys.stderr.write(f"omnigate: error: {exc}\n")
+        code = 1
+    except asyncpg.PostgresError as exc:
+        sys.stderr.write(f"omnigate: error: {_postgres_error(exc)}\n")
+        code = 1
+    except asyncpg.InterfaceError as exc:
+        sys.stderr.write(f"omnigate: error: database connection failed ({type(exc).__name__})\n")
+        code = 1
+    except OSError as exc:  # the listen address taken (a race past check_listen), permissions
+        sys.stderr.write(f"omnigate: error: {_os_error(exc)}\n")
         code = 1
     except KeyboardInterrupt:
         code = 130

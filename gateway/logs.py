@@ -11,8 +11,16 @@ The last step before a line is serialised runs every string in it (event,
 exception message, traceback, extras) through :func:`scrub`: IP addresses are
 anonymized (IPv4 /24, IPv6 /48, IPv4-mapped unwrapped first), opaque tokens,
 emails and long digit runs are replaced by ``[token]``, ``[email]`` and
-``[number]``. Canonical UUIDs (request and tenant ids) are kept: session
-tokens and keys are never UUIDs.
+``[number]``. Credential and client-address headers (``Cookie``,
+``Authorization``, ``X-Forwarded-For``...) lose their whole value, and the
+session cookie ``omnigate_session=`` its value, wherever they appear. Canonical
+UUIDs (request and tenant ids) are kept: session tokens and keys are never UUIDs.
+
+aiohttp's own error records (a malformed request, a failing handler) can quote
+the raw request, headers included, in their exception text. Those records are
+reduced to a fixed event and the exception's type in ``error``: by the filter
+:func:`setup_logging` installs on aiohttp's loggers (so no handler sees the
+text) and again by the formatter.
 
 Message text cannot be recognised by pattern, so the gateway never passes it
 to a logger; as a second line of defence it wraps a visitor's message
@@ -54,21 +62,39 @@ ALLOWED_EXTRAS = (
     "reason",
     "version",
     "session_ref",
+    "error",  # an exception class name or a fixed code, checked when rendered
+    "connections",
+    "outage_seconds",
 )
 _MAX_EXTRA_CHARS = 200
+# What an ``error`` extra may hold: an exception class name or a fixed code.
+_ERROR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,99}")
 _MIN_SECRET_CHARS = 4
 
 # --- scrubbing -----------------------------------------------------------------
 
 _HEX = "[0-9A-Fa-f]"
 _OPAQUE_CHARS = "A-Za-z0-9_-"
+# Headers whose whole value is a credential or a client address.
+_CREDENTIAL_HEADERS = "cookie|set-cookie|proxy-authorization|authorization"
+_ADDRESS_HEADERS = "x-forwarded-for|x-real-ip|forwarded"
+# A header name starts a word, or follows an escaped line break or byte as in
+# the ``repr`` of raw request bytes (``b'...\r\nCookie: ...'``).
+_HEADER_START = r"(?:(?<![\w-])|(?<=\\[nrt])|(?<=\\x[0-9A-Fa-f]{2}))"
 # One pass, alternatives in priority order; at each position the first that
 # matches wins, so e.g. an IPv4 address is never mistaken for a digit run.
 _SCRUB_RE = re.compile(
     rf"""
-    (?P<uuid>(?<![\w-]){_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}(?![\w-]))
-    | (?P<kv>\b(?:session_token|access_token|refresh_token|api_key|admin_key|password
-                  |secret|token)
+    # 'Cookie': '...' as in a dict's repr: the value ends at the closing quote
+    (?P<header_q>{_HEADER_START}(?i:{_CREDENTIAL_HEADERS}|{_ADDRESS_HEADERS})
+        (?P<quote>["'])[\ \t]*:[\ \t]*(?P=quote))
+      (?P<header_q_value>(?:\\.|(?!(?P=quote))[^\r\n\\])*)
+    # Cookie: ... as on the wire: the value ends at a (possibly escaped) line break
+    | (?P<header>{_HEADER_START}(?i:{_CREDENTIAL_HEADERS}|{_ADDRESS_HEADERS})[\ \t]*:[\ \t]*)
+      (?P<header_value>(?:[^\r\n\\]|\\[^rn\r\n])*)
+    | (?P<uuid>(?<![\w-]){_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}(?![\w-]))
+    | (?P<kv>\b(?:omnigate_session|session_token|access_token|refresh_token|api_key
+                  |admin_key|password|secret|token)
           ["']?\s*[:=]\s*["']?)
       (?P<kv_value>[^\s"',;&)}}\]]+)
     | (?P<scheme>\b(?:[Bb]earer|BEARER|Basic))\s+[A-Za-z0-9._~+/=-]{{6,}}
@@ -88,6 +114,8 @@ _WORD_RE = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 _HEX_RUN_RE = re.compile(rf"{_HEX}{{20,}}")
 _DIGIT_RUN_RE = re.compile(r"\d{9,}")
 _VOWELS = frozenset("aeiouAEIOU")
+# An auth scheme (``Bearer``, ``Session``) is kept; its credentials are not.
+_AUTH_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*[ \t]+(?=\S)")
 
 
 def _anonymize_ip(text: str) -> str:
@@ -127,6 +155,8 @@ def _looks_random(candidate: str) -> bool:
 def _replace(match: re.Match[str]) -> str:
     kind = match.lastgroup
     text = match.group()
+    if kind in ("header_value", "header_q_value"):
+        return _replace_header(match, kind)
     if kind == "uuid":
         return text
     if kind == "kv_value":
@@ -150,6 +180,19 @@ def _replace(match: re.Match[str]) -> str:
     if _looks_random(text):
         return "[token]"
     return _DIGIT_RUN_RE.sub("[number]", text)
+
+
+def _replace_header(match: re.Match[str], kind: str) -> str:
+    """Mask a sensitive header's whole value (keeping an Authorization scheme)."""
+    name = match.group("header" if kind == "header_value" else "header_q")
+    value = match.group(kind)
+    if not value.strip():
+        return match.group()
+    lowered = name.lower()
+    if "authorization" in lowered:
+        scheme = _AUTH_SCHEME_RE.match(value)
+        return name + (scheme.group() if scheme else "") + "[token]"
+    return name + ("[token]" if "cookie" in lowered else "[ip]")
 
 
 def scrub(text: str) -> str:
@@ -201,6 +244,67 @@ def _extra_value(value: Any) -> Any:
     return str(value)[:_MAX_EXTRA_CHARS]
 
 
+def _error_value(value: Any) -> str:
+    """An exception's class name or a fixed code; anything else (``str(exc)``) is withheld."""
+    if isinstance(value, BaseException):
+        return type(value).__name__
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, str) and _ERROR_NAME_RE.fullmatch(value):
+        return value
+    return "[withheld]"
+
+
+# --- aiohttp's records -------------------------------------------------------------
+
+#: Every logger aiohttp writes to. Its error records can quote the raw request:
+#: a malformed header line (``Cookie: omnigate_session=...``) in a parser
+#: exception, a request's repr in a handler's traceback.
+AIOHTTP_LOGGERS = (
+    "aiohttp.access",
+    "aiohttp.client",
+    "aiohttp.internal",
+    "aiohttp.server",
+    "aiohttp.web",
+    "aiohttp.websocket",
+)
+AIOHTTP_EVENT = "aiohttp error (details withheld: they can quote the request)"
+
+
+def _from_aiohttp(record: logging.LogRecord) -> bool:
+    return record.name == "aiohttp" or record.name.startswith("aiohttp.")
+
+
+def _is_error(record: logging.LogRecord) -> bool:
+    return bool(record.exc_info or record.exc_text) or record.levelno >= logging.WARNING
+
+
+def _withhold_request_text(record: logging.LogRecord) -> None:
+    """Reduce ``record`` to a fixed event and its exception's type, in place."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None:
+        record.error = type(exc).__name__
+    record.msg = AIOHTTP_EVENT
+    record.args = ()
+    record.exc_info = None
+    record.exc_text = None
+    record.stack_info = None
+
+
+class AiohttpErrorFilter(logging.Filter):
+    """On aiohttp's loggers: error records lose their message and traceback text.
+
+    A logger's filters run before any handler, so neither our handler nor one
+    added by a library or a test sees the request text. Nothing is dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Withhold an error record's text; always keep the record."""
+        if _is_error(record):
+            _withhold_request_text(record)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """Render a record as one scrubbed JSON line; never raises."""
 
@@ -219,6 +323,10 @@ class JsonFormatter(logging.Formatter):
             return orjson.dumps(fallback).decode()
 
     def _render(self, record: logging.LogRecord) -> str:
+        if _from_aiohttp(record) and _is_error(record):
+            # the filter missing (setup_logging not called): withhold on a copy
+            record = logging.makeLogRecord(record.__dict__)
+            _withhold_request_text(record)
         payload: dict[str, Any] = {
             "time": _iso(record.created),
             "level": record.levelname,
@@ -228,7 +336,8 @@ class JsonFormatter(logging.Formatter):
         attrs = record.__dict__
         for key in ALLOWED_EXTRAS:
             if key in attrs:
-                payload[key] = _extra_value(attrs[key])
+                value = attrs[key]
+                payload[key] = _error_value(value) if key == "error" else _extra_value(value)
         # Not cached on record.exc_text: another handler must not see it unscrubbed.
         exc: list[str] = []
         if record.exc_info:
@@ -268,12 +377,21 @@ def make_handler(stream: TextIO | None = None) -> logging.Handler:
     return handler
 
 
-def setup_logging(level: str | int = "INFO") -> None:
+def install_aiohttp_filter() -> None:
+    """Put :class:`AiohttpErrorFilter` on each of aiohttp's loggers (idempotent)."""
+    for name in AIOHTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, AiohttpErrorFilter) for f in logger.filters):
+            logger.addFilter(AiohttpErrorFilter())
+
+
+def setup_logging(level: str | int = "INFO", stream: TextIO | None = None) -> None:
     """Configure the root logger with one JSON-lines handler on stderr (idempotent)."""
     root = logging.getLogger()
     for old in list(root.handlers):
         if isinstance(old, _JsonStreamHandler):
             root.removeHandler(old)
-    root.addHandler(make_handler())
+    root.addHandler(make_handler(stream))
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    install_aiohttp_filter()
     logging.raiseExceptions = False

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -103,13 +104,57 @@ def _run_one(
     )
 
 
-def serve(settings: Settings, workers: int = 1) -> None:
-    """Serve until SIGINT/SIGTERM; several workers need Redis to agree with each other."""
+def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Fail early, as one clear line (ConfigError), if ``host:port`` cannot be bound.
+
+    Binds and closes a socket per address the host resolves to, with the options
+    aiohttp's listener uses, before any database work or worker starts: N workers
+    would otherwise each fail to bind and be restarted forever. (The port can
+    still be taken in between; `omnigate` then reports aiohttp's OSError.)
+    """
+    if port == 0:
+        return
+    where = f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {where}: {_reason(exc)}") from None
+    for family, kind, proto, _, addr in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {where}: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _check_workers(settings: Settings, workers: int) -> None:
     if workers > 1 and not settings.redis_url:
         raise ConfigError(
             "--workers > 1 needs OMNIGATE_REDIS_URL (shared rate limits, "
             "policy invalidation and erasure)"
         )
+
+
+def preflight(settings: Settings, workers: int = 1) -> None:
+    """What `serve` would refuse, checked before any database work (raises ConfigError)."""
+    _check_workers(settings, workers)
+    check_listen(settings.host, settings.port, reuse_port=workers > 1)
+
+
+def serve(settings: Settings, workers: int = 1) -> None:
+    """Serve until SIGINT/SIGTERM; several workers need Redis to agree with each other."""
+    _check_workers(settings, workers)
     sys.stderr.write(
         f"omnigate listening on http://{settings.host}:{settings.port}"
         f" ({workers} worker{'s' if workers > 1 else ''})\n"

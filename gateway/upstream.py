@@ -379,15 +379,19 @@ class UpstreamClient:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout
         )
+        connected = True
         try:
             async with asyncio.timeout_at(deadline):
                 resp = await session.post(url, data=body, headers=headers, timeout=timeout)
-        except aiohttp.ClientError as exc:  # before TimeoutError: aiohttp's timeouts are both
-            raise UpstreamError(
-                "upstream_unavailable", "connect", "could not connect to upstream"
-            ) from exc
+        except aiohttp.ClientError:  # before TimeoutError: aiohttp's timeouts are both
+            connected = False
         except TimeoutError:
             raise _timeout(first=True) from None
+        if not connected:
+            # Raised outside the handler: neither __cause__ nor __context__ keeps
+            # aiohttp's error, whose message holds the upstream URL (a tenant's
+            # may carry a token in its path); the kind says what went wrong.
+            raise UpstreamError("upstream_unavailable", "connect", "could not connect to upstream")
         completed = False
         try:
             if resp.status != 200:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import orjson
 import pytest
 
+from gateway import cli
 from tests.conftest import Database
 
 CLI = [sys.executable, "-m", "gateway.cli"]
@@ -85,3 +92,97 @@ def test_user_mistakes_get_one_line_and_no_traceback(
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("omnigate: error:"), out.stderr
     assert says in lines[0]
+
+
+def _one_error_line(out: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("omnigate: error:"), out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "supervised"])
+def test_serve_on_a_busy_port_is_one_line(
+    database: Database, redis_url: str, tmp_path: Path, workers: int
+) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = run(
+            ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+            tmp_path,
+            OMNIGATE_DATABASE_URL=database.app_url,
+            OMNIGATE_ADMIN_DATABASE_URL=database.owner_url,
+            OMNIGATE_MASTER_KEYS=KEY,
+            OMNIGATE_REDIS_URL=redis_url,
+        )
+    assert out.returncode == 1, out.stderr
+    line = _one_error_line(out)
+    assert f"127.0.0.1:{port}" in line and "in use" in line
+
+
+def test_tenant_create_on_an_unmigrated_database_is_one_line(
+    database: Database, tmp_path: Path
+) -> None:
+    name = f"omnigate_unmigrated_{uuid.uuid4().hex[:8]}"
+
+    async def sql(statement: str) -> None:
+        conn = await asyncpg.connect(database.owner_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(sql(f'CREATE DATABASE "{name}"'))
+    try:
+        url = urlunsplit(urlsplit(database.owner_url)._replace(path=f"/{name}"))
+        out = run(
+            ["tenant", "create", "--name", "Shop", "--origin", "https://shop.example"],
+            tmp_path,
+            OMNIGATE_DATABASE_URL=url,
+            OMNIGATE_MASTER_KEYS=KEY,
+        )
+    finally:
+        asyncio.run(sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    assert out.returncode == 1, out.stderr
+    line = _one_error_line(out)
+    assert "UndefinedTableError" in line and "omnigate migrate" in line
+    password = urlsplit(url).password
+    assert url not in line and name not in line and (not password or password not in line)
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (
+            OSError(errno.EADDRINUSE, "error while attempting to bind on address: in use"),
+            "in use",
+        ),
+        (PermissionError(errno.EACCES, "Permission denied", "/srv/state"), "/srv/state"),
+        (
+            asyncpg.exceptions.UndefinedColumnError('column "x" of jane@example.org'),
+            "SQLSTATE 42703",
+        ),
+        (asyncpg.exceptions.UniqueViolationError("Key (name)=(Jane Doe)"), "SQLSTATE 23505"),
+        (asyncpg.exceptions.InterfaceError("pool closed, postgresql://u:pw@db/x"), "connection"),
+    ],
+    ids=["address-in-use", "permission", "unmigrated", "postgres-text", "interface"],
+)
+def test_runtime_failures_are_one_line_without_their_text(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: Exception,
+    says: str,
+) -> None:
+    def fail(argv: object = None) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "run", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("omnigate: error:") and says in err
+    for private in ("jane@example.org", "Jane Doe", "pw@db"):
+        assert private not in err

@@ -11,7 +11,11 @@ import orjson
 import pytest
 
 from gateway.logs import (
+    AIOHTTP_EVENT,
+    AIOHTTP_LOGGERS,
     ALLOWED_EXTRAS,
+    AiohttpErrorFilter,
+    install_aiohttp_filter,
     log_secrets,
     make_handler,
     scrub,
@@ -131,6 +135,117 @@ def test_extras_outside_allow_list_are_dropped(
     assert "hello there" not in stream.getvalue()
 
 
+def test_error_connections_and_outage_fields_reach_the_line(
+    capture: tuple[logging.Logger, io.StringIO],
+) -> None:
+    # as gateway.retention, ratelimit, bus and server pass them
+    logger, stream = capture
+    logger.warning("redis unavailable", extra={"error": ConnectionRefusedError.__name__})
+    logger.warning("redis reachable again", extra={"outage_seconds": round(12.345, 1)})
+    logger.info("draining connections", extra={"connections": 7})
+    first, second, third = lines(stream)
+    assert first["error"] == "ConnectionRefusedError"
+    assert second["outage_seconds"] == 12.3
+    assert third["connections"] == 7
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("TimeoutError", "TimeoutError"),
+        ("storage_unavailable", "storage_unavailable"),
+        (OSError("connect to 203.0.113.77:5432 failed"), "OSError"),
+        (KeyError, "KeyError"),
+        ("Connect call failed ('203.0.113.77', 6379)", "[withheld]"),
+        (f"bad token {URLSAFE_TOKEN}", "[withheld]"),
+        (42, "[withheld]"),
+    ],
+    ids=["class-name", "code", "exception", "class", "str-exc", "text", "number"],
+)
+def test_error_field_holds_only_a_class_name_or_code(
+    capture: tuple[logging.Logger, io.StringIO], value: object, shown: str
+) -> None:
+    logger, stream = capture
+    logger.warning("failed", extra={"error": value})
+    (record,) = lines(stream)
+    assert record["error"] == shown
+    assert "203.0.113" not in stream.getvalue()
+
+
+class _Records(logging.Handler):
+    """A plain handler, not ours: what any other handler would be given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _parse_error() -> ValueError:
+    # as aiohttp's parser quotes a bad header line in its exception
+    line = f"Cookie: omnigate_session={URLSAFE_TOKEN} {MESSAGE_TEXT}"
+    try:
+        raise ValueError(f"400, message:\n  Invalid header value char:\n\n    b{line!r}")
+    except ValueError as exc:
+        return exc
+
+
+@pytest.fixture
+def aiohttp_filter() -> Iterator[None]:
+    install_aiohttp_filter()
+    install_aiohttp_filter()
+    yield
+    for name in AIOHTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, AiohttpErrorFilter)]:
+            logger.removeFilter(f)
+
+
+@pytest.mark.usefixtures("aiohttp_filter")
+def test_aiohttp_error_records_reach_no_handler_with_request_text() -> None:
+    assert all(
+        sum(isinstance(f, AiohttpErrorFilter) for f in logging.getLogger(n).filters) == 1
+        for n in AIOHTTP_LOGGERS
+    )
+    logger = logging.getLogger("aiohttp.server")
+    plain = _Records()
+    logger.addHandler(plain)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        logger.error("Error handling request from %s", IPV4, exc_info=_parse_error())
+        logger.debug("Ignored premature client disconnection")
+    finally:
+        logger.removeHandler(plain)
+        logger.setLevel(level)
+    failed, debug = plain.records
+    assert failed.getMessage() == AIOHTTP_EVENT
+    assert failed.exc_info is None and failed.exc_text is None and failed.args == ()
+    assert failed.__dict__["error"] == "ValueError"
+    assert debug.getMessage() == "Ignored premature client disconnection"  # not an error
+
+
+@pytest.mark.parametrize("name", ["aiohttp.server", "aiohttp.web", "aiohttp.access"])
+def test_formatter_withholds_aiohttp_error_text_without_the_filter(name: str) -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger(name)
+    handler = make_handler(stream)
+    logger.addHandler(handler)
+    try:
+        logger.error("Error handling request from %s", IPV4, exc_info=_parse_error())
+        logger.warning(f"Web-handler returned {MESSAGE_TEXT!r}")
+    finally:
+        logger.removeHandler(handler)
+    raw = stream.getvalue()
+    assert URLSAFE_TOKEN not in raw and MESSAGE_TEXT not in raw and IPV4 not in raw
+    failed, warned = lines(stream)
+    assert failed["event"] == warned["event"] == AIOHTTP_EVENT
+    assert failed["error"] == "ValueError" and "exc" not in failed
+    assert failed["logger"] == name
+
+
 SCRUB_CASES = [
     ("client 203.0.113.77 connected", "client 203.0.113.0 connected"),
     ("loopback 127.0.0.1", "loopback 127.0.0.0"),
@@ -158,6 +273,27 @@ SCRUB_CASES = [
     ),
     ("at 2025-01-01T12:00:00.123Z took 12.5 ms", "at 2025-01-01T12:00:00.123Z took 12.5 ms"),
     ("slice a[::2] line 42", "slice a[::2] line 42"),
+    ("Cookie: omnigate_session=Zk3Q9vR_x7LmP2aW", "Cookie: [token]"),
+    ("cookie:theme=dark; lang=en", "cookie:[token]"),
+    ("Set-Cookie: omnigate_session=abc; HttpOnly", "Set-Cookie: [token]"),
+    ("omnigate_session=abc; Path=/", "omnigate_session=[token]; Path=/"),
+    ("gauge omnigate_sessions_active 3", "gauge omnigate_sessions_active 3"),
+    ("X-Forwarded-For: 203.0.113.7, 10.0.0.1", "X-Forwarded-For: [ip]"),
+    ("X-Real-IP: 2001:db8::7", "X-Real-IP: [ip]"),
+    ("Forwarded: for=203.0.113.7;proto=https", "Forwarded: [ip]"),
+    ("Authorization: k3y", "Authorization: [token]"),
+    ("Proxy-Authorization: Basic dXNlcjpwYXNz", "Proxy-Authorization: Basic [token]"),
+    (
+        "b'GET / HTTP/1.1\\r\\nCookie: a=b\\r\\nX-Forwarded-For: 203.0.113.7\\r\\nHost: h'",
+        "b'GET / HTTP/1.1\\r\\nCookie: [token]\\r\\nX-Forwarded-For: [ip]\\r\\nHost: h'",
+    ),
+    ("    b'Cookie: theme=x\\x01y'", "    b'Cookie: [token]"),
+    (
+        "<CIMultiDict('Host': 'h', 'Cookie': 'a=\\'b', 'x-forwarded-for': '203.0.113.7')>",
+        "<CIMultiDict('Host': 'h', 'Cookie': '[token]', 'x-forwarded-for': '[ip]')>",
+    ),
+    ('{"cookie": "a=b", "n": 1}', '{"cookie": "[token]", "n": 1}'),
+    ("Cookie: ", "Cookie: "),
 ]
 
 
@@ -234,9 +370,16 @@ def test_setup_logging_is_idempotent() -> None:
         added = [h for h in root.handlers if h not in before]
         assert len(added) == 1
         assert root.level == logging.INFO
+        for name in AIOHTTP_LOGGERS:
+            filters = logging.getLogger(name).filters
+            assert sum(isinstance(f, AiohttpErrorFilter) for f in filters) == 1
     finally:
         for handler in list(root.handlers):
             if handler not in before:
                 root.removeHandler(handler)
         root.setLevel(level)
         logging.raiseExceptions = True
+        for name in AIOHTTP_LOGGERS:
+            aiohttp_logger = logging.getLogger(name)
+            for f in [f for f in aiohttp_logger.filters if isinstance(f, AiohttpErrorFilter)]:
+                aiohttp_logger.removeFilter(f)
