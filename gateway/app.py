@@ -13,7 +13,7 @@ from uuid import UUID
 
 from aiohttp import web
 
-from gateway import admin, bus, metrics, privacy, widget, ws
+from gateway import admin, bus, connection, metrics, privacy, widget, ws
 from gateway.appkeys import CONNECTIONS, SALT_CHAIN, SERVICES, SETTINGS
 from gateway.chat import STORAGE_ERRORS
 from gateway.config import Settings
@@ -218,7 +218,9 @@ async def _expire_salts(salts: SaltRing) -> None:
 
 
 def _subscribe(svc: Services) -> None:
-    """What every process does when another one changes a policy, erases or rotates keys."""
+    """How every process reacts to policy and consent changes, erasure, restriction, rotation."""
+    # re-reads of consent that tell sockets what changed, held until done
+    refreshing: set[asyncio.Task[None]] = set()
 
     async def policy_changed(payload: dict[str, Any]) -> None:
         # tenant_id None: every tenant (the Redis bus reconnected and may have missed events)
@@ -239,6 +241,19 @@ def _subscribe(svc: Services) -> None:
             if conn.visitor is not None:
                 conn.visitor.restricted = True
 
+    async def consent_changed(payload: dict[str, Any]) -> None:
+        # tenant_id None: every subject (the Redis bus reconnected and may have missed events)
+        tid, sid = payload.get("tenant_id"), payload.get("subject_id")
+        tenant = UUID(tid) if tid is not None else None
+        subject = UUID(sid) if tenant is not None and sid is not None else None
+        revoke = [p for p in payload.get("revoke") or () if isinstance(p, str)]
+        # revocations hold before this returns; grants are read from the database
+        for conn, before in connection.consent_changed_elsewhere(svc.live, tenant, subject, revoke):
+            # not awaited here: a slow socket must not hold up the bus
+            task = asyncio.create_task(conn.refresh_consent(before))
+            refreshing.add(task)
+            task.add_done_callback(refreshing.discard)
+
     async def keys_rotated(payload: dict[str, Any]) -> None:
         svc.vault.cache.clear()
 
@@ -246,6 +261,7 @@ def _subscribe(svc: Services) -> None:
     svc.bus.subscribe(bus.SUBJECT_ERASED, subject_erased)
     svc.bus.subscribe(bus.KEYS_ROTATED, keys_rotated)
     svc.bus.subscribe(bus.SUBJECT_RESTRICTED, subject_restricted)
+    svc.bus.subscribe(bus.CONSENT_CHANGED, consent_changed)
 
 
 async def healthz(request: web.Request) -> web.Response:

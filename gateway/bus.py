@@ -1,4 +1,5 @@
-"""Events every process must see: policy changes, erasures, data-key evictions.
+"""Events every process must see: policy changes, erasures, restrictions, consent changes,
+data-key evictions.
 
 In single-process mode (no Redis) `LocalBus` delivers immediately in-process.
 A Redis-backed bus (pub/sub) delivers the same events to every process and
@@ -14,8 +15,9 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+from uuid import UUID
 
 import orjson
 from redis.asyncio import Redis
@@ -31,6 +33,9 @@ Handler = Callable[[dict[str, Any]], Awaitable[None]]
 POLICY_CHANGED = "policy"
 SUBJECT_ERASED = "erase"
 SUBJECT_RESTRICTED = "restrict"
+# {tenant_id, subject_id, revoke: [purpose]}: the subject's consent changed outside its
+# sockets; tenant_id None: every subject (this process may have missed changes)
+CONSENT_CHANGED = "consent"
 KEYS_ROTATED = "keys"
 
 
@@ -70,8 +75,26 @@ PENDING_MAX = 1000
 
 def _invalidate_everything() -> list[tuple[str, dict[str, Any]]]:
     # While disconnected we may have missed any event: forget every cached
-    # policy (tenant_id None means all tenants) and every cached data key.
-    return [(POLICY_CHANGED, {"tenant_id": None}), (KEYS_ROTATED, {})]
+    # policy (tenant_id None means all tenants) and every cached data key, and
+    # make every open socket read its visitor's consent again before its next message.
+    return [
+        (POLICY_CHANGED, {"tenant_id": None}),
+        (KEYS_ROTATED, {}),
+        (CONSENT_CHANGED, {"tenant_id": None}),
+    ]
+
+
+async def publish_consent(
+    bus: LocalBus, tenant_id: UUID, subject_id: UUID, revoke: Iterable[str]
+) -> None:
+    """Tell every process that a subject's consent changed (after it is committed).
+
+    Only revocations travel: each process applies them to the subject's open sockets at
+    once, and reads grants from the database, the record, before the next message.
+    """
+    payload = {"tenant_id": str(tenant_id), "subject_id": str(subject_id), "revoke": list(revoke)}
+    # the decision is committed: a client going away must not cancel telling the sockets
+    await asyncio.shield(bus.publish(CONSENT_CHANGED, payload))
 
 
 class RedisBus(LocalBus):
@@ -81,7 +104,11 @@ class RedisBus(LocalBus):
     own message is skipped by origin, so nothing is handled twice and a single
     instance sees no added latency. The subscriber reconnects on its own and,
     after any gap, delivers `on_reconnect()`'s events locally (by default:
-    invalidate all policies and data keys) since events may have been missed.
+    invalidate all policies and data keys, re-read every open socket's consent)
+    since events may have been missed. Events published while Redis is away are
+    kept (up to `pending_max`) and sent once it answers; if any had to be dropped,
+    `on_reconnect()`'s events go to the other processes first, so a dropped
+    revocation is never simply lost.
     """
 
     def __init__(
@@ -90,6 +117,7 @@ class RedisBus(LocalBus):
         channel: str = BUS_CHANNEL,
         reconnect_delay: float = 1.0,
         on_reconnect: Callable[[], list[tuple[str, dict[str, Any]]]] = _invalidate_everything,
+        pending_max: int = PENDING_MAX,
     ) -> None:
         super().__init__()
         self.redis = redis
@@ -98,7 +126,9 @@ class RedisBus(LocalBus):
         self.on_reconnect = on_reconnect
         self.origin = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self.connected = asyncio.Event()
-        self._pending: collections.deque[bytes] = collections.deque(maxlen=PENDING_MAX)
+        self._pending: collections.deque[bytes] = collections.deque(maxlen=pending_max)
+        # an event was pushed out of a full `_pending`: the others must invalidate everything
+        self._dropped = False
         self._task: asyncio.Task[None] | None = None
 
     async def publish(self, kind: str, payload: dict[str, Any]) -> None:
@@ -111,6 +141,8 @@ class RedisBus(LocalBus):
         except REDIS_ERRORS as exc:
             # kept and re-sent with the next publish or on reconnect (others
             # invalidate their caches after a gap anyway)
+            if len(self._pending) == self._pending.maxlen:
+                self._dropped = True
             self._pending.append(message)
             log.warning(
                 "redis unavailable, bus event queued for other processes",
@@ -179,6 +211,12 @@ class RedisBus(LocalBus):
         await self.deliver(kind, payload)
 
     async def _flush_pending(self) -> None:
+        if self._dropped:
+            # what was dropped is unknown: the others forget and re-read everything first
+            for kind, payload in self.on_reconnect():
+                event = {"kind": kind, "payload": payload, "origin": self.origin}
+                await self.redis.publish(self.channel, orjson.dumps(event))
+            self._dropped = False
         while self._pending:
             await self.redis.publish(self.channel, self._pending[0])
             self._pending.popleft()

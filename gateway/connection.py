@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from uuid import UUID
 
@@ -25,9 +25,10 @@ from gateway.visitor import (
     apply_consent,
     consent_changes,
     open_session,
+    read_consent,
     welcome,
 )
-from policies import decide_chat
+from policies import PURPOSES, ConsentState, apply_consent_change, decide_chat
 
 log = logging.getLogger("omnigate.connection")
 
@@ -35,6 +36,17 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Messages waiting behind the one being answered; more is a flood.
 PENDING_MESSAGES = 8
+
+
+class ConsentChanges:
+    """How many consent changes made elsewhere this process has been told of.
+
+    A hello reads consent before its connection joins `svc.live`; a change announced
+    in between would find no connection to apply to. The hello compares this count
+    before and after, and reads consent again when it moved.
+    """
+
+    count = 0
 
 
 class Connection:
@@ -120,11 +132,15 @@ class Connection:
         if self.visitor is not None:
             raise ProtocolError(protocol.BAD_REQUEST, "hello was already sent")
         cp = await self.svc.tenants.policy(self.tenant_id)
+        changes = ConsentChanges.count
         self.visitor = await open_session(self.svc, self.tenant_id, cp, self.ctx, data)
         metrics.SESSIONS_ACTIVE.inc()
         key = (self.tenant_id, self.visitor.subject_id)
         # a list: a visitor has one or two sockets, and an empty set weighs 216 bytes
         self.svc.live.setdefault(key, []).append(self)
+        if ConsentChanges.count != changes:
+            # a change announced while the session loaded may be this visitor's
+            self.visitor.consent_stale = True
         for signal in ("dnt", "gpc"):
             if getattr(self.visitor.signals, signal):
                 metrics.count_privacy_signal(signal)
@@ -162,6 +178,8 @@ class Connection:
         while True:
             msg_id, text = await self._queue.get()
             try:
+                if not await self._consent_read(v, msg_id):
+                    continue
                 await chat.handle_message(self.svc, v, msg_id, text, self.send)
             except Exception as exc:
                 # handle_message logs its own failures while the text is masked; whatever
@@ -172,12 +190,105 @@ class Connection:
                 if self._queue.empty():
                     self._idle.set()
 
+    async def _consent_read(self, v: Visitor, msg_id: str) -> bool:
+        """Before a message is checked: apply a consent change made elsewhere, if one is owed.
+
+        False when the record could not be read: the message is refused (nothing is
+        forwarded on consent that may have been revoked) and the widget sends it again.
+        """
+        if not v.consent_stale:
+            return True
+        try:
+            await self.fresh_consent(v)
+        except chat.STORAGE_ERRORS:
+            metrics.count_message("storage_error")
+            await self.error(
+                ProtocolError(
+                    protocol.STORAGE_UNAVAILABLE,
+                    "storage is unavailable; try again",
+                    id=msg_id,
+                    retry_after=1.0,
+                )
+            )
+            return False
+        except ProtocolError as exc:  # the subject was erased meanwhile
+            exc.id = msg_id
+            metrics.count_message("other")
+            await self.error(exc)
+            return False
+        return True
+
+    async def fresh_consent(self, v: Visitor) -> None:
+        """Read the visitor's consent (and restriction) again while a re-read is owed."""
+        # stays owed until a read is applied: a concurrent caller reads for itself rather
+        # than check a message against a state still being read (a failed read stays owed)
+        while v.consent_stale:
+            epoch = v.consent_epoch
+            cp = await self.svc.tenants.policy(self.tenant_id)
+            state, restricted = await read_consent(self.svc, v, cp)
+            if v.consent_epoch != epoch:
+                continue  # changed while we read: read again
+            v.consent = state
+            v.consent_stale = False
+            # a restriction is only ever added here: its own event may be the newer news
+            v.restricted = v.restricted or restricted
+
+    def consent_changed(self, revoke: Iterable[str]) -> ConsentState | None:
+        """Consent changed outside this connection; returns the state before (None: no visitor).
+
+        Revocations hold at once, from the event itself, with no await before the next
+        message is checked. Everything else (grants, above all) is taken only from the
+        database, the record, read again before the next message (`fresh_consent`).
+        """
+        v = self.visitor
+        if v is None:
+            return None
+        before = v.consent
+        gone = [p for p in revoke if p in PURPOSES]
+        if gone:
+            v.consent, _ = apply_consent_change(v.consent, (), gone, v.consent.version)
+        v.consent_epoch += 1
+        v.consent_stale = True
+        return before
+
+    async def refresh_consent(self, before: ConsentState) -> None:
+        """After `consent_changed`: read the record now and tell the widget what changed.
+
+        A socket gets what a `consent` frame is answered with: a fresh `welcome`, and
+        `consent_required` when a required purpose is now missing. The HTTP fallback's
+        single reply is not interrupted: its next request loads the session afresh.
+        """
+        v = self.visitor
+        if v is None:
+            return
+        try:
+            await self.fresh_consent(v)
+            if self._on_terminate is None or v.consent == before:
+                return
+            cp = await self.svc.tenants.policy(self.tenant_id)
+            v.resumed = True
+            await self.send(welcome(v, cp))
+            await self._ask_consent_if_needed()
+        except (*chat.STORAGE_ERRORS, ProtocolError) as exc:
+            # revocations already hold; the next message reads again, or is refused
+            log.warning("consent not read again", extra={"kind": type(exc).__name__})
+        except Exception:
+            log.exception("unexpected failure applying a consent change")
+
     async def on_consent(self, v: Visitor, data: dict[str, Any]) -> None:
         """Grant or revoke purposes, record them, and answer with a fresh welcome."""
         cp = await self.svc.tenants.policy(self.tenant_id)
         grant, revoke = consent_changes(data)
+        # the change builds on what is recorded, including changes made elsewhere
+        await self.fresh_consent(v)
         async with tenant_tx(self.svc.pool, self.tenant_id) as conn:
             await apply_consent(conn, v, cp, grant, revoke, data.get("age_confirmed"), "widget")
+            state = v.consent
+        if v.consent is not state:
+            # a re-read that began before this commit replaced it: read again before the
+            # next message (the record now holds this change)
+            v.consent_stale = True
+        v.consent_epoch += 1  # a re-read spanning the commit reads again
         v.resumed = True
         await self.send(welcome(v, cp))
         await self._ask_consent_if_needed()
@@ -239,6 +350,34 @@ class Connection:
             return  # never had a message
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
+
+
+def consent_changed_elsewhere(
+    live: dict[tuple[UUID, UUID], list[Any]],
+    tenant_id: UUID | None,
+    subject_id: UUID | None,
+    revoke: Iterable[str],
+) -> list[tuple[Connection, ConsentState]]:
+    """Apply a consent change announced on the bus to this process's connections.
+
+    Synchronous on purpose: when it returns, no message of the subject can be checked
+    against the old consent. `tenant_id` None (the bus may have missed changes): every
+    connection here reads its consent again before its next message. Returns the
+    subject's connections with their state before the change, to `refresh_consent`.
+    """
+    ConsentChanges.count += 1
+    if tenant_id is None or subject_id is None:
+        for conns in list(live.values()):
+            for conn in conns:
+                conn.consent_changed(())
+        return []
+    revoke = list(revoke)
+    changed = []
+    for conn in list(live.get((tenant_id, subject_id), ())):
+        before = conn.consent_changed(revoke)
+        if before is not None:
+            changed.append((conn, before))
+    return changed
 
 
 _HANDLERS: dict[str, Callable[[Connection, Visitor, dict[str, Any]], Awaitable[None]]] = {

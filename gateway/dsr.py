@@ -16,7 +16,7 @@ from uuid import UUID, uuid4
 import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway import audit, metrics
+from gateway import audit, bus, metrics
 from gateway.crypto import CryptoError
 from gateway.vault import Vault
 
@@ -32,6 +32,9 @@ GDPR_KINDS = frozenset(
     }
 )
 CCPA_KINDS = frozenset({"know", "delete", "opt_out"})
+#: kinds that switch tracking off at intake, and the purposes they revoke
+TRACKING_OFF_KINDS = frozenset({"objection", "opt_out"})
+TRACKING_PURPOSES = ("analytics", "marketing")
 ACK_WITHIN = timedelta(hours=48)
 DUE_WITHIN = {"gdpr": timedelta(days=30), "ccpa": timedelta(days=45)}
 MAX_EXTENSION_DAYS = 60
@@ -168,7 +171,7 @@ async def apply_immediate(
             subject_id,
         )
         return ["processing_restricted"]
-    if kind in ("objection", "opt_out"):
+    if kind in TRACKING_OFF_KINDS:
         await conn.execute(
             "UPDATE subjects SET tracking_opt_out = true WHERE tenant_id = $1 AND subject_id = $2",
             tenant_id,
@@ -183,13 +186,31 @@ async def apply_immediate(
                    COALESCE((SELECT (doc->>'consent_version')::int FROM policies
                              WHERE tenant_id = $1 ORDER BY version DESC LIMIT 1), 1),
                    'request'
-            FROM unnest(ARRAY['analytics', 'marketing']) AS p
+            FROM unnest($3::text[]) AS p
             """,
             tenant_id,
             subject_id,
+            list(TRACKING_PURPOSES),
         )
-        return ["analytics_off", "marketing_off"]
+        return [f"{p}_off" for p in TRACKING_PURPOSES]
     return []
+
+
+async def publish_effects(
+    event_bus: bus.LocalBus, tenant_id: UUID, subject_id: UUID, kind: str
+) -> None:
+    """After `create` committed: carry its immediate effect to the subject's open sockets.
+
+    Every process (through Redis when configured) applies it before the subject's next
+    message: a restriction refuses chat, an objection or opt-out revokes tracking
+    purposes (which refuses chat too when the policy requires one of them).
+    """
+    if kind == "restriction":
+        await event_bus.publish(
+            bus.SUBJECT_RESTRICTED, {"tenant_id": str(tenant_id), "subject_id": str(subject_id)}
+        )
+    elif kind in TRACKING_OFF_KINDS:
+        await bus.publish_consent(event_bus, tenant_id, subject_id, TRACKING_PURPOSES)
 
 
 async def get(

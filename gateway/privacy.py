@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway import audit, certs, export, metrics, openapi, requests_api, store
+from gateway import audit, bus, certs, export, metrics, openapi, requests_api, store
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
 from gateway.db import tenant_tx
@@ -111,6 +111,10 @@ async def consent_post(request: web.Request) -> web.Response:
         for purpose, granted in changes:
             metrics.count_consent(purpose, "granted" if granted else "revoked")
         doc = await _consent_doc(conn, who.tenant_id, who.subject_id, cp)
+    if grant or revoke:
+        # committed: the visitor's open sockets, on every process, apply it before their
+        # next message (sent even when nothing changed here: a socket may have missed one)
+        await bus.publish_consent(svc.bus, who.tenant_id, who.subject_id, revoke)
     return web.json_response(doc, dumps=_dumps)
 
 

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway import bus, dsr, metrics
+from gateway import dsr, metrics
 from gateway.admin import Admin, ApiError, admin_route, json_response, parse_uuid, read_json
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
@@ -48,12 +48,9 @@ async def _intake(request: web.Request, regime: str, kinds: frozenset[str]) -> w
             except CryptoError:
                 error(401, "session_invalid", "the session is not valid")
         row = await dsr.create(conn, who.tenant_id, who.subject_id, regime, kind, details, cipher)
-    if kind == "restriction":
-        # open sockets of this subject, on every process, stop processing now
-        await svc.bus.publish(
-            bus.SUBJECT_RESTRICTED,
-            {"tenant_id": str(who.tenant_id), "subject_id": str(who.subject_id)},
-        )
+    # open sockets of this subject, on every process: a restriction stops processing,
+    # an objection or opt-out revokes the tracking purposes, before their next message
+    await dsr.publish_effects(svc.bus, who.tenant_id, who.subject_id, kind)
     return _json(dsr.public(dsr.opened(row, cipher, who.tenant_id)), status=201)
 
 

@@ -70,6 +70,11 @@ class Visitor:
     context: list[dict[str, str]] = field(default_factory=list)
     # client ids answered while the transcript is not kept (dedupe without storage)
     unstored: dict[str, str] = field(default_factory=dict)
+    # consent changed outside this connection (privacy API, a request, a bus gap): read it
+    # again from the database before the next message is checked
+    consent_stale: bool = False
+    # bumped by every change of `consent` that a concurrent re-read must not overwrite
+    consent_epoch: int = 0
 
 
 def consent_state(rows: list[asyncpg.Record], cp: CompiledPolicy) -> ConsentState:
@@ -84,6 +89,29 @@ def consent_state(rows: list[asyncpg.Record], cp: CompiledPolicy) -> ConsentStat
     age = any(r["purpose"] == AGE_PURPOSE and r["consent_version"] == current for r in latest)
     revoked = frozenset(r["purpose"] for r in rows if not r["granted"] and r["purpose"] in PURPOSES)
     return ConsentState(granted=granted, version=version, age_confirmed=age, revoked=revoked)
+
+
+async def read_consent(svc: Services, v: Visitor, cp: CompiledPolicy) -> tuple[ConsentState, bool]:
+    """The visitor's recorded consent and restriction, as a hello would load them."""
+    async with tenant_tx(svc.pool, v.tenant_id) as conn:
+        rows = await conn.fetch(
+            """
+            SELECT s.restricted, c.purpose, c.granted, c.consent_version
+            FROM subjects s
+            LEFT JOIN LATERAL (
+                SELECT DISTINCT ON (purpose) purpose, granted, consent_version FROM consents
+                WHERE tenant_id = s.tenant_id AND subject_id = s.subject_id
+                ORDER BY purpose, consent_id DESC
+            ) c ON true
+            WHERE s.tenant_id = $1 AND s.subject_id = $2
+            """,
+            v.tenant_id,
+            v.subject_id,
+        )
+    if not rows:
+        raise ProtocolError(SESSION_INVALID, "this session's data was erased")
+    decisions = [r for r in rows if r["purpose"] is not None]
+    return consent_state(decisions, cp), bool(rows[0]["restricted"])
 
 
 def consent_changes(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:

@@ -25,7 +25,7 @@ Seen = list[tuple[str, dict[str, Any]]]
 
 def recorder(b: RedisBus, seen: Seen) -> None:
     """Record every event kind delivered to `b`."""
-    for kind in (bus.POLICY_CHANGED, bus.SUBJECT_ERASED, bus.KEYS_ROTATED):
+    for kind in (bus.POLICY_CHANGED, bus.SUBJECT_ERASED, bus.KEYS_ROTATED, bus.CONSENT_CHANGED):
 
         async def handler(payload: dict[str, Any], kind: str = kind) -> None:
             seen.append((kind, payload))
@@ -115,9 +115,45 @@ async def test_reconnects_invalidates_and_resends(
         await until(lambda: (bus.SUBJECT_ERASED, {"tenant_id": "t", "subject_id": "s"}) in seen_b)
         assert (bus.POLICY_CHANGED, {"tenant_id": None}) in seen_b
         assert (bus.KEYS_ROTATED, {}) in seen_b
+        # and every open socket reads its visitor's consent again before its next message
+        assert (bus.CONSENT_CHANGED, {"tenant_id": None}) in seen_b
         assert (bus.POLICY_CHANGED, {"tenant_id": None}) in seen_a
         await b.publish(bus.KEYS_ROTATED, {"after": True})
         await until(lambda: (bus.KEYS_ROTATED, {"after": True}) in seen_a)
+    finally:
+        await a.close()
+        await b.close()
+        for c in clients:
+            await c.aclose()
+
+
+async def test_events_dropped_while_away_make_the_others_invalidate_everything(
+    private_redis: PrivateRedis,
+) -> None:
+    clients = [connect(private_redis.url), connect(private_redis.url)]
+    a = RedisBus(clients[0], reconnect_delay=0.1, pending_max=2)
+    # b's own gap invalidation is switched off: what it sees comes from a
+    b = RedisBus(clients[1], reconnect_delay=0.1, on_reconnect=list)
+    seen_b: Seen = []
+    recorder(b, seen_b)
+    try:
+        await a.start()
+        await b.start()
+        private_redis.stop()
+        await until(lambda: not a.connected.is_set() and not b.connected.is_set())
+        for n in range(3):  # one more than a keeps: the first revocation is dropped
+            await bus.publish_consent(a, uuid.UUID(int=1), uuid.UUID(int=n), ["ai_processing"])
+        private_redis.start()
+        await until(lambda: len(seen_b) == 5, timeout=3)
+        subject = [p.get("subject_id") for k, p in seen_b if k == bus.CONSENT_CHANGED]
+        # first: every socket reads consent again; then the two revocations a still held
+        assert subject == [None, str(uuid.UUID(int=1)), str(uuid.UUID(int=2))]
+        assert (bus.POLICY_CHANGED, {"tenant_id": None}) in seen_b
+        assert (bus.KEYS_ROTATED, {}) in seen_b
+        # dropped once: the next flush sends only the events themselves
+        await a.publish(bus.KEYS_ROTATED, {"after": True})
+        await until(lambda: len(seen_b) == 6)
+        assert seen_b[-1] == (bus.KEYS_ROTATED, {"after": True})
     finally:
         await a.close()
         await b.close()
