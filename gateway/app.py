@@ -28,7 +28,7 @@ from gateway.tenants import TenantRegistry
 from gateway.upstream import ChatModel, OfflineModel, UpstreamClient, UpstreamConfig
 from gateway.vault import Vault
 from gateway.visitor import today
-from policies import SaltChain, SaltRing
+from policies import Policy, SaltChain, SaltRing
 
 log = logging.getLogger("omnigate.app")
 
@@ -161,7 +161,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             upstream = UpstreamConfig(
                 base_url=settings.upstream_url,
                 api_key=settings.openai_api_key,
-                model=settings.upstream_model,
+                # every chat names the model its tenant's policy sets (upstream_for)
+                model=Policy.model,
                 first_token_timeout=settings.first_token_timeout,
                 idle_timeout=settings.idle_timeout,
                 retries=settings.upstream_retries,

@@ -30,7 +30,6 @@ class Settings:
     redis_url: str | None = None
     openai_api_key: str | None = None
     upstream_url: str = DEFAULT_UPSTREAM_URL
-    upstream_model: str = "gpt-4o-mini"
     first_token_timeout: float = 30.0
     idle_timeout: float = 30.0
     upstream_retries: int = 2
@@ -157,7 +156,6 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         redis_url=e.get("OMNIGATE_REDIS_URL") or None,
         openai_api_key=e.get("OPENAI_API_KEY") or None,
         upstream_url=url.rstrip("/"),
-        upstream_model=e.get("OMNIGATE_UPSTREAM_MODEL") or "gpt-4o-mini",
         first_token_timeout=_float(e, "OMNIGATE_UPSTREAM_FIRST_TOKEN_TIMEOUT", 30.0),
         idle_timeout=_float(e, "OMNIGATE_UPSTREAM_IDLE_TIMEOUT", 30.0),
         upstream_retries=_int(e, "OMNIGATE_UPSTREAM_RETRIES", 2, 0, 10),
