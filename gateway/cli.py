@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -15,6 +16,7 @@ import orjson
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.db import DatabaseError, create_pool, migrate
 from gateway.embedded import APP_ROLE, start_embedded, with_user
+from gateway.logs import setup_logging
 from policies import PolicyError
 
 T = TypeVar("T")
@@ -232,6 +234,10 @@ def _os_error(exc: OSError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user mistakes print one clear line and exit non-zero."""
+    if not logging.getLogger().handlers:
+        # what a library warns about goes out scrubbed, as the server's logs do
+        # (`serve` sets its own level); an embedding program keeps its own handlers
+        setup_logging("WARNING")
     try:
         code = run(argv)
     except UsageError as exc:

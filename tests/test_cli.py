@@ -186,3 +186,29 @@ def test_runtime_failures_are_one_line_without_their_text(
     assert err.count("\n") == 1 and err.startswith("omnigate: error:") and says in err
     for private in ("jane@example.org", "Jane Doe", "pw@db"):
         assert private not in err
+
+
+def test_a_commands_log_warnings_go_out_scrubbed(tmp_path: Path) -> None:
+    """Outside `serve`, a warning logged while a command runs is a scrubbed JSON line,
+    not Python's bare last-resort print."""
+    code = (
+        "import logging, gateway.cli as c\n"
+        "def run(argv):\n"
+        "    logging.getLogger('omnigate.job').warning(\n"
+        "        'peer 203.0.113.77 sent omnigate_session=Zq8vT1xYw3kLm9Rb2Hc7Pd5Nf0Gj4Ks6')\n"
+        "    return 0\n"
+        "c.run = run\n"
+        "c.main([])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    record = orjson.loads(line)
+    assert record["level"] == "WARNING"
+    assert "203.0.113.77" not in line and "Zq8vT1xYw3kLm9Rb2Hc7Pd5Nf0Gj4Ks6" not in line
