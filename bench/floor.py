@@ -8,7 +8,9 @@ and the fake upstream, sequential calls of:
   on (the WAL flush every acknowledged message pays) and off (the flush alone is the
   difference);
 * ``durable insert``: a visitor message written as the gateway writes it (the group
-  committer, ``omnigate_insert_message``, row-level security);
+  committer on the connection it keeps, ``omnigate_insert_message``, row-level
+  security), and the same statement through a pool checkout of its own, as before
+  round 8 (the difference is what keeping the connection saves);
 * ``redaction``: ``Redactor.find`` and ``apply`` on the bench's message;
 * ``upstream, aiohttp`` and ``upstream, gateway client``: a streamed reply from the
   fake, to its first content chunk, by bare aiohttp (the baseline's way) and by the
@@ -51,6 +53,7 @@ from bench.procs import free_port, start_fake
 from gateway.db import create_pool
 from gateway.groupcommit import GroupCommitter
 from gateway.store import NewMessage
+from gateway.store import insert_message as insert_message_via
 from gateway.upstream import UpstreamClient, UpstreamConfig
 from policies import ENTITIES, PlaceholderMap, Redactor
 
@@ -61,6 +64,7 @@ LEGS = (
     "INSERT, commit (synchronous_commit on)",
     "INSERT, commit (synchronous_commit off)",
     "durable insert (as the gateway)",
+    "durable insert, a pool checkout per statement",
     "redaction (bench message)",
     "upstream first chunk, aiohttp",
     "upstream first chunk, gateway client",
@@ -181,14 +185,19 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         headers = {"Authorization": "Bearer sk-floor", "Content-Type": "application/json"}
         n = 0
 
-        async def insert_message() -> object:
+        def visitor_message() -> NewMessage:
             nonlocal n
             n += 1
             conv = convs[n % len(convs)]
-            msg = NewMessage(
+            return NewMessage(
                 tenant.tenant_id, conv, uuid.uuid4(), "user", blob, client_ref=os.urandom(16)
             )
-            return await writer.insert(msg)
+
+        async def insert_message() -> object:
+            return await writer.insert(visitor_message())
+
+        async def insert_checked_out() -> object:
+            return await insert_message_via(pool, visitor_message())
 
         async def redaction() -> object:
             return redactor.apply(text, redactor.find(text), PlaceholderMap())
@@ -216,9 +225,10 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             LEGS[1]: lambda: on.execute("INSERT INTO floor_probe VALUES ($1)", blob),
             LEGS[2]: lambda: off.execute("INSERT INTO floor_probe VALUES ($1)", blob),
             LEGS[3]: insert_message,
-            LEGS[4]: redaction,
-            LEGS[5]: bare_upstream,
-            LEGS[6]: gateway_upstream,
+            LEGS[4]: insert_checked_out,
+            LEGS[5]: redaction,
+            LEGS[6]: bare_upstream,
+            LEGS[7]: gateway_upstream,
         }
         for fn in legs.values():  # warm caches, prepared statements, pooled connections
             await timed_calls(fn, 20, 0.0)
