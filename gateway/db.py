@@ -7,8 +7,11 @@ survives PgBouncer in transaction mode and leaves nothing on the connection.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import hmac
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +30,7 @@ def _migrations_dir() -> Path:
 
 MIGRATIONS_DIR = _migrations_dir()
 APP_GROUP_ROLE = "omnigate_app"
+SCRAM_ITERATIONS = 4096  # PostgreSQL's own default (scram_iterations)
 
 
 class DatabaseError(Exception):
@@ -142,6 +146,26 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = 0) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802, RFC 7677).
+
+    PostgreSQL takes a verifier in place of a password and stores it as it is. The
+    password is used as given (no SASLprep): PostgreSQL does the same with one that is
+    not valid UTF-8 or that SASLprep leaves unchanged, as ASCII passwords are.
+    """
+    salt = os.urandom(16) if salt is None else salt
+    iterations = iterations or SCRAM_ITERATIONS
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    b64 = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}"
+        f"${b64(stored_key).decode()}:{b64(server_key).decode()}"
+    )
+
+
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -200,7 +224,9 @@ async def _ensure_app_role(conn: asyncpg.Connection, app_url: str) -> None:
             "the app role must not own the tables"
         )
     exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-    pw = f" PASSWORD {_literal(password)}" if password else ""
+    # the server gets the SCRAM verifier, never the password: a statement log
+    # (log_statement = ddl) or an error report would otherwise hold it in clear
+    pw = f" PASSWORD {_literal(scram_verifier(password))}" if password else ""
     if not exists:
         await conn.execute(f"CREATE ROLE {_ident(role)} LOGIN NOSUPERUSER NOBYPASSRLS{pw}")
     elif password:

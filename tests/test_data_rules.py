@@ -277,3 +277,49 @@ async def test_app_role_cannot_rewrite_history(
                 await conn.execute(sql)
     async with tenant_tx(app_pool, tenant.tenant_id) as conn:
         assert await conn.fetchval("SELECT count(*) FROM consents") == 1
+
+
+def _recomputed(verifier: str, password: str) -> str:
+    """Our verifier of `password` with the salt and iterations `verifier` names."""
+    import base64
+
+    from gateway.db import scram_verifier
+
+    iterations, salt = verifier.split("$")[1].split(":")
+    return scram_verifier(password, salt=base64.b64decode(salt), iterations=int(iterations))
+
+
+async def test_role_passwords_reach_the_server_only_as_scram_verifiers(
+    owner_pool: asyncpg.Pool, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """migrate() sends the app role's password as the verifier PostgreSQL would make."""
+    import uuid
+
+    from gateway import db
+    from gateway.db import migrate
+    from gateway.embedded import with_user
+
+    role = f"omnigate_scram_{uuid.uuid4().hex[:8]}"
+    async with owner_pool.acquire() as conn:
+        await conn.execute("SET password_encryption = 'scram-sha-256'")
+        await conn.execute(f"CREATE ROLE {role} PASSWORD 'pa55:word'")
+        theirs = await conn.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = $1", role)
+        await conn.execute(f"DROP ROLE {role}")
+    assert _recomputed(theirs, "pa55:word") == theirs  # PostgreSQL's own, exactly
+
+    # an iteration count PostgreSQL never picks: the stored verifier can only be ours,
+    # so the server never saw the password itself
+    monkeypatch.setattr(db, "SCRAM_ITERATIONS", 4099)
+    app = with_user(database.app_url, f"{role}:s3cret-pw")
+    await migrate(database.owner_url, app)
+    dbname = await owner_pool.fetchval("SELECT current_database()")
+    try:
+        stored = await owner_pool.fetchval(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1", role
+        )
+        assert stored.startswith("SCRAM-SHA-256$4099:") and "s3cret-pw" not in stored
+        assert _recomputed(stored, "s3cret-pw") == stored
+    finally:
+        await owner_pool.execute(f'REVOKE CONNECT ON DATABASE "{dbname}" FROM {role}')
+        await owner_pool.execute(f"REVOKE omnigate_app FROM {role}")
+        await owner_pool.execute(f"DROP ROLE {role}")
