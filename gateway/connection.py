@@ -22,6 +22,7 @@ from gateway.services import Services
 from gateway.visitor import (
     RequestContext,
     Visitor,
+    announce_consent,
     apply_consent,
     consent_changes,
     open_session,
@@ -282,13 +283,16 @@ class Connection:
         # the change builds on what is recorded, including changes made elsewhere
         await self.fresh_consent(v)
         async with tenant_tx(self.svc.pool, self.tenant_id) as conn:
-            await apply_consent(conn, v, cp, grant, revoke, data.get("age_confirmed"), "widget")
+            changes = await apply_consent(
+                conn, v, cp, grant, revoke, data.get("age_confirmed"), "widget"
+            )
             state = v.consent
         if v.consent is not state:
             # a re-read that began before this commit replaced it: read again before the
             # next message (the record now holds this change)
             v.consent_stale = True
         v.consent_epoch += 1  # a re-read spanning the commit reads again
+        await announce_consent(self.svc, v, changes)  # the visitor's other tabs and devices
         v.resumed = True
         await self.send(welcome(v, cp))
         await self._ask_consent_if_needed()

@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway import identity, metrics, store
+from gateway import bus, identity, metrics, store
 from gateway.crypto import CryptoError, new_token, token_hash
 from gateway.db import tenant_tx
 from gateway.protocol import BAD_REQUEST, SESSION_INVALID, ProtocolError
@@ -179,11 +179,20 @@ async def apply_consent(
     revoke: list[str],
     age_confirmed: bool | None,
     source: str,
-) -> None:
-    """Apply and record consent changes."""
+) -> list[tuple[str, bool]]:
+    """Apply and record consent changes; the decisions recorded (none if nothing changed)."""
     state, changes = consent_update(v, cp, grant, revoke, age_confirmed)
     await record_consent(conn, v, cp, changes, source)
     v.consent = state
+    return changes
+
+
+async def announce_consent(svc: Services, v: Visitor, changes: list[tuple[str, bool]]) -> None:
+    """After the decisions are committed: the visitor's other sockets (other tabs, other
+    devices of a verified user, on any process) apply them before their next message."""
+    if changes:
+        revoked = [purpose for purpose, granted in changes if not granted]
+        await bus.publish_consent(svc.bus, v.tenant_id, v.subject_id, revoked)
 
 
 async def open_session(
@@ -206,8 +215,10 @@ async def open_session(
     if resumed is None:
         # a new session and its consent commit together, or not at all
         async with tenant_tx(svc.pool, tenant_id) as conn:
-            v = await _new_session(conn, svc, tenant_id, cp, ctx, hello, signals)
-            await apply_consent(conn, v, cp, grant, revoke, age, "widget")
+            v, new_subject = await _new_session(conn, svc, tenant_id, cp, ctx, hello, signals)
+            changes = await apply_consent(conn, v, cp, grant, revoke, age, "widget")
+        if not new_subject:  # a known user's subject may have sockets open elsewhere
+            await announce_consent(svc, v, changes)
         return v
     token, found = resumed
     v = _visitor(tenant_id, found.session, token, consent_state(found.consents, cp), signals, ctx)
@@ -222,6 +233,7 @@ async def open_session(
             await record_consent(conn, v, cp, changes, "widget")
             if found.unanswered:
                 await _mark_interrupted(svc, conn, v, cipher)
+        await announce_consent(svc, v, changes)
     v.consent = state
     _load_context(svc, v, found, cipher)
     return v
@@ -284,8 +296,9 @@ async def _new_session(
     ctx: RequestContext,
     hello: Mapping[str, Any],
     signals: Signals,
-) -> Visitor:
-    """A new session, for a new subject or a verified site user's existing one."""
+) -> tuple[Visitor, bool]:
+    """A new session, for a new subject or a verified site user's existing one; and
+    whether the subject is new."""
     token = ctx.new_token or new_token()
     # a verified site user id links to its existing subject; anything else is a new one
     ref = await identity.verified_ref(
@@ -306,7 +319,7 @@ async def _new_session(
     )
     # a subject made in this transaction has no decisions yet: no query for them
     rows = [] if dek is not None else await store.consent_rows(conn, tenant_id, subject_id)
-    return _visitor(tenant_id, row, token, consent_state(rows, cp), signals, ctx)
+    return _visitor(tenant_id, row, token, consent_state(rows, cp), signals, ctx), dek is not None
 
 
 async def _mark_interrupted(

@@ -123,6 +123,34 @@ async def test_granting_again_over_http_lets_messages_through(
     await ws.close()
 
 
+async def test_a_revocation_in_one_tab_refuses_the_next_message_in_another(
+    gateway: Gateway, fake: tuple[FakeUpstream, str], app_pool: asyncpg.Pool
+) -> None:
+    """The widget's own consent frame reaches the visitor's other sockets too."""
+    upstream = fake[0]
+    t = await tenant_with(app_pool, **REQUIRED)
+    tab_a, token = await consenting_visitor(gateway, t)
+    tab_b = await gateway.ws(t.site_key)
+    assert (await hello(tab_b, session_token=token))["resumed"] is True
+    await tab_a.send_json({"type": "consent", "revoke": ["ai_processing"]})
+    assert pushed(False)(await frames_until(tab_a, pushed(False)))
+    upstream.reset()
+    await tab_b.send_json({"type": "message", "id": "b1", "text": "from the other tab"})
+    frames = await frames_until(
+        tab_b, lambda fs: any(f["type"] in ("error", "done") and f.get("id") == "b1" for f in fs)
+    )
+    assert refused("b1", frames), frames
+    assert upstream.requests == []
+    # granted again in tab B: tab A chats again
+    await tab_b.send_json({"type": "consent", "grant": ["ai_processing"]})
+    await frames_until(tab_b, pushed(True))
+    frames = await chat(tab_a, "a2", "back in tab A")
+    assert frames[-1]["type"] == "done", frames
+    assert [r["body"]["messages"][-1]["content"] for r in upstream.requests] == ["back in tab A"]
+    for ws in (tab_a, tab_b):
+        await ws.close()
+
+
 @pytest.fixture
 async def two_instances(
     settings: Settings, fake: tuple[FakeUpstream, str], redis_url: str
