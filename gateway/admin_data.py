@@ -238,6 +238,34 @@ async def erase_by_user(request: web.Request, admin: Admin) -> web.Response:
     ref = identity.external_ref(hash_key, admin.tenant_id, user_id)
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
         subject_id = await store.subject_by_ref(conn, admin.tenant_id, ref)
+    return await _erase(admin, subject_id)
+
+
+@admin_route
+async def erase_by_conversation(request: web.Request, admin: Admin) -> web.Response:
+    """Erase the subject behind a conversation: every visitor can be reached, verified or
+    not, from the conversation the owner sees in the list (an erasure request by e-mail)."""
+    body = await read_json(request)
+    try:
+        conversation_id = UUID(str(body.get("conversation_id")))
+    except ValueError:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "conversation_id must be a conversation id",
+            fields=[{"field": "conversation_id", "message": "must be a UUID"}],
+        ) from None
+    async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        # NULL once retention anonymized the conversation: nobody left to erase
+        subject_id = await conn.fetchval(
+            "SELECT subject_id FROM conversations WHERE tenant_id = $1 AND conversation_id = $2",
+            admin.tenant_id,
+            conversation_id,
+        )
+    return await _erase(admin, subject_id)
+
+
+async def _erase(admin: Admin, subject_id: UUID | None) -> web.Response:
     if subject_id is None:
         raise not_found("subject")
     # the privacy module owns erasure (key destruction, cascade, certificate, live sockets)
@@ -262,3 +290,4 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/api/admin/audit", list_audit)
     r.add_get("/api/admin/audit/verify", verify_audit)
     r.add_post("/api/admin/subjects/erase-by-user", erase_by_user)
+    r.add_post("/api/admin/subjects/erase-by-conversation", erase_by_conversation)

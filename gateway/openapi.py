@@ -235,6 +235,14 @@ _ADMIN_PATHS: dict[str, dict[str, Operation]] = {
             errors=("400", "404", "422"),
         )
     },
+    "/api/admin/subjects/erase-by-conversation": {
+        "post": _admin(
+            "Erase the subject behind a conversation (any visitor, verified or not)",
+            _json(_obj(erased=B, subject_id=U, certificate={"type": "object"})),
+            body={**_obj(conversation_id=U), "required": ["conversation_id"]},
+            errors=("400", "404", "422"),
+        )
+    },
     "/api/admin/audit": {
         "get": _admin(
             "Audit entries, newest first",

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import WSMsgType
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway import netguard
@@ -440,3 +441,45 @@ async def test_transcript_with_an_unreadable_message_is_still_read_and_audited(
     status, log = await call(offline_gateway, "GET", "/api/admin/audit", tenant.admin_key)
     (entry,) = log["entries"]
     assert entry["action"] == "conversation.read" and entry["target"] == f"conversation:{cid}"
+
+
+async def test_erase_by_conversation_reaches_an_anonymous_visitor(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    assert (await chat(ws, "m", "please forget me"))[-1]["type"] == "done"
+    conv = w["conversation_id"]
+    subject = await owner_pool.fetchval(
+        "SELECT subject_id FROM conversations WHERE conversation_id = $1::uuid", conv
+    )
+    path = "/api/admin/subjects/erase-by-conversation"
+    # another tenant cannot reach it: row-level security hides the conversation
+    other = await create_tenant(app_pool, f"o-{uuid.uuid4().hex[:8]}", [ORIGIN])
+    status, _ = await call(g, "POST", path, other.admin_key, {"conversation_id": conv})
+    assert status == 404
+
+    status, out = await call(g, "POST", path, tenant.admin_key, {"conversation_id": conv})
+    assert status == 200 and out["erased"] is True and out["subject_id"] == str(subject)
+    assert out["certificate"]["certificate"]["items"]["messages"] == 2
+    for sql in (
+        "SELECT count(*) FROM subjects WHERE subject_id = $1::uuid",
+        "SELECT count(*) FROM subject_keys WHERE subject_id = $1::uuid",
+        "SELECT count(*) FROM consents WHERE subject_id = $1::uuid",
+    ):
+        assert await owner_pool.fetchval(sql, str(subject)) == 0, sql
+    assert (
+        await owner_pool.fetchval(
+            "SELECT count(*) FROM messages WHERE conversation_id = $1::uuid", conv
+        )
+        == 0
+    )
+    msg = await ws.receive(timeout=5)  # the live socket is closed by the erasure
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4001)
+
+    status, _ = await call(g, "POST", path, tenant.admin_key, {"conversation_id": conv})
+    assert status == 404  # nothing left
+    for bad in ({}, {"conversation_id": "nope"}, {"conversation_id": 7}):
+        status, out = await call(g, "POST", path, tenant.admin_key, bad)
+        assert status == 422 and out["error"]["fields"][0]["field"] == "conversation_id"

@@ -34,6 +34,7 @@ ADMIN_WRITES = [
     ("POST", "/api/admin/site-keys"),
     ("PUT", "/api/admin/upstream"),
     ("POST", "/api/admin/subjects/erase-by-user"),
+    ("POST", "/api/admin/subjects/erase-by-conversation"),
     ("POST", "/api/admin/requests/{id}/extend"),
     ("POST", "/api/admin/requests/{id}/reject"),
 ]
