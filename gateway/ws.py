@@ -7,6 +7,7 @@ import contextlib
 import logging
 import weakref
 from typing import Any
+from uuid import UUID
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -15,8 +16,9 @@ from gateway import metrics, protocol
 from gateway.appkeys import CONNECTIONS, SERVICES
 from gateway.chat import STORAGE_ERRORS, handle_message
 from gateway.connection import Connection
-from gateway.crypto import new_token
-from gateway.httpctx import origin_allowed, request_context, set_session_cookie
+from gateway.crypto import new_token, token_hash
+from gateway.db import lookup_tx
+from gateway.httpctx import COOKIE, origin_allowed, request_context, set_session_cookie
 from gateway.protocol import ProtocolError
 from gateway.services import Services
 
@@ -44,7 +46,12 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     """`GET /v1/widget/ws?site=KEY`: Origin checked before the upgrade."""
     svc = request.app[SERVICES]
     tenant_id, cp, _ = await _tenant_and_policy(request)
-    minted = None if request.cookies.get("omnigate_session") else new_token()
+    # a cookie naming no live session (expired, erased by the site owner, deleted by
+    # retention) is replaced on the 101: else every new tab would start a new session
+    cookie = request.cookies.get(COOKIE)
+    minted = None
+    if not cookie or not await _session_alive(svc, tenant_id, cookie):
+        minted = new_token()
     ctx = request_context(request, svc, cp, tenant_id, minted)
     # per anonymized IP and per process; under ip_mode drop there is no key to count by
     ip_key = f"{tenant_id}:{ctx.ip_key}" if ctx.ip_key else None
@@ -93,6 +100,25 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
         if not ws.closed:
             await ws.close(code=close[0], message=close[1])
     return ws
+
+
+async def _session_alive(svc: Services, tenant_id: UUID, token: str) -> bool:
+    """Whether `token` names a live session of the tenant (one round trip, on connect only).
+
+    A storage failure counts as alive: the hello's resume decides, as it did before.
+    """
+    secret = token_hash(token)
+    try:
+        async with lookup_tx(svc.pool, secret) as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM sessions WHERE token_hash = $1 AND tenant_id = $2"
+                " AND expires_at > now()",
+                secret,
+                tenant_id,
+            )
+    except STORAGE_ERRORS:
+        return True
+    return found is not None
 
 
 def _release_ip(svc: Services, ip_key: str | None) -> None:

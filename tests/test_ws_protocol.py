@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import replace
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp import WSMsgType
 
@@ -158,6 +159,40 @@ async def test_upgrade_sets_partitioned_session_cookie(
         assert attr in cookie
     assert "Domain" not in cookie
     await ws.close()
+
+
+async def test_a_cookie_naming_no_live_session_is_replaced_on_the_upgrade(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    """Else every new tab of a visitor whose session ended would start another one."""
+    from gateway.crypto import token_hash
+
+    def with_cookie(token: str) -> dict[str, dict[str, str]]:
+        return {"headers": {"Cookie": f"omnigate_session={token}"}}
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    token = (await hello(ws))["session_token"]
+    await ws.close()
+    ws = await offline_gateway.ws(tenant.site_key, **with_cookie(token))
+    assert "Set-Cookie" not in ws._response.headers  # alive: kept
+    assert (await hello(ws))["resumed"] is True
+    await ws.close()
+
+    await owner_pool.execute(
+        "UPDATE sessions SET expires_at = now() - interval '1 minute' WHERE token_hash = $1",
+        token_hash(token),
+    )
+    ws = await offline_gateway.ws(tenant.site_key, **with_cookie(token))
+    fresh = ws._response.headers["Set-Cookie"]
+    welcome = await hello(ws)
+    await ws.close()
+    assert welcome["resumed"] is False
+    assert fresh.startswith(f"omnigate_session={welcome['session_token']};")
+    # the next tab, with the cookie it was given, resumes that session
+    ws = await offline_gateway.ws(tenant.site_key, **with_cookie(welcome["session_token"]))
+    again = await hello(ws)
+    await ws.close()
+    assert again["resumed"] is True and again["conversation_id"] == welcome["conversation_id"]
 
 
 async def test_connections_per_ip_are_capped(settings: Settings, tenant: NewTenant) -> None:
