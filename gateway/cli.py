@@ -83,15 +83,20 @@ async def _tenant_create(settings: Settings, name: str, origins: list[str]) -> d
         await pool.close()
 
 
+# hosts whose demo page is opened as 127.0.0.1 or localhost (both always allowed)
+_LOOPBACK_OR_ANY = frozenset({"", "0.0.0.0", "::", "127.0.0.1", "localhost"})  # noqa: S104
+
+
 async def _ensure_demo(settings: Settings, host: str, port: int) -> None:
     from gateway.provision import ensure_demo_tenant
 
     assert settings.database_url
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
     try:
-        created = await ensure_demo_tenant(
-            pool, [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
-        )
+        origins = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
+        if host not in _LOOPBACK_OR_ANY:  # served on a name or address of its own
+            origins.append(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
+        created = await ensure_demo_tenant(pool, origins)
     finally:
         await pool.close()
     if created is not None:
