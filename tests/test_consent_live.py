@@ -13,7 +13,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from gateway import bus, dsr, store
+from gateway import bus, store
 from gateway.appkeys import SERVICES
 from gateway.config import Settings
 from gateway.db import tenant_tx
@@ -206,33 +206,6 @@ async def test_a_bus_gap_makes_open_sockets_read_consent_again(
     await ws.close()
 
 
-async def test_an_objection_reaches_the_open_socket_once_published(
-    gateway: Gateway, fake: tuple[FakeUpstream, str], app_pool: asyncpg.Pool
-) -> None:
-    # the effect itself (dsr.publish_effects), as the intake route must call it after commit
-    upstream = fake[0]
-    t = await tenant_with(app_pool, required_consents=["ai_processing", "marketing"])
-    ws = await gateway.ws(t.site_key)
-    w = await hello(ws, consent={"ai_processing": True, "marketing": True})
-    assert (await chat(ws, "first", "before"))[-1]["type"] == "done"
-    svc = gateway.server.app[SERVICES]
-    [v] = [
-        c.visitor
-        for conns in svc.live.values()
-        for c in conns
-        if c.visitor.token == w["session_token"]
-    ]
-    async with tenant_tx(app_pool, t.tenant_id) as conn:
-        await dsr.create(conn, t.tenant_id, v.subject_id, "gdpr", "objection", None)
-    await dsr.publish_effects(svc.bus, t.tenant_id, v.subject_id, "objection")
-    upstream.reset()
-    frames = await chat(ws, "after", "refused")
-    assert frames[-1]["code"] == "consent_required"
-    assert {"type": "consent_required", "purposes": ["marketing"]} in frames
-    assert upstream.requests == []
-    await ws.close()
-
-
 async def test_an_objection_over_http_reaches_the_open_socket(
     gateway: Gateway, fake: tuple[FakeUpstream, str], app_pool: asyncpg.Pool
 ) -> None:
@@ -246,8 +219,11 @@ async def test_an_objection_over_http_reaches_the_open_socket(
         headers=session(w["session_token"]),
     ) as resp:
         assert resp.status == 201
+    upstream.reset()
+    # sent at once: the intake published the objection's revocations after its commit
     frames = await chat(ws, "after", "refused")
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "consent_required", frames
+    assert {"type": "consent_required", "purposes": ["marketing"]} in frames
     assert upstream.requests == []
     await ws.close()
 
