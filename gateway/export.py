@@ -14,7 +14,7 @@ import orjson
 
 from gateway import dsr
 from gateway.crypto import CryptoError
-from gateway.httpctx import open_ip
+from gateway.sealedip import open_ip
 from gateway.services import Services
 from gateway.upstream import UpstreamConfig
 from policies import CompiledPolicy
@@ -75,6 +75,16 @@ def header(upstream: UpstreamConfig | None, cp: CompiledPolicy) -> dict[str, Any
     }
 
 
+def _session(svc: Services, tenant_id: UUID, row: asyncpg.Record) -> dict[str, Any]:
+    """A session row as exported: an address kept whole (ip_mode full) is stored sealed,
+    and the visitor gets it opened; null if its master key is no longer configured."""
+    try:
+        ip = open_ip(svc.keyring, tenant_id, row["ip_anon"])
+    except CryptoError:
+        ip = None
+    return {**row, "ip_anon": ip}
+
+
 @asynccontextmanager
 async def snapshot(pool: asyncpg.Pool, tenant_id: UUID) -> AsyncIterator[asyncpg.Connection]:
     """A read-only repeatable-read transaction in the tenant: every part of the export agrees."""
@@ -129,8 +139,7 @@ async def write_export(
             "expires_at FROM sessions WHERE tenant_id = $1 AND subject_id = $2 ORDER BY created_at",
             *args,
         ),
-        # an address kept whole (ip_mode full) is stored sealed: the visitor gets it opened
-        lambda row: {**row, "ip_anon": open_ip(svc.keyring, tenant_id, row["ip_anon"])},
+        lambda row: _session(svc, tenant_id, row),
     )
     history = [
         dict(r)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from types import MappingProxyType
 from uuid import UUID
 
 from aiohttp import web
 
-from gateway.crypto import KeyRing, keyed_hash
+from gateway.crypto import keyed_hash
+from gateway.sealedip import seal_ip
 from gateway.services import Services
 from gateway.visitor import RequestContext, today
 from policies import CompiledPolicy, anonymize_ip, client_ip, coarse_client, normalize_origin
@@ -19,8 +19,6 @@ NO_SIGNALS: Mapping[str, str] = MappingProxyType({})
 # set on a request whose Origin the tenant allows; the response then carries CORS headers
 CORS_ORIGIN = web.RequestKey("omnigate_cors_origin", str)
 SIGNAL_HEADERS = ("DNT", "Sec-GPC")
-SEALED_IP = "s:"  # a whole address (ip_mode full) as stored: sealed, never in clear
-IP_PURPOSE = "ip"
 
 
 def origin_allowed(request: web.Request, cp: CompiledPolicy) -> str | None:
@@ -57,20 +55,6 @@ def anonymized_ip(
         return value, value
     key = "k:" + keyed_hash(svc.keyring.hash_key, b"ip", value.encode()).hex()
     return seal_ip(svc.keyring, tenant_id, value), key
-
-
-def seal_ip(keyring: KeyRing, tenant_id: UUID, address: str) -> str:
-    """A whole address as it may be stored: sealed under the master key, tagged `s:`."""
-    blob = keyring.seal_secret(tenant_id, IP_PURPOSE, address.encode())
-    return SEALED_IP + base64.urlsafe_b64encode(blob).decode()
-
-
-def open_ip(keyring: KeyRing, tenant_id: UUID, stored: str | None) -> str | None:
-    """A stored IP as the visitor's export shows it: a sealed one opened, else as it is."""
-    if stored is None or not stored.startswith(SEALED_IP):
-        return stored
-    blob = base64.urlsafe_b64decode(stored[len(SEALED_IP) :])
-    return keyring.open_secret(tenant_id, IP_PURPOSE, blob).decode()
 
 
 def session_token_of(request: web.Request) -> str | None:

@@ -14,7 +14,8 @@ upstream, the identity-verification secret and the key of the tenant's keyed
 hashes, columns of `tenants`) name their
 master key in the blob's prefix; the same pass re-seals them under the primary,
 and they count in `remaining_by_key`, so a key is never reported retirable while
-a secret still needs it.
+a secret still needs it. So do the whole addresses kept under `ip_mode: full`
+(`sessions.ip_anon`, gateway/sealedip.py), which name their key in clear.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from gateway import audit, bus
+from gateway import audit, bus, sealedip
 from gateway.crypto import CryptoError, KeyRing
 from gateway.db import Pool, tenant_tx
 from gateway.directory import tenant_ids
@@ -85,6 +86,45 @@ async def reseal_tenant_secrets(pool: Pool, keyring: KeyRing, tenant_id: UUID) -
     return done, failed
 
 
+async def reseal_session_ips(
+    pool: Pool, keyring: KeyRing, tenant_id: UUID, batch: int = 500
+) -> tuple[int, int]:
+    """Re-seal the whole addresses (ip_mode full) sealed under an old key; (done, failed)."""
+    done = failed = 0
+    skip: list[UUID] = []
+    while True:
+        async with tenant_tx(pool, tenant_id) as conn:
+            rows = await conn.fetch(
+                "SELECT session_id, ip_anon FROM sessions WHERE tenant_id = $1"
+                " AND ip_anon LIKE 's:%' AND split_part(ip_anon, ':', 2) <> $2"
+                " AND NOT (session_id = ANY($3::uuid[]))"
+                " ORDER BY session_id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                tenant_id,
+                keyring.primary_id,
+                skip,
+                batch,
+            )
+            updates = []
+            for r in rows:
+                try:
+                    address = sealedip.open_ip(keyring, tenant_id, r["ip_anon"])
+                except CryptoError:
+                    skip.append(r["session_id"])  # its key is not configured: remaining
+                    failed += 1
+                    continue
+                assert address is not None
+                updates.append(
+                    (tenant_id, r["session_id"], sealedip.seal_ip(keyring, tenant_id, address))
+                )
+            await conn.executemany(
+                "UPDATE sessions SET ip_anon = $3 WHERE tenant_id = $1 AND session_id = $2",
+                updates,
+            )
+            done += len(updates)
+        if len(rows) < batch:
+            return done, failed
+
+
 async def rewrap_tenant(
     pool: Pool, keyring: KeyRing, tenant_id: UUID, batch: int = 500
 ) -> tuple[int, int]:
@@ -124,6 +164,9 @@ async def rewrap_tenant(
     resealed, reseal_failed = await reseal_tenant_secrets(pool, keyring, tenant_id)
     done += resealed
     failed += reseal_failed
+    resealed, reseal_failed = await reseal_session_ips(pool, keyring, tenant_id, batch)
+    done += resealed
+    failed += reseal_failed
     if done or failed:
         async with tenant_tx(pool, tenant_id) as conn:
             await audit.append(
@@ -156,6 +199,12 @@ async def remaining_by_key(pool: Pool, tenants: list[UUID]) -> dict[str, int]:
                 if row is not None and row[column] is not None:
                     kid = secret_kek_id(row[column])
                     counts[kid] = counts.get(kid, 0) + 1
+            for r in await conn.fetch(
+                "SELECT split_part(ip_anon, ':', 2) AS kek_id, count(*) AS n FROM sessions"
+                " WHERE tenant_id = $1 AND ip_anon LIKE 's:%' GROUP BY 1",
+                tenant_id,
+            ):
+                counts[r["kek_id"]] = counts.get(r["kek_id"], 0) + int(r["n"])
     return counts
 
 

@@ -179,3 +179,38 @@ async def test_rotation_reseals_tenant_secrets(
     assert only_new.open_secret(tid, "upstream", row["upstream_sealed"]) == upstream_cfg
     async with tenant_tx(app_pool, tid) as conn:
         assert await identity.load_secret(conn, only_new, tid) == "identity-secret-1"
+
+
+async def test_rotation_reseals_whole_addresses_kept_under_ip_mode_full(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, app_pool: asyncpg.Pool
+) -> None:
+    """A sealed address names its master key; the old one is retirable only once none does."""
+    from gateway import sealedip
+
+    tid = tenant.tenant_id
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws)
+    await ws.close()
+    sealed_old = sealedip.seal_ip(KeyRing((OLD,)), tid, "203.0.113.77")
+    await owner_pool.execute(
+        "UPDATE sessions SET ip_anon = $2 WHERE conversation_id = $1::uuid",
+        welcome["conversation_id"],
+        sealed_old,
+    )
+    # another visitor's, under a key this rotation does not know: left, and counted
+    ws = await offline_gateway.ws(tenant.site_key)
+    other = await hello(ws)
+    await ws.close()
+    await owner_pool.execute(
+        "UPDATE sessions SET ip_anon = $2 WHERE conversation_id = $1::uuid",
+        other["conversation_id"],
+        sealedip.seal_ip(KeyRing((("gone1", b"g" * 32),)), tid, "198.51.100.1"),
+    )
+    summary = await rotate_keys(app_pool, KeyRing((NEW, OLD)))
+    assert "old1" in summary["retirable"] and "old1" not in summary["remaining_by_key"], summary
+    assert summary["remaining_by_key"]["gone1"] == 1 and summary["failed"] >= 1
+    stored = await owner_pool.fetchval(
+        "SELECT ip_anon FROM sessions WHERE conversation_id = $1::uuid", welcome["conversation_id"]
+    )
+    assert sealedip.sealed_kek_id(stored) == "new1"
+    assert sealedip.open_ip(KeyRing((NEW,)), tid, stored) == "203.0.113.77"
