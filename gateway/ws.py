@@ -17,7 +17,6 @@ from gateway.appkeys import CONNECTIONS, SERVICES
 from gateway.chat import STORAGE_ERRORS, handle_message
 from gateway.connection import Connection
 from gateway.crypto import new_token, token_hash
-from gateway.db import lookup_tx
 from gateway.httpctx import COOKIE, origin_allowed, request_context, set_session_cookie
 from gateway.protocol import ProtocolError
 from gateway.services import Services
@@ -107,18 +106,13 @@ async def _session_alive(svc: Services, tenant_id: UUID, token: str) -> bool:
 
     A storage failure counts as alive: the hello's resume decides, as it did before.
     """
-    secret = token_hash(token)
     try:
-        async with lookup_tx(svc.pool, secret) as conn:
-            found = await conn.fetchval(
-                "SELECT 1 FROM sessions WHERE token_hash = $1 AND tenant_id = $2"
-                " AND expires_at > now()",
-                secret,
-                tenant_id,
-            )
+        alive = await svc.pool.fetchval(
+            "SELECT omnigate_session_alive($1, $2)", tenant_id, token_hash(token)
+        )
     except STORAGE_ERRORS:
         return True
-    return found is not None
+    return bool(alive)
 
 
 def _release_ip(svc: Services, ip_key: str | None) -> None:

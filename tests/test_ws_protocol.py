@@ -11,8 +11,8 @@ import pytest
 from aiohttp import WSMsgType
 
 from gateway.config import Settings
-from gateway.provision import NewTenant
-from tests.conftest import Gateway, chat, hello, reply_text, start_gateway
+from gateway.provision import NewTenant, create_tenant
+from tests.conftest import ORIGIN, Gateway, chat, hello, reply_text, start_gateway
 
 BAD_FRAMES = [
     ("not-json", "{nope", "bad_request"),
@@ -162,7 +162,7 @@ async def test_upgrade_sets_partitioned_session_cookie(
 
 
 async def test_a_cookie_naming_no_live_session_is_replaced_on_the_upgrade(
-    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, app_pool: asyncpg.Pool
 ) -> None:
     """Else every new tab of a visitor whose session ended would start another one."""
     from gateway.crypto import token_hash
@@ -175,6 +175,14 @@ async def test_a_cookie_naming_no_live_session_is_replaced_on_the_upgrade(
     await ws.close()
     ws = await offline_gateway.ws(tenant.site_key, **with_cookie(token))
     assert "Set-Cookie" not in ws._response.headers  # alive: kept
+    await ws.close()
+    # on another site the same cookie names no session of that site: replaced there
+    other = await create_tenant(app_pool, "other-site", [ORIGIN])
+    ws = await offline_gateway.ws(other.site_key, **with_cookie(token))
+    assert "Set-Cookie" in ws._response.headers
+    assert (await hello(ws))["resumed"] is False
+    await ws.close()
+    ws = await offline_gateway.ws(tenant.site_key, **with_cookie(token))
     assert (await hello(ws))["resumed"] is True
     await ws.close()
 
