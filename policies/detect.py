@@ -220,7 +220,9 @@ def find_phones(
 def _international_only(
     window: str, found: list[phonenumbers.PhoneNumberMatch], min_digits: int
 ) -> bool:
-    if not all(pm.raw_string.startswith("+") for pm in found):
+    # "+" then a digit: a "+" cut from its digits ("+/011 683 4002") is read through an
+    # exit code by one region and as a national number by another
+    if not all(pm.raw_string[:1] == "+" and pm.raw_string[1:2].isdecimal() for pm in found):
         return False
     inside: set[int] = set()
     for pm in found:
