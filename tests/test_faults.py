@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 from aiohttp import ClientWebSocketResponse
 
@@ -319,3 +320,43 @@ async def test_storage_cut_on_an_api_call_is_503(
                     break
             await asyncio.sleep(0.1)
         assert resp.status == 200
+
+
+async def test_consent_owed_a_reread_while_storage_is_down_forwards_nothing(
+    proxied: Settings,
+    proxy: PgProxy,
+    fake: tuple[FakeUpstream, str],
+    app_pool: asyncpg.Pool,
+) -> None:
+    """A socket told its consent may have changed (a missed bus event) must read it before
+    its next message; when it cannot, the message is refused and nothing reaches the model."""
+    from gateway import bus
+    from gateway.appkeys import SERVICES
+    from tests.conftest import on_fake
+    from tests.support import tenant_with
+
+    upstream = fake[0]
+    t = await tenant_with(app_pool, required_consents=["ai_processing"])
+    async for gw in start_gateway(on_fake(proxied, fake[1], upstream_retries=0)):
+        ws = await gw.ws(t.site_key)
+        # conversation_storage refused: nothing is stored, so a message needs no database
+        # to be forwarded, except for the consent read it owes
+        await hello(ws, consent={"ai_processing": True, "conversation_storage": False})
+        done = (await chat(ws, "m1", "before"))[-1]
+        assert done["type"] == "done" and done["seq"] is None
+        # what the Redis bus delivers after a gap: every socket owes a re-read
+        await gw.server.app[SERVICES].bus.deliver(bus.CONSENT_CHANGED, {"tenant_id": None})
+        proxy.cut()
+        upstream.reset()
+        await ws.send_json({"type": "message", "id": "m2", "text": "during the cut"})
+        frames = await _frames_to(ws, "a message owing a consent read", "done")
+        assert [f["type"] for f in frames] == ["error"], frames
+        assert frames[0]["code"] == "storage_unavailable" and frames[0]["id"] == "m2"
+        assert upstream.requests == []  # nothing forwarded on consent that was not read
+        proxy.restore()
+        again = await _send_again_after_restore(ws, "m2", "during the cut")
+        assert again[-1]["type"] == "done"
+        assert [r["body"]["messages"][-1]["content"] for r in upstream.requests] == [
+            "during the cut"
+        ]
+        await ws.close()
