@@ -140,36 +140,41 @@ async def _kill_waiting_writer(owner: asyncpg.Pool) -> None:
     raise AssertionError("no writer blocked on the lock")
 
 
+@pytest.fixture
+async def lone_pool(database: Database) -> AsyncIterator[asyncpg.Pool]:
+    """A pool of one connection: while the committer keeps it, the pool has no other."""
+    pool = await create_pool(database.app_url, min_size=1, max_size=1)
+    yield pool
+    pool.terminate()  # closed already by a test that closes it, or cut short
+
+
 async def test_cut_connection_fails_the_batch_then_recovers(
-    offline_gateway: Gateway, tenant: NewTenant, database: Database, owner_pool: asyncpg.Pool
+    offline_gateway: Gateway, tenant: NewTenant, lone_pool: asyncpg.Pool, owner_pool: asyncpg.Pool
 ) -> None:
     conv = await conversation_of(offline_gateway, tenant)
-    pool = await create_pool(database.app_url, min_size=1, max_size=1)
-    try:
-        gc = GroupCommitter(pool)
+    pool = lone_pool
+    gc = GroupCommitter(pool)
 
-        def one() -> asyncio.Task[int | None]:
-            return asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
+    def one() -> asyncio.Task[int | None]:
+        return asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
 
-        async with holding_conversation(owner_pool, conv):
-            first = one()
-            await flushed(gc, 1)
-            queued = [one() for _ in range(4)]
-            await _kill_waiting_writer(owner_pool)  # the lone write
+    async with holding_conversation(owner_pool, conv):
+        first = one()
+        await flushed(gc, 1)
+        queued = [one() for _ in range(4)]
+        await _kill_waiting_writer(owner_pool)  # the lone write
+        with pytest.raises(STORAGE_ERRORS):
+            await first
+        await _kill_waiting_writer(owner_pool)  # the next flush: the four queued rows
+        for task in queued:
             with pytest.raises(STORAGE_ERRORS):
-                await first
-            await _kill_waiting_writer(owner_pool)  # the next flush: the four queued rows
-            for task in queued:
-                with pytest.raises(STORAGE_ERRORS):
-                    await task
-        assert gc.batches == 2
-        seq = await gc.insert(user_message(tenant.tenant_id, conv))
-        assert isinstance(seq, int)
-        await gc.aclose()  # the pool's one connection was the committer's
-        async with tenant_tx(pool, tenant.tenant_id) as conn:
-            assert await conn.fetchval("SELECT count(*) FROM messages") == 1
-    finally:
-        await pool.close()
+                await task
+    assert gc.batches == 2
+    seq = await gc.insert(user_message(tenant.tenant_id, conv))
+    assert isinstance(seq, int)
+    await gc.aclose()  # the pool's one connection was the committer's
+    async with tenant_tx(pool, tenant.tenant_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 1
 
 
 async def test_rows_queued_behind_a_cancelled_lone_write_are_still_written(
@@ -245,42 +250,36 @@ async def test_one_connection_is_kept_between_writes_and_given_back_on_close(
 
 
 async def test_a_kept_connection_that_broke_is_replaced(
-    offline_gateway: Gateway, tenant: NewTenant, database: Database, owner_pool: asyncpg.Pool
+    offline_gateway: Gateway, tenant: NewTenant, lone_pool: asyncpg.Pool, owner_pool: asyncpg.Pool
 ) -> None:
     conv = await conversation_of(offline_gateway, tenant)
-    pool = await create_pool(database.app_url, min_size=1, max_size=1)
-    try:
-        gc = GroupCommitter(pool)
-        assert isinstance(await gc.insert(user_message(tenant.tenant_id, conv)), int)
-        assert await _kill_app_backends(owner_pool) >= 1
-        for _ in range(100):  # the loop reads the server's goodbye
-            await asyncio.sleep(0.01)
-            if gc._conn is None or not _usable(gc._conn):
-                break
-        seq = await gc.insert(user_message(tenant.tenant_id, conv))
-        assert isinstance(seq, int)
-        await gc.aclose()
-        async with tenant_tx(pool, tenant.tenant_id) as conn:
-            assert await conn.fetchval("SELECT count(*) FROM messages") == 2
-    finally:
-        await pool.close()
+    pool = lone_pool
+    gc = GroupCommitter(pool)
+    assert isinstance(await gc.insert(user_message(tenant.tenant_id, conv)), int)
+    assert await _kill_app_backends(owner_pool) >= 1
+    for _ in range(100):  # the loop reads the server's goodbye
+        await asyncio.sleep(0.01)
+        if gc._conn is None or not _usable(gc._conn):
+            break
+    seq = await gc.insert(user_message(tenant.tenant_id, conv))
+    assert isinstance(seq, int)
+    await gc.aclose()
+    async with tenant_tx(pool, tenant.tenant_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 2
 
 
 async def test_closing_with_a_write_in_flight_gives_the_connection_back_after_it(
-    offline_gateway: Gateway, tenant: NewTenant, database: Database, owner_pool: asyncpg.Pool
+    offline_gateway: Gateway, tenant: NewTenant, lone_pool: asyncpg.Pool, owner_pool: asyncpg.Pool
 ) -> None:
     conv = await conversation_of(offline_gateway, tenant)
-    pool = await create_pool(database.app_url, min_size=1, max_size=1)
-    try:
-        gc = GroupCommitter(pool)
-        async with holding_conversation(owner_pool, conv):
-            lone = asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
-            await flushed(gc, 1)
-            await asyncio.sleep(0.05)
-            await gc.aclose()
-            assert not lone.done() and pool.get_idle_size() == 0  # still the write's
-        assert isinstance(await lone, int)
-        assert pool.get_idle_size() == 1
-        await asyncio.wait_for(pool.close(), 5)
-    finally:
-        pool.terminate()
+    pool = lone_pool
+    gc = GroupCommitter(pool)
+    async with holding_conversation(owner_pool, conv):
+        lone = asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
+        await flushed(gc, 1)
+        await asyncio.sleep(0.05)
+        await gc.aclose()
+        assert not lone.done() and pool.get_idle_size() == 0  # still the write's
+    assert isinstance(await lone, int)
+    assert pool.get_idle_size() == 1
+    await asyncio.wait_for(pool.close(), 5)
