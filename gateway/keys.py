@@ -20,8 +20,11 @@ a secret still needs it. So do the whole addresses kept under `ip_mode: full`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
+
+import asyncpg
 
 from gateway import audit, bus, sealedip
 from gateway.crypto import CryptoError, KeyRing
@@ -86,40 +89,36 @@ async def reseal_tenant_secrets(pool: Pool, keyring: KeyRing, tenant_id: UUID) -
     return done, failed
 
 
-async def reseal_session_ips(
-    pool: Pool, keyring: KeyRing, tenant_id: UUID, batch: int = 500
+async def _rewrite_in_batches(
+    pool: Pool,
+    keyring: KeyRing,
+    tenant_id: UUID,
+    batch: int,
+    select: str,
+    key: str,
+    redo: Callable[[asyncpg.Record], tuple[Any, ...]],
+    update: str,
 ) -> tuple[int, int]:
-    """Re-seal the whole addresses (ip_mode full) sealed under an old key; (done, failed)."""
+    """Rewrite under the primary the rows `select` finds under another key, in short
+    transactions; (rewritten, failed to open).
+
+    `select` takes (tenant, primary id, ids to skip, batch) and locks its rows (FOR UPDATE
+    SKIP LOCKED); `redo` gives a row's `update` arguments, or raises CryptoError when
+    its master key is not configured: the row is left, and reported as remaining.
+    """
     done = failed = 0
-    skip: list[UUID] = []
+    skip: list[Any] = []
     while True:
         async with tenant_tx(pool, tenant_id) as conn:
-            rows = await conn.fetch(
-                "SELECT session_id, ip_anon FROM sessions WHERE tenant_id = $1"
-                " AND ip_anon LIKE 's:%' AND split_part(ip_anon, ':', 2) <> $2"
-                " AND NOT (session_id = ANY($3::uuid[]))"
-                " ORDER BY session_id LIMIT $4 FOR UPDATE SKIP LOCKED",
-                tenant_id,
-                keyring.primary_id,
-                skip,
-                batch,
-            )
+            rows = await conn.fetch(select, tenant_id, keyring.primary_id, skip, batch)
             updates = []
             for r in rows:
                 try:
-                    address = sealedip.open_ip(keyring, tenant_id, r["ip_anon"])
+                    updates.append(redo(r))
                 except CryptoError:
-                    skip.append(r["session_id"])  # its key is not configured: remaining
+                    skip.append(r[key])
                     failed += 1
-                    continue
-                assert address is not None
-                updates.append(
-                    (tenant_id, r["session_id"], sealedip.seal_ip(keyring, tenant_id, address))
-                )
-            await conn.executemany(
-                "UPDATE sessions SET ip_anon = $3 WHERE tenant_id = $1 AND session_id = $2",
-                updates,
-            )
+            await conn.executemany(update, updates)
             done += len(updates)
         if len(rows) < batch:
             return done, failed
@@ -128,43 +127,47 @@ async def reseal_session_ips(
 async def rewrap_tenant(
     pool: Pool, keyring: KeyRing, tenant_id: UUID, batch: int = 500
 ) -> tuple[int, int]:
-    """Re-wrap one tenant's data keys and re-seal its secrets; (re-wrapped, failed to open)."""
-    done = failed = 0
-    skip: list[UUID] = []
-    while True:
-        async with tenant_tx(pool, tenant_id) as conn:
-            rows = await conn.fetch(
-                "SELECT subject_id, kek_id, wrapped_key FROM subject_keys"
-                " WHERE tenant_id = $1 AND kek_id <> $2 AND NOT (subject_id = ANY($3::uuid[]))"
-                " ORDER BY subject_id LIMIT $4 FOR UPDATE SKIP LOCKED",
-                tenant_id,
-                keyring.primary_id,
-                skip,
-                batch,
-            )
-            updates = []
-            for r in rows:
-                try:
-                    dek = keyring.unwrap(tenant_id, r["subject_id"], r["kek_id"], r["wrapped_key"])
-                except CryptoError:
-                    # its master key is not configured: leave it, report it as remaining
-                    skip.append(r["subject_id"])
-                    failed += 1
-                    continue
-                kek_id, wrapped = keyring.wrap(tenant_id, r["subject_id"], dek)
-                updates.append((tenant_id, r["subject_id"], kek_id, wrapped))
-            await conn.executemany(
-                "UPDATE subject_keys SET kek_id = $3, wrapped_key = $4, rewrapped_at = now()"
-                " WHERE tenant_id = $1 AND subject_id = $2",
-                updates,
-            )
-            done += len(updates)
-        if len(rows) < batch:
-            break
+    """Re-wrap one tenant's data keys and re-seal its secrets and sealed addresses
+    (ip_mode full); (re-wrapped, failed to open)."""
+
+    def rewrap(r: asyncpg.Record) -> tuple[Any, ...]:
+        dek = keyring.unwrap(tenant_id, r["subject_id"], r["kek_id"], r["wrapped_key"])
+        return (tenant_id, r["subject_id"], *keyring.wrap(tenant_id, r["subject_id"], dek))
+
+    def reseal_ip(r: asyncpg.Record) -> tuple[Any, ...]:
+        address = sealedip.open_ip(keyring, tenant_id, r["ip_anon"])
+        assert address is not None
+        return (tenant_id, r["session_id"], sealedip.seal_ip(keyring, tenant_id, address))
+
+    done, failed = await _rewrite_in_batches(
+        pool,
+        keyring,
+        tenant_id,
+        batch,
+        "SELECT subject_id, kek_id, wrapped_key FROM subject_keys"
+        " WHERE tenant_id = $1 AND kek_id <> $2 AND NOT (subject_id = ANY($3::uuid[]))"
+        " ORDER BY subject_id LIMIT $4 FOR UPDATE SKIP LOCKED",
+        "subject_id",
+        rewrap,
+        "UPDATE subject_keys SET kek_id = $3, wrapped_key = $4, rewrapped_at = now()"
+        " WHERE tenant_id = $1 AND subject_id = $2",
+    )
+    ips_done, ips_failed = await _rewrite_in_batches(
+        pool,
+        keyring,
+        tenant_id,
+        batch,
+        "SELECT session_id, ip_anon FROM sessions WHERE tenant_id = $1"
+        " AND ip_anon LIKE 's:%' AND split_part(ip_anon, ':', 2) <> $2"
+        " AND NOT (session_id = ANY($3::uuid[]))"
+        " ORDER BY session_id LIMIT $4 FOR UPDATE SKIP LOCKED",
+        "session_id",
+        reseal_ip,
+        "UPDATE sessions SET ip_anon = $3 WHERE tenant_id = $1 AND session_id = $2",
+    )
+    done += ips_done
+    failed += ips_failed
     resealed, reseal_failed = await reseal_tenant_secrets(pool, keyring, tenant_id)
-    done += resealed
-    failed += reseal_failed
-    resealed, reseal_failed = await reseal_session_ips(pool, keyring, tenant_id, batch)
     done += resealed
     failed += reseal_failed
     if done or failed:
