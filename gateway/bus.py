@@ -105,8 +105,9 @@ class RedisBus(LocalBus):
     instance sees no added latency. The subscriber reconnects on its own and,
     after any gap, delivers `on_reconnect()`'s events locally (by default:
     invalidate all policies and data keys, re-read every open socket's consent)
-    since events may have been missed. Events published while Redis is away are
-    kept (up to `pending_max`) and sent once it answers; if any had to be dropped,
+    since events may have been missed. Events published while Redis is away (or too
+    slow to answer in time) are kept (up to `pending_max`) and sent once it answers,
+    within a second (the subscriber's poll); if any had to be dropped,
     `on_reconnect()`'s events go to the other processes first, so a dropped
     revocation is never simply lost.
     """
@@ -183,6 +184,13 @@ class RedisBus(LocalBus):
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         await self._receive(message["data"])
+                    if self._pending or self._dropped:
+                        # a publish timed out while the subscription held: nothing else
+                        # would send it before the next event, which may never come.
+                        # Still too slow: kept, tried at the next poll (the subscription
+                        # is fine, so no reconnect and no invalidation for this)
+                        with contextlib.suppress(*REDIS_ERRORS):
+                            await self._flush_pending()
             except asyncio.CancelledError:
                 raise
             except REDIS_ERRORS as exc:

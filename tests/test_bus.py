@@ -127,6 +127,37 @@ async def test_reconnects_invalidates_and_resends(
             await c.aclose()
 
 
+async def test_an_event_whose_publish_timed_out_is_resent_without_another_publish(
+    private_redis: PrivateRedis,
+) -> None:
+    """A publish that times out (Redis slow for a moment, the subscription intact) is
+    queued; it must reach the others once Redis answers, not wait for the next event:
+    a queued consent revocation may be the last event for a long while."""
+    clients = [connect(private_redis.url), connect(private_redis.url)]
+    a, b = RedisBus(clients[0]), RedisBus(clients[1])
+    seen_b: Seen = []
+    recorder(b, seen_b)
+    raw = Redis.from_url(private_redis.url)
+    try:
+        await a.start()
+        await b.start()
+        await raw.execute_command("CLIENT", "PAUSE", "300", "WRITE")  # PUBLISH waits
+        await a.publish(bus.CONSENT_CHANGED, {"tenant_id": "t", "subject_id": "s", "revoke": []})
+        assert a._pending, "the publish did not time out: the test proves nothing"
+        assert a.connected.is_set()  # no reconnect will come to flush it
+        await until(lambda: seen_b, timeout=4)
+        assert seen_b == [
+            (bus.CONSENT_CHANGED, {"tenant_id": "t", "subject_id": "s", "revoke": []})
+        ]
+        assert not a._pending
+    finally:
+        await raw.aclose()
+        for x in (a, b):
+            await x.close()
+        for c in clients:
+            await c.aclose()
+
+
 async def test_events_dropped_while_away_make_the_others_invalidate_everything(
     private_redis: PrivateRedis,
 ) -> None:
