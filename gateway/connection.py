@@ -179,7 +179,8 @@ class Connection:
         while True:
             msg_id, text = await self._queue.get()
             try:
-                if not await self._consent_read(v, msg_id):
+                # an attribute test per message; the read only when a change is owed
+                if v.consent_stale and not await self._consent_read(v, msg_id):
                     continue
                 await chat.handle_message(self.svc, v, msg_id, text, self.send)
             except Exception as exc:
@@ -192,13 +193,11 @@ class Connection:
                     self._idle.set()
 
     async def _consent_read(self, v: Visitor, msg_id: str) -> bool:
-        """Before a message is checked: apply a consent change made elsewhere, if one is owed.
+        """Before a message is checked: apply the consent change made elsewhere it owes.
 
         False when the record could not be read: the message is refused (nothing is
         forwarded on consent that may have been revoked) and the widget sends it again.
         """
-        if not v.consent_stale:
-            return True
         try:
             await self.fresh_consent(v)
         except chat.STORAGE_ERRORS:

@@ -64,7 +64,9 @@ class HashKeys:
 
     async def hash(self, tenant_id: UUID, *parts: bytes) -> bytes:
         """A keyed hash of `parts` under the tenant's key."""
-        return keyed_hash(await self.key(tenant_id), *parts)
+        # every message comes here: the opened key without a coroutine when it is cached
+        key = self._keys.get(tenant_id) or await self.key(tenant_id)
+        return keyed_hash(key, *parts)
 
     def forget(self, tenant_id: UUID) -> None:
         """Drop a deleted tenant's key from memory."""
