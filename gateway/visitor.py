@@ -94,24 +94,15 @@ def consent_state(rows: list[asyncpg.Record], cp: CompiledPolicy) -> ConsentStat
 async def read_consent(svc: Services, v: Visitor, cp: CompiledPolicy) -> tuple[ConsentState, bool]:
     """The visitor's recorded consent and restriction, as a hello would load them."""
     async with tenant_tx(svc.pool, v.tenant_id) as conn:
-        rows = await conn.fetch(
-            """
-            SELECT s.restricted, c.purpose, c.granted, c.consent_version
-            FROM subjects s
-            LEFT JOIN LATERAL (
-                SELECT DISTINCT ON (purpose) purpose, granted, consent_version FROM consents
-                WHERE tenant_id = s.tenant_id AND subject_id = s.subject_id
-                ORDER BY purpose, consent_id DESC
-            ) c ON true
-            WHERE s.tenant_id = $1 AND s.subject_id = $2
-            """,
+        restricted = await conn.fetchval(
+            "SELECT restricted FROM subjects WHERE tenant_id = $1 AND subject_id = $2",
             v.tenant_id,
             v.subject_id,
         )
-    if not rows:
-        raise ProtocolError(SESSION_INVALID, "this session's data was erased")
-    decisions = [r for r in rows if r["purpose"] is not None]
-    return consent_state(decisions, cp), bool(rows[0]["restricted"])
+        if restricted is None:
+            raise ProtocolError(SESSION_INVALID, "this session's data was erased")
+        rows = await store.consent_rows(conn, v.tenant_id, v.subject_id)
+    return consent_state(rows, cp), bool(restricted)
 
 
 def consent_changes(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
