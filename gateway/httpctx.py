@@ -53,6 +53,8 @@ def anonymized_ip(
     value = anonymize_ip(ip, cp.policy.ip_mode, salt)
     if value is None or cp.policy.ip_mode != "full":
         return value, value
+    # limits last a minute: the primary's derived key may change with a rotation, and
+    # it is known here without a database read, as every process agrees on it
     key = "k:" + keyed_hash(svc.keyring.hash_key, b"ip", value.encode()).hex()
     return seal_ip(svc.keyring, tenant_id, value), key
 

@@ -122,7 +122,11 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {where}: {_reason(exc)}") from None
     for family, kind, proto, _, addr in dict.fromkeys(infos):
-        with socket.socket(family, kind, proto) as probe:
+        try:
+            probe_socket = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this host cannot open (no IPv6): asyncio skips it too
+        with probe_socket as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
