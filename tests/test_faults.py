@@ -360,3 +360,22 @@ async def test_consent_owed_a_reread_while_storage_is_down_forwards_nothing(
             "during the cut"
         ]
         await ws.close()
+
+
+async def test_storage_down_at_the_cookie_check_keeps_the_cookie_and_upgrades(
+    proxied: Settings, proxy: PgProxy, tenant: NewTenant
+) -> None:
+    """The check before the upgrade cannot tell a dead session from a store that does not
+    answer: it keeps the cookie (no Set-Cookie) and leaves the decision to the hello."""
+    async for gw in start_gateway(proxied):
+        ws = await gw.ws(tenant.site_key)  # the site key and its policy are now cached
+        token = (await hello(ws))["session_token"]
+        await ws.close()
+        proxy.cut()
+        ws = await gw.ws(tenant.site_key, headers={"Cookie": f"omnigate_session={token}"})
+        assert "Set-Cookie" not in ws._response.headers
+        await ws.send_json({"type": "hello", "v": 1})
+        frames = await _frames_to(ws, "a hello", "welcome")
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "storage_unavailable"
+        await ws.close()
+        proxy.restore()
