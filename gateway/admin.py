@@ -23,12 +23,12 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from gateway import audit, bus, store
+from gateway import bus, store
 from gateway.appkeys import SERVICES
 from gateway.crypto import token_hash
 from gateway.db import lookup_tx, tenant_tx
 from gateway.services import Services
-from policies import Policy, PolicyError, compile_policy, parse_policy, policy_diff, policy_to_doc
+from policies import Policy, PolicyError, compile_policy, parse_policy, policy_to_doc
 
 MAX_KEY_CHARS = 200
 
@@ -186,18 +186,8 @@ async def put_policy(request: web.Request, admin: Admin) -> web.Response:
                 raise ApiError(
                     422, "invalid_policy", "the policy is not valid", fields=exc.errors
                 ) from None
-            diff: dict[str, object] = dict(policy_diff(current, new))
-            new_doc = policy_to_doc(new)
-            await store.insert_policy(
-                conn, admin.tenant_id, version + 1, new_doc, diff, admin.actor
-            )
-            await audit.append(
-                conn,
-                admin.tenant_id,
-                admin.actor,
-                "policy.update",
-                f"policy:{version + 1}",
-                {"version": version + 1, "fields": sorted(diff)},
+            new_doc, diff = await store.append_policy_version(
+                conn, admin.tenant_id, version, current, new, admin.actor
             )
     except asyncpg.UniqueViolationError:
         # another PUT stored the same version first: the caller must re-read and retry

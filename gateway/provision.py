@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
-from gateway import audit, store
+from gateway import store
 from gateway.crypto import new_token, token_hash
 from gateway.db import Pool, lookup_tx, tenant_tx
-from policies import Policy, parse_policy, policy_diff, policy_to_doc
+from policies import Policy, parse_policy, policy_to_doc
 
 
 @dataclass(frozen=True)
@@ -76,23 +76,14 @@ async def ensure_demo_tenant(pool: Pool, origins: list[str]) -> NewTenant | None
     return await create_tenant(pool, "demo", origins, site_key=DEMO_SITE_KEY)
 
 
-async def allow_origins(pool: Pool, tenant_id: UUID, origins: list[str]) -> bool:
-    """Add the origins a tenant's policy lacks, as a new policy version; whether it did."""
+async def allow_origins(pool: Pool, tenant_id: UUID, origins: list[str]) -> None:
+    """Add the origins a tenant's policy lacks, as a new policy version."""
     async with tenant_tx(pool, tenant_id) as conn:
         row = await store.latest_policy(conn, tenant_id)
         version, current = (row[0], parse_policy(row[1])) if row else (0, Policy())
         missing = [o for o in origins if o not in current.allowed_origins]
-        if not missing:
-            return False
-        new = parse_policy({"allowed_origins": [*current.allowed_origins, *missing]}, base=current)
-        diff: dict[str, object] = dict(policy_diff(current, new))
-        await store.insert_policy(conn, tenant_id, version + 1, policy_to_doc(new), diff, "cli")
-        await audit.append(
-            conn,
-            tenant_id,
-            "operator",
-            "policy.update",
-            f"policy:{version + 1}",
-            {"version": version + 1, "fields": sorted(diff)},
-        )
-    return True
+        if missing:
+            new = parse_policy(
+                {"allowed_origins": [*current.allowed_origins, *missing]}, base=current
+            )
+            await store.append_policy_version(conn, tenant_id, version, current, new, "operator")

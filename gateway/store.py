@@ -14,8 +14,10 @@ from uuid import UUID, uuid4
 import asyncpg
 import orjson
 
+from gateway import audit
 from gateway.crypto import KeyRing, new_data_key
 from gateway.db import Pool
+from policies import Policy, policy_diff, policy_to_doc
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,30 @@ async def insert_policy(
         orjson.dumps(diff).decode(),
         actor,
     )
+
+
+async def append_policy_version(
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    version: int,
+    current: Policy,
+    new: Policy,
+    actor: str,
+) -> tuple[dict[str, object], dict[str, object]]:
+    """Store `new` as version `version + 1`, with its diff from `current`, and audit it;
+    (its document, the diff). A concurrent writer of the same version fails on the key."""
+    doc = policy_to_doc(new)
+    diff: dict[str, object] = dict(policy_diff(current, new))
+    await insert_policy(conn, tenant_id, version + 1, doc, diff, actor)
+    await audit.append(
+        conn,
+        tenant_id,
+        actor,
+        "policy.update",
+        f"policy:{version + 1}",
+        {"version": version + 1, "fields": sorted(diff)},
+    )
+    return doc, diff
 
 
 def _resumed(row: asyncpg.Record) -> SessionRow:
