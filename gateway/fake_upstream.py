@@ -14,7 +14,8 @@ Modes: ``ok``, ``reply`` (text=), ``error`` (status=, message=, type=, code=),
 (every=). Streaming modes also take reply=, chunks=, delay_ms=, first_delay_ms=,
 crlf=, nospace=, burst= (the whole body in one write), eof_delay_ms= (a pause between
 ``[DONE]`` and the end of the chunked body, as when its last bytes come in a later
-packet) and ignore_stream= (answer a plain JSON completion). Each recorded request
+packet), ignore_stream= (answer a plain JSON completion) and set_cookie= (a
+``Set-Cookie`` header on the answer, as OpenAI's edge sends). Each recorded request
 also names its client port (``peer_port``): requests that share one were sent on one
 kept-alive connection.
 """
@@ -213,9 +214,12 @@ class FakeUpstream:
             text = _last_user_text(body.get("messages"))
         pieces = merge_pieces(split_words(text), p.get("chunks", self.chunks))
         model = str(body.get("model"))
+        cookie = {"Set-Cookie": str(p["set_cookie"])} if p.get("set_cookie") else {}
         if not body.get("stream") or p.get("ignore_stream"):
-            return web.Response(body=_completion(model, text), content_type="application/json")
-        return await self._stream(request, body, b, model, pieces)
+            return web.Response(
+                body=_completion(model, text), content_type="application/json", headers=cookie
+            )
+        return await self._stream(request, body, b, model, pieces, cookie)
 
     async def _hang(self, request: web.Request, send_headers: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -235,6 +239,7 @@ class FakeUpstream:
         b: Behaviour,
         model: str,
         pieces: list[str],
+        cookie: dict[str, str],
     ) -> web.StreamResponse:
         p = b.params
         eol = b"\r\n" if p.get("crlf") else b"\n"
@@ -255,7 +260,7 @@ class FakeUpstream:
             return prefix + orjson.dumps(obj) + eol + eol
 
         resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **cookie}
         )
         # burst=True: the whole body goes out in one write, as a fast model's chunks can
         # arrive together in one read

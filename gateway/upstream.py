@@ -289,6 +289,9 @@ class UpstreamClient:
             ),
             timeout=aiohttp.ClientTimeout(total=None),  # our own deadlines apply per read
             raise_for_status=False,
+            # one session serves every tenant: a cookie the upstream sets (OpenAI's edge
+            # sets __cf_bm) must not ride along on anyone's next request
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def start(self) -> None:

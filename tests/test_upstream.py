@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.fake_upstream import FakeUpstream, fake_upstream
@@ -161,6 +162,38 @@ async def test_per_call_config_overrides_model_and_key(
     assert "".join(await collect(client.stream_chat(MESSAGES, config=tenant))) == TEXT
     await collect(client.stream_chat(MESSAGES, model="policy-model"))
     assert [r["body"]["model"] for r in fake.requests] == ["tenant-model", "policy-model"]
+
+
+async def test_cookies_an_upstream_sets_are_never_sent_back(
+    upstream: tuple[FakeUpstream, str],
+) -> None:
+    # OpenAI's edge sets cookies (__cf_bm, _cfuvid). One HTTP session serves every
+    # tenant, so a kept cookie would tie one tenant's requests to the next one's.
+    fake, url = upstream
+    # by name, not IP: aiohttp's default jar ignores cookies from IP-address hosts
+    named = url.replace("127.0.0.1", "localhost")
+    cookie = {"set_cookie": "__cf_bm=tenant-a; Path=/; HttpOnly"}
+    async with aiohttp.ClientSession() as plain:  # the default jar, for contrast
+        for _ in range(2):
+            fake.queue("ok", **cookie)
+            async with plain.post(
+                named + "/chat/completions", json=fake_body(), headers={"Authorization": "Bearer k"}
+            ) as resp:
+                assert resp.headers["Set-Cookie"].startswith("__cf_bm=tenant-a")
+                await resp.read()
+    assert fake.requests[1]["headers"].get("Cookie") == "__cf_bm=tenant-a"
+    fake.requests.clear()
+    async with UpstreamClient(make_config(named)) as client:
+        fake.queue("ok", **cookie)
+        fake.queue("ok", ignore_stream=True, set_cookie="_cfuvid=tenant-a; Path=/")
+        tenant_b = make_config(named, api_key="sk-tenant-b")
+        for config in (None, None, tenant_b):
+            assert "".join(await collect(client.stream_chat(MESSAGES, config=config))) == TEXT
+    assert [r["headers"].get("Cookie") for r in fake.requests] == [None] * 3
+
+
+def fake_body() -> dict[str, Any]:
+    return {"model": "gpt-test", "messages": MESSAGES, "stream": True}
 
 
 @pytest.mark.parametrize(
