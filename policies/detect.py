@@ -55,6 +55,8 @@ _EMAIL_RE = re.compile(
 
 def find_emails(text: str) -> Iterator[Match]:
     """Yield e-mail addresses."""
+    if "@" not in text:  # a substring test: far cheaper than the pattern's scan
+        return
     for m in _EMAIL_RE.finditer(text):
         yield Match(m.start(), m.end(), "email", "redact.email", m.group().lower())
 
@@ -371,6 +373,8 @@ def find_ips(text: str) -> Iterator[Match]:
         except ValueError:
             continue
         yield Match(m.start(), m.end(), "ip", "redact.ip", str(ip4))
+    if ":" not in text:
+        return
     for m in _IPV6_RE.finditer(text):
         token = m.group()
         end = m.end()
@@ -399,6 +403,8 @@ _SSN_RE = re.compile(r"(?<![\w\-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{
 
 def find_ssns(text: str) -> Iterator[Match]:
     """Yield US social security numbers written AAA-GG-SSSS."""
+    if "-" not in text:
+        return
     for m in _SSN_RE.finditer(text):
         yield Match(m.start(), m.end(), "us_ssn", "redact.us_ssn", m.group())
 
