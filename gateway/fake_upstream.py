@@ -8,7 +8,7 @@ Authorization value replaced by a presence flag). Behaviour is scripted per
 request: `queue(mode, **params)` appends one-shot behaviours consumed in order,
 `script(mode, **params)` sets the sticky behaviour used once the queue is empty.
 
-Modes: ``ok``, ``reply`` (text=), ``error`` (status=, message=, type=, code=),
+Modes: ``ok``, ``reply`` (text=), ``error`` (status=, message=, type=, code=, location=),
 ``rate_limit`` (retry_after=, code=), ``hang_before_first`` (send_headers=), ``slow``
 (delay_ms=), ``cut`` (after=), ``malformed`` (every=, valid=, lines=), ``keepalive``
 (every=). Streaming modes also take reply=, chunks=, delay_ms=, first_delay_ms=,
@@ -191,12 +191,15 @@ class FakeUpstream:
         if b.mode == "error":
             status = int(p.get("status", 500))
             default_type = "server_error" if status >= 500 else "invalid_request_error"
-            return _json_error(
+            resp = _json_error(
                 status,
                 str(p.get("message", f"fake error {status}")),
                 str(p.get("type", default_type)),
                 p.get("code"),
             )
+            if p.get("location"):
+                resp.headers["Location"] = str(p["location"])
+            return resp
         if b.mode == "rate_limit":
             resp = _json_error(
                 429,

@@ -104,6 +104,7 @@ UPSTREAM_ERROR_KINDS = frozenset(
         "cut",  # stream ended before completion
         "malformed",
         "stream_error",
+        "redirect",  # 3xx: never followed (it would re-send the conversation elsewhere)
     }
 )
 

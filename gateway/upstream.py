@@ -35,7 +35,7 @@ _WORDS = re.compile(r"\s*\S+\s*")
 ERROR_KINDS = frozenset(
     {
         "status_429", "status_5xx", "status_4xx", "auth", "quota", "connect",
-        "first_token_timeout", "idle_timeout", "cut", "malformed", "stream_error",
+        "first_token_timeout", "idle_timeout", "cut", "malformed", "stream_error", "redirect",
     }
 )  # fmt: skip
 # Transient failures; retried only while nothing has been yielded, so text is never duplicated.
@@ -385,7 +385,11 @@ class UpstreamClient:
         connected = True
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await session.post(url, data=body, headers=headers, timeout=timeout)
+                # never followed: a 307/308 would re-send the conversation to wherever
+                # Location points, plain http included
+                resp = await session.post(
+                    url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                )
         except aiohttp.ClientError:  # before TimeoutError: aiohttp's timeouts are both
             connected = False
         except TimeoutError:
@@ -609,6 +613,8 @@ async def _status_error(resp: aiohttp.ClientResponse, deadline: float) -> Upstre
         )
     if status >= 500:
         return UpstreamError("upstream_unavailable", "status_5xx", msg, status=status)
+    if 300 <= status < 400:  # a moved or misconfigured upstream URL: not retried
+        return UpstreamError("upstream_unavailable", "redirect", msg, status=status)
     if status in (401, 403):
         return UpstreamError("upstream_rejected", "auth", msg, status=status)
     return UpstreamError("upstream_rejected", "status_4xx", msg, status=status)

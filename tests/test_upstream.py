@@ -347,6 +347,20 @@ async def test_client_errors_are_rejected_without_retry(
     assert len(upstream[0].requests) == 1
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_not_followed(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient, status: int
+) -> None:
+    # a 307/308 would re-send the conversation to wherever Location points, plain
+    # http included (the https rule for a tenant's upstream would not hold)
+    fake, url = upstream
+    elsewhere = url.removesuffix("/v1") + "/chat/completions"
+    fake.queue("error", status=status, location=elsewhere)
+    err, got = await fail(client.stream_chat(MESSAGES))
+    assert (err.code, err.kind, err.status, got) == ("upstream_unavailable", "redirect", status, [])
+    assert [r["path"] for r in fake.requests] == ["/v1/chat/completions"]
+
+
 async def test_missing_key_is_rejected_as_auth(
     upstream: tuple[FakeUpstream, str], client: UpstreamClient
 ) -> None:
