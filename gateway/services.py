@@ -50,6 +50,8 @@ class Services:
 
     # bring-your-own upstream per tenant: decrypted config (None = gateway's), filled lazily
     byo: dict[UUID, UpstreamConfig | None] = field(default_factory=dict, repr=False)
+    # bumped by forget_upstream: a load that raced it does not cache what it read
+    _byo_generation: int = field(default=0, init=False, repr=False)
     _byo_client: UpstreamClient | None = field(default=None, repr=False)
     _byo_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     # every tenant's key for keyed hashes (verified user ids, client_refs), opened once
@@ -64,9 +66,10 @@ class Services:
 
     async def upstream_for(self, tenant_id: UUID, cp: CompiledPolicy) -> UpstreamConfig | None:
         """A tenant's own upstream when set, else the gateway's with the policy's model."""
-        if tenant_id not in self.byo:
-            await self._load_byo(tenant_id)
-        own = self.byo.get(tenant_id)
+        if tenant_id in self.byo:
+            own = self.byo[tenant_id]
+        else:
+            own = await self._load_byo(tenant_id)
         if own is not None:
             routed = self.model
             if isinstance(routed, _TenantRoutedModel) and not routed.is_client:
@@ -78,12 +81,15 @@ class Services:
 
     def forget_upstream(self, tenant_id: UUID | None = None) -> None:
         """Drop the cached own-upstream config of one tenant (or all); reloaded on next use."""
+        self._byo_generation += 1
         if tenant_id is None:
             self.byo.clear()
         else:
             self.byo.pop(tenant_id, None)
 
-    async def _load_byo(self, tenant_id: UUID) -> None:
+    async def _load_byo(self, tenant_id: UUID) -> UpstreamConfig | None:
+        """Read and decrypt a tenant's own upstream; cached unless forgotten meanwhile."""
+        generation = self._byo_generation
         async with tenant_tx(self.pool, tenant_id) as conn:
             sealed = await conn.fetchval(
                 "SELECT upstream_sealed FROM tenants WHERE tenant_id = $1", tenant_id
@@ -101,9 +107,14 @@ class Services:
                 retries=s.upstream_retries,
                 public_only=True,  # chosen by the tenant: never a private address
             )
+        if generation != self._byo_generation:
+            # changed while we read: `config` may be the deleted or rotated one, fine
+            # for this call (it began before the change) but not to keep
+            return config
         if len(self.byo) > 10_000:
             self.byo.clear()
         self.byo[tenant_id] = config
+        return config
 
     async def _byo_started(self, config: UpstreamConfig) -> UpstreamClient:
         """The shared pooled client for tenants' own upstreams, started on first use."""

@@ -15,12 +15,20 @@ SITE_CACHE = 10_000
 
 
 class TenantRegistry:
-    """Per-process cache; `invalidate` is called locally and from Redis pub/sub."""
+    """Per-process cache; `invalidate` is called locally and from Redis pub/sub.
+
+    A read that was already waiting on the database when `invalidate` ran may hold the
+    record the change replaced: it answers its own caller but is not cached. Every
+    invalidation bumps `_generation`; a read caches only if it did not move meanwhile.
+    """
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self._sites: dict[bytes, tuple[UUID | None, float]] = {}
         self._policies: dict[UUID, CompiledPolicy] = {}
+        # one counter for all tenants: invalidations are rare, and a read that races
+        # another tenant's merely goes uncached (read again next time), never wrong
+        self._generation = 0
 
     async def resolve_site(self, site_key: str) -> UUID | None:
         """The tenant of a widget site key, cached briefly (also negative answers)."""
@@ -29,8 +37,11 @@ class TenantRegistry:
         now = time.monotonic()
         if hit is not None and hit[1] > now:
             return hit[0]
+        generation = self._generation
         async with lookup_tx(self.pool, h) as conn:
             tenant_id = await store.tenant_for_site_key(conn, h)
+        if generation != self._generation:
+            return tenant_id  # a key revoked meanwhile must not be cached as valid
         self._sites.pop(h, None)
         self._sites[h] = (tenant_id, now + SITE_KEY_TTL)
         while len(self._sites) > SITE_CACHE:
@@ -43,6 +54,7 @@ class TenantRegistry:
         cp = self._policies.get(tenant_id)
         if cp is not None:
             return cp
+        generation = self._generation
         async with tenant_tx(self.pool, tenant_id) as conn:
             row = await store.latest_policy(conn, tenant_id)
         if row is None:
@@ -50,8 +62,11 @@ class TenantRegistry:
         else:
             version, policy = row[0], parse_policy(row[1])
         cp = compile_policy(policy, version)
-        self._policies[tenant_id] = cp
-        return cp
+        if generation == self._generation:
+            self.install(tenant_id, cp)
+        # else the policy changed while we read: `cp` may be the replaced one, fine for
+        # this call (it began before the change) but not to keep; a later read caches
+        return self._policies.get(tenant_id, cp)
 
     def install(self, tenant_id: UUID, cp: CompiledPolicy) -> None:
         """Install a newer compiled policy (never replaces a newer one with an older one)."""
@@ -60,7 +75,8 @@ class TenantRegistry:
             self._policies[tenant_id] = cp
 
     def invalidate(self, tenant_id: UUID | None = None) -> None:
-        """Forget cached policy and site keys (one tenant, or all)."""
+        """Forget cached policy and site keys (one tenant, or all), and reads in flight."""
+        self._generation += 1
         if tenant_id is None:
             self._policies.clear()
         else:
