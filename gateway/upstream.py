@@ -59,6 +59,12 @@ class UpstreamConfig:
     max_retry_after: float = 10
     # a tenant-supplied upstream: connect only to the public addresses its name resolves to
     public_only: bool = False
+    # Bounds on one reply, whatever the upstream does: the gateway keeps the whole reply
+    # in memory, stores it and re-sends it as context, so a looping upstream must not
+    # grow it without end, nor hold it open with a trickle of empty chunks. Past either
+    # the reply ends with finish_reason "length" (OpenAI's word for a max_tokens cut).
+    max_reply_chars: int = 64_000  # ~16k tokens, far beyond a chat answer
+    reply_timeout: float = 300  # seconds from the request to the end of the reply
 
 
 class UpstreamError(Exception):
@@ -140,6 +146,8 @@ class ChatStream:
 
     def __init__(self, producer: _Producer) -> None:
         self.finish_reason: str | None = None
+        # set when the gateway ended the reply itself: "max_reply_chars" or "reply_timeout"
+        self.limited: str | None = None
         self.malformed_lines = 0
         self.attempts = 0
         self.retried: list[str] = []  # kinds of the failures that were retried, for metrics
@@ -260,6 +268,9 @@ class UpstreamClient:
     errors, first-token timeouts and streams cut before any content. Once a piece
     has been yielded nothing is retried: a stream that ends before `[DONE]` or a
     finish_reason raises `upstream_unavailable` with kind "cut".
+
+    A reply is cut at `max_reply_chars` or `reply_timeout` (retries included) with
+    finish_reason "length"; a reply_timeout before any text is a first-token timeout.
     """
 
     def __init__(
@@ -268,8 +279,11 @@ class UpstreamClient:
         self.config = config
         self._pool_limit = pool_limit
         self._session: aiohttp.ClientSession | None = None
-        # for `public_only` configs: made on first use, its resolver refuses private addresses
+        # for `public_only` configs: made on first use, its resolver refuses private addresses.
+        # Every tenant's own upstream shares it: one host may hold only a share of its
+        # connections, so a tenant whose upstream hangs cannot starve the others.
         self._guarded: aiohttp.ClientSession | None = None
+        self._per_host_limit = max(1, pool_limit // 4)
         # replies complete at [DONE] whose connection waits for the body's last bytes
         self._eof_grace = eof_grace
         self._draining: dict[asyncio.Task[None], aiohttp.ClientResponse] = {}
@@ -339,26 +353,33 @@ class UpstreamClient:
         session = self._session
         if cfg.public_only and not netguard.ALLOW_HTTP:
             if self._guarded is None:
-                self._guarded = self._new_session(resolver=netguard.PublicOnlyResolver())
+                self._guarded = self._new_session(
+                    resolver=netguard.PublicOnlyResolver(), limit_per_host=self._per_host_limit
+                )
             session = self._guarded
         return ChatStream(lambda cs: self._with_retries(cs, session, cfg, body))
 
     async def _with_retries(
         self, cs: ChatStream, session: aiohttp.ClientSession, cfg: UpstreamConfig, body: bytes
     ) -> AsyncGenerator[str, None]:
+        loop = asyncio.get_running_loop()
+        reply_deadline = loop.time() + cfg.reply_timeout
         attempt = 0
         while True:
             cs.attempts += 1
             yielded = False
             try:
                 # aclosing: leaving early (cancel, aclose) must release the response now.
-                async with contextlib.aclosing(self._attempt(cs, session, cfg, body)) as pieces:
+                attempt_pieces = self._attempt(cs, session, cfg, body, reply_deadline)
+                async with contextlib.aclosing(attempt_pieces) as pieces:
                     async for piece in pieces:
                         yielded = True
                         yield piece
                 return
             except UpstreamError as err:
                 wait = None if yielded or attempt >= cfg.retries else _retry_wait(err, attempt, cfg)
+                if wait is not None and loop.time() + wait >= reply_deadline:
+                    wait = None  # the next attempt would start with no time left
                 if wait is None:
                     if err.kind == "status_429" and err.retry_after is None:
                         err.retry_after = backoff_delay(attempt, cfg)
@@ -369,15 +390,23 @@ class UpstreamClient:
             attempt += 1
 
     async def _attempt(
-        self, cs: ChatStream, session: aiohttp.ClientSession, cfg: UpstreamConfig, body: bytes
+        self,
+        cs: ChatStream,
+        session: aiohttp.ClientSession,
+        cfg: UpstreamConfig,
+        body: bytes,
+        reply_deadline: float,
     ) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + cfg.first_token_timeout
+        deadline = min(loop.time() + cfg.first_token_timeout, reply_deadline)
         url = cfg.base_url.rstrip("/") + "/chat/completions"
         headers = {
             "Authorization": f"Bearer {cfg.api_key}",
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
+            # not aiohttp's default, which names the Python and aiohttp versions to
+            # OpenAI and to every tenant-chosen host
+            "User-Agent": "omnigate",
         }
         timeout = aiohttp.ClientTimeout(
             total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout
@@ -406,13 +435,18 @@ class UpstreamClient:
             if resp.content_type == "application/json":
                 text = await _read_completion(resp, cs, deadline)
                 completed = True
+                if len(text) > cfg.max_reply_chars:
+                    text = text[: cfg.max_reply_chars]
+                    cs.finish_reason, cs.limited = "length", "max_reply_chars"
                 if text:
                     yield text
                 return
-            async with contextlib.aclosing(_read_events(resp, cs, cfg, deadline)) as pieces:
+            events = _read_events(resp, cs, cfg, deadline, reply_deadline)
+            async with contextlib.aclosing(events) as pieces:
                 async for piece in pieces:
                     yield piece
-            completed = True
+            # a reply cut at a limit: the upstream is still generating, drop the socket
+            completed = cs.limited is None
         finally:
             if not completed:
                 resp.close()  # drop the socket so the upstream stops generating
@@ -458,18 +492,29 @@ def _cut() -> UpstreamError:
     return UpstreamError("upstream_unavailable", "cut", "upstream stream ended before completion")
 
 
+def _limited(cs: ChatStream, limit: str) -> None:
+    cs.finish_reason, cs.limited = "length", limit
+
+
 async def _read_events(
-    resp: aiohttp.ClientResponse, cs: ChatStream, cfg: UpstreamConfig, first_deadline: float
+    resp: aiohttp.ClientResponse,
+    cs: ChatStream,
+    cfg: UpstreamConfig,
+    first_deadline: float,
+    reply_deadline: float,
 ) -> AsyncGenerator[str, None]:
     """Yield content from an SSE body; deadlines reset only on valid data, not keep-alives.
 
     The pieces of every event that arrived in one read are yielded joined: a burst of
     chunks becomes one delta for the visitor (one frame, one write), while a slow
-    stream still yields each chunk the moment it arrives.
+    stream still yields each chunk the moment it arrives. The text ends, with
+    finish_reason "length", once it would pass max_reply_chars (cut to exactly that)
+    or at reply_deadline; reply_deadline before any text is a first-token timeout.
     """
     loop = asyncio.get_running_loop()
     parser = SSEParser()
-    deadline = first_deadline
+    deadline = first_deadline  # never later than reply_deadline
+    room = cfg.max_reply_chars  # characters the reply may still take
     got_content = valid = False
     eof = False
     while not eof:
@@ -477,6 +522,9 @@ async def _read_events(
             async with asyncio.timeout_at(deadline):
                 chunk = await resp.content.readany()
         except TimeoutError:
+            if got_content and deadline >= reply_deadline:
+                _limited(cs, "reply_timeout")
+                return
             raise _timeout(first=not got_content) from None
         except aiohttp.ClientError:
             raise _cut() from None
@@ -503,16 +551,30 @@ async def _read_events(
         except UpstreamError as exc:
             failure = exc  # what came before the error in this read is still delivered
         if pending:
+            text = "".join(pending)
+            if len(text) > room:  # even when [DONE] came too: this reply is cut
+                if room:
+                    yield text[:room]
+                _limited(cs, "max_reply_chars")
+                return
+            room -= len(text)
             got_content = True
-            yield "".join(pending)
+            yield text
         if failure is not None:
             raise failure
         if done:
             _check_valid(valid, cs)
             return
         # Time the consumer spent on the piece is not the upstream's idleness.
+        now = loop.time()
+        if now >= reply_deadline:
+            # a read that never waits (data always buffered) never meets the timeout above
+            if got_content:
+                _limited(cs, "reply_timeout")
+                return
+            raise _timeout(first=True)
         if got_content and fresh:
-            deadline = loop.time() + cfg.idle_timeout
+            deadline = min(now + cfg.idle_timeout, reply_deadline)
     _check_valid(valid, cs)
     if cs.finish_reason is None:
         raise _cut()

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway import netguard
 from gateway.fake_upstream import FakeUpstream, fake_upstream
 from gateway.upstream import (
     _RETRYABLE_KINDS,
@@ -553,3 +554,111 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
 
 def test_config_repr_hides_the_key() -> None:
     assert KEY not in repr(make_config("http://x"))
+
+
+# --- bounds on one reply, the tenants' shared pool, the User-Agent --------------------
+
+LONG = " ".join(f"word{i}" for i in range(200))  # 200 pieces, 1289 characters
+
+
+@pytest.mark.parametrize(
+    ("mode", "params", "dropped"),
+    [
+        ("slow", {"delay_ms": 5}, True),
+        ("ok", {"burst": True}, False),
+        ("ok", {"ignore_stream": True}, False),
+    ],
+    ids=["piece-by-piece", "one-read", "json-not-sse"],
+)
+async def test_a_reply_past_max_reply_chars_is_cut_to_the_cap_and_ends_with_length(
+    upstream: tuple[FakeUpstream, str],
+    client: UpstreamClient,
+    mode: str,
+    params: dict[str, Any],
+    dropped: bool,
+) -> None:
+    fake, url = upstream
+    # a reply of exactly the cap is whole, not cut
+    exact = client.stream_chat(MESSAGES, config=make_config(url, max_reply_chars=len(TEXT)))
+    assert "".join(await collect(exact)) == TEXT
+    assert (exact.finish_reason, exact.limited) == ("stop", None)
+    fake.queue(mode, reply=LONG, **params)
+    stream = client.stream_chat(MESSAGES, config=make_config(url, max_reply_chars=100))
+    assert "".join(await collect(stream)) == LONG[:100]  # the last piece cut mid-word
+    assert (stream.finish_reason, stream.limited) == ("length", "max_reply_chars")
+    if dropped:  # the upstream, still generating, is not read to its end
+        await asyncio.wait_for(fake.disconnected.wait(), 2)
+
+
+# "Hello ", then chunks of valid data without text: each one resets the idle deadline
+_HELLO_CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"Hello "},"finish_reason":null}]}'
+_EMPTY_CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":""},"finish_reason":null}]}'
+
+
+async def test_a_trickle_of_empty_chunks_ends_at_reply_timeout_with_length(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, url = upstream
+    # one line per piece of LONG, every 20 ms: 4 s of trickle, never idle for 0.5 s
+    lines = [_HELLO_CHUNK] + [_EMPTY_CHUNK] * 199
+    fake.queue("malformed", valid=False, lines=lines, reply=LONG, delay_ms=20)
+    cfg = make_config(url, idle_timeout=0.5, reply_timeout=0.6)
+    started = time.monotonic()
+    stream = client.stream_chat(MESSAGES, config=cfg)
+    assert await collect(stream) == ["Hello "]
+    assert 0.6 <= time.monotonic() - started < 1.5
+    assert (stream.finish_reason, stream.limited) == ("length", "reply_timeout")
+    await asyncio.wait_for(fake.disconnected.wait(), 2)
+    assert len(fake.requests) == 1
+
+
+async def test_reply_timeout_before_any_text_is_a_first_token_timeout_and_ends_retries(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient
+) -> None:
+    fake, url = upstream
+    fake.script("hang_before_first")
+    cfg = make_config(url, first_token_timeout=1.5, retries=2, reply_timeout=0.4)
+    started = time.monotonic()
+    err, got = await fail(client.stream_chat(MESSAGES, config=cfg))
+    assert (err.code, err.kind, got) == ("upstream_timeout", "first_token_timeout", [])
+    assert 0.4 <= time.monotonic() - started < 1.2
+    assert len(fake.requests) == 1  # no retry starts with no time left
+    await asyncio.wait_for(until(lambda: fake.disconnects == 1), 2)
+
+
+async def test_a_hanging_tenant_upstream_leaves_pool_room_for_other_tenants(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(netguard, "ALLOW_HTTP", False)  # the guarded session, as in production
+    async with fake_upstream() as (hung, hung_url), fake_upstream() as (_, fine_url):
+        hung.script("hang_before_first")
+        # public_only: tenants' own upstreams; IP literals skip the public-only resolver
+        hanging = make_config(
+            hung_url, public_only=True, first_token_timeout=10, connect_timeout=10, retries=0
+        )
+        other = make_config(fine_url, public_only=True, retries=0)
+        async with UpstreamClient(make_config(fine_url), pool_limit=4) as client:
+            # as many streams as the whole pool holds: only a quarter may connect
+            tasks = [
+                asyncio.create_task(collect(client.stream_chat(MESSAGES, config=hanging)))
+                for _ in range(4)
+            ]
+            try:
+                await until(lambda: len(hung.requests) >= 1)
+                await asyncio.sleep(0.2)  # time for the others to connect, were they allowed
+                assert "".join(await collect(client.stream_chat(MESSAGES, config=other))) == TEXT
+                assert len(hung.requests) == 1
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_requests_name_omnigate_not_the_python_and_aiohttp_versions(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(netguard, "ALLOW_HTTP", False)
+    fake, url = upstream
+    for config in (None, make_config(url, public_only=True)):  # the operator's, a tenant's
+        assert "".join(await collect(client.stream_chat(MESSAGES, config=config))) == TEXT
+    assert [r["headers"].get("User-Agent") for r in fake.requests] == ["omnigate"] * 2
