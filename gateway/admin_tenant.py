@@ -31,6 +31,9 @@ from gateway.db import tenant_tx
 # development/test switch.
 RESOLVE_TIMEOUT = 2.0
 _MODEL_RE = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
+# visible ASCII only: the key goes into an Authorization header, where a control
+# character would make every upstream request fail instead of this PUT
+_API_KEY_RE = re.compile(r"[\x21-\x7e]{8,500}")
 
 
 def _invalid(field: str, message: str) -> ApiError:
@@ -44,8 +47,8 @@ def _upstream_body(body: dict[str, Any]) -> dict[str, str | None]:
     if unknown:
         raise _invalid(unknown[0], "is not a known field")
     key, url, model = body.get("api_key"), body.get("base_url"), body.get("model")
-    if not isinstance(key, str) or not 8 <= len(key) <= 500 or key.strip() != key:
-        raise _invalid("api_key", "must be a string of 8 to 500 characters")
+    if not isinstance(key, str) or not _API_KEY_RE.fullmatch(key):
+        raise _invalid("api_key", "must be 8 to 500 visible ASCII characters (no spaces)")
     if not isinstance(url, str) or len(url) > 500:
         raise _invalid("base_url", "must be an https URL")
     parts = urlsplit(url)

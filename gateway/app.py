@@ -47,7 +47,18 @@ SECURITY_HEADERS = {
 }
 
 
+# replaces aiohttp's "Python/3.x aiohttp/3.y", which names versions to look up flaws for
+SERVER_HEADER = "omnigate"
+
+
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp sets its default Server before on_response_prepare runs (error responses
+    # and the 101 included), so this assignment is what goes out
+    response.headers["Server"] = SERVER_HEADER
+    if request.path.startswith("/api/"):
+        # consent, requests, conversation lists: personal data, and a visitor may be
+        # authenticated by cookie alone, so no shared cache may keep a copy
+        response.headers.setdefault("Cache-Control", "no-store")
     if response.status == 101:
         # a WebSocket upgrade has no body for them to govern, and its response lives as
         # long as the socket: four headers less per idle socket

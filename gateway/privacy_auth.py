@@ -69,7 +69,11 @@ async def _check_origin(request: web.Request, tenant_id: UUID) -> None:
         origin = normalize_origin(raw)
     except ValueError:
         error(403, "origin_not_allowed", "this origin may not use the privacy API")
-    if origin == normalize_origin(f"{request.scheme}://{request.host}"):
+    try:
+        own = normalize_origin(f"{request.scheme}://{request.host}")
+    except ValueError:
+        own = None  # an unparseable Host (e.g. port 99999) is nobody's origin
+    if origin == own:
         return
     cp = await request.app[SERVICES].tenants.policy(tenant_id)
     if origin not in cp.policy.allowed_origins:

@@ -342,6 +342,27 @@ async def test_byo_upstream_validation(
     assert status == 422 and resp["error"]["fields"][0]["field"] == field
 
 
+@pytest.mark.parametrize(
+    "api_key",
+    ["sk-a\x01bcdefgh", "sk-abcdefgh\x7f", "sk-abc\ndefgh", "sk-abc defgh", "sk-abcdéfgh"],
+    ids=["control", "del", "newline", "space", "non-ascii"],
+)
+async def test_byo_key_must_be_visible_ascii(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, api_key: str
+) -> None:
+    """A key that cannot go into an Authorization header is refused, not stored to fail later."""
+    body = {"api_key": api_key, "base_url": "https://api.example/v1"}
+    status, resp = await call(offline_gateway, "PUT", "/api/admin/upstream", tenant.admin_key, body)
+    assert status == 422, resp
+    assert resp["error"]["code"] == "invalid_request"
+    assert resp["error"]["fields"][0]["field"] == "api_key"
+    assert api_key not in str(resp)
+    stored = await owner_pool.fetchval(
+        "SELECT upstream_sealed FROM tenants WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert stored is None
+
+
 async def test_byo_key_is_sealed_at_rest(
     offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
 ) -> None:
@@ -483,3 +504,4 @@ async def test_erase_by_conversation_reaches_an_anonymous_visitor(
     for bad in ({}, {"conversation_id": "nope"}, {"conversation_id": 7}):
         status, out = await call(g, "POST", path, tenant.admin_key, bad)
         assert status == 422 and out["error"]["fields"][0]["field"] == "conversation_id"
+

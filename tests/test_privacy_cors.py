@@ -77,3 +77,23 @@ async def test_restriction_reaches_an_open_socket(
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "consent_required"
     assert "restricted" in frames[-1]["message"]
     await ws.close()
+
+
+async def test_unparseable_host_is_not_same_origin(
+    offline_gateway: Gateway, tenant: NewTenant, no_tracebacks: None
+) -> None:
+    """`Host: x:99999` cannot be the page's own origin: the Origin must then be allowed.
+
+    The tenant allows ORIGIN, so that call succeeds (200, with CORS headers as for any
+    allowed cross-origin call); any other Origin is refused (403). Never a 500.
+    """
+    token = await _token(offline_gateway, tenant)
+    url = offline_gateway.url("/api/privacy/export")
+    for origin, status in ((ORIGIN, 200), ("http://x:99999", 403), ("http://evil.test", 403)):
+        headers = {"Host": "x:99999", "Origin": origin, "Authorization": f"Session {token}"}
+        async with offline_gateway.session.get(url, headers=headers) as resp:
+            assert resp.status == status, (origin, resp.status, await resp.text())
+            if status == 200:
+                assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
+            else:
+                assert (await resp.json())["error"]["code"] == "origin_not_allowed"

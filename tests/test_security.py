@@ -116,6 +116,10 @@ async def test_security_headers_on_every_get_route(
                 assert resp.headers.get(header) == value, (path, resp.status)
             csp = resp.headers.get("Content-Security-Policy", "")
             assert "default-src 'none'" in csp and "unsafe-inline" not in csp, path
+            # no version banner (aiohttp's default is "Python/3.x aiohttp/3.y")
+            assert resp.headers.get("Server") == "omnigate", (path, resp.headers.get("Server"))
+            if path == "/no/such/path":
+                assert resp.status == 404
 
 
 async def test_memory_stays_bounded_under_oversized_frames(
@@ -188,4 +192,40 @@ async def test_security_headers_on_refusals_and_writes(
         writer.close()
     assert head.startswith("http/1.1 101"), head
     assert "content-security-policy" not in head
+    assert "\r\nserver: omnigate\r\n" in head and "aiohttp" not in head, head
     assert "set-cookie: omnigate_session=" in head  # what the 101 must carry, it still does
+
+
+async def test_personal_data_responses_are_not_stored_by_caches(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    """Every /api/ response says no-store: a visitor may be authenticated by cookie alone."""
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    token = (await hello(ws, consent={"conversation_storage": True}))["session_token"]
+    await chat(ws, "m", "my name is Alice")
+    await ws.close()
+    visitor = {"Authorization": f"Session {token}"}
+    admin = {"Authorization": f"Bearer {tenant.admin_key}"}
+    async with g.session.post(
+        g.url("/api/gdpr/request"), json={"kind": "access"}, headers=visitor
+    ) as resp:
+        assert resp.status == 201
+        request_id = (await resp.json())["id"]
+    probes = [
+        ("GET", "/api/privacy/consent", visitor, None, 200),
+        ("POST", "/api/privacy/consent", visitor, {"grant": ["analytics"]}, 200),
+        ("GET", f"/api/gdpr/request/{request_id}", visitor, None, 200),
+        ("GET", "/api/admin/requests", admin, None, 200),
+        ("GET", "/api/admin/conversations", admin, None, 200),
+        ("GET", "/api/admin/audit", admin, None, 200),
+        ("GET", "/api/privacy/consent", {}, None, 401),
+    ]
+    for method, path, headers, body, status in probes:
+        async with g.session.request(method, g.url(path), headers=headers, json=body) as resp:
+            assert resp.status == status, (method, path, resp.status, await resp.text())
+            assert resp.headers.get("Cache-Control") == "no-store", (method, path)
+    # a handler's own caching policy is kept: the widget script stays cacheable
+    async with g.session.get(g.url("/widget.js")) as resp:
+        assert resp.status == 200
+        assert "max-age" in resp.headers.get("Cache-Control", "")
