@@ -245,7 +245,7 @@ def _subscribe(svc: Services) -> None:
         key = (UUID(payload["tenant_id"]), UUID(payload["subject_id"]))
         svc.vault.cache.forget(*key)
         for conn in list(svc.live.get(key, ())):
-            await conn.terminate("erased")
+            conn.terminate("erased")  # never awaits a peer: a stalled one cannot hold the bus
 
     async def subject_restricted(payload: dict[str, Any]) -> None:
         key = (UUID(payload["tenant_id"]), UUID(payload["subject_id"]))

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from gateway import metrics, protocol, store
-from gateway.crypto import CryptoError
+from gateway.crypto import CryptoError, KeyDestroyed
 from gateway.db import tenant_tx
 from gateway.logs import log_secrets
 from gateway.protocol import ProtocolError
@@ -35,6 +35,11 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Failures of the database that mean "not stored", as opposed to a bug.
 STORAGE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+def _erased(msg_id: str) -> ProtocolError:
+    # the widget starts afresh: a retry would resume no session and store the text anew
+    return ProtocolError(protocol.SESSION_INVALID, "this session's data was erased", id=msg_id)
 
 
 def _storage_error(msg_id: str) -> ProtocolError:
@@ -219,6 +224,8 @@ async def _exchange(
                         finish_reason=finish,
                     ),
                 )
+        except KeyDestroyed:
+            raise _erased(msg_id) from None
         except (*STORAGE_ERRORS, CryptoError):
             raise _storage_error(msg_id) from None
     else:
@@ -291,6 +298,8 @@ async def _store_user(
         text_out = svc.vault.open_text(
             cipher, v.tenant_id, v.conversation_id, reply.message_id, "assistant", reply.ciphertext
         )
+    except KeyDestroyed:
+        raise _erased(msg_id) from None
     except (*STORAGE_ERRORS, CryptoError):
         raise _storage_error(msg_id) from None
     await emit(protocol.ack(msg_id, user.seq))

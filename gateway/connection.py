@@ -59,6 +59,7 @@ class Connection:
         "_idle",
         "_on_terminate",
         "_queue",
+        "_socket",
         "_worker",
         "bad_frames",
         "ctx",
@@ -74,7 +75,9 @@ class Connection:
         tenant_id: UUID,
         ctx: RequestContext,
         send: Send,
-        on_terminate: Callable[[str], Awaitable[None]] | None = None,
+        on_terminate: Callable[[str], None] | None = None,
+        *,
+        socket: bool = True,
     ) -> None:
         self.svc = svc
         self.tenant_id = tenant_id
@@ -87,7 +90,10 @@ class Connection:
         self._worker: asyncio.Task[None] | None = None
         # set whenever nothing is queued or being answered (graceful shutdown waits on it)
         self._idle: asyncio.Event | None = None
+        # called, without waiting on the peer, when the session ends from outside
         self._on_terminate = on_terminate
+        # a socket stays open between messages (the HTTP fallback answers one and ends)
+        self._socket = socket
 
     async def receive(self, raw: str | bytes) -> None:
         """Handle one client frame; every failure becomes an `error` frame."""
@@ -263,7 +269,7 @@ class Connection:
             return
         try:
             await self.fresh_consent(v)
-            if self._on_terminate is None or v.consent == before:
+            if not self._socket or v.consent == before:
                 return
             cp = await self.svc.tenants.policy(self.tenant_id)
             v.resumed = True
@@ -330,22 +336,34 @@ class Connection:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        if self.visitor is not None:
-            metrics.SESSIONS_ACTIVE.dec()
-            key = (self.tenant_id, self.visitor.subject_id)
-            live = self.svc.live.get(key)
-            if live is not None:
-                with contextlib.suppress(ValueError):
-                    live.remove(self)
-                if not live:
-                    del self.svc.live[key]
+        self._leave()
 
-    async def terminate(self, reason: str) -> None:
-        """End this connection from outside (erasure): stop answering, close the transport."""
+    def _leave(self) -> None:
+        """Leave the live registry and drop the visitor (its map and context go with it)."""
+        if self.visitor is None:
+            return
+        metrics.SESSIONS_ACTIVE.dec()
+        key = (self.tenant_id, self.visitor.subject_id)
+        self.visitor = None
+        live = self.svc.live.get(key)
+        if live is not None:
+            with contextlib.suppress(ValueError):
+                live.remove(self)
+            if not live:
+                del self.svc.live[key]
+
+    def terminate(self, reason: str) -> None:
+        """End this connection from outside (erasure), now, without waiting on the peer.
+
+        The reply in flight is cancelled, the visitor is dropped (a later frame finds no
+        session), and the transport is told to end, which it does in the background: a
+        peer that stopped reading must not hold up the bus event that got us here.
+        """
         if self._worker is not None:
             self._worker.cancel()
+        self._leave()
         if self._on_terminate is not None:
-            await self._on_terminate(reason)
+            self._on_terminate(reason)
 
     async def drain(self, grace: float) -> None:
         """Let the queued and in-flight replies finish, up to `grace` seconds."""

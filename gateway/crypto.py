@@ -30,6 +30,10 @@ class CryptoError(Exception):
     """A ciphertext or wrapped key does not open: wrong key, wrong binding or destroyed key."""
 
 
+class KeyDestroyed(CryptoError):
+    """The subject's data key is gone: the subject was erased."""
+
+
 def message_aad(tenant_id: UUID, conversation_id: UUID, message_id: UUID, role: str) -> bytes:
     """The associated data binding a message ciphertext to its place."""
     return b"msg|" + tenant_id.bytes + conversation_id.bytes + message_id.bytes + role.encode()

@@ -8,7 +8,15 @@ import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import store
-from gateway.crypto import CryptoError, DataKeyCache, KeyRing, message_aad, open_sealed, seal
+from gateway.crypto import (
+    CryptoError,
+    DataKeyCache,
+    KeyDestroyed,
+    KeyRing,
+    message_aad,
+    open_sealed,
+    seal,
+)
 from gateway.db import Pool, tenant_tx
 
 
@@ -37,7 +45,7 @@ class Vault:
         if cached is not None:
             return cached
         if wrapped is None:
-            raise CryptoError("the subject's data key is destroyed")
+            raise KeyDestroyed("the subject's data key is destroyed")
         dek = self.keyring.unwrap(tenant_id, subject_id, *wrapped)
         return self.cache.put(tenant_id, subject_id, dek)
 

@@ -24,6 +24,10 @@ from gateway.services import Services
 log = logging.getLogger("omnigate.ws")
 
 WRITE_QUEUE = 256
+# an ended session's socket gets this long to take its close frame, then is cut
+TERMINATE_GRACE = 2.0
+# closes in progress, held until done (the event that ended the session does not wait)
+_ending: set[asyncio.Task[None]] = set()
 # aiohttp closes with 1009 past this; frames between our limit and this get a typed error
 HARD_FRAME_FACTOR = 16
 
@@ -79,7 +83,7 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     request.app[CONNECTIONS].add(ws)
     metrics.WS_CONNECTIONS.inc()
 
-    outbox = Outbox(ws, WRITE_QUEUE)
+    outbox = Outbox(ws, WRITE_QUEUE, request.transport)
     conn = Connection(svc, tenant_id, ctx, outbox.send, outbox.terminate)
     close: tuple[int, bytes] = (WSCloseCode.OK, b"")
     try:
@@ -134,10 +138,13 @@ class Outbox:
     outbox makes `send` wait: a slow reader slows its own reply stream.
     """
 
-    __slots__ = ("broken", "frames", "limit", "space", "task", "writing", "ws")
+    __slots__ = ("broken", "frames", "limit", "space", "task", "transport", "writing", "ws")
 
-    def __init__(self, ws: web.WebSocketResponse, limit: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, limit: int, transport: asyncio.Transport | None = None
+    ) -> None:
         self.ws = ws
+        self.transport = transport
         self.limit = limit
         # a list, not a deque: an empty deque reserves a 64-slot block per idle socket
         self.frames: list[dict[str, Any]] = []
@@ -147,9 +154,27 @@ class Outbox:
         self.writing = False  # a sender is inside its own write
         self.broken = False
 
-    async def terminate(self, reason: str) -> None:
-        """Close with 4001: the session is gone (erased); the widget starts afresh."""
-        await self.ws.close(code=4001, message=reason.encode())
+    def terminate(self, reason: str) -> None:
+        """Close with 4001 (the session is gone: erased); the widget starts afresh.
+
+        Nothing queued goes out any more. The close runs in the background and is
+        bounded: a peer that stopped reading has its connection cut.
+        """
+        self.broken = True
+        self.frames.clear()
+        if self.space is not None:
+            self.space.set()
+        task = asyncio.create_task(self._close(4001, reason))
+        _ending.add(task)
+        task.add_done_callback(_ending.discard)
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(TERMINATE_GRACE):
+                await self.ws.close(code=code, message=reason.encode(), drain=False)
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()  # it stopped reading: drop what it never took
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Write a frame, or queue it behind the write in progress (dropped once the
@@ -265,19 +290,77 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
     )
     events: list[dict[str, Any]] = []
     prepared = False
+    gone = False  # the client went away: nothing more can be written
+    ended: str | None = None  # the session ended from outside (erasure)
+    work: asyncio.Task[None] | None = None  # the message being answered
 
     async def send(frame: dict[str, Any]) -> None:
-        nonlocal prepared
+        nonlocal gone
         if not prepared:
             events.append(frame)
             return
-        await resp.write(
-            b"event: " + frame["type"].encode() + b"\ndata: " + orjson.dumps(frame) + b"\n\n"
-        )
+        if gone:
+            return
+        try:
+            await resp.write(
+                b"event: " + frame["type"].encode() + b"\ndata: " + orjson.dumps(frame) + b"\n\n"
+            )
+        except ConnectionError:
+            # as a closed WebSocket: the reply in flight and its upstream request stop
+            gone = True
+            if work is not None:
+                work.cancel()
 
-    conn = Connection(svc, tenant_id, ctx, send)
+    def on_terminate(reason: str) -> None:
+        nonlocal ended
+        ended = reason
+        if work is not None:
+            work.cancel()
+
+    conn = Connection(svc, tenant_id, ctx, send, on_terminate, socket=False)
     try:
-        if len(raw) > svc.settings.max_frame_bytes:
+        frame = await _open_fallback(conn, raw, svc.settings.max_frame_bytes, events)
+        visitor = conn.visitor  # None when the hello failed, or the session ended meanwhile
+        if visitor is not None:
+            set_session_cookie(resp, svc, cp, visitor.token)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:
+            gone = True
+        prepared = True
+        for ev in events:
+            await send(ev)
+        if frame is not None and visitor is not None and not gone and not ended:
+            work = asyncio.create_task(
+                handle_message(svc, visitor, frame.data["id"], frame.data["text"], send)
+            )
+            try:
+                await work
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this request itself was cancelled (shutdown), not only its reply
+        if ended:
+            await send(
+                protocol.error_frame(
+                    ProtocolError(protocol.SESSION_INVALID, "this session's data was erased")
+                )
+            )
+    finally:
+        # the connection leaves the live registry whatever happened, the client gone included
+        await conn.close()
+    if not gone:
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+    return resp
+
+
+async def _open_fallback(
+    conn: Connection, raw: bytes, max_bytes: int, events: list[dict[str, Any]]
+) -> protocol.Frame | None:
+    """Parse the fallback's body and open its session; None (an error queued) on failure."""
+    try:
+        if len(raw) > max_bytes:
             raise ProtocolError(protocol.TOO_LARGE, "request body too large")
         body = orjson.loads(raw) if raw else None
         if not isinstance(body, dict):
@@ -294,40 +377,18 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
         )
         await conn.hello(hello_frame.data)
     except orjson.JSONDecodeError:
-        events.append(
-            protocol.error_frame(ProtocolError(protocol.BAD_REQUEST, "body is not valid JSON"))
-        )
-        frame = None
+        error = ProtocolError(protocol.BAD_REQUEST, "body is not valid JSON")
     except ProtocolError as exc:
-        events.append(protocol.error_frame(exc))
-        frame = None
+        error = exc
     except STORAGE_ERRORS:
         # the session could not be opened: nothing was stored, nothing acknowledged
-        events.append(
-            protocol.error_frame(
-                ProtocolError(
-                    protocol.STORAGE_UNAVAILABLE,
-                    "storage is unavailable; try again",
-                    retry_after=1.0,
-                )
-            )
+        error = ProtocolError(
+            protocol.STORAGE_UNAVAILABLE, "storage is unavailable; try again", retry_after=1.0
         )
-        frame = None
-    assert conn.visitor is not None or frame is None
-    if conn.visitor is not None:
-        set_session_cookie(resp, svc, cp, conn.visitor.token)
-    await resp.prepare(request)
-    prepared = True
-    for ev in events:
-        await send(ev)
-    try:
-        if frame is not None and conn.visitor is not None:
-            await handle_message(svc, conn.visitor, frame.data["id"], frame.data["text"], send)
-    finally:
-        # the visitor may be gone mid-stream; the connection must leave the live registry
-        await conn.close()
-    await resp.write_eof()
-    return resp
+    else:
+        return frame
+    events.append(protocol.error_frame(error))
+    return None
 
 
 async def widget_chat_preflight(request: web.Request) -> web.StreamResponse:

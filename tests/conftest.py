@@ -193,6 +193,10 @@ async def start_gateway(settings: Settings) -> AsyncIterator[Gateway]:
     """Serve create_app(settings) on a real port."""
     server = TestServer(create_app(settings), host="127.0.0.1")
     await server.start_server()
+    # as `omnigate serve` (web.run_app): a client that goes away does not cancel its
+    # handler; aiohttp's test server would, and hide what the gateway does about it
+    assert server.runner is not None and server.runner.server is not None
+    server.runner.server.handler_cancellation = False
     session = ClientSession()
     try:
         yield Gateway(server, session)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 from dataclasses import replace
@@ -14,6 +15,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway import netguard
 from gateway.admin_data import decode_cursor, encode_cursor
+from gateway.appkeys import SERVICES
 from gateway.config import Settings
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant, create_tenant
@@ -505,3 +507,39 @@ async def test_erase_by_conversation_reaches_an_anonymous_visitor(
         status, out = await call(g, "POST", path, tenant.admin_key, bad)
         assert status == 422 and out["error"]["fields"][0]["field"] == "conversation_id"
 
+
+async def test_an_erasure_does_not_wait_for_a_socket_that_stopped_reading(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A peer that stopped reading never lets the close frame out. The erasure (and the
+    # bus event every other change after it waits behind) must not wait for it.
+    from aiohttp import web
+
+    from gateway import ws as ws_module
+
+    monkeypatch.setattr(ws_module, "TERMINATE_GRACE", 0.3, raising=False)
+    real_close = web.WebSocketResponse.close
+
+    async def stalled(self: web.WebSocketResponse, *, code: int = 1000, **kw: Any) -> bool:
+        if code == 4001:
+            await asyncio.Event().wait()  # as a drain that never ends
+        return await real_close(self, code=code, **kw)
+
+    monkeypatch.setattr(web.WebSocketResponse, "close", stalled)
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    assert (await chat(ws, "m", "please forget me"))[-1]["type"] == "done"
+    path = "/api/admin/subjects/erase-by-conversation"
+    async with asyncio.timeout(2):
+        status, out = await call(
+            g, "POST", path, tenant.admin_key, {"conversation_id": w["conversation_id"]}
+        )
+    assert status == 200 and out["erased"] is True
+    # the stalled socket is cut after the grace, not left open holding the visitor
+    msg = await ws.receive(timeout=3)
+    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR), msg
+    assert offline_gateway.server.app[SERVICES].live == {}

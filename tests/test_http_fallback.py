@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import orjson
+import asyncio
+from typing import Any
 
+import asyncpg
+import orjson
+import pytest
+from aiohttp import ClientResponse, ServerDisconnectedError, web
+
+from gateway import metrics
+from gateway.appkeys import SERVICES
+from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant
 from tests.conftest import ORIGIN, Gateway
-from tests.support import parse_sse, post
+from tests.support import call, parse_sse, post, until
 
 
 async def test_sse_chat_and_resume(offline_gateway: Gateway, tenant: NewTenant) -> None:
@@ -62,3 +71,99 @@ async def test_preflight_only_for_allowed_origin(
         assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
     async with offline_gateway.session.options(url, headers={"Origin": "http://evil.test"}) as resp:
         assert resp.status == 403
+
+
+# --- a reply that ends early: the visitor leaves, or their data is erased -------------
+
+
+async def _open_stream(g: Gateway, site: str, body: Any) -> ClientResponse:
+    resp = await g.session.post(
+        g.url(f"/v1/widget/chat?site={site}"), data=orjson.dumps(body), headers={"Origin": ORIGIN}
+    )
+    assert resp.status == 200
+    return resp
+
+
+async def _events_until(resp: ClientResponse, kind: str) -> list[dict[str, Any]]:
+    """Read SSE events as they come, up to the first of type `kind`."""
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(5):
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                events.append(orjson.loads(line[6:]))
+                if events[-1]["type"] == kind:
+                    return events
+    raise AssertionError(f"the stream ended before {kind}: {events}")
+
+
+CONSENT = {"consent": {"conversation_storage": True, "ai_processing": True}}
+
+
+async def test_a_visitor_leaving_mid_reply_stops_it_quietly(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str], no_tracebacks: None
+) -> None:
+    upstream, _ = fake
+    upstream.queue("slow", reply="one two three four five six seven eight", delay_ms=100)
+    svc = gateway.server.app[SERVICES]
+    body = {"id": "m1", "text": "hi", "hello": CONSENT}
+    resp = await _open_stream(gateway, tenant.site_key, body)
+    await _events_until(resp, "delta")
+    resp.close()  # the tab is closed mid-reply
+    # as on a WebSocket: the upstream request is cancelled, not read to its end
+    async with asyncio.timeout(3):
+        await upstream.disconnected.wait()
+    await until(lambda: not svc.live)
+    # no false storage outage: the next visitor is answered
+    status, _, body = await post(gateway, tenant.site_key, {"id": "m2", "text": "hello again"})
+    assert status == 200 and parse_sse(body)[-1]["type"] == "done"
+
+
+async def test_erasure_mid_reply_ends_the_stream_with_session_invalid(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str], owner_pool: asyncpg.Pool
+) -> None:
+    upstream, _ = fake
+    upstream.queue("slow", reply="one two three four five six seven eight", delay_ms=100)
+    resp = await _open_stream(
+        gateway, tenant.site_key, {"id": "m1", "text": "forget me", "hello": CONSENT}
+    )
+    before = await _events_until(resp, "delta")
+    conv = before[0]["conversation_id"]
+    status, out = await call(
+        gateway,
+        "POST",
+        "/api/admin/subjects/erase-by-conversation",
+        tenant.admin_key,
+        {"conversation_id": conv},
+    )
+    assert status == 200 and out["erased"] is True
+    rest = parse_sse(await resp.read())
+    # the reply stops; the widget is told to start afresh rather than to retry the message
+    assert [e["type"] for e in rest] == ["error"] and rest[0]["code"] == "session_invalid", rest
+    async with asyncio.timeout(3):
+        await upstream.disconnected.wait()
+    assert (
+        await owner_pool.fetchval(
+            "SELECT count(*) FROM messages WHERE tenant_id = $1", tenant.tenant_id
+        )
+        == 0
+    )
+
+
+async def test_a_client_gone_before_the_stream_opens_leaves_no_session_behind(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = offline_gateway.server.app[SERVICES]
+    real_prepare = web.StreamResponse.prepare
+
+    async def gone(self: web.StreamResponse, request: web.BaseRequest) -> Any:
+        if self.content_type == "text/event-stream":
+            raise ConnectionResetError("peer gone")
+        return await real_prepare(self, request)
+
+    monkeypatch.setattr(web.StreamResponse, "prepare", gone)
+    active = metrics.SESSIONS_ACTIVE._value.get()
+    with pytest.raises(ServerDisconnectedError):  # nothing could be written to it
+        await post(offline_gateway, tenant.site_key, {"id": "m1", "text": "hi", "hello": CONSENT})
+    # the session it opened (its map and context in memory) left the live registry
+    assert svc.live == {}
+    assert metrics.SESSIONS_ACTIVE._value.get() == active
