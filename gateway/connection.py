@@ -145,6 +145,10 @@ class Connection:
         key = (self.tenant_id, self.visitor.subject_id)
         # a list: a visitor has one or two sockets, and an empty set weighs 216 bytes
         self.svc.live.setdefault(key, []).append(self)
+        if self.svc.vault.cache.erased(*key):
+            # erased while the session loaded: the event found no connection to end
+            self._leave()
+            raise ProtocolError(protocol.SESSION_INVALID, "this session's data was erased")
         if ConsentChanges.count != changes:
             # a change announced while the session loaded may be this visitor's
             self.visitor.consent_stale = True
@@ -221,6 +225,7 @@ class Connection:
             exc.id = msg_id
             metrics.count_message("other")
             await self.error(exc)
+            self.terminate("erased")  # an erasure event this process missed
             return False
         return True
 
@@ -278,6 +283,8 @@ class Connection:
         except (*chat.STORAGE_ERRORS, ProtocolError) as exc:
             # revocations already hold; the next message reads again, or is refused
             log.warning("consent not read again", extra={"kind": type(exc).__name__})
+            if isinstance(exc, ProtocolError) and exc.code == protocol.SESSION_INVALID:
+                self.terminate("erased")  # an erasure event this process missed
         except Exception:
             log.exception("unexpected failure applying a consent change")
 

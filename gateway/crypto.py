@@ -147,6 +147,10 @@ class DataKeyCache:
             self._items.popitem(last=False)
         return cipher
 
+    def erased(self, tenant_id: UUID, subject_id: UUID) -> bool:
+        """Whether this process was told, recently, that the subject was erased."""
+        return (tenant_id, subject_id) in self._erased
+
     def forget(self, tenant_id: UUID, subject_id: UUID) -> None:
         """Drop a subject's key (erasure) so no later read can succeed from memory."""
         self._items.pop((tenant_id, subject_id), None)

@@ -543,3 +543,68 @@ async def test_an_erasure_does_not_wait_for_a_socket_that_stopped_reading(
     msg = await ws.receive(timeout=3)
     assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR), msg
     assert offline_gateway.server.app[SERVICES].live == {}
+
+
+async def test_an_erasure_while_a_session_resumes_is_not_missed(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The event comes while the hello is loading the session: no socket is registered
+    # for it to close yet. The hello must not go on to serve the erased visitor.
+    from gateway import store
+    from gateway.erasure import erase_subject
+
+    g = offline_gateway
+    svc = g.server.app[SERVICES]
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    await ws.close()
+    real_resume = store.resume
+
+    async def erased_meanwhile(*args: Any, **kw: Any) -> Any:
+        found = await real_resume(*args, **kw)
+        assert found is not None
+        await erase_subject(svc, tenant.tenant_id, found.session.subject_id, "test")
+        return found
+
+    monkeypatch.setattr(store, "resume", erased_meanwhile)
+    ws = await g.ws(tenant.site_key)
+    await ws.send_json({"type": "hello", "v": 1, "session_token": w["session_token"]})
+    frame = await ws.receive_json(timeout=3)
+    assert (frame["type"], frame.get("code")) == ("error", "session_invalid"), frame
+    assert svc.live == {}
+
+
+async def test_a_socket_whose_erasure_event_was_missed_ends_at_its_next_read(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This process never heard of the erasure (made elsewhere while the bus was down).
+    # When the bus comes back every socket reads its record again: this one finds it gone.
+    from gateway import connection
+
+    g = offline_gateway
+    svc = g.server.app[SERVICES]
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    with monkeypatch.context() as m:
+
+        async def missed(kind: str, payload: dict[str, Any]) -> None:
+            return None
+
+        m.setattr(svc.bus, "publish", missed)
+        m.setattr(svc.vault.cache, "forget", lambda *a: None)
+        status, _ = await call(
+            g,
+            "POST",
+            "/api/admin/subjects/erase-by-conversation",
+            tenant.admin_key,
+            {"conversation_id": w["conversation_id"]},
+        )
+        assert status == 200
+    assert svc.live  # still open: nobody told it
+    connection.consent_changed_elsewhere(svc.live, None, None, ())  # the reconnect's re-read
+    await ws.send_json({"type": "message", "id": "m2", "text": "still there?"})
+    frame = await ws.receive_json(timeout=3)
+    assert (frame["type"], frame.get("code")) == ("error", "session_invalid"), frame
+    msg = await ws.receive(timeout=3)
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4001)
+    assert svc.live == {}
