@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway import netguard
@@ -466,12 +466,17 @@ async def test_transcript_with_an_unreadable_message_is_still_read_and_audited(
     assert entry["action"] == "conversation.read" and entry["target"] == f"conversation:{cid}"
 
 
+async def stored_visitor(g: Gateway, site_key: str) -> tuple[ClientWebSocketResponse, Any]:
+    """A visitor on a socket whose conversation is kept: the socket and its welcome."""
+    ws = await g.ws(site_key)
+    return ws, await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+
+
 async def test_erase_by_conversation_reaches_an_anonymous_visitor(
     offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool, owner_pool: asyncpg.Pool
 ) -> None:
     g = offline_gateway
-    ws = await g.ws(tenant.site_key)
-    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    ws, w = await stored_visitor(g, tenant.site_key)
     assert (await chat(ws, "m", "please forget me"))[-1]["type"] == "done"
     conv = w["conversation_id"]
     subject = await owner_pool.fetchval(
@@ -530,8 +535,7 @@ async def test_an_erasure_does_not_wait_for_a_socket_that_stopped_reading(
 
     monkeypatch.setattr(web.WebSocketResponse, "close", stalled)
     g = offline_gateway
-    ws = await g.ws(tenant.site_key)
-    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    ws, w = await stored_visitor(g, tenant.site_key)
     assert (await chat(ws, "m", "please forget me"))[-1]["type"] == "done"
     path = "/api/admin/subjects/erase-by-conversation"
     async with asyncio.timeout(2):
@@ -555,8 +559,7 @@ async def test_an_erasure_while_a_session_resumes_is_not_missed(
 
     g = offline_gateway
     svc = g.server.app[SERVICES]
-    ws = await g.ws(tenant.site_key)
-    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    ws, w = await stored_visitor(g, tenant.site_key)
     await ws.close()
     real_resume = store.resume
 
@@ -583,8 +586,7 @@ async def test_a_socket_whose_erasure_event_was_missed_ends_at_its_next_read(
 
     g = offline_gateway
     svc = g.server.app[SERVICES]
-    ws = await g.ws(tenant.site_key)
-    w = await hello(ws, consent={"conversation_storage": True, "ai_processing": True})
+    ws, w = await stored_visitor(g, tenant.site_key)
     with monkeypatch.context() as m:
 
         async def missed(kind: str, payload: dict[str, Any]) -> None:
