@@ -84,6 +84,8 @@ def referrer_origin(url: str | None) -> str | None:
 # A path segment that names someone or something of theirs: an e-mail address, a run
 # of 5+ digits (order, phone, account numbers), a hex or UUID id.
 _IDENTIFYING_SEGMENT_RE = re.compile(r"@|\d{5}|^(?=.*\d)[0-9A-Fa-f-]{16,}$")
+# how numbers are written in groups: "123-45-6789", "4111 1111 …", "(415) 555-2671"
+_DIGIT_GROUP_SEPARATORS_RE = re.compile(r"(?<=\d)[\s().\-/]{1,3}(?=\d)")
 _TOKEN_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]{16,}")
 ID_SEGMENT = ":id"
 
@@ -117,7 +119,12 @@ def _looks_opaque(segment: str) -> bool:
 
 def _coarse_segment(segment: str) -> str:
     text = unquote(segment)
-    if _IDENTIFYING_SEGMENT_RE.search(text) or _looks_opaque(text):
+    if (
+        _IDENTIFYING_SEGMENT_RE.search(text)
+        or _IDENTIFYING_SEGMENT_RE.search(_DIGIT_GROUP_SEPARATORS_RE.sub("", text))
+        # a signed token's parts are joined by dots (a JWT: header.payload.signature)
+        or any(_looks_opaque(part) for part in text.split("."))
+    ):
         return ID_SEGMENT
     return segment
 

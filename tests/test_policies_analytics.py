@@ -156,6 +156,16 @@ def test_referrer_origin(url: str | None, expected: str | None) -> None:
         ("/blog/top-10-tips-for-2024", "/blog/top-10-tips-for-2024"),
         ("/help/MyAccountSettingsPage", "/help/MyAccountSettingsPage"),
         ("/p/Galaxy-S24-Ultra", "/p/:id"),
+        (
+            "/magic/eyJhbGciOiJIUzI1NiJ9.eyJlbWFpbCI6ImphbmVAZXhhbXBsZS5vcmcifQ."
+            "dBjftJeZ4CVPmB92K27uhbUJU1p1r_wW1gFWFOEjXk",
+            "/magic/:id",
+        ),
+        ("/s/123-45-6789", "/s/:id"),
+        ("/c/4111%201111%201111%201111/pay", "/c/:id/pay"),
+        ("/tel/0171%20234%205678", "/tel/:id"),
+        ("/call/(415)%20555-2671", "/call/:id"),
+        ("/docs/v1.2.3/intro", "/docs/v1.2.3/intro"),
     ],
     ids=[
         "full-url",
@@ -177,6 +187,12 @@ def test_referrer_origin(url: str | None, expected: str | None) -> None:
         "slug-with-year",
         "camel-case",
         "mixed-slug-hidden",
+        "jwt-with-dots",
+        "ssn-with-dashes",
+        "card-with-spaces",
+        "phone-with-spaces",
+        "phone-with-parentheses",
+        "version-kept",
     ],
 )
 def test_page_path(value: str | None, expected: str | None) -> None:
