@@ -2,7 +2,11 @@
 
 Deadlines: acknowledgement 48 hours after receipt; due 30 days (GDPR Art. 12(3))
 or 45 days (CCPA) after receipt. A GDPR request may be extended once, by up to
-60 days, with a reason. Every transition is audited in the same transaction.
+60 days, with a reason, before its deadline has passed. Every transition is
+audited in the same transaction.
+
+A request whose subject was erased (`subject_id` NULL) keeps no free text: the
+erasure cleared it, and nothing would clear text written afterwards.
 """
 
 from __future__ import annotations
@@ -39,7 +43,11 @@ ACK_WITHIN = timedelta(hours=48)
 DUE_WITHIN = {"gdpr": timedelta(days=30), "ccpa": timedelta(days=45)}
 MAX_EXTENSION_DAYS = 60
 OPEN = ("received", "acknowledged")
+#: open and not yet acknowledged (the acknowledge transition moves a request out of it)
+UNACKNOWLEDGED = "received"
 STATUSES = ("received", "acknowledged", "completed", "rejected")
+#: the list filters beyond the statuses themselves
+FILTERS = ("open", "overdue", "ack_overdue")
 MAX_DETAILS = 4000
 #: details are the visitor's own words: stored sealed under the subject's data key (DESIGN §5)
 SEALED_PREFIX = "sealed:v1:"
@@ -80,7 +88,10 @@ def public(row: asyncpg.Record | dict[str, Any], *, admin: bool = False) -> dict
     subject = doc.pop("subject_id", None)
     if admin:
         doc["subject_id"] = None if subject is None else str(subject)
-    doc["overdue"] = doc["status"] in OPEN and doc["due_at"] < datetime.now(doc["due_at"].tzinfo)
+    now = datetime.now(doc["due_at"].tzinfo)
+    doc["overdue"] = doc["status"] in OPEN and doc["due_at"] < now
+    # answering (completing or rejecting) without acknowledging first ends it too
+    doc["ack_overdue"] = doc["status"] == UNACKNOWLEDGED and doc["ack_due_at"] < now
     return doc
 
 
@@ -230,13 +241,16 @@ async def get(
 async def list_requests(
     conn: asyncpg.Connection, tenant_id: UUID, status: str | None, limit: int
 ) -> list[asyncpg.Record]:
-    """Requests of a tenant, soonest due first, optionally of one status ('overdue' too)."""
+    """Requests of a tenant, soonest due first, optionally of one status or filter (FILTERS)."""
     statuses: list[str] | None = [status] if status else None
     where = "($2::text[] IS NULL OR status = ANY($2::text[]))"
     if status in ("overdue", "open"):
         statuses = list(OPEN)
     if status == "overdue":
         where += " AND due_at < now()"
+    if status == "ack_overdue":
+        statuses = [UNACKNOWLEDGED]
+        where += " AND ack_due_at < now()"
     return list(
         await conn.fetch(
             f"SELECT {_COLUMNS} FROM privacy_requests WHERE tenant_id = $1 AND {where}"  # noqa: S608
@@ -259,7 +273,12 @@ async def transition(
     reason: str | None = None,
     resolution: str | None = None,
 ) -> asyncpg.Record:
-    """Acknowledge, extend, complete or reject a request (audited); RequestError if refused."""
+    """Acknowledge, extend, complete or reject a request (audited); RequestError if refused.
+
+    On a request whose subject was erased (by this very completion, or before), the
+    reason or resolution is required as usual but not stored: the erasure cleared the
+    request's free text, and nothing would ever clear text written after it.
+    """
     for name, value in (("reason", reason), ("resolution", resolution)):
         if value is not None and not isinstance(value, str):
             raise RequestError(422, f"bad_{name}", f"{name} must be a string")
@@ -274,6 +293,7 @@ async def transition(
     if row["status"] not in OPEN:
         raise RequestError(409, "closed", f"the request is already {row['status']}")
     details: dict[str, Any] = {"regime": row["regime"], "kind": row["kind"]}
+    keep_text = row["subject_id"] is not None
     if action == "acknowledge":
         if row["status"] == "acknowledged":
             raise RequestError(409, "already_acknowledged", "the request is already acknowledged")
@@ -285,6 +305,13 @@ async def transition(
             raise RequestError(422, "not_extendable", "only GDPR requests can be extended")
         if row["extended_at"] is not None:
             raise RequestError(409, "already_extended", "a request can be extended only once")
+        # GDPR Art. 12(3): the extension is notified within the original period
+        if await conn.fetchval("SELECT $1::timestamptz <= now()", row["due_at"]):
+            raise RequestError(
+                409,
+                "deadline_passed",
+                "the deadline has passed: the request can no longer be extended",
+            )
         if (
             not isinstance(days, int)
             or isinstance(days, bool)
@@ -297,7 +324,7 @@ async def transition(
             "extended_at = now(), extension_days = $3, extension_reason = $4,"
             " due_at = due_at + make_interval(days => $3)"
         )
-        args = [days, reason.strip()[:1000]]
+        args = [days, reason.strip()[:1000] if keep_text else None]
         status = row["status"]
         details["days"] = days
     elif action in ("complete", "reject"):
@@ -305,7 +332,8 @@ async def transition(
             raise RequestError(422, "reason_required", "a rejection needs a reason")
         status = "completed" if action == "complete" else "rejected"
         sql = "status = $3, closed_at = now(), resolution = $4"
-        args = [status, (resolution or reason or "").strip()[:1000] or None]
+        text = (resolution or reason or "").strip()[:1000] or None
+        args = [status, text if keep_text else None]
     else:
         raise RequestError(404, "not_found", "unknown action")
     updated = await conn.fetchrow(
@@ -323,12 +351,20 @@ async def transition(
     return updated
 
 
-async def overdue_count(conn: asyncpg.Connection, tenant_id: UUID) -> int:
-    """Open requests of one tenant past their due date."""
-    n: int = await conn.fetchval(
-        "SELECT count(*) FROM privacy_requests WHERE tenant_id = $1"
-        " AND status = ANY($2::text[]) AND due_at < now()",
+async def overdue_counts(conn: asyncpg.Connection, tenant_id: UUID) -> tuple[int, int]:
+    """Open requests of one tenant past their due date, and unacknowledged ones past ack_due_at."""
+    row = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE due_at < now()) AS overdue,"
+        " count(*) FILTER (WHERE status = $3 AND ack_due_at < now()) AS ack_overdue"
+        " FROM privacy_requests WHERE tenant_id = $1 AND status = ANY($2::text[])",
         tenant_id,
         list(OPEN),
+        UNACKNOWLEDGED,
     )
-    return n
+    assert row is not None
+    return int(row["overdue"]), int(row["ack_overdue"])
+
+
+async def overdue_count(conn: asyncpg.Connection, tenant_id: UUID) -> int:
+    """Open requests of one tenant past their due date."""
+    return (await overdue_counts(conn, tenant_id))[0]

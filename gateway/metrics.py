@@ -271,6 +271,12 @@ PRIVACY_REQUESTS_OVERDUE = Gauge(
     # Every worker that computes it reads the same database: take the largest.
     multiprocess_mode="livemax",
 )
+PRIVACY_REQUESTS_ACK_OVERDUE = Gauge(
+    "omnigate_privacy_requests_ack_overdue",
+    "Privacy requests not yet acknowledged past their acknowledgement date (all tenants).",
+    # computed with the overdue gauge, from the same database: take the largest
+    multiprocess_mode="livemax",
+)
 RETENTION_PURGED = Counter(
     "omnigate_retention_purged_total",
     "Items deleted or anonymized by retention, by kind.",

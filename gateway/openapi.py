@@ -112,6 +112,25 @@ _CONV = _obj(id=U, started_at=T, last_message_at=T, message_count=INT, anonymize
 _MESSAGE = _obj(seq=INT, role=S, text=S, at=T, status=S, reply_to=_nullable(INT))
 _AUDIT = _obj(seq=INT, at=T, actor=S, action=S, target=S, details={"type": "object"})
 _PAGE = [_q("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size (default 50)")]
+_PRIVACY_REQUEST = _obj(
+    id=U,
+    regime={"enum": ["gdpr", "ccpa"]},
+    kind=S,
+    status={"enum": ["received", "acknowledged", "completed", "rejected"]},
+    created_at=T,
+    ack_due_at=T,
+    due_at=T,
+    acknowledged_at=_nullable(T),
+    extended_at=_nullable(T),
+    extension_days=_nullable(INT),
+    extension_reason=_nullable(S),
+    closed_at=_nullable(T),
+    resolution=_nullable(S),
+    details=_nullable(S),
+    subject_id=_nullable(U),
+    overdue=B,
+    ack_overdue=B,
+)
 
 _ADMIN_PATHS: dict[str, dict[str, Operation]] = {
     "/api/admin/policy": {
@@ -335,12 +354,34 @@ _PRIVACY_PATHS: dict[str, dict[str, Operation]] = {
         "get": _simple("privacy", "Global Privacy Control support", _json(_obj(gpc=B)))
     },
     "/api/admin/requests": {
-        "get": _admin("Privacy requests of the tenant, with deadlines", _json({"type": "object"}))
+        "get": _admin(
+            "Privacy requests of the tenant, with deadlines (reading details is audited)",
+            _json(_obj(requests={"type": "array", "items": _PRIVACY_REQUEST})),
+            params=[
+                _q(
+                    "status",
+                    {
+                        "enum": [
+                            "received",
+                            "acknowledged",
+                            "completed",
+                            "rejected",
+                            "open",
+                            "overdue",
+                            "ack_overdue",
+                        ]
+                    },
+                    "only requests of this status or filter (absent: all)",
+                ),
+                _q("limit", INT, "default 100, clamped to 1-1000"),
+            ],
+            errors=("422",),
+        )
     },
     "/api/admin/requests/{id}/{action}": {
         "post": _admin(
             "Acknowledge, extend, complete or reject a privacy request",
-            _json({"type": "object"}),
+            _json(_PRIVACY_REQUEST),
             params=[
                 _p("id", "request id"),
                 {

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway import dsr, metrics
+from gateway import audit, dsr, metrics
 from gateway.admin import Admin, ApiError, admin_route, json_response, parse_uuid, read_json
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
@@ -87,6 +87,26 @@ async def _opened(
     return [dsr.opened(r, ciphers.get(r["subject_id"]), tenant_id) for r in rows]
 
 
+async def _audit_details_read(
+    conn: asyncpg.Connection, admin: Admin, docs: Sequence[dict[str, Any]]
+) -> None:
+    """Audit each request whose details (the visitor's own words) an admin response carries.
+
+    Like `conversation.read`: one entry per request, in the response's transaction,
+    before it is returned; no text in the entry. Details that are gone or do not open
+    (the subject was erased) are not read, so they are not audited.
+    """
+    for doc in docs:
+        if doc["details"] is not None:
+            await audit.append(
+                conn,
+                admin.tenant_id,
+                admin.actor,
+                "request.details_read",
+                f"request:{doc['request_id']}",
+            )
+
+
 async def request_status(request: web.Request) -> web.Response:
     """One of the visitor's own requests; anybody else's is a 404."""
     who = await require_visitor(request)
@@ -102,9 +122,12 @@ async def request_status(request: web.Request) -> web.Response:
 
 @admin_route
 async def admin_list(request: web.Request, admin: Admin) -> web.Response:
-    """The tenant's requests, soonest due first; ?status=received|acknowledged|...|open|overdue."""
+    """The tenant's requests, soonest due first; ?status=received|...|open|overdue|ack_overdue.
+
+    Reading the visitors' details is audited (`request.details_read`, one per request).
+    """
     status = request.query.get("status") or None
-    if status is not None and status not in (*dsr.STATUSES, "open", "overdue"):
+    if status is not None and status not in (*dsr.STATUSES, *dsr.FILTERS):
         raise ApiError(422, "bad_status", "unknown status filter")
     try:
         limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
@@ -113,6 +136,7 @@ async def admin_list(request: web.Request, admin: Admin) -> web.Response:
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
         rows = await dsr.list_requests(conn, admin.tenant_id, status, limit)
         docs = await _opened(admin.svc, conn, admin.tenant_id, rows)
+        await _audit_details_read(conn, admin, docs)
     return json_response({"requests": [dsr.public(d, admin=True) for d in docs]})
 
 
@@ -143,13 +167,17 @@ async def admin_transition(request: web.Request, admin: Admin) -> web.Response:
                 resolution=body.get("resolution"),
             )
             (doc,) = await _opened(svc, conn, tenant_id, [row])
+            await _audit_details_read(conn, admin, [doc])
     except dsr.RequestError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
     return json_response(dsr.public(doc, admin=True))
 
 
 async def _fulfil_erasure(svc: Services, tenant_id: UUID, request_id: UUID, actor: str) -> None:
-    """Completing an erasure/delete request erases the subject first (certificate in the log)."""
+    """Completing an erasure/delete request erases the subject first (certificate in the log).
+
+    The erasure detaches the request, so the completion that follows stores no resolution.
+    """
     async with tenant_tx(svc.pool, tenant_id) as conn:
         row = await dsr.get(conn, tenant_id, request_id)
     if row is None or row["status"] not in dsr.OPEN:
@@ -162,12 +190,15 @@ async def _fulfil_erasure(svc: Services, tenant_id: UUID, request_id: UUID, acto
 
 
 async def refresh_overdue(pool: Pool) -> int:
-    """Count open requests past due across tenants and publish it as the overdue gauge."""
-    total = 0
+    """Publish the overdue and ack-overdue gauges (all tenants); returns the overdue count."""
+    total = ack_total = 0
     for tenant_id in await tenant_ids(pool):
         async with tenant_tx(pool, tenant_id) as conn:
-            total += await dsr.overdue_count(conn, tenant_id)
+            overdue, ack_overdue = await dsr.overdue_counts(conn, tenant_id)
+        total += overdue
+        ack_total += ack_overdue
     metrics.PRIVACY_REQUESTS_OVERDUE.set(total)
+    metrics.PRIVACY_REQUESTS_ACK_OVERDUE.set(ack_total)
     return total
 
 

@@ -163,6 +163,78 @@ async def test_overdue_gauge(
     await ws.close()
 
 
+async def test_extending_after_the_deadline_is_refused(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, app_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(g, "/api/gdpr/request", session(token), {"kind": "access"})
+    await owner_pool.execute(
+        "UPDATE privacy_requests SET due_at = now() - interval '1 day' WHERE request_id = $1::uuid",
+        doc["id"],
+    )
+    columns = "status, due_at, extended_at, extension_days, extension_reason"
+    query = f"SELECT {columns} FROM privacy_requests WHERE request_id = $1::uuid"
+    before = dict(await owner_pool.fetchrow(query, doc["id"]))
+    overdue = await refresh_overdue(app_pool)
+    status, err = await post(
+        g, f"/api/admin/requests/{doc['id']}/extend", admin(tenant), {"days": 30, "reason": "late"}
+    )
+    assert status == 409 and err["error"]["code"] == "deadline_passed", err
+    assert dict(await owner_pool.fetchrow(query, doc["id"])) == before
+    assert await refresh_overdue(app_pool) == overdue
+    async with g.session.get(
+        g.url("/api/admin/requests?status=overdue"), headers=admin(tenant)
+    ) as r:
+        listed = (await r.json())["requests"]
+    assert [(x["id"], x["overdue"]) for x in listed] == [(doc["id"], True)]
+    actions = await owner_pool.fetch(
+        "SELECT action FROM audit_log WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert "request.extend" not in [a["action"] for a in actions]
+    await ws.close()
+
+
+async def test_acknowledgement_deadline_is_surfaced(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, app_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    base = "/api/admin/requests"
+    ws, token = await new_visitor(g, tenant)
+    status, late = await post(g, "/api/gdpr/request", session(token), {"kind": "access"})
+    assert status == 201 and late["ack_overdue"] is False
+    _, closed = await post(g, "/api/privacy/ccpa/request", session(token), {"kind": "know"})
+    _, fresh = await post(g, "/api/gdpr/request", session(token), {"kind": "portability"})
+    await refresh_overdue(app_pool)
+    before = metrics.PRIVACY_REQUESTS_ACK_OVERDUE._value.get()
+    await owner_pool.execute(
+        "UPDATE privacy_requests SET ack_due_at = now() - interval '1 hour'"
+        " WHERE request_id = ANY($1::uuid[])",
+        [late["id"], closed["id"]],
+    )
+    # answered without an acknowledgement: the answer is the acknowledgement
+    status, rej = await post(g, f"{base}/{closed['id']}/reject", admin(tenant), {"reason": "dup"})
+    assert status == 200 and rej["ack_overdue"] is False
+    async with g.session.get(g.url(f"/api/gdpr/request/{late['id']}"), headers=session(token)) as r:
+        mine = await r.json()
+    assert mine["ack_overdue"] is True and mine["overdue"] is False
+    async with g.session.get(g.url(f"{base}?status=ack_overdue"), headers=admin(tenant)) as r:
+        assert r.status == 200
+        assert [x["id"] for x in (await r.json())["requests"]] == [late["id"]]
+    async with g.session.get(g.url(base), headers=admin(tenant)) as r:
+        flags = {x["id"]: x["ack_overdue"] for x in (await r.json())["requests"]}
+    assert flags == {late["id"]: True, closed["id"]: False, fresh["id"]: False}
+    await refresh_overdue(app_pool)
+    assert metrics.PRIVACY_REQUESTS_ACK_OVERDUE._value.get() == before + 1
+    status, acked = await post(g, f"{base}/{late['id']}/acknowledge", admin(tenant), {})
+    assert status == 200 and acked["ack_overdue"] is False
+    async with g.session.get(g.url(f"{base}?status=ack_overdue"), headers=admin(tenant)) as r:
+        assert (await r.json())["requests"] == []
+    await refresh_overdue(app_pool)
+    assert metrics.PRIVACY_REQUESTS_ACK_OVERDUE._value.get() == before
+    await ws.close()
+
+
 async def test_restriction_refuses_chat_at_once(
     offline_gateway: Gateway, tenant: NewTenant
 ) -> None:
@@ -228,6 +300,68 @@ async def test_completing_an_erasure_request_erases(
     assert row["subject_id"] is None and row["details"] is None
     async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
         assert r.status == 401
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [("/api/gdpr/request", "erasure"), ("/api/privacy/ccpa/request", "delete")],
+    ids=["gdpr-erasure", "ccpa-delete"],
+)
+async def test_completing_an_erasure_request_keeps_no_free_text(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, path: str, kind: str
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(g, path, session(token), {"kind": kind, "details": "I am Jane Roe"})
+    status, done = await post(
+        g,
+        f"/api/admin/requests/{doc['id']}/complete",
+        admin(tenant),
+        {"resolution": "erased Jane Roe"},
+    )
+    assert status == 200 and done["status"] == "completed" and done["closed_at"]
+    assert done["resolution"] is None and "Jane" not in repr(done)
+    row = await owner_pool.fetchrow(
+        "SELECT subject_id, status, closed_at, details, extension_reason, resolution"
+        " FROM privacy_requests WHERE request_id = $1::uuid",
+        doc["id"],
+    )
+    assert row["status"] == "completed" and row["closed_at"] is not None
+    assert row["subject_id"] is None and row["resolution"] is None
+    assert "Jane" not in repr(dict(row))
+    await ws.close()
+
+
+async def test_requests_of_an_erased_subject_keep_no_free_text(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    base = "/api/admin/requests"
+    ws, token = await new_visitor(g, tenant)
+    _, first = await post(g, "/api/gdpr/request", session(token), {"kind": "access"})
+    _, second = await post(g, "/api/gdpr/request", session(token), {"kind": "portability"})
+    async with g.session.post(g.url("/api/privacy/delete"), headers=session(token)) as r:
+        assert r.status == 200
+    status, ext = await post(
+        g, f"{base}/{first['id']}/extend", admin(tenant), {"days": 10, "reason": "Rupert called"}
+    )
+    assert status == 200 and ext["extension_days"] == 10 and ext["extension_reason"] is None
+    status, done = await post(
+        g, f"{base}/{first['id']}/complete", admin(tenant), {"resolution": "sent to Rupert Poe"}
+    )
+    assert status == 200 and done["status"] == "completed" and done["resolution"] is None
+    # a rejection still needs a reason, even though it is not kept
+    status, err = await post(g, f"{base}/{second['id']}/reject", admin(tenant), {})
+    assert status == 422 and err["error"]["code"] == "reason_required"
+    status, rej = await post(
+        g, f"{base}/{second['id']}/reject", admin(tenant), {"reason": "Rupert is not the user"}
+    )
+    assert status == 200 and rej["status"] == "rejected" and rej["resolution"] is None
+    dump = await owner_pool.fetch(
+        "SELECT * FROM privacy_requests WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert len(dump) == 2 and "Rupert" not in repr([dict(r) for r in dump])
     await ws.close()
 
 
@@ -300,6 +434,17 @@ async def test_request_details_are_sealed_at_rest(
     async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
         export = await r.json()
     assert [x["details"] for x in export["privacy_requests"]] == ["my name is Jane Roe"]
+    # every admin response that carried the opened details was audited, without the text
+    entries = await owner_pool.fetch(
+        "SELECT actor, action, target, details FROM audit_log WHERE tenant_id = $1 ORDER BY seq",
+        tenant.tenant_id,
+    )
+    assert [(e["action"], e["target"]) for e in entries if e["actor"].startswith("admin:")] == [
+        ("request.details_read", f"request:{doc['id']}"),
+        ("request.acknowledge", f"request:{doc['id']}"),
+        ("request.details_read", f"request:{doc['id']}"),
+    ]
+    assert "Jane" not in repr([dict(e) for e in entries])
     await ws.close()
 
 
