@@ -6,6 +6,11 @@ Per tenant, with `retention_days` from its current policy:
 * conversations whose messages are all gone, older than retention and no longer
   attached to a session are anonymized: subject link and sealed redaction map
   removed, `anonymized_at` set, counts and timestamps (durations) kept;
+* conversations whose messages are all gone and older than retention but still
+  attached to a session (one renewed on every resume can outlive retention
+  forever) lose their sealed redaction map (the visitor's original e-mails, phone
+  numbers, cards...): nothing stored refers to its placeholders any more, and a
+  resume starts with an empty map, as a new conversation does;
 * sessions: the anonymized IP is cleared once last seen before retention, and
   expired sessions are deleted;
 * analytics events older than two years are folded into `analytics_daily`
@@ -71,6 +76,24 @@ WITH u AS (
 SELECT count(*) FROM u
 """
 
+# Whatever sessions say. The conditions are repeated on `c` itself: a message written
+# concurrently (omnigate_insert_message inserts, then bumps the conversation) changes
+# `last_message_at` under the row lock, and READ COMMITTED re-checks only those.
+_CLEAR_REDACTION_MAPS = """
+WITH u AS (
+    UPDATE conversations c
+       SET redaction_sealed = NULL
+     WHERE (c.tenant_id, c.conversation_id) IN (
+        SELECT tenant_id, conversation_id FROM conversations x
+        WHERE x.tenant_id = $1 AND x.redaction_sealed IS NOT NULL AND x.last_message_at < $2
+          AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.tenant_id = x.tenant_id
+                          AND m.conversation_id = x.conversation_id)
+        LIMIT $3)
+       AND c.redaction_sealed IS NOT NULL AND c.last_message_at < $2
+    RETURNING 1)
+SELECT count(*) FROM u
+"""
+
 _DELETE_SESSIONS = """
 WITH d AS (
     DELETE FROM sessions WHERE (tenant_id, session_id) IN (
@@ -113,11 +136,13 @@ SELECT count(*) FROM d
 KINDS = (
     "messages_deleted",
     "conversations_anonymized",
+    "redaction_maps_cleared",
     "sessions_deleted",
     "session_ips_cleared",
     "analytics_events_aggregated",
 )
-# the metric's closed label set (gateway.metrics.RETENTION_KINDS)
+# the metric's closed label set (gateway.metrics.RETENTION_KINDS); a kind without a
+# label there (redaction_maps_cleared) is in the summary only
 _METRIC_KIND = {
     "messages_deleted": "messages",
     "conversations_anonymized": "conversations",
@@ -155,6 +180,11 @@ async def purge_tenant(pool: Pool, tenant_id: UUID, now: datetime, batch: int) -
     out["session_ips_cleared"] = await _drain(pool, tenant_id, _CLEAR_IPS, cutoff, batch=batch)
     out["conversations_anonymized"] = await _drain(
         pool, tenant_id, _ANONYMIZE_CONVERSATIONS, cutoff, now, batch=batch
+    )
+    # after anonymizing, which removes the maps it reaches: what is left here are the
+    # conversations a live session still points at
+    out["redaction_maps_cleared"] = await _drain(
+        pool, tenant_id, _CLEAR_REDACTION_MAPS, cutoff, batch=batch
     )
     out["analytics_events_aggregated"] = await _drain(
         pool, tenant_id, _AGGREGATE_ANALYTICS, now - timedelta(days=ANALYTICS_DAYS), batch=batch
@@ -197,7 +227,8 @@ async def run_retention(
             "DELETE FROM omnigate_leases WHERE name = $1 AND holder = $2", LEASE, holder
         )
     for kind, n in totals.items():
-        metrics.count_retention_purged(_METRIC_KIND[kind], n)
+        if kind in _METRIC_KIND:
+            metrics.count_retention_purged(_METRIC_KIND[kind], n)
     return {
         "leader": True,
         "tenants": len(tenants),

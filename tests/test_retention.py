@@ -13,9 +13,10 @@ import pytest
 
 from gateway import retention
 from gateway.cli import run
+from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant, create_tenant
 from gateway.retention import KINDS, LEASE, run_retention
-from tests.conftest import ORIGIN, Database, Gateway, chat, hello
+from tests.conftest import ORIGIN, Database, Gateway, chat, hello, recv_until, reply_text
 
 CONSENT = {"conversation_storage": True, "ai_processing": True}
 
@@ -223,3 +224,69 @@ async def test_retention_loop_survives_any_exception(
     with pytest.raises(asyncio.CancelledError):
         await retention.retention_loop(svc, 0)
     assert calls == 3
+
+
+async def test_a_kept_session_does_not_keep_the_redaction_map_past_retention(
+    gateway: Gateway,
+    tenant: NewTenant,
+    fake: tuple[FakeUpstream, str],
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    upstream, _ = fake
+    old = await chatted(gateway, tenant, "mail jane@example.org")
+    recent = await chatted(gateway, tenant, "mail max@example.org")
+    old_c, recent_c = UUID(old["conversation_id"]), UUID(recent["conversation_id"])
+    sealed = "SELECT redaction_sealed FROM conversations WHERE conversation_id = $1"
+    assert await owner_pool.fetchval(sealed, old_c) is not None
+    ago = "now() - interval '100 days'"
+    await owner_pool.execute(
+        f"UPDATE messages SET created_at = {ago} WHERE conversation_id = $1", old_c
+    )
+    await owner_pool.execute(
+        f"UPDATE conversations SET started_at = {ago}, last_message_at = {ago}"
+        " WHERE conversation_id = $1",
+        old_c,
+    )
+    # the visitor came back last week without chatting: the session was renewed, it
+    # still points at the conversation (so the conversation is not anonymized)
+    await owner_pool.execute(
+        "UPDATE sessions SET last_seen_at = now() - interval '7 days',"
+        " expires_at = now() + interval '23 days' WHERE conversation_id = $1",
+        old_c,
+    )
+
+    summary = await run_retention(app_pool, batch=1)
+    assert summary["leader"] is True
+    conv = await owner_pool.fetchrow(
+        "SELECT * FROM conversations WHERE conversation_id = $1", old_c
+    )
+    assert conv is not None and conv["redaction_sealed"] is None
+    assert summary["redaction_maps_cleared"] >= 1, summary
+    # still the visitor's, kept for the live session: not anonymized
+    assert conv["subject_id"] is not None and conv["anonymized_at"] is None
+    count = "SELECT count(*) FROM {} WHERE conversation_id = $1"
+    assert await owner_pool.fetchval(count.format("messages"), old_c) == 0
+    assert await owner_pool.fetchval(count.format("sessions"), old_c) == 1
+    # a conversation with messages left keeps its map: its stored turns need it
+    assert await owner_pool.fetchval(sealed, recent_c) is not None
+    assert await owner_pool.fetchval(count.format("messages"), recent_c) == 2
+    again = await run_retention(app_pool)
+    assert all(again[k] == 0 for k in KINDS), again
+
+    # the same visitor resumes: an empty map, no earlier turns, and chats again
+    ws = await gateway.ws(tenant.site_key)
+    resumed = await hello(ws, session_token=old["session_token"])
+    assert resumed["resumed"] is True and resumed["conversation_id"] == old["conversation_id"]
+    await ws.send_json({"type": "history"})
+    assert (await recv_until(ws, "history"))[-1]["messages"] == []
+    upstream.queue("reply", text="noted <EMAIL_1>")
+    frames = await chat(ws, "n", "write to bob@example.net")
+    await ws.close()
+    assert frames[-1]["type"] == "done", frames
+    assert reply_text(frames) == "noted bob@example.net"
+    sent = upstream.requests[-1]["body"]["messages"]
+    assert [(m["role"], m["content"]) for m in sent[1:]] == [("user", "write to <EMAIL_1>")]
+    assert "jane" not in str(sent)
+    assert await owner_pool.fetchval(sealed, old_c) is not None
+    assert await owner_pool.fetchval(count.format("messages"), old_c) == 2
