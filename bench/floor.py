@@ -190,7 +190,13 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             n += 1
             conv = convs[n % len(convs)]
             return NewMessage(
-                tenant.tenant_id, conv, uuid.uuid4(), "user", blob, client_ref=os.urandom(16)
+                tenant.tenant_id,
+                conv,
+                uuid.uuid4(),
+                "user",
+                blob,
+                client_ref=os.urandom(16),
+                check_map=True,  # as a visitor's message: only onto the map it expects
             )
 
         async def insert_message() -> object:

@@ -24,9 +24,9 @@ from gateway.logs import log_secrets
 from gateway.protocol import ProtocolError
 from gateway.redactpool import HelperFailed
 from gateway.services import Services
-from gateway.store import NewMessage
+from gateway.store import MapChanged, NewMessage
 from gateway.upstream import UpstreamError
-from gateway.visitor import CONTEXT_MESSAGES, Visitor
+from gateway.visitor import CONTEXT_MESSAGES, Visitor, reload_map
 from policies import ChatDecision, CompiledPolicy, ReplyRestorer, TooCostly, decide_chat
 
 log = logging.getLogger("omnigate.chat")
@@ -184,9 +184,20 @@ async def _exchange(
     user_seq: int | None = None
     if keep:
         client_ref = await svc.hash_keys.hash(v.tenant_id, v.conversation_id.bytes, msg_id.encode())
-        # the sealed map is rewritten only when this message added a placeholder
-        grew = len(v.placeholders) != known
-        user_seq = await _store_user(svc, v, msg_id, text, client_ref, grew, emit)
+        for _ in range(MAP_ATTEMPTS):
+            # the sealed map is rewritten only when this message added a placeholder
+            grew = len(v.placeholders) != known
+            try:
+                user_seq = await _store_user(svc, v, msg_id, text, client_ref, grew, emit)
+                break
+            except MapChanged:
+                # another tab of this session, or retention, changed the map since this
+                # connection read it: redact again with the stored one, then store
+                await _reload_map(svc, v, msg_id)
+                known = len(v.placeholders)
+                redacted = cp.redactor.apply(text, found, v.placeholders)
+        else:
+            raise _storage_error(msg_id)
         if user_seq is None:
             return  # a re-send answered from storage
     await emit(protocol.ack(msg_id, user_seq))
@@ -237,6 +248,19 @@ async def _exchange(
     await emit(protocol.done(msg_id, reply_seq, finish))
 
 
+# writes of one message that may find the map changed by another tab before giving up
+MAP_ATTEMPTS = 3
+
+
+async def _reload_map(svc: Services, v: Visitor, msg_id: str) -> None:
+    try:
+        await reload_map(svc, v)
+    except KeyDestroyed:
+        raise _erased(msg_id) from None
+    except (*STORAGE_ERRORS, CryptoError):
+        raise _storage_error(msg_id) from None
+
+
 async def _insert_message(svc: Services, msg: NewMessage) -> int | None:
     """A message write: group-committed with other sessions' when the writer is running."""
     if svc.writer is not None:
@@ -280,9 +304,13 @@ async def _store_user(
                     blob,
                     client_ref=client_ref,
                     redaction_sealed=sealed_map,
+                    check_map=True,
+                    map_expected=v.map_sealed,
                 ),
             )
         if seq is not None:
+            if sealed_map is not None:
+                v.map_sealed = sealed_map
             return seq
         async with tenant_tx(svc.pool, v.tenant_id) as conn:
             found = await store.message_by_client_ref(

@@ -37,7 +37,7 @@ T = TypeVar("T")
 _INSERT_MESSAGES = (
     "SELECT ord, seq, failed FROM omnigate_insert_messages("
     "$1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bytea[], $6::bigint[],"
-    " $7::text[], $8::text[], $9::bytea[], $10::bytea[])"
+    " $7::text[], $8::text[], $9::bytea[], $10::bytea[], $11::boolean[], $12::bytea[])"
 )
 
 
@@ -126,6 +126,8 @@ class GroupCommitter:
             if r is None or r["failed"]:
                 # alone, so the caller gets the database's own error (and a second chance)
                 await self._retry_alone(msg, fut)
+            elif r["seq"] == store.MAP_CHANGED:
+                fut.set_exception(store.MapChanged())
             else:
                 fut.set_result(r["seq"])
 

@@ -299,6 +299,9 @@ class NewMessage(NamedTuple):
     status: str = "complete"
     finish_reason: str | None = None
     redaction_sealed: bytes | None = None
+    # written only if the conversation's sealed map is still `map_expected` (0014)
+    check_map: bool = False
+    map_expected: bytes | None = None
 
     def args(self) -> tuple[Any, ...]:
         """The values in the parameter order of omnigate_insert_message(s)."""
@@ -313,19 +316,33 @@ class NewMessage(NamedTuple):
             self.finish_reason,
             self.ciphertext,
             self.redaction_sealed,
+            self.check_map,
+            self.map_expected,
         )
 
 
-# migrations/0004: sets the tenant itself, so on a pool it is one autocommit round trip
-_INSERT_MESSAGE = "SELECT omnigate_insert_message($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+class MapChanged(Exception):
+    """Not written: the conversation's redaction map is no longer the one expected."""
+
+
+# the seq a map check that failed answers with (real ones start at 1)
+MAP_CHANGED = -1
+
+# migrations/0014: sets the tenant itself, so on a pool it is one autocommit round trip
+_INSERT_MESSAGE = (
+    "SELECT omnigate_insert_message($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+)
 
 
 async def insert_message(conn: asyncpg.Connection | Pool, msg: NewMessage) -> int | None:
     """Insert a message in one round trip; None when the client_ref already exists.
 
     `conn` may be the pool itself: the statement is then its own tenant transaction.
+    Raises MapChanged when `msg.check_map` and the map is not `msg.map_expected`.
     """
     seq: int | None = await conn.fetchval(_INSERT_MESSAGE, *msg.args())
+    if seq == MAP_CHANGED:
+        raise MapChanged
     return seq
 
 

@@ -66,6 +66,9 @@ class Visitor:
     # anonymized IP, or a keyed hash of an address kept whole (RequestContext.ip_key)
     ip_key: str | None = None
     placeholders: PlaceholderMap = field(default_factory=PlaceholderMap)
+    # the conversation's sealed map as this connection last read or wrote it: a message
+    # is stored only while the stored map is still this one (migrations/0014)
+    map_sealed: bytes | None = None
     # the last exchanges in the redacted form the model saw, for its context
     context: list[dict[str, str]] = field(default_factory=list)
     # client ids answered while the transcript is not kept (dedupe without storage)
@@ -353,17 +356,41 @@ def _load_context(svc: Services, v: Visitor, found: store.ResumedSession, cipher
 
     `found.recent` holds no interrupted markers: they are empty, nothing the model said.
     """
-    if found.redaction_sealed:
-        raw = svc.vault.open_blob(
-            cipher, v.tenant_id, v.conversation_id, "redaction", found.redaction_sealed
-        )
-        v.placeholders = PlaceholderMap.from_dict(orjson.loads(raw))
+    v.placeholders = open_map(svc, v, cipher, found.redaction_sealed)
+    v.map_sealed = found.redaction_sealed
     for message_id, role, ciphertext in found.recent:
         text = svc.vault.open_text(
             cipher, v.tenant_id, v.conversation_id, message_id, role, ciphertext
         )
         # the stored text is what the visitor saw; the model sees it redacted again
         v.context.append({"role": role, "content": v.placeholders.reapply(text)})
+
+
+def open_map(svc: Services, v: Visitor, cipher: AESGCM, sealed: bytes | None) -> PlaceholderMap:
+    """A conversation's redaction map from its sealed form (empty when there is none)."""
+    if not sealed:
+        return PlaceholderMap()
+    raw = svc.vault.open_blob(cipher, v.tenant_id, v.conversation_id, "redaction", sealed)
+    return PlaceholderMap.from_dict(orjson.loads(raw))
+
+
+async def reload_map(svc: Services, v: Visitor) -> None:
+    """Read the conversation's map again: another connection of the session, or retention,
+    changed it since this one read it. A map cleared by retention (its messages are gone)
+    takes the context with it: the turns left in memory speak of placeholders no longer
+    issued."""
+    async with tenant_tx(svc.pool, v.tenant_id) as conn:
+        cipher = await svc.vault.cipher(conn, v.tenant_id, v.subject_id)
+        sealed = await conn.fetchval(
+            "SELECT redaction_sealed FROM conversations "
+            "WHERE tenant_id = $1 AND conversation_id = $2",
+            v.tenant_id,
+            v.conversation_id,
+        )
+    v.placeholders = open_map(svc, v, cipher, sealed)
+    v.map_sealed = sealed
+    if sealed is None:
+        v.context.clear()
 
 
 def welcome(v: Visitor, cp: CompiledPolicy) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from gateway.chat import STORAGE_ERRORS
 from gateway.db import create_pool, tenant_tx
 from gateway.groupcommit import GroupCommitter, _usable
 from gateway.provision import NewTenant, create_tenant
-from gateway.store import NewMessage
+from gateway.store import MapChanged, NewMessage
 from tests.conftest import ORIGIN, TEST_APP_ROLE, Database, Gateway, hello
 
 BLOB = b"x" * 40
@@ -105,6 +105,35 @@ async def test_bad_row_fails_alone_and_duplicate_is_none(
     # autocommit: no tenant setting survives the statement on the connection it keeps
     conn = gc._conn
     assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+    await gc.aclose()
+
+
+async def test_a_row_expecting_a_map_that_changed_in_its_batch_is_not_written(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    # two tabs of one session in one batch, both expecting the map they read (none):
+    # the first grows it, so the second must read it again before it is written
+    conv = await conversation_of(offline_gateway, tenant)
+    gc = GroupCommitter(app_pool)
+    blocker = asyncio.create_task(gc.insert(user_message(tenant.tenant_id, conv)))
+    await flushed(gc, 1)
+    grows, stale, unchecked = await asyncio.gather(
+        gc.insert(user_message(tenant.tenant_id, conv, redaction_sealed=b"map", check_map=True)),
+        gc.insert(user_message(tenant.tenant_id, conv, check_map=True)),
+        gc.insert(user_message(tenant.tenant_id, conv)),  # a reply: no map expected
+        return_exceptions=True,
+    )
+    assert isinstance(await blocker, int)
+    assert gc.batches == 2  # the blocker, then the three together
+    assert isinstance(grows, int) and isinstance(unchecked, int)
+    assert isinstance(stale, MapChanged)
+    # alone, on the map it now expects, it goes through
+    fresh = user_message(tenant.tenant_id, conv, check_map=True, map_expected=b"map")
+    assert isinstance(await gc.insert(fresh), int)
+    with pytest.raises(MapChanged):  # and the one-row statement checks as the batch does
+        await gc.insert(user_message(tenant.tenant_id, conv, check_map=True))
+    async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 4
     await gc.aclose()
 
 
