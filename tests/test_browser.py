@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from gateway.config import Settings
 from gateway.db import tenant_tx
 from gateway.provision import NewTenant, create_tenant
 from policies import parse_policy, policy_to_doc
+from tests import support
 from tests.conftest import Gateway, start_gateway
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -137,6 +138,7 @@ class Watch:
         self.requests: list[str] = []
         self.sockets: list[str] = []
         self.sent: list[dict[str, Any]] = []
+        self.received: list[dict[str, Any]] = []
         self.console: list[str] = []
         page.on("request", lambda r: self.requests.append(r.url))
         page.on("console", lambda m: self.console.append(m.text))
@@ -145,12 +147,21 @@ class Watch:
     def _on_ws(self, ws: Any) -> None:
         self.sockets.append(ws.url)
         ws.on("framesent", lambda payload: self.sent.append(json.loads(payload)))
+        ws.on("framereceived", lambda payload: self.received.append(json.loads(payload)))
 
     def csp_violations(self) -> list[str]:
         return [m for m in self.console if "Content Security Policy" in m]
 
     def hellos(self) -> list[dict[str, Any]]:
         return [f for f in self.sent if f.get("type") == "hello"]
+
+    def welcomes(self) -> list[dict[str, Any]]:
+        return [f for f in self.received if f.get("type") == "welcome"]
+
+
+async def until(check: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait until check() is true (a condition on what a Watch recorded)."""
+    await support.until(check, timeout)
 
 
 async def open_widget(page: Page) -> None:
@@ -236,6 +247,28 @@ async def test_consent_chat_stream_and_announce(live: Live, context: BrowserCont
     assert watch.csp_violations() == []
 
 
+async def test_unticked_keep_box_revokes_storage(live: Live, context: BrowserContext) -> None:
+    # the policy names conversation_storage in neither list: kept unless refused
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page, keep=False)
+    consent = [f for f in watch.sent if f["type"] == "consent"]
+    assert consent == [
+        {"type": "consent", "grant": ["ai_processing"], "revoke": ["conversation_storage"]}
+    ]
+    await say(page, "do not keep this", 0)
+    # a reload resumes the session, and there is no transcript to replay
+    await page.reload()
+    await open_widget(page)
+    await until(lambda: any(f["type"] == "history" for f in watch.received))
+    history = [f for f in watch.received if f["type"] == "history"]
+    assert history[-1]["messages"] == []
+    await expect(page.get_by_label("Message")).to_be_visible()
+    assert await page.locator("li.msg").count() == 0
+
+
 async def test_gpc_is_sent_in_hello(live: Live, context: BrowserContext) -> None:
     await context.add_init_script(
         "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
@@ -292,29 +325,37 @@ async def test_reconnect_neither_loses_nor_duplicates(live: Live, context: Brows
     await expect(page.locator("li.msg")).to_have_count(8)
 
 
+# a network that blocks WebSockets: every socket fails before it opens
+BLOCKED_SOCKETS = """
+window.WebSocket = class {
+  static OPEN = 1;
+  constructor() {
+    this.readyState = 0;
+    this._l = {};
+    setTimeout(() => {
+      this.readyState = 3;
+      (this._l.error || []).forEach((f) => f(new Event('error')));
+      (this._l.close || []).forEach((f) => f({ code: 1006 }));
+    }, 20);
+  }
+  addEventListener(t, f) { (this._l[t] = this._l[t] || []).push(f); }
+  send() {}
+  close() {}
+};
+"""
+
+
 async def test_http_fallback_when_websockets_fail(live: Live, context: BrowserContext) -> None:
-    # a network that blocks WebSockets: every socket fails before it opens
-    await context.add_init_script(
-        """
-        window.WebSocket = class {
-          static OPEN = 1;
-          constructor() {
-            this.readyState = 0;
-            this._l = {};
-            setTimeout(() => {
-              this.readyState = 3;
-              (this._l.error || []).forEach((f) => f(new Event('error')));
-              (this._l.close || []).forEach((f) => f({ code: 1006 }));
-            }, 20);
-          }
-          addEventListener(t, f) { (this._l[t] = this._l[t] || []).push(f); }
-          send() {}
-          close() {}
-        };
-        """
-    )
+    await context.add_init_script(BLOCKED_SOCKETS)
     page = await context.new_page()
     watch = Watch(page)
+    bodies: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: (
+            bodies.append(json.loads(r.post_data or "{}")) if "/v1/widget/chat" in r.url else None
+        ),
+    )
     await page.goto(live.demo)
     await open_widget(page)
     await expect(page.locator(".panel")).to_have_attribute("data-transport", "http")
@@ -328,6 +369,9 @@ async def test_http_fallback_when_websockets_fail(live: Live, context: BrowserCo
     assert await page.locator("li.msg").count() == 4
     posts = [u for u in watch.requests if "/v1/widget/chat" in u]
     assert len(posts) >= 3
+    # the unticked optional box is a refusal, sent with the consent on the next hello
+    consents = [b["hello"]["consent"] for b in bodies if "consent" in b.get("hello", {})]
+    assert consents == [{"ai_processing": True, "conversation_storage": False}], bodies
     assert watch.csp_violations() == []
 
 
@@ -506,8 +550,12 @@ document.addEventListener('securitypolicyviolation', (e) =>
 """
 
 
-async def open_shop(live: Live, pool: asyncpg.Pool, context: BrowserContext) -> tuple[Page, Watch]:
-    """The widget on a third-party shop page with its own strict CSP, the shop allowed."""
+async def open_shop(
+    live: Live, pool: asyncpg.Pool, context: BrowserContext, before: str = ""
+) -> tuple[Page, Watch]:
+    """The widget on a third-party shop page with its own strict CSP, the shop allowed.
+
+    `before` is markup the page has ahead of the widget's script tag."""
     await set_policy(
         pool,
         live.tenant.tenant_id,
@@ -529,7 +577,7 @@ async def open_shop(live: Live, pool: asyncpg.Pool, context: BrowserContext) -> 
     )
     html = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Shop</title></head>'
-        "<body><h1>Trailblazer 29</h1>"
+        f"<body><h1>Trailblazer 29</h1>{before}"
         f'<script src="{gw}/widget.js" data-site="{live.tenant.site_key}" async></script>'
         "</body></html>"
     )
@@ -606,3 +654,280 @@ async def test_third_party_origin_export_and_delete(
     assert new and new != token
     assert await page.locator("li.msg").count() == 0
     assert await csp_violations(page, watch) == []
+
+
+class ReplacingServer:
+    """A scripted widget server whose session is gone after a restart.
+
+    The first socket's session answers the first message and leaves the second
+    unanswered; every later socket starts a new session (another token, not resumed).
+    """
+
+    def __init__(self) -> None:
+        self.routes: list[WebSocketRoute] = []
+        self.frames: list[list[dict[str, Any]]] = []
+
+    async def attach(self, page: Page) -> None:
+        await page.route_web_socket(re.compile(r".*/v1/widget/ws.*"), self._route)
+
+    def token(self, n: int) -> str:
+        return chr(ord("a") + n) * 32
+
+    def _route(self, ws: WebSocketRoute) -> None:
+        n = len(self.routes)
+        self.routes.append(ws)
+        self.frames.append([])
+
+        def send(frame: dict[str, Any]) -> None:
+            ws.send(json.dumps(frame))
+
+        def on_message(raw: str | bytes) -> None:
+            frame = json.loads(raw)
+            self.frames[n].append(frame)
+            if frame["type"] == "hello":
+                policy = {"required_consents": [], "granted": [], "retention_days": 30}
+                send({"type": "welcome", "session_token": self.token(n), "resumed": False,
+                      "conversation_id": f"c{n}", "policy": policy})  # fmt: skip
+            elif frame["type"] == "message":
+                answered = sum(f["type"] == "message" for f in self.frames[n])
+                if n == 0 and answered > 1:
+                    return  # in flight when the gateway went away
+                send({"type": "ack", "id": frame["id"], "seq": 2 * answered - 1})
+                send({"type": "delta", "id": frame["id"], "text": frame["text"]})
+                send({"type": "done", "id": frame["id"], "seq": 2 * answered,
+                      "finish_reason": "stop"})  # fmt: skip
+
+        ws.on_message(on_message)
+
+    def sent(self, n: int, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames[n] if f["type"] == kind]
+
+
+async def test_a_session_replaced_while_away_is_not_continued(
+    live: Live, context: BrowserContext
+) -> None:
+    server = ReplacingServer()
+    page = await context.new_page()
+    await server.attach(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await say(page, "answered before", 0)
+    await page.get_by_label("Message").fill("never answered")
+    await page.get_by_label("Message").press("Enter")
+    await until(lambda: len(server.sent(0, "message")) == 2)
+    await expect(page.locator("li.msg")).to_have_count(3)
+
+    # the gateway restarts and the session is gone: the widget's hello names the old
+    # token, and the answer is a new session
+    await server.routes[0].close(code=1012, reason="restart")
+    await until(lambda: len(server.routes) == 2 and server.sent(1, "hello") != [])
+    assert server.sent(1, "hello")[0]["session_token"] == server.token(0)
+    await expect(page.locator(".panel")).to_have_attribute("data-state", "ready")
+    # the old conversation is over: nothing of it is shown, nothing re-sent into the new one
+    await expect(page.locator("li.msg")).to_have_count(0)
+    await expect(page.locator(".empty")).to_be_visible()
+    key = f"omnigate.session.{live.tenant.site_key}"
+    assert await page.evaluate("(k) => sessionStorage.getItem(k)", key) == server.token(1)
+    await say(page, "a new start", 0)
+    assert [m["text"] for m in server.sent(1, "message")] == ["a new start"]
+    await page.wait_for_timeout(300)
+    assert len(server.routes) == 2  # no further reconnect
+    assert await texts(page) == [("user", "a new start"), ("assistant", "a new start")]
+
+
+async def test_clobbered_current_script_is_ignored(
+    live: Live, app_pool: asyncpg.Pool, context: BrowserContext
+) -> None:
+    # markup a shop lets through (a review, a product description) shadowing
+    # document.currentScript with its own gateway and site key
+    await context.route("https://evil.test/**", lambda route: route.abort())
+    clobber = '<img name="currentScript" src="https://evil.test/widget.js" data-site="x">'
+    page, watch = await open_shop(live, app_pool, context, before=clobber)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "which gateway is this?", 0)
+    port = live.origin.rsplit(":", 1)[1]
+    assert watch.sockets == [f"ws://127.0.0.1:{port}/v1/widget/ws?site={live.tenant.site_key}"]
+    assert await page.locator(f'[data-omnigate="{live.tenant.site_key}"]').count() == 1
+    assert await page.locator('[data-omnigate="x"]').count() == 0
+    assert [r for r in watch.requests if "evil.test" in r and not r.endswith("/widget.js")] == []
+
+
+# sockets 2 and 3 fail before they open (a gateway restarting); the others are real
+FLAKY_SOCKETS = """
+(() => {
+  const Real = window.WebSocket;
+  window.__sockets = 0;
+  class Refused {
+    constructor() {
+      this.readyState = 0;
+      this._l = {};
+      setTimeout(() => {
+        this.readyState = 3;
+        (this._l.error || []).forEach((f) => f(new Event('error')));
+        (this._l.close || []).forEach((f) => f({ code: 1006 }));
+      }, 20);
+    }
+    addEventListener(t, f) { (this._l[t] = this._l[t] || []).push(f); }
+    send() {}
+    close() {}
+  }
+  function Flaky(url, protocols) {
+    window.__sockets += 1;
+    if (window.__sockets === 2 || window.__sockets === 3) return new Refused();
+    return new Real(url, protocols);
+  }
+  Object.assign(Flaky, { CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3 });
+  window.WebSocket = Flaky;
+})();
+"""
+
+
+async def test_a_short_outage_keeps_websockets(live: Live, context: BrowserContext) -> None:
+    await context.add_init_script(FLAKY_SOCKETS)
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "before the restart", 0)
+    assert await live.drop_sockets() == 1
+    # two sockets fail to open, then the gateway is back: a WebSocket again, not HTTP
+    await until(lambda: len(watch.sockets) == 2)
+    await expect(page.locator(".panel")).to_have_attribute("data-state", "ready")
+    await say(page, "after the restart", 1)
+    assert await page.locator(".panel").get_attribute("data-transport") is None
+    assert await page.evaluate("() => window.__sockets") == 4
+    assert not [u for u in watch.requests if "/v1/widget/chat" in u]
+
+
+async def erase_conversation(live: Live, conversation_id: str) -> None:
+    """The owner erases the visitor behind a conversation (admin API): sockets get 4001."""
+    async with live.gateway.session.post(
+        live.gateway.url("/api/admin/subjects/erase-by-conversation"),
+        json={"conversation_id": conversation_id},
+        headers={"Authorization": f"Bearer {live.tenant.admin_key}"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def only_conversation(live: Live) -> str:
+    """The id of the tenant's one conversation (admin API)."""
+    async with live.gateway.session.get(
+        live.gateway.url("/api/admin/conversations"),
+        headers={"Authorization": f"Bearer {live.tenant.admin_key}"},
+    ) as resp:
+        conversations = (await resp.json())["conversations"]
+    assert len(conversations) == 1, conversations
+    return str(conversations[0]["id"])
+
+
+async def test_http_fallback_starts_over_after_erasure(live: Live, context: BrowserContext) -> None:
+    await context.add_init_script(BLOCKED_SOCKETS)
+    page = await context.new_page()
+    await page.goto(live.demo)
+    await open_widget(page)
+    await expect(page.locator(".panel")).to_have_attribute("data-transport", "http")
+    await page.get_by_label("Message").fill("before erasure")
+    await page.get_by_label("Message").press("Enter")
+    await give_consent(page)
+    done = page.locator("li.msg.assistant:not(.streaming) .text")
+    await expect(done.nth(0)).to_have_text("before erasure")
+
+    await erase_conversation(live, await only_conversation(live))
+    # the next message names the erased session: the gateway starts a new one, which
+    # asks for consent again; only that message moves over into it
+    await page.get_by_label("Message").fill("after erasure")
+    await page.get_by_label("Message").press("Enter")
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+    assert await texts(page) == [("user", "after erasure")]
+    await give_consent(page, keep=False)
+    await expect(done.nth(0)).to_have_text("after erasure")
+    await page.wait_for_timeout(300)
+    assert await texts(page) == [("user", "after erasure"), ("assistant", "after erasure")]
+
+
+async def test_an_erased_session_leaves_nothing_on_screen(
+    live: Live, context: BrowserContext
+) -> None:
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "my order is 4711", 0)
+    announcer = page.locator("[aria-live=polite].sr-only")
+    await expect(announcer).to_have_text("Assistant: my order is 4711")
+    await page.get_by_role("button", name="Privacy").click()
+    info = page.locator(".privacy-info")
+    await expect(info).to_contain_text("Keep this conversation")
+    await page.get_by_role("button", name="Back to chat").click()
+
+    await erase_conversation(live, watch.welcomes()[-1]["conversation_id"])
+    # a fresh session asks for consent again; nothing of the old one is left behind
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+    await expect(announcer).to_have_text("")
+    await expect(info).not_to_contain_text("Keep this conversation")
+    assert await page.locator("li.msg").count() == 0
+
+
+async def test_privacy_view_withdraws_and_restores_keeping(
+    live: Live, context: BrowserContext
+) -> None:
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "keep this for now", 0)
+    await page.get_by_role("button", name="Privacy").click()
+    region = page.get_by_role("region", name="Your data")
+    keep = region.get_by_role("checkbox", name="Keep this conversation")
+    await expect(keep).to_be_checked()
+
+    welcomes = len(watch.welcomes())
+    await keep.uncheck()
+    await until(lambda: len(watch.welcomes()) > welcomes)
+    assert {"type": "consent", "revoke": ["conversation_storage"]} in watch.sent
+    assert "conversation_storage" not in watch.welcomes()[-1]["policy"]["granted"]
+    await expect(keep).not_to_be_checked()
+    await expect(keep).to_be_enabled()
+    await expect(region.locator(".privacy-info")).to_contain_text("You agreed to: AI processing.")
+    await expect(region.locator(".note")).to_have_text("Your choice was saved.")
+
+    welcomes = len(watch.welcomes())
+    await keep.check()
+    await until(lambda: len(watch.welcomes()) > welcomes)
+    assert {"type": "consent", "grant": ["conversation_storage"]} in watch.sent
+    assert "conversation_storage" in watch.welcomes()[-1]["policy"]["granted"]
+    await expect(keep).to_be_checked()
+    await expect(region.locator(".privacy-info")).to_contain_text("Keep this conversation")
+    # the chat goes on
+    await page.get_by_role("button", name="Back to chat").click()
+    await say(page, "still here", 1)
+
+
+async def test_privacy_view_withdraws_over_http(live: Live, context: BrowserContext) -> None:
+    await context.add_init_script(BLOCKED_SOCKETS)
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await page.get_by_label("Message").fill("keep me")
+    await page.get_by_label("Message").press("Enter")
+    await give_consent(page)
+    await expect(page.locator("li.msg.assistant:not(.streaming) .text")).to_have_text("keep me")
+    await page.get_by_role("button", name="Privacy").click()
+    region = page.get_by_role("region", name="Your data")
+    keep = region.get_by_role("checkbox", name="Keep this conversation")
+    await expect(keep).to_be_checked()
+    # the fallback has no consent frame: the privacy API records the change
+    async with page.expect_request(lambda r: r.url.endswith("/api/privacy/consent")) as sent:
+        await keep.uncheck()
+    request = await sent.value
+    assert request.method == "POST"
+    assert json.loads(request.post_data or "") == {"revoke": ["conversation_storage"]}
+    await expect(region.locator(".note")).to_have_text("Your choice was saved.")
+    await expect(keep).not_to_be_checked()
+    await expect(region.locator(".privacy-info")).to_contain_text("You agreed to: AI processing.")
+    assert watch.sockets == []

@@ -9,12 +9,18 @@
 (() => {
   "use strict";
 
+  // The host page's markup can shadow document properties by name (DOM clobbering:
+  // <img name="currentScript" src="https://evil/widget.js" data-site="x">), so only a
+  // real <script> element is believed, and the fallback lookup is not taken from
+  // `document` either.
+  const current = document.currentScript;
   const script =
-    document.currentScript ||
-    document.querySelector('script[data-site][src*="/widget.js"]');
+    current instanceof HTMLScriptElement
+      ? current
+      : Document.prototype.querySelector.call(document, 'script[data-site][src*="/widget.js"]');
   if (!script || !script.dataset.site) return;
   const SITE = script.dataset.site;
-  const BASE = new URL(script.src, document.baseURI);
+  const BASE = new URL(script.src, location.href);
   const ORIGIN = BASE.origin;
   const WS_URL =
     (BASE.protocol === "https:" ? "wss://" : "ws://") + BASE.host +
@@ -167,6 +173,14 @@
 
   // privacy
   const privacyInfo = h("p", { class: "privacy-info" });
+  const choiceList = h("div", { class: "purposes", role: "group", "aria-labelledby": "og-choices-title" });
+  const choices = h(
+    "div",
+    { class: "choices", hidden: true },
+    h("h4", { id: "og-choices-title", text: "Your choices" }),
+    choiceList,
+    h("p", { text: "A change applies from your next message on. To remove what is already stored, use Delete my data." }),
+  );
   const privacyNote = h("p", { class: "note", role: "status" });
   const exportBtn = h("button", { type: "button", class: "secondary", text: "Download my data" });
   const deleteBtn = h("button", { type: "button", class: "danger", text: "Delete my data" });
@@ -185,6 +199,7 @@
     { class: "privacy", id: "og-privacy", "aria-labelledby": "og-privacy-title", hidden: true },
     h("h3", { id: "og-privacy-title", text: "Your data" }),
     privacyInfo,
+    choices,
     h("div", { class: "actions" }, exportBtn, deleteBtn),
     confirmBox,
     privacyNote,
@@ -216,15 +231,17 @@
   let policy = null;
   let needs = null; // purposes (and age_confirmation) still to grant, or null
   let ready = false; // welcome received and nothing left to consent to
-  let transport = "ws"; // or "http" after repeated WebSocket failures
+  let transport = "ws"; // or "http" when no WebSocket could ever open
   let ws = null;
   let gen = 0; // connection generation: a message is sent at most once per connection
   let wsOpenFailures = 0;
+  let everOpened = false; // a WebSocket opened on this page: the network allows them
   let attempt = 0;
   let reconnectTimer = null;
   let historyAsked = false;
   let pendingConsent = null; // fallback transport: consent rides on the next hello
   let httpBusy = false;
+  let httpMsg = null; // the message the fallback is posting right now
   const msgs = new Map(); // client id -> message record, in send order
   const bySeq = new Map(); // seq -> rendered element (dedupe of history replays)
   let nextId = 0;
@@ -440,11 +457,17 @@
 
   function onWelcome(f) {
     if (f.session_token && f.session_token !== token) {
+      // the session our hello named is gone (expired, erased while the socket was
+      // down): the gateway started a new one. What is on screen belongs to the old one
+      // and unanswered messages must not be sent into the new one.
+      if (token && !f.resumed) sessionReplaced();
       token = f.session_token;
       storageSet(token);
     }
     policy = f.policy || {};
     attempt = 0;
+    renderPrivacyInfo(); // the view, open or not, tells what the gateway now holds
+    choiceSaved();
     const granted = new Set(policy.granted || []);
     const missing = (policy.required_consents || []).filter((p) => !granted.has(p));
     if (missing.length) {
@@ -637,15 +660,20 @@
       return;
     }
     const grant = boxes.filter((b) => b.checked && b.name !== "age_confirmation").map((b) => b.name);
+    // an optional box left unticked is a "no": without it the gateway may keep what
+    // its policy keeps by default (the transcript, when conversation_storage is in
+    // neither required_consents nor optional_consents)
+    const revoke = boxes.filter((b) => !b.checked && b.dataset.optional).map((b) => b.name);
     const age = boxes.some((b) => b.name === "age_confirmation");
     consentError.textContent = "";
     const frame = { type: "consent", grant };
+    if (revoke.length) frame.revoke = revoke;
     if (age) frame.age_confirmed = true;
     if (transport === "ws" && ws && ws.readyState === WebSocket.OPEN) {
       ws.send(JSON.stringify(frame)); // answered by a fresh welcome
     } else {
-      // the fallback has no consent frame: it rides on the next message's hello
-      pendingConsent = { grant, age };
+      // no socket (the fallback, or a socket that is down): it rides on the next hello
+      pendingConsent = { grant, revoke, age };
       needs = null;
       ready = true;
       show(consentForm, false);
@@ -665,7 +693,17 @@
   function helloFields() {
     const hello = { signals: signals() };
     if (token) hello.session_token = token;
+    if (pendingConsent) {
+      const { grant, revoke, age } = pendingConsent;
+      hello.consent = Object.fromEntries([...grant.map((p) => [p, true]), ...revoke.map((p) => [p, false])]);
+      if (age) hello.age_confirmed = true;
+    }
     return hello;
+  }
+
+  // the consent a hello carried was applied (its welcome came, or the POST was taken)
+  function consentDelivered(sent) {
+    if (sent && pendingConsent === sent) pendingConsent = null;
   }
 
   function connect() {
@@ -687,10 +725,13 @@
     setStatus(attempt ? "Reconnecting\u2026" : "Connecting\u2026", "connecting");
     const sock = new WebSocket(WS_URL);
     ws = sock;
+    let helloConsent = null;
     sock.addEventListener("open", () => {
       if (myGen !== gen) return;
       didOpen = true;
+      everOpened = true;
       wsOpenFailures = 0;
+      helloConsent = pendingConsent;
       sock.send(JSON.stringify({ type: "hello", v: 1, ...helloFields() }));
     });
     sock.addEventListener("message", (e) => {
@@ -701,6 +742,7 @@
       } catch (_) {
         return;
       }
+      if (frame.type === "welcome") consentDelivered(helloConsent);
       onFrame(frame);
     });
     sock.addEventListener("close", (e) => {
@@ -712,7 +754,9 @@
         startFresh();
         return;
       }
-      if (!didOpen && navigator.onLine) {
+      // sockets that never open mean a network that blocks them, unless one has opened
+      // before: then the gateway is restarting, and the backoff below outlasts it
+      if (!didOpen && !everOpened && navigator.onLine) {
         wsOpenFailures += 1;
         if (wsOpenFailures >= WS_OPEN_FAILURES_BEFORE_FALLBACK) {
           transport = "http";
@@ -737,6 +781,40 @@
     reconnectTimer = setTimeout(connect, ms);
   }
 
+  // forget the conversation on screen: messages, their seqs, interrupted notes, the
+  // last announcement, and the Privacy view's account of the old session
+  function clearConversation() {
+    msgs.clear();
+    bySeq.clear();
+    interrupted.clear();
+    log.textContent = "";
+    empty.textContent = EMPTY_TEXT;
+    empty.hidden = false;
+    announcer.textContent = "";
+    privacyInfo.textContent = "";
+    privacyNote.textContent = "";
+    offered.clear();
+    choiceList.textContent = "";
+    show(choices, false);
+    choicePending = false;
+  }
+
+  function sessionReplaced() {
+    // on the fallback the message being posted started the new session: it stays
+    const keep = transport === "http" ? httpMsg : null;
+    clearConversation();
+    const note = "Your earlier conversation has ended. A new conversation has started.";
+    empty.textContent = note;
+    announcer.textContent = note;
+    if (keep) {
+      delete keep.userEl.dataset.seq;
+      msgs.set(keep.id, keep);
+      log.append(keep.userEl);
+      if (keep.replyEl) keep.userEl.after(keep.replyEl);
+      empty.hidden = true;
+    }
+  }
+
   function startFresh() {
     token = null;
     storageSet(null);
@@ -744,10 +822,7 @@
     needs = null;
     ready = false;
     pendingConsent = null;
-    msgs.clear();
-    bySeq.clear();
-    log.textContent = "";
-    empty.hidden = false;
+    clearConversation();
     if (ws) {
       gen += 1; // ignore the old socket's late events
       try {
@@ -800,6 +875,7 @@
         msg.sentOn = gen;
         msg.reply = "";
         if (msg.replyEl) msg.replyEl.querySelector(".text").textContent = "";
+        httpMsg = msg;
         try {
           await postMessage(msg);
           attempt = 0;
@@ -825,15 +901,13 @@
       }
     } finally {
       httpBusy = false;
+      httpMsg = null;
     }
   }
 
   async function postMessage(msg) {
+    const sentConsent = pendingConsent;
     const hello = helloFields();
-    if (pendingConsent) {
-      hello.consent = Object.fromEntries(pendingConsent.grant.map((p) => [p, true]));
-      if (pendingConsent.age) hello.age_confirmed = true;
-    }
     const res = await fetch(CHAT_URL, {
       method: "POST",
       credentials: "include",
@@ -841,7 +915,7 @@
       body: JSON.stringify({ type: "message", id: msg.id, text: msg.text, hello }),
     });
     if (!res.ok || !res.body) throw new Error("HTTP " + res.status);
-    pendingConsent = null;
+    consentDelivered(sentConsent);
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
     let buf = "";
@@ -881,6 +955,16 @@
   }
 
   function renderPrivacy() {
+    renderPrivacyInfo();
+    show(confirmBox, false);
+  }
+
+  function renderPrivacyInfo() {
+    if (!policy) {
+      privacyInfo.textContent = "";
+      renderChoices();
+      return;
+    }
     const days = policy && policy.retention_days;
     const granted = (policy && policy.granted) || [];
     const parts = [];
@@ -893,14 +977,106 @@
     if (policy && policy.tracking === "off") parts.push("Tracking is off.");
     privacyInfo.textContent = parts.join(" ");
     renderPolicyLink(policyLink);
-    show(confirmBox, false);
+    renderChoices();
   }
 
-  async function privacyFetch(path, method) {
+  // ---------- choices: optional purposes the visitor can withdraw or give again ----------
+
+  const offered = new Set(); // optional purposes listed once stay listed (to turn back on)
+  let choicePending = false; // a change was sent; its welcome is still to come
+
+  function choicePurposes() {
+    if (!policy) return [];
+    const required = new Set(policy.required_consents || []);
+    for (const p of policy.granted || []) if (PURPOSES[p]) offered.add(p);
+    offered.add("conversation_storage"); // what the consent form offers as optional
+    return Object.keys(PURPOSES).filter((p) => offered.has(p) && !required.has(p));
+  }
+
+  function choiceRow(p) {
+    const id = "og-p-" + p;
+    const info = PURPOSES[p];
+    const days = (policy && policy.retention_days) || 90;
+    const box = h("input", {
+      type: "checkbox",
+      id,
+      name: p,
+      "aria-describedby": id + "-help",
+      onchange: (e) => changeChoice(p, e.target.checked),
+    });
+    return h(
+      "div",
+      { class: "purpose", "data-purpose": p },
+      box,
+      h("label", { for: id, text: info.label }),
+      h("p", { id: id + "-help", class: "help", text: info.help.replace("{days}", String(days)) }),
+    );
+  }
+
+  function renderChoices() {
+    const purposes = choicePurposes();
+    const granted = new Set((policy && policy.granted) || []);
+    for (const row of [...choiceList.children]) {
+      if (!purposes.includes(row.dataset.purpose)) row.remove();
+    }
+    for (const p of purposes) {
+      let row = [...choiceList.children].find((r) => r.dataset.purpose === p);
+      if (!row) {
+        row = choiceRow(p);
+        choiceList.append(row);
+      }
+      row.querySelector("input").checked = granted.has(p); // as the gateway last said
+    }
+    show(choices, purposes.length > 0);
+  }
+
+  function changeChoice(purpose, on) {
+    const change = on ? { grant: [purpose] } : { revoke: [purpose] };
+    if (transport === "http") {
+      saveChoiceOverHttp(change);
+      return;
+    }
+    if (!ws || ws.readyState !== WebSocket.OPEN) {
+      privacyNote.textContent = "Not connected right now. Please try again in a moment.";
+      renderChoices();
+      return;
+    }
+    choicePending = true;
+    privacyNote.textContent = "Saving your choice\u2026";
+    ws.send(JSON.stringify({ type: "consent", ...change })); // answered by a fresh welcome
+  }
+
+  function choiceSaved() {
+    if (!choicePending) return;
+    choicePending = false;
+    privacyNote.textContent = "Your choice was saved.";
+  }
+
+  async function saveChoiceOverHttp(change) {
+    // the fallback has no consent frame: the privacy API records it at once
+    privacyNote.textContent = "Saving your choice\u2026";
+    try {
+      const res = await privacyFetch("/api/privacy/consent", "POST", change);
+      if (!res.ok) throw new Error("HTTP " + res.status);
+      const doc = await res.json();
+      const purposes = doc.purposes || {};
+      if (policy) policy.granted = Object.keys(purposes).filter((p) => purposes[p] && purposes[p].granted);
+      renderPrivacyInfo();
+      privacyNote.textContent = "Your choice was saved.";
+    } catch (_) {
+      renderChoices();
+      privacyNote.textContent = "Your choice could not be saved. Please try again.";
+    }
+  }
+
+  async function privacyFetch(path, method, body) {
+    const headers = { Authorization: "Session " + token };
+    if (body) headers["Content-Type"] = "application/json";
     return fetch(ORIGIN + path, {
       method,
       credentials: "include",
-      headers: { Authorization: "Session " + token },
+      headers,
+      body: body ? JSON.stringify(body) : undefined,
     });
   }
 
