@@ -406,6 +406,8 @@ def welcome(v: Visitor, cp: CompiledPolicy) -> dict[str, Any]:
             "granted": sorted(v.consent.granted),
             "retention_days": cp.policy.retention_days,
             "tracking": "on" if decision.tracking else "off",
+            # whether this visitor's messages are kept, as decided now (a widget shows it)
+            "storage": "on" if decision.store_transcript else "off",
             "age_confirmation": cp.policy.age_confirmation,
             "min_age": cp.policy.min_age,
             "consent_version": cp.policy.consent_version,

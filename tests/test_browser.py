@@ -931,3 +931,29 @@ async def test_privacy_view_withdraws_over_http(live: Live, context: BrowserCont
     await expect(keep).not_to_be_checked()
     await expect(region.locator(".privacy-info")).to_contain_text("You agreed to: AI processing.")
     assert watch.sockets == []
+
+
+async def test_keeping_by_default_shows_ticked_and_can_be_withdrawn(
+    live: Live, context: BrowserContext, app_pool: asyncpg.Pool
+) -> None:
+    # A tenant that asks for nothing: the consent panel never shows, and the policy keeps
+    # the transcript by default. Your choices must say so, not show an unticked box.
+    await set_policy(app_pool, live.tenant.tenant_id, {"allowed_origins": [live.origin]}, version=3)
+    app = live.gateway.server.app
+    assert app is not None
+    app[SERVICES].tenants.invalidate(live.tenant.tenant_id)
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await say(page, "kept by default", 0)
+    assert watch.welcomes()[-1]["policy"]["storage"] == "on"
+    await page.get_by_role("button", name="Privacy").click()
+    region = page.get_by_role("region", name="Your data")
+    keep = region.get_by_role("checkbox", name="Keep this conversation")
+    await expect(keep).to_be_checked()
+    welcomes = len(watch.welcomes())
+    await keep.uncheck()
+    await until(lambda: len(watch.welcomes()) > welcomes)
+    assert watch.welcomes()[-1]["policy"]["storage"] == "off"
+    await expect(keep).not_to_be_checked()

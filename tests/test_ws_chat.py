@@ -290,3 +290,21 @@ async def test_a_session_whose_key_is_destroyed_cannot_be_resumed(
     frame = await ws.receive_json()
     assert frame["type"] == "error" and frame["code"] == "session_invalid", frame
     await ws.close()
+
+
+async def test_welcome_says_whether_messages_are_kept(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    welcome = await hello(ws, consent={"ai_processing": True})
+    assert welcome["policy"]["storage"] == "on"  # this policy keeps transcripts by default
+    await ws.send_json({"type": "consent", "revoke": ["conversation_storage"]})
+    welcome = (await recv_until(ws, "welcome"))[-1]
+    assert welcome["policy"]["storage"] == "off"
+    frames = await chat(ws, "m", "not to be kept")
+    assert frames[0] == {"type": "ack", "id": "m", "seq": None}
+    stored = await owner_pool.fetchval(
+        "SELECT count(*) FROM messages WHERE conversation_id = $1::uuid",
+        welcome["conversation_id"],
+    )
+    assert stored == 0

@@ -1025,7 +1025,9 @@
         row = choiceRow(p);
         choiceList.append(row);
       }
-      row.querySelector("input").checked = granted.has(p); // as the gateway last said
+      // as the gateway last said: the transcript may be kept by default, ungranted
+      const on = granted.has(p) || (p === "conversation_storage" && policy && policy.storage === "on");
+      row.querySelector("input").checked = on;
     }
     show(choices, purposes.length > 0);
   }
@@ -1060,7 +1062,12 @@
       if (!res.ok) throw new Error("HTTP " + res.status);
       const doc = await res.json();
       const purposes = doc.purposes || {};
-      if (policy) policy.granted = Object.keys(purposes).filter((p) => purposes[p] && purposes[p].granted);
+      if (policy) {
+        policy.granted = Object.keys(purposes).filter((p) => purposes[p] && purposes[p].granted);
+        // a decision on keeping is recorded either way: it now says whether messages are kept
+        const keeping = purposes.conversation_storage;
+        if (keeping) policy.storage = keeping.granted ? "on" : "off";
+      }
       renderPrivacyInfo();
       privacyNote.textContent = "Your choice was saved.";
     } catch (_) {
