@@ -72,6 +72,9 @@ WITH u AS (
           AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.tenant_id = x.tenant_id
                           AND s.conversation_id = x.conversation_id)
         LIMIT $4)
+       -- repeated on `c`: a message written meanwhile moves last_message_at, which
+       -- READ COMMITTED re-checks on the locked row (the subquery it does not)
+       AND c.anonymized_at IS NULL AND c.last_message_at < $2
     RETURNING 1)
 SELECT count(*) FROM u
 """

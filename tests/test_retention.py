@@ -290,3 +290,63 @@ async def test_a_kept_session_does_not_keep_the_redaction_map_past_retention(
     assert "jane" not in str(sent)
     assert await owner_pool.fetchval(sealed, old_c) is not None
     assert await owner_pool.fetchval(count.format("messages"), old_c) == 2
+
+
+async def test_a_message_written_during_anonymization_keeps_its_conversation(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    app_pool: asyncpg.Pool,
+    owner_pool: asyncpg.Pool,
+) -> None:
+    # The conversation qualifies when the pass looks (old, no message, no session), then
+    # a message is written before the pass's update takes the row: it must stay linked.
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.db import tenant_tx
+    from gateway.store import NewMessage, insert_message
+
+    w = await chatted(offline_gateway, tenant, "hello")
+    conv = UUID(w["conversation_id"])
+    async with owner_pool.acquire() as conn:
+        await conn.execute("DELETE FROM messages WHERE conversation_id = $1", conv)
+        await conn.execute("DELETE FROM sessions WHERE conversation_id = $1", conv)
+        await conn.execute(
+            "UPDATE conversations SET last_message_at = now() - interval '100 days' "
+            "WHERE conversation_id = $1",
+            conv,
+        )
+    now = datetime.now(UTC)
+    writer = await app_pool.acquire()
+    tx = writer.transaction()
+    await tx.start()
+    try:
+        await insert_message(
+            writer, NewMessage(tenant.tenant_id, conv, uuid4(), "user", b"x" * 40)
+        )  # holds the conversation's row until it commits
+
+        async def anonymize() -> int:
+            async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+                return int(
+                    await conn.fetchval(
+                        retention._ANONYMIZE_CONVERSATIONS,
+                        tenant.tenant_id,
+                        now - timedelta(days=90),
+                        now,
+                        100,
+                    )
+                )
+
+        task = asyncio.create_task(anonymize())
+        await asyncio.sleep(0.3)  # the update now waits for the writer's row lock
+        assert not task.done()
+        await tx.commit()
+    except BaseException:
+        await tx.rollback()
+        raise
+    finally:
+        await app_pool.release(writer)
+    assert await task == 0
+    row = await owner_pool.fetchrow(
+        "SELECT subject_id, anonymized_at FROM conversations WHERE conversation_id = $1", conv
+    )
+    assert row["subject_id"] is not None and row["anonymized_at"] is None
