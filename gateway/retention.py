@@ -5,7 +5,8 @@ Per tenant, with `retention_days` from its current policy:
 * messages older than retention are deleted (batch by primary key);
 * conversations whose messages are all gone, older than retention and no longer
   attached to a session are anonymized: subject link and sealed redaction map
-  removed, `anonymized_at` set, counts and timestamps (durations) kept;
+  removed, `anonymized_at` set, counts kept and timestamps cut to the day (a
+  start to the microsecond would name the subject's rows created with it);
 * conversations whose messages are all gone and older than retention but still
   attached to a session (one renewed on every resume can outlive retention
   forever) lose their sealed redaction map (the visitor's original e-mails, phone
@@ -63,7 +64,11 @@ SELECT count(*) FROM d
 _ANONYMIZE_CONVERSATIONS = """
 WITH u AS (
     UPDATE conversations c
-       SET subject_id = NULL, redaction_sealed = NULL, anonymized_at = $3
+       SET subject_id = NULL, redaction_sealed = NULL, anonymized_at = $3,
+           -- to the day: the subject's rows were created in the same transaction as the
+           -- conversation, so an exact start would link them again
+           started_at = date_trunc('day', c.started_at, 'UTC'),
+           last_message_at = date_trunc('day', c.last_message_at, 'UTC')
      WHERE (c.tenant_id, c.conversation_id) IN (
         SELECT tenant_id, conversation_id FROM conversations x
         WHERE x.tenant_id = $1 AND x.anonymized_at IS NULL AND x.last_message_at < $2

@@ -88,6 +88,11 @@ async def test_retention_pass(
     assert conv is not None, "the anonymized conversation remains"
     assert conv["subject_id"] is None and conv["redaction_sealed"] is None
     assert conv["anonymized_at"] is not None and conv["message_count"] == 2
+    # kept to the day only: the subject, its key and first consents were created in the
+    # same transaction as the conversation, and an exact start would name them again
+    for column in ("started_at", "last_message_at"):
+        at = conv[column]
+        assert (at.hour, at.minute, at.second, at.microsecond) == (0, 0, 0, 0), column
     count = "SELECT count(*) FROM {} WHERE conversation_id = $1"
     assert await owner_pool.fetchval(count.format("messages"), old_c) == 0
     assert await owner_pool.fetchval(count.format("sessions"), old_c) == 0
