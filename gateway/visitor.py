@@ -206,6 +206,12 @@ async def open_session(
     grant, revoke = consent_changes(hello.get("consent") or {})
     age = hello.get("age_confirmed")
     resumed = await _resume(svc, tenant_id, cp, ctx, hello, signals)
+    user = hello.get("user")
+    if resumed is not None and user is not None:
+        if not await _same_user(svc, tenant_id, resumed[1].session.subject_id, user):
+            # another site user on this browser (or one who just signed in): never the
+            # session, history and data of whoever the cookie or token belonged to
+            resumed = None
     if resumed is None:
         # a new session and its consent commit together, or not at all
         async with tenant_tx(svc.pool, tenant_id) as conn:
@@ -258,6 +264,22 @@ async def _resume(
         if found is not None:
             return token, found
     return None
+
+
+async def _same_user(svc: Services, tenant_id: UUID, subject_id: UUID, user: Any) -> bool:
+    """Whether a session of `subject_id` may be resumed by a hello that names `user`: yes
+    when the claim does not verify (ignored, as everywhere), else only for that user's own
+    subject."""
+    async with tenant_tx(svc.pool, tenant_id) as conn:
+        ref = await identity.verified_ref(conn, svc.keyring, svc.hash_keys, tenant_id, user)
+        if ref is None:
+            return True
+        own = await conn.fetchval(
+            "SELECT external_ref FROM subjects WHERE tenant_id = $1 AND subject_id = $2",
+            tenant_id,
+            subject_id,
+        )
+    return bool(own == ref)
 
 
 def _visitor(

@@ -159,3 +159,41 @@ async def test_erase_by_user(
     )
     assert status == 422 and out["error"]["fields"][0]["field"] == "user_id"
     await ws.close()
+
+
+async def test_a_session_is_resumed_only_by_its_own_user(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    # One browser, two site users: the cookie or token of the first must not hand the
+    # second the first one's conversation (nor, through it, their export or erasure).
+    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
+    secret = body["identity_secret"]
+    ann, bob = ({"id": uid, "hash": identity.user_hash(secret, uid)} for uid in ("ann-1", "bob-2"))
+    ws = await offline_gateway.ws(tenant.site_key)
+    first = await hello(ws, user=ann)
+    assert (await chat(ws, "a", "ann's question"))[-1]["type"] == "done"
+    await ws.close()
+    token = first["session_token"]
+    ann_subject = await _subject(owner_pool, first["conversation_id"])
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    again = await hello(ws, session_token=token, user=ann)  # the same user: resumed
+    assert again["resumed"] is True and again["conversation_id"] == first["conversation_id"]
+    await ws.close()
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    other = await hello(ws, session_token=token, user=bob)
+    assert other["resumed"] is False and other["session_token"] != token
+    assert await _subject(owner_pool, other["conversation_id"]) != ann_subject
+    await ws.send_json({"type": "history"})
+    frames = []
+    while not frames or frames[-1]["type"] != "history":
+        frames.append(await ws.receive_json(timeout=3))
+    assert frames[-1]["messages"] == []  # nothing of ann's
+    await ws.close()
+
+    # a claim that does not verify is ignored, as everywhere: the session resumes
+    ws = await offline_gateway.ws(tenant.site_key)
+    forged = {"id": "bob-2", "hash": identity.user_hash("guess", "bob-2")}
+    assert (await hello(ws, session_token=token, user=forged))["resumed"] is True
+    await ws.close()
