@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from ipaddress import ip_network
 from types import MappingProxyType
 from uuid import UUID
 
@@ -51,12 +52,17 @@ def anonymized_ip(
         svc.salts.expire(day)  # salts older than 48 h are destroyed, never reused
         salt = svc.salts.salt_for(day)
     value = anonymize_ip(ip, cp.policy.ip_mode, salt)
-    if value is None or cp.policy.ip_mode != "full":
-        return value, value
-    # limits last a minute: the primary's derived key may change with a rotation, and
-    # it is known here without a database read, as every process agrees on it
-    key = "k:" + keyed_hash(svc.keyring.hash_key, b"ip", value.encode()).hex()
-    return seal_ip(svc.keyring, tenant_id, value), key
+    if value is None or cp.policy.ip_mode == "truncate":
+        return value, value  # a /24 or /48 already: what limits count by
+    # hash and full name one address, and an IPv6 client has a /64 of them to rotate
+    # through: limits count the /64 (IPv4: the address), by a keyed hash that lasts a
+    # minute (the primary's derived key may change with a rotation, and it is known here
+    # without a database read, as every process agrees on it)
+    net = ip_network(f"{ip}/{64 if ip.version == 6 else 32}", strict=False)
+    key = "k:" + keyed_hash(svc.keyring.hash_key, b"ip", net.network_address.packed).hex()
+    if cp.policy.ip_mode == "full":
+        value = seal_ip(svc.keyring, tenant_id, value)
+    return value, key
 
 
 def session_token_of(request: web.Request) -> str | None:

@@ -274,3 +274,36 @@ async def test_a_whole_ip_is_stored_sealed_and_counted_by_a_keyed_hash(
     dump = await dump_database(owner_pool)
     assert CLIENT_IP not in dump
     assert CLIENT_IP not in captured_logs.getvalue()
+
+
+@pytest.mark.parametrize("ip_mode", ["hash", "full"])
+async def test_per_ip_limits_count_an_ipv6_clients_whole_64(
+    settings: Settings, tenant: NewTenant, redis_url: str, ip_mode: str
+) -> None:
+    """An IPv6 client may use any address of its /64: under hash and full, which name one
+    address, a new address must not be a new allowance."""
+    from gateway.config import parse_networks
+    from tests.support import call
+
+    s = replace(settings, redis_url=redis_url, trusted_proxies=parse_networks("127.0.0.0/8"))
+    async for g in start_gateway(s):
+        status, _ = await call(
+            g,
+            "PUT",
+            "/api/admin/policy",
+            tenant.admin_key,
+            json={"ip_mode": ip_mode, "rate_limit": {"per_ip_per_minute": 2}},
+        )
+        assert status == 200
+        outcomes = []
+        for n in (1, 2, 3):  # a new socket and session each time: only the IP is shared
+            ws = await g.ws(tenant.site_key, headers={"X-Forwarded-For": f"2001:db8:7:9::{n}"})
+            await hello(ws)
+            outcomes.append((await chat(ws, f"m{n}", "hi"))[-1].get("code", "done"))
+            await ws.close()
+        assert outcomes == ["done", "done", "rate_limited"]
+        # another /64 is another client
+        ws = await g.ws(tenant.site_key, headers={"X-Forwarded-For": "2001:db8:7:a::1"})
+        await hello(ws)
+        assert (await chat(ws, "m4", "hi"))[-1]["type"] == "done"
+        await ws.close()
