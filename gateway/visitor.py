@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gateway import bus, identity, metrics, store
 from gateway.crypto import CryptoError, new_token, token_hash
 from gateway.db import tenant_tx
-from gateway.protocol import BAD_REQUEST, SESSION_INVALID, ProtocolError
+from gateway.protocol import BAD_REQUEST, RATE_LIMITED, SESSION_INVALID, ProtocolError
 from gateway.services import Services
 from policies import (
     PURPOSES,
@@ -213,6 +213,7 @@ async def open_session(
             # session, history and data of whoever the cookie or token belonged to
             resumed = None
     if resumed is None:
+        await _may_open_session(svc, tenant_id, cp, ctx)
         # a new session and its consent commit together, or not at all
         async with tenant_tx(svc.pool, tenant_id) as conn:
             v, new_subject = await _new_session(conn, svc, tenant_id, cp, ctx, hello, signals)
@@ -264,6 +265,24 @@ async def _resume(
         if found is not None:
             return token, found
     return None
+
+
+async def _may_open_session(
+    svc: Services, tenant_id: UUID, cp: CompiledPolicy, ctx: RequestContext
+) -> None:
+    """A new session writes a subject, a data key, a session and a conversation: as many
+    per minute as messages, per IP and per tenant, else `rate_limited` (storage must not
+    grow at a client's pace)."""
+    limits = cp.policy.rate_limit
+    tag = f"{{{tenant_id}}}"  # the tenant is the hash tag, as for messages (gateway/chat.py)
+    buckets = [(f"{tag}:nt", limits.per_tenant_per_minute)]
+    if ctx.ip_key:
+        buckets.append((f"{tag}:n:{ctx.ip_key}", limits.per_ip_per_minute))
+    wait = await svc.limiter.hit(buckets)
+    if wait is not None:
+        raise ProtocolError(
+            RATE_LIMITED, "too many new sessions; try again shortly", retry_after=wait
+        )
 
 
 async def _same_user(svc: Services, tenant_id: UUID, subject_id: UUID, user: Any) -> bool:

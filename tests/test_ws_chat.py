@@ -308,3 +308,35 @@ async def test_welcome_says_whether_messages_are_kept(
         welcome["conversation_id"],
     )
     assert stored == 0
+
+
+async def test_new_sessions_are_rate_limited_per_ip(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    # each tokenless hello writes a subject, a key, a session and a conversation
+    from tests.support import call
+
+    status, _ = await call(
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        json={"rate_limit": {"per_ip_per_minute": 2}},
+    )
+    assert status == 200
+    tokens = []
+    for _ in range(2):
+        ws = await offline_gateway.ws(tenant.site_key)
+        tokens.append((await hello(ws))["session_token"])
+        await ws.close()
+    ws = await offline_gateway.ws(tenant.site_key)
+    await ws.send_json({"type": "hello", "v": 1})
+    frame = await ws.receive_json(timeout=3)
+    assert (frame["type"], frame["code"]) == ("error", "rate_limited") and frame["retry_after"] > 0
+    # resuming is not a new session: still allowed
+    assert (await hello(ws, session_token=tokens[0]))["resumed"] is True
+    await ws.close()
+    sessions = await owner_pool.fetchval(
+        "SELECT count(*) FROM sessions WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert sessions == 2
