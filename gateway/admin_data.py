@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -47,6 +47,21 @@ def _int_param(request: web.Request, name: str, default: int, hi: int) -> int:
     return value
 
 
+def _aware(value: datetime) -> bool:
+    """Whether `value` has a time zone and lies within years 1-9999 in UTC.
+
+    PostgreSQL stores timestamptz in UTC: a time near either end whose offset moves it
+    past the range could not even be sent as a query argument.
+    """
+    if value.tzinfo is None or value.utcoffset() is None:
+        return False
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
+
+
 def _time_param(request: web.Request, name: str) -> datetime | None:
     raw = request.query.get(name)
     if raw is None:
@@ -55,8 +70,8 @@ def _time_param(request: web.Request, name: str) -> datetime | None:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise _bad(name, "must be an ISO 8601 timestamp with a time zone") from None
-    if value.tzinfo is None:
-        raise _bad(name, "must be an ISO 8601 timestamp with a time zone")
+    if not _aware(value):
+        raise _bad(name, "must be an ISO 8601 timestamp with a time zone, in years 1-9999 in UTC")
     return value
 
 
@@ -68,12 +83,22 @@ def encode_cursor(at: datetime, conversation_id: UUID) -> str:
 
 def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
     """The position a cursor names; 400 when it was not made by encode_cursor."""
+    bad = _bad("cursor", "is not a cursor from this API")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        at, cid = orjson.loads(raw)
-        return datetime.fromisoformat(at), UUID(cid)
+        pos = orjson.loads(raw)
     except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise _bad("cursor", "is not a cursor from this API") from None
+        raise bad from None
+    # decoded JSON may be anything: only the exact shape encode_cursor writes is a cursor
+    if not (isinstance(pos, list) and len(pos) == 2 and all(isinstance(p, str) for p in pos)):
+        raise bad
+    try:
+        at, cid = datetime.fromisoformat(pos[0]), UUID(pos[1])
+    except ValueError:
+        raise bad from None
+    if not _aware(at):
+        raise bad
+    return at, cid
 
 
 _LIST = """

@@ -51,7 +51,18 @@ def _upstream_body(body: dict[str, Any]) -> dict[str, str | None]:
         raise _invalid("api_key", "must be 8 to 500 visible ASCII characters (no spaces)")
     if not isinstance(url, str) or len(url) > 500:
         raise _invalid("base_url", "must be an https URL")
-    parts = urlsplit(url)
+    try:
+        # refuses an unclosed "[" and a netloc that NFKC normalizes into separators
+        # (U+2100 "℀" becomes "a/c")
+        parts = urlsplit(url)
+    except ValueError:
+        raise _invalid("base_url", "must be a valid https URL") from None
+    try:
+        port = parts.port  # ValueError: not decimal digits, or above 65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise _invalid("base_url", "must have a port between 1 and 65535, if any")
     schemes = ("https", "http") if netguard.ALLOW_HTTP else ("https",)
     if parts.scheme not in schemes or not parts.hostname or parts.username or parts.query:
         raise _invalid("base_url", "must be an https URL without credentials or query")

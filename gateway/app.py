@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 from aiohttp import web
 
 from gateway import admin, bus, connection, metrics, privacy, widget, ws
@@ -101,6 +102,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         raise
     except STORAGE_ERRORS as exc:
+        if isinstance(exc, asyncpg.DataError):
+            # a value PostgreSQL refuses (SQLSTATE class 22: a NUL in text, a timestamp
+            # out of range; asyncpg's own argument encoding errors are this class too) is
+            # the client's error, not an outage to retry; connection failures (class 08),
+            # InterfaceError and OSError are not DataError. The message may quote the
+            # value: neither logged nor echoed.
+            log.info(
+                "value refused by storage",
+                extra={"route": template, "kind": type(exc).__name__, "code": exc.sqlstate},
+            )
+            metrics.count_http_request(template, 422)
+            return web.json_response(
+                {"error": {"code": "invalid_request", "message": "a value could not be stored"}},
+                status=422,
+            )
         # PostgreSQL unreachable is an outage, not a bug: 503, no traceback
         log.warning("storage unavailable", extra={"route": template, "kind": type(exc).__name__})
         metrics.count_http_request(template, 503)

@@ -169,8 +169,14 @@ def new_data_key() -> bytes:
 
 
 def token_hash(token: str) -> bytes:
-    """SHA-256 of an opaque high-entropy token; a slow hash adds nothing at 256 bits."""
-    return hashlib.sha256(token.encode()).digest()
+    """SHA-256 of an opaque high-entropy token; a slow hash adds nothing at 256 bits.
+
+    Total over str: a presented credential may hold lone surrogates (aiohttp hands a
+    header byte 0xFF over as '\\udcff'); "surrogatepass" encodes them, so such a
+    credential hashes to something no issued (ASCII) token does, and is refused like
+    any wrong one instead of raising. Every other str hashes as its plain UTF-8 bytes.
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 def new_token(prefix: str = "") -> str:

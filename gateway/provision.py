@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
-from gateway import store
+from gateway import audit, store
 from gateway.crypto import new_token, token_hash
 from gateway.db import Pool, lookup_tx, tenant_tx
 from policies import Policy, parse_policy, policy_to_doc
@@ -28,6 +28,10 @@ class NewTenant:
         }
 
 
+# the audit actor of what the gateway's operator does from the command line
+OPERATOR = "operator"
+
+
 async def create_tenant(
     pool: Pool, name: str, origins: list[str], site_key: str | None = None
 ) -> NewTenant:
@@ -36,13 +40,14 @@ async def create_tenant(
     tenant_id = uuid4()
     site_key = site_key or new_token("pk_")
     admin_key = new_token("ak_")
+    site_key_id, admin_key_id = uuid4(), uuid4()
     async with tenant_tx(pool, tenant_id) as conn:
         await conn.execute("INSERT INTO tenants (tenant_id, name) VALUES ($1, $2)", tenant_id, name)
         await conn.execute(
             "INSERT INTO site_keys (tenant_id, site_key_id, key_hash, key_prefix)"
             " VALUES ($1, $2, $3, $4)",
             tenant_id,
-            uuid4(),
+            site_key_id,
             token_hash(site_key),
             site_key[:7],
         )
@@ -50,11 +55,26 @@ async def create_tenant(
             "INSERT INTO admin_keys (tenant_id, admin_key_id, key_hash, label, last4) "
             "VALUES ($1, $2, $3, 'initial', $4)",
             tenant_id,
-            uuid4(),
+            admin_key_id,
             token_hash(admin_key),
             admin_key[-4:],
         )
         await store.insert_policy(conn, tenant_id, 1, policy_to_doc(policy), {}, "cli")
+        # the chain's first entry, in the same transaction: what was created and by whom
+        # (the operator, from `omnigate tenant create` or `serve --demo`); ids, never keys
+        await audit.append(
+            conn,
+            tenant_id,
+            OPERATOR,
+            "tenant.create",
+            f"tenant:{tenant_id}",
+            {
+                "name": name,
+                "admin_key": f"admin_key:{admin_key_id}",
+                "site_key": f"site_key:{site_key_id}",
+                "policy": "policy:1",
+            },
+        )
     return NewTenant(tenant_id, site_key, admin_key)
 
 
@@ -86,4 +106,4 @@ async def allow_origins(pool: Pool, tenant_id: UUID, origins: list[str]) -> None
             new = parse_policy(
                 {"allowed_origins": [*current.allowed_origins, *missing]}, base=current
             )
-            await store.append_policy_version(conn, tenant_id, version, current, new, "operator")
+            await store.append_policy_version(conn, tenant_id, version, current, new, OPERATOR)

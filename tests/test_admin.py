@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import asyncpg
+import orjson
 import pytest
 
 from gateway.provision import NewTenant, create_tenant
@@ -36,6 +37,83 @@ async def test_auth_failures_are_401(
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
         body = await r.json()
     assert body["error"]["code"] == "unauthorized"
+
+
+async def _raw_get(gw: Gateway, path: str, header: bytes) -> tuple[int, bytes]:
+    """A GET with one raw header line: aiohttp's client will not send non-UTF-8 bytes."""
+    assert gw.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    try:
+        writer.write(
+            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Origin: " + ORIGIN.encode() + b"\r\n" + header + b"\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize(
+    ("path", "header", "code"),
+    [
+        ("/api/admin/policy", b"Authorization: Bearer ak_\xff", "unauthorized"),
+        ("/api/admin/policy", b"Authorization: Bearer \xc3\x28\xed\xa0\x80", "unauthorized"),
+        ("/api/privacy/export", b"Authorization: Session tok\xff", "session_invalid"),
+        ("/api/privacy/export", b"Cookie: omnigate_session=tok\xfe", "session_invalid"),
+    ],
+    ids=["admin-bearer", "admin-bad-utf8", "privacy-session", "privacy-cookie"],
+)
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_non_utf8_credential_is_a_wrong_credential(
+    offline_gateway: Gateway, tenant: NewTenant, path: str, header: bytes, code: str
+) -> None:
+    status, body = await _raw_get(offline_gateway, path, header)
+    assert status == 401, body
+    assert orjson.loads(body)["error"]["code"] == code
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_non_utf8_session_cookie_on_upgrade_is_no_session(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    upgrade = (
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Cookie: omnigate_session=tok\xff"
+    )
+    assert offline_gateway.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", offline_gateway.server.port)
+    try:
+        writer.write(
+            f"GET /v1/widget/ws?site={tenant.site_key} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Origin: {ORIGIN}\r\n".encode()
+            + upgrade
+            + b"\r\n\r\n"
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 101"), head
+    # the unknown cookie is replaced by a fresh session's, as for any stale cookie
+    assert b"Set-Cookie: omnigate_session=" in head
+
+
+def test_token_hash_is_total() -> None:
+    """Any str hashes (lone surrogates included); valid tokens hash as their UTF-8 bytes."""
+    import hashlib
+
+    from gateway.crypto import token_hash
+
+    assert token_hash("ak_abc") == hashlib.sha256(b"ak_abc").digest()
+    assert token_hash("ak_é") == hashlib.sha256("ak_é".encode()).digest()
+    for odd in ("ak_\udcff", "\ud800", "\udfff\ud800"):
+        assert len(token_hash(odd)) == 32
+    assert token_hash("ak_\udcff") != token_hash("ak_\udcfe")
 
 
 async def test_revoked_key_is_401_at_once(offline_gateway: Gateway, tenant: NewTenant) -> None:
@@ -173,6 +251,7 @@ async def test_history_records_who_and_what(
         tenant.tenant_id,
     )
     assert [(a["action"], a["target"]) for a in actions] == [
+        ("tenant.create", f"tenant:{tenant.tenant_id}"),
         ("policy.update", "policy:2"),
         ("policy.update", "policy:3"),
     ]
@@ -246,3 +325,88 @@ async def test_site_keys_create_and_revoke(offline_gateway: Gateway, tenant: New
         },
     ) as r:
         assert r.status == 403
+
+
+# --- values PostgreSQL refuses are the client's error, not an outage ------------------
+
+
+def _refused_value(status: int, body: dict[str, object], secret: str) -> None:
+    assert status == 422, body
+    assert body == {"error": {"code": "invalid_request", "message": "a value could not be stored"}}
+    assert secret not in str(body)
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_nul_in_admin_key_label_is_refused_not_an_outage(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    status, body = await call(
+        offline_gateway, "POST", "/api/admin/keys", tenant.admin_key, {"label": "a\u0000zz"}
+    )
+    _refused_value(status, body, "zz")
+    n = await owner_pool.fetchval(
+        "SELECT count(*) FROM admin_keys WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert n == 1  # nothing stored
+    # the gateway is fine: the next request with a storable value succeeds
+    status, _ = await call(
+        offline_gateway, "POST", "/api/admin/keys", tenant.admin_key, {"label": "ok"}
+    )
+    assert status == 201
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_nul_in_system_prompt_is_refused_not_an_outage(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    status, body = await call(
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        {"system_prompt": "be kind\u0000secretword"},
+    )
+    _refused_value(status, body, "secretword")
+    status, got = await call(offline_gateway, "GET", "/api/admin/policy", tenant.admin_key)
+    assert status == 200 and got["version"] == 1
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_nul_in_request_reason_is_refused_not_an_outage(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    token = (await hello(ws, consent={"conversation_storage": True}))["session_token"]
+    async with g.session.post(
+        g.url("/api/gdpr/request"),
+        json={"kind": "access"},
+        headers={"Authorization": f"Session {token}"},
+    ) as r:
+        assert r.status == 201
+        doc = await r.json()
+    status, body = await call(
+        g,
+        "POST",
+        f"/api/admin/requests/{doc['id']}/reject",
+        tenant.admin_key,
+        {"reason": "dup\u0000secretword"},
+    )
+    _refused_value(status, body, "secretword")
+    status, listed = await call(g, "GET", "/api/admin/requests", tenant.admin_key)
+    assert [x["status"] for x in listed["requests"]] == ["received"]
+    await ws.close()
+
+
+async def test_storage_outage_is_still_503(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only data errors (SQLSTATE class 22) are the client's: a lost connection is not."""
+    from gateway import store
+
+    async def gone(*_: object) -> None:
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+
+    monkeypatch.setattr(store, "latest_policy", gone)
+    status, body = await call(offline_gateway, "GET", "/api/admin/policy", tenant.admin_key)
+    assert status == 503 and body["error"]["code"] == "storage_unavailable"

@@ -14,6 +14,7 @@ from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway import netguard
+from gateway.admin import ApiError
 from gateway.admin_data import decode_cursor, encode_cursor
 from gateway.appkeys import SERVICES
 from gateway.config import Settings
@@ -37,6 +38,28 @@ def test_cursor_round_trip_and_garbage() -> None:
 
     at, cid = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC), uuid.uuid4()
     assert decode_cursor(encode_cursor(at, cid)) == (at, cid)
+    for garbage in [
+        "!!!",
+        "WyIyMDI0LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiw1XQ",  # ["2024-...", 5]: an id that is a number
+        _b64(["2024-01-01T00:00:00+00:00", [1]]),
+        _b64([5, str(cid)]),
+        _b64({"2024-01-01T00:00:00+00:00": 1, str(cid): 2}),  # unpacks to two strings
+        _b64(["2024-01-01T00:00:00", str(cid)]),  # no time zone
+        _b64(["0001-01-01T00:00:00+14:00", str(cid)]),  # before year 1 in UTC
+        _b64([at.isoformat(), str(cid), "extra"]),
+        _b64(None),
+    ]:
+        with pytest.raises(ApiError) as err:
+            decode_cursor(garbage)
+        assert err.value.status == 400 and err.value.code == "bad_request", garbage
+
+
+def _b64(value: Any) -> str:
+    import base64
+
+    import orjson
+
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
 
 
 async def test_conversations_paginate_with_cursor(
@@ -92,11 +115,25 @@ async def test_conversations_paginate_with_cursor(
         {"limit": "101"},
         {"limit": "x"},
         {"cursor": "!!!"},
+        {"cursor": "WyIyMDI0LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiw1XQ"},
         {"since": "yesterday"},
         {"since": "2024-01-01T00:00:00"},
+        {"since": "0001-01-01T00:00:00+14:00"},
+        {"until": "9999-12-31T23:59:59-14:00"},
     ],
-    ids=["zero", "too-many", "nan", "bad-cursor", "bad-since", "naive-since"],
+    ids=[
+        "zero",
+        "too-many",
+        "nan",
+        "bad-cursor",
+        "numeric-cursor-id",
+        "bad-since",
+        "naive-since",
+        "since-before-year-1",
+        "until-after-9999",
+    ],
 )
+@pytest.mark.usefixtures("no_tracebacks")
 async def test_conversation_list_rejects_bad_params(
     offline_gateway: Gateway, tenant: NewTenant, params: dict[str, str]
 ) -> None:
@@ -120,18 +157,19 @@ async def test_transcript_read_is_audited_and_chain_verifies_until_tampered(
     ]
     status, log = await call(offline_gateway, "GET", "/api/admin/audit", tenant.admin_key)
     assert status == 200
-    (entry,) = log["entries"]
+    entry, created = log["entries"]
     assert entry["action"] == "conversation.read" and entry["target"] == f"conversation:{cid}"
     assert entry["actor"].startswith("admin:")
+    assert (created["seq"], created["action"]) == (1, "tenant.create")
     status, ver = await call(offline_gateway, "GET", "/api/admin/audit/verify", tenant.admin_key)
-    assert ver == {"ok": True, "broken_at": None, "checked": 1}
+    assert ver == {"ok": True, "broken_at": None, "checked": 2}
     await call(offline_gateway, "GET", f"/api/admin/conversations/{cid}", tenant.admin_key)
     await owner_pool.execute(
-        "UPDATE audit_log SET action = 'nothing.happened' WHERE tenant_id = $1 AND seq = 1",
+        "UPDATE audit_log SET action = 'nothing.happened' WHERE tenant_id = $1 AND seq = 2",
         tenant.tenant_id,
     )
     status, ver = await call(offline_gateway, "GET", "/api/admin/audit/verify", tenant.admin_key)
-    assert status == 200 and ver["ok"] is False and ver["broken_at"] == 1
+    assert status == 200 and ver["ok"] is False and ver["broken_at"] == 2
 
 
 async def test_audit_pages_back(offline_gateway: Gateway, tenant: NewTenant) -> None:
@@ -142,15 +180,16 @@ async def test_audit_pages_back(offline_gateway: Gateway, tenant: NewTenant) -> 
     _, first = await call(
         offline_gateway, "GET", "/api/admin/audit", tenant.admin_key, params={"limit": "2"}
     )
-    assert [e["seq"] for e in first["entries"]] == [3, 2] and first["next_before"] == 2
+    # seq 1 is the tenant's creation
+    assert [e["seq"] for e in first["entries"]] == [4, 3] and first["next_before"] == 3
     _, rest = await call(
         offline_gateway,
         "GET",
         "/api/admin/audit",
         tenant.admin_key,
-        params={"limit": "2", "before": "2"},
+        params={"limit": "2", "before": "3"},
     )
-    assert [e["seq"] for e in rest["entries"]] == [1] and rest["next_before"] is None
+    assert [e["seq"] for e in rest["entries"]] == [2, 1] and rest["next_before"] is None
 
 
 # --- bring-your-own upstream -----------------------------------------------------
@@ -219,7 +258,12 @@ async def _byo_flow(
         assert fake.requests == []  # the offline model answered
 
     _, log = await call(gw, "GET", "/api/admin/audit", a.admin_key)
-    assert [e["action"] for e in log["entries"]] == ["upstream.delete", "export", "upstream.set"]
+    assert [e["action"] for e in log["entries"]] == [
+        "upstream.delete",
+        "export",
+        "upstream.set",
+        "tenant.create",
+    ]
     assert secret not in str(log)
 
 
@@ -334,14 +378,49 @@ async def test_public_only_resolver_keeps_public_addresses() -> None:
         ({"api_key": "sk-12345678", "base_url": "https://u:p@api.example/v1"}, "base_url"),
         ({"api_key": "sk-12345678", "base_url": "https://api.example/v1", "model": "a b"}, "model"),
         ({"api_key": "sk-12345678", "base_url": "https://api.example", "extra": 1}, "extra"),
+        ({"api_key": "sk-12345678", "base_url": "https://[x"}, "base_url"),
+        ({"api_key": "sk-12345678", "base_url": "https://\u2100.com"}, "base_url"),
+        ({"api_key": "sk-12345678", "base_url": "https://api.example:99999/v1"}, "base_url"),
+        ({"api_key": "sk-12345678", "base_url": "https://api.example:0/v1"}, "base_url"),
+        ({"api_key": "sk-12345678", "base_url": "https://api.example:x/v1"}, "base_url"),
     ],
-    ids=["no-key", "http", "credentials", "bad-model", "unknown-field"],
+    ids=[
+        "no-key",
+        "http",
+        "credentials",
+        "bad-model",
+        "unknown-field",
+        "unclosed-ipv6",
+        "nfkc-netloc",
+        "port-too-big",
+        "port-zero",
+        "port-not-a-number",
+    ],
 )
+@pytest.mark.usefixtures("no_tracebacks")
 async def test_byo_upstream_validation(
-    offline_gateway: Gateway, tenant: NewTenant, body: dict[str, Any], field: str
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    body: dict[str, Any],
+    field: str,
 ) -> None:
     status, resp = await call(offline_gateway, "PUT", "/api/admin/upstream", tenant.admin_key, body)
     assert status == 422 and resp["error"]["fields"][0]["field"] == field
+    assert resp["error"]["code"] == "invalid_request"
+    stored = await owner_pool.fetchval(
+        "SELECT upstream_sealed FROM tenants WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert stored is None
+
+
+@pytest.mark.parametrize("url", ["https://api.example:8443/v1", "https://api.example:443"])
+async def test_byo_upstream_accepts_a_valid_port(
+    offline_gateway: Gateway, tenant: NewTenant, url: str
+) -> None:
+    body = {"api_key": "sk-12345678", "base_url": url}
+    status, resp = await call(offline_gateway, "PUT", "/api/admin/upstream", tenant.admin_key, body)
+    assert status == 200 and resp["base_url"] == url, resp
 
 
 @pytest.mark.parametrize(
@@ -462,7 +541,7 @@ async def test_transcript_with_an_unreadable_message_is_still_read_and_audited(
         ("assistant", "my order is late", False),
     ]
     status, log = await call(offline_gateway, "GET", "/api/admin/audit", tenant.admin_key)
-    (entry,) = log["entries"]
+    entry, _created = log["entries"]
     assert entry["action"] == "conversation.read" and entry["target"] == f"conversation:{cid}"
 
 

@@ -134,6 +134,7 @@ async def test_admin_workflow_and_extension_rules(
         )
     ]
     assert actions == [
+        "tenant.create",
         "request.received",
         "request.received",
         "request.acknowledge",
