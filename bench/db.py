@@ -35,6 +35,7 @@ def bench_policy_doc(retention_days: int = 90) -> dict[str, object]:
             "per_session_per_minute": 100_000,
             "per_ip_per_minute": 100_000,
             "per_tenant_per_minute": 10_000_000,
+            "new_sessions_per_ip_per_minute": 100_000,  # the idle run opens 10,000 at once
         },
     }
 

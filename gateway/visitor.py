@@ -270,14 +270,14 @@ async def _resume(
 async def _may_open_session(
     svc: Services, tenant_id: UUID, cp: CompiledPolicy, ctx: RequestContext
 ) -> None:
-    """A new session writes a subject, a data key, a session and a conversation: as many
-    per minute as messages, per IP and per tenant, else `rate_limited` (storage must not
-    grow at a client's pace)."""
+    """A new session writes a subject, a data key, a session and a conversation: at most
+    `new_sessions_per_ip_per_minute` per IP and `per_tenant_per_minute` per site, else
+    `rate_limited` (storage must not grow at a client's pace)."""
     limits = cp.policy.rate_limit
     tag = f"{{{tenant_id}}}"  # the tenant is the hash tag, as for messages (gateway/chat.py)
     buckets = [(f"{tag}:nt", limits.per_tenant_per_minute)]
     if ctx.ip_key:
-        buckets.append((f"{tag}:n:{ctx.ip_key}", limits.per_ip_per_minute))
+        buckets.append((f"{tag}:n:{ctx.ip_key}", limits.new_sessions_per_ip_per_minute))
     wait = await svc.limiter.hit(buckets)
     if wait is not None:
         raise ProtocolError(

@@ -35,11 +35,13 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 @dataclass(frozen=True)
 class RateLimit:
-    """Per-minute message budgets."""
+    """Per-minute budgets: messages, and new sessions (each writes a subject, a data key,
+    a session and a conversation)."""
 
     per_session_per_minute: int = 20
     per_ip_per_minute: int = 60
     per_tenant_per_minute: int = 6000
+    new_sessions_per_ip_per_minute: int = 60
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "rate_limit.per_session_per_minute": (1, 100_000),
     "rate_limit.per_ip_per_minute": (1, 100_000),
     "rate_limit.per_tenant_per_minute": (1, 10_000_000),
+    "rate_limit.new_sessions_per_ip_per_minute": (1, 100_000),
 }
 _MIN_AGE_RANGE = (13, 21)
 

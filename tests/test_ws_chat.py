@@ -321,7 +321,7 @@ async def test_new_sessions_are_rate_limited_per_ip(
         "PUT",
         "/api/admin/policy",
         tenant.admin_key,
-        json={"rate_limit": {"per_ip_per_minute": 2}},
+        json={"rate_limit": {"new_sessions_per_ip_per_minute": 2}},
     )
     assert status == 200
     tokens = []
