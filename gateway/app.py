@@ -153,11 +153,14 @@ def build_services(
     if settings.redis_url:  # shared limits and events across processes (docs/scaling.md)
         from gateway.bus import RedisBus
         from gateway.ratelimit import FallbackRateLimiter, LocalRateLimiter, RedisRateLimiter
-        from gateway.redisconn import connect
+        from gateway.redisconn import connect, connect_subscriber
 
         r = connect(settings.redis_url)
         limiter = FallbackRateLimiter(RedisRateLimiter(r), LocalRateLimiter())
-        shared = {"redis": r, "bus": RedisBus(r), "limiter": limiter}
+        # the bus subscribes on a client of its own that never retries (it sees every
+        # drop and catches up), and closes it in `bus.close()`
+        events = RedisBus(r, subscriber=connect_subscriber(settings.redis_url))
+        shared = {"redis": r, "bus": events, "limiter": limiter}
     return Services(
         settings=settings,
         pool=pool,

@@ -21,6 +21,7 @@ from uuid import UUID
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError
 
 from gateway import metrics
 from gateway.redisconn import REDIS_ERRORS
@@ -105,7 +106,10 @@ class RedisBus(LocalBus):
     instance sees no added latency. The subscriber reconnects on its own and,
     after any gap, delivers `on_reconnect()`'s events locally (by default:
     invalidate all policies and data keys, re-read every open socket's consent)
-    since events may have been missed. Events published while Redis is away (or too
+    since events may have been missed. It runs on `subscriber`, a client that must
+    not retry (`gateway.redisconn.connect_subscriber`): a retrying client reconnects
+    and re-subscribes inside the read, hiding the gap. The bus closes it in `close()`;
+    a bus without one can only publish. Events published while Redis is away (or too
     slow to answer in time) are kept (up to `pending_max`) and sent once it answers,
     within a second (the subscriber's poll); if any had to be dropped,
     `on_reconnect()`'s events go to the other processes first, so a dropped
@@ -119,9 +123,11 @@ class RedisBus(LocalBus):
         reconnect_delay: float = 1.0,
         on_reconnect: Callable[[], list[tuple[str, dict[str, Any]]]] = _invalidate_everything,
         pending_max: int = PENDING_MAX,
+        subscriber: Redis | None = None,
     ) -> None:
         super().__init__()
         self.redis = redis
+        self.subscriber = subscriber
         self.channel = channel
         self.reconnect_delay = reconnect_delay
         self.on_reconnect = on_reconnect
@@ -152,24 +158,32 @@ class RedisBus(LocalBus):
 
     async def start(self, wait: float = 1.0) -> None:
         """Start the subscriber; waits up to `wait` seconds for the first subscription."""
+        if self.subscriber is None:
+            raise RuntimeError("RedisBus needs a subscriber client to subscribe")
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="omnigate-bus")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.connected.wait(), wait)
 
     async def close(self) -> None:
-        """Stop the subscriber."""
+        """Stop the subscriber and close its client."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         self.connected.clear()
+        if self.subscriber is not None:
+            await self.subscriber.aclose()
 
     async def _run(self) -> None:
+        assert self.subscriber is not None
         first = True
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            # every drop of this subscription must end in the except branch below, never
+            # in a silent re-subscription: the subscriber client does not retry, and a
+            # connection found closed between reads counts as dropped too
+            pubsub = self.subscriber.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 self.connected.set()
@@ -181,6 +195,8 @@ class RedisBus(LocalBus):
                     await self._flush_pending()
                 first = False
                 while True:
+                    if pubsub.connection is None or not pubsub.connection.is_connected:
+                        raise ConnectionError("bus subscription dropped")
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         await self._receive(message["data"])

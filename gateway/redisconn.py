@@ -2,7 +2,8 @@
 
 Redis is an accelerator, never a dependency of answering: every caller catches
 `REDIS_ERRORS` and degrades. So the client fails fast (short socket timeouts,
-no retries inside redis-py) and the callers decide when to try again.
+no retries inside redis-py) and the callers decide when to try again. The event
+bus subscribes through a client of its own (`connect_subscriber`) that never retries.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def connect(url: str, **overrides: Any) -> Redis:
     }
     kwargs.update(overrides)
     return Redis.from_url(url, **kwargs)
+
+
+def connect_subscriber(url: str, **overrides: Any) -> Redis:
+    """A client for the bus's subscription: as `connect`, but never retrying.
+
+    With a retry, redis-py answers a dropped pub/sub connection (Redis restarted, or the
+    connection alone closed: `CLIENT KILL`, the pub/sub output-buffer limit, a proxy or
+    failover reset) by reconnecting and re-subscribing inside the read, so the subscriber
+    never learns that events published in the gap were lost. Without one, every drop
+    raises to the subscriber, which re-subscribes itself and catches up
+    (`gateway.bus.RedisBus`).
+    """
+    return connect(url, **{"retry": Retry(NoBackoff(), 0), **overrides})
 
 
 def safe_url(url: str) -> str:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from gateway import bus
 from gateway.bus import RedisBus
-from gateway.redisconn import connect
+from gateway.redisconn import connect, connect_subscriber
 from tests.support import PrivateRedis, until
 
 Seen = list[tuple[str, dict[str, Any]]]
@@ -33,6 +33,11 @@ def recorder(b: RedisBus, seen: Seen) -> None:
         b.subscribe(kind, handler)
 
 
+def subscriber(r: PrivateRedis) -> Redis:
+    """The bus's own subscription client, as the gateway makes it."""
+    return connect_subscriber(r.url)
+
+
 @pytest.fixture
 def channel() -> str:
     """A channel of the test's own, so concurrent runs never cross."""
@@ -43,7 +48,7 @@ def channel() -> str:
 async def pair(redis_url: str, channel: str) -> AsyncIterator[tuple[RedisBus, RedisBus]]:
     """Two started buses, as two processes would hold them."""
     clients = [connect(redis_url), connect(redis_url)]
-    buses = (RedisBus(clients[0], channel), RedisBus(clients[1], channel))
+    buses = tuple(RedisBus(c, channel, subscriber=connect_subscriber(redis_url)) for c in clients)
     for b in buses:
         await b.start()
     yield buses
@@ -94,8 +99,8 @@ async def test_reconnects_invalidates_and_resends(
     private_redis: PrivateRedis,
 ) -> None:
     clients = [connect(private_redis.url), connect(private_redis.url)]
-    a = RedisBus(clients[0], reconnect_delay=0.1)
-    b = RedisBus(clients[1], reconnect_delay=0.1)
+    a = RedisBus(clients[0], reconnect_delay=0.1, subscriber=subscriber(private_redis))
+    b = RedisBus(clients[1], reconnect_delay=0.1, subscriber=subscriber(private_redis))
     seen_a: Seen = []
     seen_b: Seen = []
     recorder(a, seen_a)
@@ -127,6 +132,61 @@ async def test_reconnects_invalidates_and_resends(
             await c.aclose()
 
 
+async def test_a_dropped_subscription_catches_up_while_redis_stays_up(
+    private_redis: PrivateRedis,
+) -> None:
+    """Redis stays up but closes the subscribers' connections (`CLIENT KILL`, its pub/sub
+    output-buffer limit, a proxy or failover reset): events published in the gap are lost,
+    so each bus must notice and invalidate everything, not silently re-subscribe."""
+    clients = [connect(private_redis.url), connect(private_redis.url)]
+    a = RedisBus(clients[0], reconnect_delay=0.1, subscriber=subscriber(private_redis))
+    b = RedisBus(clients[1], reconnect_delay=0.1, subscriber=subscriber(private_redis))
+    seen_a: Seen = []
+    seen_b: Seen = []
+    recorder(a, seen_a)
+    recorder(b, seen_b)
+    raw = Redis.from_url(private_redis.url)
+    try:
+        await a.start()
+        await b.start()
+        assert a.connected.is_set() and b.connected.is_set()
+        assert await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 2
+        # both noticed the drop: everything cached is forgotten, consent read again
+        await until(lambda: len(seen_a) >= 3 and len(seen_b) >= 3, timeout=3)
+        catch_up = [
+            (bus.POLICY_CHANGED, {"tenant_id": None}),
+            (bus.KEYS_ROTATED, {}),
+            (bus.CONSENT_CHANGED, {"tenant_id": None}),
+        ]
+        assert seen_a == catch_up and seen_b == catch_up
+        await until(lambda: a.connected.is_set() and b.connected.is_set())
+        # subscribed again: events flow both ways
+        await a.publish(bus.KEYS_ROTATED, {"after": "a"})
+        await until(lambda: (bus.KEYS_ROTATED, {"after": "a"}) in seen_b)
+        await b.publish(bus.KEYS_ROTATED, {"after": "b"})
+        await until(lambda: (bus.KEYS_ROTATED, {"after": "b"}) in seen_a)
+        assert len(seen_a) == len(seen_b) == 5  # nothing twice, no further catch-up
+    finally:
+        await raw.aclose()
+        for x in (a, b):
+            await x.close()
+        for c in clients:
+            await c.aclose()
+
+
+async def test_a_bus_without_a_subscriber_client_only_publishes(redis_url: str) -> None:
+    client = connect(redis_url)
+    b = RedisBus(client)  # as `omnigate rotate-keys` uses it
+    try:
+        await b.publish(bus.KEYS_ROTATED, {})
+        assert not b._pending
+        with pytest.raises(RuntimeError):
+            await b.start()
+    finally:
+        await b.close()
+        await client.aclose()
+
+
 async def test_an_event_whose_publish_timed_out_is_resent_without_another_publish(
     private_redis: PrivateRedis,
 ) -> None:
@@ -134,7 +194,7 @@ async def test_an_event_whose_publish_timed_out_is_resent_without_another_publis
     queued; it must reach the others once Redis answers, not wait for the next event:
     a queued consent revocation may be the last event for a long while."""
     clients = [connect(private_redis.url), connect(private_redis.url)]
-    a, b = RedisBus(clients[0]), RedisBus(clients[1])
+    a, b = (RedisBus(c, subscriber=subscriber(private_redis)) for c in clients)
     seen_b: Seen = []
     recorder(b, seen_b)
     raw = Redis.from_url(private_redis.url)
@@ -162,9 +222,13 @@ async def test_events_dropped_while_away_make_the_others_invalidate_everything(
     private_redis: PrivateRedis,
 ) -> None:
     clients = [connect(private_redis.url), connect(private_redis.url)]
-    a = RedisBus(clients[0], reconnect_delay=0.1, pending_max=2)
+    a = RedisBus(
+        clients[0], reconnect_delay=0.1, pending_max=2, subscriber=subscriber(private_redis)
+    )
     # b's own gap invalidation is switched off: what it sees comes from a
-    b = RedisBus(clients[1], reconnect_delay=0.1, on_reconnect=list)
+    b = RedisBus(
+        clients[1], reconnect_delay=0.1, on_reconnect=list, subscriber=subscriber(private_redis)
+    )
     seen_b: Seen = []
     recorder(b, seen_b)
     try:
@@ -197,7 +261,7 @@ async def test_starts_without_redis_and_catches_up(
 ) -> None:
     private_redis.stop()
     client = connect(private_redis.url)
-    b = RedisBus(client, reconnect_delay=0.1)
+    b = RedisBus(client, reconnect_delay=0.1, subscriber=subscriber(private_redis))
     seen: Seen = []
     recorder(b, seen)
     try:
@@ -216,10 +280,10 @@ CHILD = textwrap.dedent(
     import asyncio, sys
     from gateway import bus
     from gateway.bus import RedisBus
-    from gateway.redisconn import connect
+    from gateway.redisconn import connect, connect_subscriber
 
     async def main(url, channel):
-        b = RedisBus(connect(url), channel)
+        b = RedisBus(connect(url), channel, subscriber=connect_subscriber(url))
         done = asyncio.Event()
 
         async def on_policy(payload):
@@ -239,7 +303,7 @@ CHILD = textwrap.dedent(
 
 async def test_two_real_processes(redis_url: str, channel: str) -> None:
     client = connect(redis_url)
-    b = RedisBus(client, channel)
+    b = RedisBus(client, channel, subscriber=connect_subscriber(redis_url))
     seen: Seen = []
     recorder(b, seen)
     await b.start()
