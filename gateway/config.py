@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
 STATE_DIR = Path(".omnigate")
@@ -103,6 +104,31 @@ def parse_networks(spec: str) -> tuple[Network, ...]:
     return tuple(nets)
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def parse_redis_url(url: str) -> str:
+    """Check `OMNIGATE_REDIS_URL` as the Redis client will parse it; the URL, unchanged.
+
+    The client connects lazily, so a malformed URL would otherwise surface only in
+    each serving process; the message never echoes the URL (it may hold a password).
+    """
+    if urlsplit(url).scheme.lower() not in REDIS_SCHEMES:
+        raise ConfigError(
+            "OMNIGATE_REDIS_URL must be a redis://, rediss:// or unix:// URL "
+            "(e.g. redis://localhost:6379/0)"
+        )
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError:
+        raise ConfigError(
+            "OMNIGATE_REDIS_URL is not a valid Redis URL (redis://[:password@]host[:port][/db])"
+        ) from None
+    return url
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -150,10 +176,11 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
     url = e.get("OMNIGATE_UPSTREAM_URL") or DEFAULT_UPSTREAM_URL
     if not url.startswith(("http://", "https://")):
         raise ConfigError("OMNIGATE_UPSTREAM_URL must be an http(s) URL")
+    redis_url = e.get("OMNIGATE_REDIS_URL") or None
     return Settings(
         database_url=e.get("OMNIGATE_DATABASE_URL") or None,
         admin_database_url=e.get("OMNIGATE_ADMIN_DATABASE_URL") or None,
-        redis_url=e.get("OMNIGATE_REDIS_URL") or None,
+        redis_url=parse_redis_url(redis_url) if redis_url else None,
         openai_api_key=e.get("OPENAI_API_KEY") or None,
         upstream_url=url.rstrip("/"),
         first_token_timeout=_float(e, "OMNIGATE_UPSTREAM_FIRST_TOKEN_TIMEOUT", 30.0),

@@ -131,8 +131,13 @@ async def applied_migrations(conn: asyncpg.Connection | Pool) -> list[str]:
 
 
 async def migrations_current(pool: Pool) -> bool:
-    """True when every migration file on disk has been applied."""
-    return await applied_migrations(pool) == [p.name for p in migration_files()]
+    """True when every migration file this code knows has been applied.
+
+    A database ahead of the code (a newer release migrated it) is fine: during a
+    rolling deploy the first new instance migrates at start, and the old instances
+    must not all leave rotation at that moment.
+    """
+    return {p.name for p in migration_files()} <= set(await applied_migrations(pool))
 
 
 def _role_of(url: str) -> tuple[str, str | None]:

@@ -1,8 +1,11 @@
 """Process model: one event loop per process; `--workers N` spawns N sharing the port.
 
-The parent of N workers only supervises: it prepares the metrics directory,
-restarts a worker that dies unexpectedly, forgets its metrics, and forwards
-SIGTERM/SIGINT for a graceful shutdown (docs/scaling.md).
+Before any worker starts, `serve` checks once what every worker would refuse at
+start (the database role, the connection, the migrations): a mistake there is one
+clear line and a non-zero exit, not N workers restarted forever. The parent of N
+workers then only supervises: it prepares the metrics directory, restarts a worker
+that dies unexpectedly, forgets its metrics, and forwards SIGTERM/SIGINT for a
+graceful shutdown (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -156,9 +159,37 @@ def preflight(settings: Settings, workers: int = 1) -> None:
     check_listen(settings.host, settings.port, reuse_port=workers > 1)
 
 
+async def _check_database(url: str) -> None:
+    from gateway.db import DatabaseError, check_app_role, create_pool, migrations_current
+
+    pool = await create_pool(url, min_size=1, max_size=1)
+    try:
+        await check_app_role(pool)
+        if not await migrations_current(pool):
+            raise DatabaseError(
+                "the database is not migrated for this release: run `omnigate migrate` "
+                "(or set OMNIGATE_ADMIN_DATABASE_URL and serve migrates at start)"
+            )
+    finally:
+        await pool.close()
+
+
+def check_database(settings: Settings) -> None:
+    """What a worker checks first, checked once: connect, the app role, the migrations.
+
+    Raises DatabaseError (or asyncpg's own error), which `omnigate` prints as one
+    line. Without it a supervisor would restart every worker forever on a mistake
+    no restart can fix: an owner or superuser URL, an unreachable or unmigrated
+    database.
+    """
+    if settings.database_url:  # the CLI always fills it (create_app refuses without)
+        asyncio.run(_check_database(settings.database_url))
+
+
 def serve(settings: Settings, workers: int = 1) -> None:
     """Serve until SIGINT/SIGTERM; several workers need Redis to agree with each other."""
     _check_workers(settings, workers)
+    check_database(settings)
     sys.stderr.write(
         f"omnigate listening on http://{settings.host}:{settings.port}"
         f" ({workers} worker{'s' if workers > 1 else ''})\n"

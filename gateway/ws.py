@@ -169,12 +169,7 @@ class Outbox:
         task.add_done_callback(_ending.discard)
 
     async def _close(self, code: int, reason: str) -> None:
-        try:
-            async with asyncio.timeout(TERMINATE_GRACE):
-                await self.ws.close(code=code, message=reason.encode(), drain=False)
-        except TimeoutError:
-            if self.transport is not None:
-                self.transport.abort()  # it stopped reading: drop what it never took
+        await _bounded_close(self.ws, self.transport, code, reason.encode())
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Write a frame, or queue it behind the write in progress (dropped once the
@@ -407,8 +402,30 @@ async def widget_chat_preflight(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def _bounded_close(
+    ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, message: bytes
+) -> None:
+    """Send the close frame without waiting for the socket to drain, and give the peer
+    TERMINATE_GRACE to answer it; a peer that stopped reading has its connection cut."""
+    try:
+        async with asyncio.timeout(TERMINATE_GRACE):
+            await ws.close(code=code, message=message, drain=False)
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()  # it stopped reading: drop what it never took
+
+
 async def close_all(sockets: weakref.WeakSet[web.WebSocketResponse]) -> None:
-    """Close every open widget socket with 1001 so widgets reconnect elsewhere."""
-    for ws in list(sockets):
-        with contextlib.suppress(Exception):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    """Close every open widget socket with 1001 so widgets reconnect elsewhere.
+
+    All at once, each bounded (`_bounded_close`): one stalled client must not hold
+    up the others' close frames, nor the shutdown behind them. A socket that does not
+    take its close in time is left to the process's exit, which ends it.
+    """
+    await asyncio.gather(
+        *(
+            _bounded_close(ws, None, WSCloseCode.GOING_AWAY, b"server shutting down")
+            for ws in list(sockets)
+        ),
+        return_exceptions=True,
+    )

@@ -21,6 +21,10 @@ from tests.conftest import Database
 
 CLI = [sys.executable, "-m", "gateway.cli"]
 KEY = "test1:a2FrYWthaWthaWthaWthaWthaWthaWthaWthaWthaWs="  # 32 bytes, base64
+# stands for the session database's owner URL in a case's environment
+OWNER_URL = "<owner url>"
+# Redis is not needed to start (it only accelerates); nothing listens here
+NO_REDIS = "redis://127.0.0.1:1/0"
 
 
 def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -66,6 +70,25 @@ def test_tenant_create_prints_its_keys(database: Database, tmp_path: Path) -> No
         ),
         (["migrate"], {"OMNIGATE_MASTER_KEYS": "k1:not-base64!"}, "OMNIGATE_MASTER_KEYS"),
         (["frobnicate"], {}, "invalid choice"),
+        (["serve", "--port", "0"], {"OMNIGATE_REDIS_URL": "localhost:6379"}, "OMNIGATE_REDIS_URL"),
+        (
+            ["serve", "--workers", "2", "--port", "0"],
+            {
+                "OMNIGATE_DATABASE_URL": OWNER_URL,
+                "OMNIGATE_ADMIN_DATABASE_URL": "",
+                "OMNIGATE_REDIS_URL": NO_REDIS,
+            },
+            "refusing to serve",
+        ),
+        (
+            ["serve", "--workers", "2", "--port", "0"],
+            {
+                "OMNIGATE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x",
+                "OMNIGATE_ADMIN_DATABASE_URL": "",
+                "OMNIGATE_REDIS_URL": NO_REDIS,
+            },
+            "cannot connect",
+        ),
     ],
     ids=[
         "bad-origin",
@@ -75,6 +98,9 @@ def test_tenant_create_prints_its_keys(database: Database, tmp_path: Path) -> No
         "unreachable-db",
         "bad-master-key",
         "unknown-command",
+        "malformed-redis-url",
+        "workers-as-owner-role",
+        "workers-unreachable-db",
     ],
 )
 def test_user_mistakes_get_one_line_and_no_traceback(
@@ -86,6 +112,7 @@ def test_user_mistakes_get_one_line_and_no_traceback(
         "OMNIGATE_ADMIN_DATABASE_URL": database.owner_url,
         **env,
     }
+    env = {k: database.owner_url if v == OWNER_URL else v for k, v in env.items()}
     out = run(args, tmp_path, **env)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
@@ -150,6 +177,38 @@ def test_tenant_create_on_an_unmigrated_database_is_one_line(
     assert "UndefinedTableError" in line and "omnigate migrate" in line
     password = urlsplit(url).password
     assert url not in line and name not in line and (not password or password not in line)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "supervised"])
+def test_serve_on_an_unmigrated_database_is_one_line(
+    database: Database, tmp_path: Path, workers: int
+) -> None:
+    """Checked once before any worker starts, not by each worker restarted forever."""
+    name = f"omnigate_unmigrated_{uuid.uuid4().hex[:8]}"
+
+    async def sql(statement: str) -> None:
+        conn = await asyncpg.connect(database.owner_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(sql(f'CREATE DATABASE "{name}"'))
+    try:
+        url = urlunsplit(urlsplit(database.app_url)._replace(path=f"/{name}"))
+        out = run(
+            ["serve", "--port", "0", "--workers", str(workers)],
+            tmp_path,
+            OMNIGATE_DATABASE_URL=url,
+            OMNIGATE_MASTER_KEYS=KEY,
+            OMNIGATE_REDIS_URL=NO_REDIS,
+        )
+    finally:
+        asyncio.run(sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    assert out.returncode == 1, out.stderr
+    line = _one_error_line(out)
+    assert "omnigate migrate" in line
+    assert url not in line and name not in line
 
 
 @pytest.mark.parametrize(

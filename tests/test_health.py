@@ -19,7 +19,7 @@ import pytest
 
 from gateway.app import readiness
 from gateway.config import Settings
-from gateway.db import applied_migrations, create_pool, migration_files
+from gateway.db import applied_migrations, create_pool, migrate, migration_files
 from gateway.embedded import with_user
 from gateway.fake_upstream import FakeUpstream
 from gateway.redisconn import connect
@@ -94,6 +94,20 @@ async def test_ready_on_the_migrated_database(owner_pool: asyncpg.Pool) -> None:
         200,
         {"status": "ok", "checks": {"database": "ok"}, "upstream": "offline"},
     )
+
+
+async def test_ready_when_the_database_is_ahead_of_this_code(empty_database: str) -> None:
+    """A rolling deploy: a newer release has migrated; the older instances stay in rotation."""
+    await migrate(empty_database, None)
+    pool = await create_pool(empty_database, min_size=1, max_size=2)
+    try:
+        await pool.execute(
+            "INSERT INTO omnigate_migrations (name, checksum) VALUES ('9999_future.sql', 'x')"
+        )
+        code, body = await readiness(pool)
+    finally:
+        await pool.close()
+    assert (code, body["checks"]) == (200, {"database": "ok"})
 
 
 async def test_unready_when_migrations_are_pending(empty_database: str) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
+import weakref
 from dataclasses import replace
 
 import aiohttp
@@ -10,6 +14,7 @@ import asyncpg
 import pytest
 from aiohttp import WSMsgType
 
+from gateway import ws as ws_module
 from gateway.config import Settings
 from gateway.provision import NewTenant, create_tenant
 from tests.conftest import ORIGIN, Gateway, chat, hello, reply_text, start_gateway
@@ -223,3 +228,73 @@ async def test_connections_per_ip_are_capped(settings: Settings, tenant: NewTena
         assert reply_text(await chat(extra, "m", "fine")) == "fine"
         for ws in (*sockets[1:], extra):
             await ws.close()
+
+
+class _Socket:
+    """Stands in for a server-side WebSocketResponse in `close_all`."""
+
+    def __init__(self, *, stalled: bool) -> None:
+        self.stalled = stalled
+        self.closed_with: tuple[int, bool] | None = None
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        self.closed_with = (code, drain)
+        if self.stalled:  # its peer stopped reading: the close frame is never taken
+            await asyncio.Event().wait()
+        return True
+
+
+async def test_close_all_is_not_held_up_by_a_stalled_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shutdown: every socket gets its 1001 at once; one that never takes it is left
+    behind after the grace (the process's exit ends it)."""
+    monkeypatch.setattr(ws_module, "TERMINATE_GRACE", 0.5)
+    stalled, first, last = _Socket(stalled=True), _Socket(stalled=False), _Socket(stalled=False)
+    sockets = weakref.WeakSet([first, stalled, last])
+    started = time.monotonic()
+    await asyncio.wait_for(ws_module.close_all(sockets), 5)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 2
+    for sock in (first, stalled, last):
+        assert sock.closed_with == (1001, False)
+
+
+async def test_close_all_cuts_a_client_that_stopped_reading(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real stalled peer: its socket's transport is paused when shutdown begins."""
+    from gateway.appkeys import CONNECTIONS
+
+    monkeypatch.setattr(ws_module, "TERMINATE_GRACE", 0.5)
+    stalled = await offline_gateway.ws(tenant.site_key)
+    await hello(stalled)
+    normal = await offline_gateway.ws(tenant.site_key)
+    await hello(normal)
+    # the stalled client stops reading, with small socket buffers at both ends so
+    # that its pongs soon fill them and the server's transport pauses its writes
+    for server_side in offline_gateway.server.app[CONNECTIONS]:
+        sock = server_side.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn = stalled._response.connection
+    assert conn is not None and conn.transport is not None
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.transport.pause_reading()
+
+    async def flood() -> None:
+        while True:
+            await stalled.send_str('{"type": "ping"}')
+
+    flooding = asyncio.create_task(flood())
+    await asyncio.sleep(1.0)
+    flooding.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flooding
+    assert any(
+        w._payload_writer is not None and w._payload_writer._protocol._paused
+        for w in offline_gateway.server.app[CONNECTIONS]
+    ), "the server's writes to the stalled client never blocked"
+    started = time.monotonic()
+    await asyncio.wait_for(ws_module.close_all(offline_gateway.server.app[CONNECTIONS]), 10)
+    assert time.monotonic() - started < 3
+    msg = await normal.receive(timeout=5)
+    assert msg.type == WSMsgType.CLOSE and msg.data == 1001
