@@ -152,7 +152,6 @@ async def _exchange(
         await emit(protocol.delta(msg_id, v.unstored[msg_id]))
         await emit(protocol.done(msg_id, None, "stop"))
         return
-    known = len(v.placeholders)
     try:
         with metrics.timed("redaction"):
             try:
@@ -185,8 +184,9 @@ async def _exchange(
     if keep:
         client_ref = await svc.hash_keys.hash(v.tenant_id, v.conversation_id.bytes, msg_id.encode())
         for _ in range(MAP_ATTEMPTS):
-            # the sealed map is rewritten only when this message added a placeholder
-            grew = len(v.placeholders) != known
+            # the sealed map is rewritten when it lacks placeholders issued since it was
+            # read or written: by this message, or while storage was off
+            grew = len(v.placeholders) != v.map_len
             try:
                 user_seq = await _store_user(svc, v, msg_id, text, client_ref, grew, emit)
                 break
@@ -194,7 +194,6 @@ async def _exchange(
                 # another tab of this session, or retention, changed the map since this
                 # connection read it: redact again with the stored one, then store
                 await _reload_map(svc, v, msg_id)
-                known = len(v.placeholders)
                 redacted = cp.redactor.apply(text, found, v.placeholders)
         else:
             raise _storage_error(msg_id)
@@ -310,7 +309,7 @@ async def _store_user(
             )
         if seq is not None:
             if sealed_map is not None:
-                v.map_sealed = sealed_map
+                v.map_sealed, v.map_len = sealed_map, len(v.placeholders)
             return seq
         async with tenant_tx(svc.pool, v.tenant_id) as conn:
             found = await store.message_by_client_ref(

@@ -363,8 +363,3 @@ async def overdue_counts(conn: asyncpg.Connection, tenant_id: UUID) -> tuple[int
     )
     assert row is not None
     return int(row["overdue"]), int(row["ack_overdue"])
-
-
-async def overdue_count(conn: asyncpg.Connection, tenant_id: UUID) -> int:
-    """Open requests of one tenant past their due date."""
-    return (await overdue_counts(conn, tenant_id))[0]

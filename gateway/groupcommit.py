@@ -151,8 +151,8 @@ class GroupCommitter:
             conn = self._conn = await self._pool.acquire()
         try:
             return await run(conn)
-        except asyncpg.PostgresError:
-            raise  # the server refused the statement: the connection is sound
+        except (asyncpg.PostgresError, store.MapChanged):
+            raise  # the server refused or declined the statement: the connection is sound
         except BaseException:
             await self._give_back()  # the pool waits out a cancelled query or drops a broken one
             raise

@@ -65,6 +65,13 @@ ALLOWED_EXTRAS = (
     "error",  # an exception class name or a fixed code, checked when rendered
     "connections",
     "outage_seconds",
+    # a retention pass's counts (gateway/retention.py KINDS)
+    "messages_deleted",
+    "conversations_anonymized",
+    "redaction_maps_cleared",
+    "sessions_deleted",
+    "session_ips_cleared",
+    "analytics_events_aggregated",
 )
 _MAX_EXTRA_CHARS = 200
 # What an ``error`` extra may hold: an exception class name or a fixed code.

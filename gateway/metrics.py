@@ -156,6 +156,7 @@ RETENTION_KINDS = frozenset(
         "consents",
         "privacy_requests",
         "session_ips",
+        "redaction_maps",
         "analytics_events",
     }
 )

@@ -149,13 +149,13 @@ KINDS = (
     "session_ips_cleared",
     "analytics_events_aggregated",
 )
-# the metric's closed label set (gateway.metrics.RETENTION_KINDS); a kind without a
-# label there (redaction_maps_cleared) is in the summary only
+# the metric's closed label set (gateway.metrics.RETENTION_KINDS)
 _METRIC_KIND = {
     "messages_deleted": "messages",
     "conversations_anonymized": "conversations",
     "sessions_deleted": "sessions",
     "session_ips_cleared": "session_ips",
+    "redaction_maps_cleared": "redaction_maps",
     "analytics_events_aggregated": "analytics_events",
 }
 
@@ -235,8 +235,7 @@ async def run_retention(
             "DELETE FROM omnigate_leases WHERE name = $1 AND holder = $2", LEASE, holder
         )
     for kind, n in totals.items():
-        if kind in _METRIC_KIND:
-            metrics.count_retention_purged(_METRIC_KIND[kind], n)
+        metrics.count_retention_purged(_METRIC_KIND[kind], n)
     return {
         "leader": True,
         "tenants": len(tenants),

@@ -45,7 +45,8 @@ class RequestContext:
     new_token: str | None = None
     # browser family, major version and device class: all analytics keeps of a User-Agent
     client: Mapping[str, Any] = field(default_factory=dict)
-    # what rate limits count by: ip_anon, or a keyed hash where ip_anon is sealed (full)
+    # what per-IP limits count by: ip_anon under truncate (a /24 or /48); under hash and
+    # full a keyed hash of the address (IPv4) or its /64 (IPv6); None under drop
     ip_key: str | None = None
 
 
@@ -62,13 +63,14 @@ class Visitor:
     consent: ConsentState
     signals: Signals
     restricted: bool = False
-    # what rate limits count the visitor's IP by (None under ip_mode drop): the
-    # anonymized IP, or a keyed hash of an address kept whole (RequestContext.ip_key)
+    # what per-IP limits count the visitor by (RequestContext.ip_key; None under drop)
     ip_key: str | None = None
     placeholders: PlaceholderMap = field(default_factory=PlaceholderMap)
     # the conversation's sealed map as this connection last read or wrote it: a message
     # is stored only while the stored map is still this one (migrations/0014)
     map_sealed: bytes | None = None
+    # how many placeholders that sealed map holds: more in memory means it must be written
+    map_len: int = 0
     # the last exchanges in the redacted form the model saw, for its context
     context: list[dict[str, str]] = field(default_factory=list)
     # client ids answered while the transcript is not kept (dedupe without storage)
@@ -398,7 +400,7 @@ def _load_context(svc: Services, v: Visitor, found: store.ResumedSession, cipher
     `found.recent` holds no interrupted markers: they are empty, nothing the model said.
     """
     v.placeholders = open_map(svc, v, cipher, found.redaction_sealed)
-    v.map_sealed = found.redaction_sealed
+    v.map_sealed, v.map_len = found.redaction_sealed, len(v.placeholders)
     for message_id, role, ciphertext in found.recent:
         text = svc.vault.open_text(
             cipher, v.tenant_id, v.conversation_id, message_id, role, ciphertext
@@ -429,7 +431,7 @@ async def reload_map(svc: Services, v: Visitor) -> None:
             v.conversation_id,
         )
     v.placeholders = open_map(svc, v, cipher, sealed)
-    v.map_sealed = sealed
+    v.map_sealed, v.map_len = sealed, len(v.placeholders)
     if sealed is None:
         v.context.clear()
 

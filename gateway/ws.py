@@ -56,7 +56,7 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     if not cookie or not await _session_alive(svc, tenant_id, cookie):
         minted = new_token()
     ctx = request_context(request, svc, cp, tenant_id, minted)
-    # per anonymized IP and per process; under ip_mode drop there is no key to count by
+    # per IP key (docs/policy-reference.md, IP modes) and per process; none under drop
     ip_key = f"{tenant_id}:{ctx.ip_key}" if ctx.ip_key else None
     if ip_key and svc.ip_connections.get(ip_key, 0) >= svc.settings.max_connections_per_ip:
         raise web.HTTPTooManyRequests(

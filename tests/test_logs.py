@@ -383,3 +383,24 @@ def test_setup_logging_is_idempotent() -> None:
             aiohttp_logger = logging.getLogger(name)
             for f in [f for f in aiohttp_logger.filters if isinstance(f, AiohttpErrorFilter)]:
                 aiohttp_logger.removeFilter(f)
+
+
+def test_a_retention_pass_logs_its_counts() -> None:
+    import io
+    import logging
+
+    import orjson
+
+    from gateway.logs import make_handler
+    from gateway.retention import KINDS
+
+    stream = io.StringIO()
+    log = logging.getLogger("omnigate.test.retention")
+    log.addHandler(make_handler(stream))
+    log.setLevel(logging.INFO)
+    try:
+        log.info("retention pass", extra={k: n for n, k in enumerate(KINDS, start=1)})
+    finally:
+        log.handlers.clear()
+    line = orjson.loads(stream.getvalue())
+    assert {k: line.get(k) for k in KINDS} == {k: n for n, k in enumerate(KINDS, start=1)}

@@ -12,7 +12,7 @@ import asyncpg
 
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant
-from tests.conftest import Gateway, chat, hello, reply_text
+from tests.conftest import Gateway, chat, hello, recv_until, reply_text
 
 EMAILS = ("ann@example.org", "bob@example.net", "cyd@example.com")
 
@@ -77,3 +77,25 @@ async def test_a_map_cleared_under_an_open_tab_is_written_again(
     await hello(ws, session_token=w["session_token"])
     assert (await chat(ws, "c", "and now?"))[-1]["type"] == "done"
     assert EMAILS[2] not in sent_to_model(upstream)
+
+
+async def test_placeholders_issued_while_nothing_was_kept_are_sealed_when_keeping_resumes(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    token = (await hello(ws, consent={"ai_processing": True}))["session_token"]
+    await ws.send_json({"type": "consent", "revoke": ["conversation_storage"]})
+    await recv_until(ws, "welcome")
+    assert (await chat(ws, "a", f"mail {EMAILS[0]}"))[-1]["type"] == "done"  # not kept
+    await ws.send_json({"type": "consent", "grant": ["conversation_storage"]})
+    await recv_until(ws, "welcome")
+    # kept now, and it adds no placeholder: the map this connection holds must be sealed
+    assert (await chat(ws, "b", f"again {EMAILS[0]}"))[-1]["type"] == "done"
+    await ws.close()
+    ws = await gateway.ws(tenant.site_key)
+    await hello(ws, session_token=token)
+    assert (await chat(ws, "c", "and now?"))[-1]["type"] == "done"
+    context = [m["content"] for m in upstream.requests[-1]["body"]["messages"][1:]]
+    assert "again <EMAIL_1>" in context, context
+    assert EMAILS[0] not in sent_to_model(upstream)
