@@ -193,6 +193,10 @@ class Connection:
                 if v.consent_stale and not await self._consent_read(v, msg_id):
                     continue
                 await chat.handle_message(self.svc, v, msg_id, text, self.send)
+                if self.svc.vault.cache.erased(self.tenant_id, v.subject_id):
+                    # the message found the subject's key destroyed: an erasure whose
+                    # event this process missed (session_invalid was sent)
+                    self.terminate("erased")
             except Exception as exc:
                 # handle_message logs its own failures while the text is masked; whatever
                 # escapes it is named only by type, never with a traceback quoting the text

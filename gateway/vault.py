@@ -45,6 +45,9 @@ class Vault:
         if cached is not None:
             return cached
         if wrapped is None:
+            # erased, perhaps by a process whose event this one missed: remember it, so
+            # the subject's connections here end (Connection._answer_in_order)
+            self.cache.forget(tenant_id, subject_id)
             raise KeyDestroyed("the subject's data key is destroyed")
         dek = self.keyring.unwrap(tenant_id, subject_id, *wrapped)
         return self.cache.put(tenant_id, subject_id, dek)

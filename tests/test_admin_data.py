@@ -689,3 +689,23 @@ async def test_a_socket_whose_erasure_event_was_missed_ends_at_its_next_read(
     msg = await ws.receive(timeout=3)
     assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4001)
     assert svc.live == {}
+
+
+async def test_a_message_that_finds_the_key_destroyed_ends_its_connection(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    # the erasure happened where this process never heard of it: the key row is gone
+    # and no event came; the next message is refused and the socket ends
+    g = offline_gateway
+    svc = g.server.app[SERVICES]
+    ws, _ = await stored_visitor(g, tenant.site_key)
+    assert (await chat(ws, "a", "first"))[-1]["type"] == "done"
+    subject = next(iter(svc.live))[1]
+    await owner_pool.execute("DELETE FROM subject_keys WHERE subject_id = $1", subject)
+    svc.vault.cache.clear()  # as after a restart: nothing cached
+    await ws.send_json({"type": "message", "id": "b", "text": "second"})
+    frame = await ws.receive_json(timeout=3)
+    assert (frame["type"], frame["code"], frame["id"]) == ("error", "session_invalid", "b")
+    msg = await ws.receive(timeout=3)
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4001)
+    assert svc.live == {}
