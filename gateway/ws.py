@@ -370,7 +370,12 @@ async def _open_fallback(
         hello_frame = protocol.parse_frame(
             orjson.dumps({**hello, "type": "hello", "v": protocol.PROTOCOL_VERSION})
         )
-        await conn.hello(hello_frame.data)
+        try:
+            await conn.hello(hello_frame.data)
+        except ProtocolError as exc:
+            # the message is what was refused (a widget retries it as it would any)
+            exc.id = exc.id or frame.data["id"]
+            raise
     except orjson.JSONDecodeError:
         error = ProtocolError(protocol.BAD_REQUEST, "body is not valid JSON")
     except ProtocolError as exc:

@@ -460,8 +460,12 @@ async def test_screenshot_of_open_widget(
 class ScriptedServer:
     """A stand-in widget server (page.route_web_socket) answering from a script of errors."""
 
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, errors: list[dict[str, Any]], hello_errors: list[dict[str, Any]] | None = None
+    ) -> None:
         self.errors = errors
+        self.hello_errors = hello_errors or []  # answers to the first hellos, in turn
+        self.hellos = 0
         self.messages: list[dict[str, Any]] = []
         self.seq = 0
 
@@ -475,6 +479,10 @@ class ScriptedServer:
         def on_message(raw: str | bytes) -> None:
             frame = json.loads(raw)
             if frame["type"] == "hello":
+                self.hellos += 1
+                if self.hello_errors:
+                    send({"type": "error", **self.hello_errors.pop(0)})
+                    return
                 policy = {"required_consents": [], "granted": [], "retention_days": 30}
                 send({"type": "welcome", "session_token": "t" * 32, "resumed": False,
                       "conversation_id": "c", "policy": policy})  # fmt: skip
@@ -528,6 +536,24 @@ async def test_error_states_are_shown_and_recovered(
     # every attempt carried the same client id, so the server could dedupe it
     assert len(server.messages) == 2
     assert len({m["id"] for m in server.messages}) == 1
+
+
+async def test_a_refused_hello_is_tried_again_after_its_wait(
+    live: Live, context: BrowserContext
+) -> None:
+    # too many new sessions from this address: the hello itself is refused, with no
+    # message id; the widget must try again rather than wait for a reload
+    refused = {"code": "rate_limited", "message": "too many new sessions", "retry_after": 0.5}
+    server = ScriptedServer([], hello_errors=[refused])
+    page = await context.new_page()
+    await server.attach(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await page.get_by_label("Message").fill("after the wait")
+    await page.get_by_label("Message").press("Enter")
+    reply = page.locator("li.msg.assistant:not(.streaming) .text")
+    await expect(reply).to_have_text("after the wait ", timeout=10_000)
+    assert server.hellos == 2 and len(server.messages) == 1
 
 
 async def test_offline_and_back(live: Live, context: BrowserContext) -> None:

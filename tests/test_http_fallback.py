@@ -167,3 +167,22 @@ async def test_a_client_gone_before_the_stream_opens_leaves_no_session_behind(
     # the session it opened (its map and context in memory) left the live registry
     assert svc.live == {}
     assert metrics.SESSIONS_ACTIVE._value.get() == active
+
+
+async def test_a_refused_new_session_names_the_message_it_refused(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    status, _ = await call(
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        {"rate_limit": {"new_sessions_per_ip_per_minute": 1}},
+    )
+    assert status == 200
+    _, _, body = await post(offline_gateway, tenant.site_key, {"id": "m1", "text": "first"})
+    assert parse_sse(body)[-1]["type"] == "done"
+    _, _, body = await post(offline_gateway, tenant.site_key, {"id": "m2", "text": "second"})
+    [refused] = parse_sse(body)
+    assert (refused["type"], refused["code"], refused["id"]) == ("error", "rate_limited", "m2")
+    assert refused["retry_after"] > 0

@@ -524,6 +524,13 @@
     const wait = typeof f.retry_after === "number" ? Math.max(1, Math.ceil(f.retry_after)) : null;
     switch (f.code) {
       case "rate_limited":
+        if (!f.id && !policy && transport === "ws") {
+          // the hello itself was refused (too many new sessions from here): no session
+          // yet, so connect again once the wait is over
+          setStatus("Too many new conversations from here. Trying again in " + (wait || 1) + " s.", "rate");
+          retryHelloLater((wait || 1) * 1000);
+          return;
+        }
         setStatus("You are sending messages too quickly. Trying again in " + (wait || 1) + " s.", "rate");
         if (msg) retryLater(msg, (wait || 1) * 1000);
         return;
@@ -770,6 +777,19 @@
       }
       reconnectSoon();
     });
+  }
+
+  function retryHelloLater(ms) {
+    const old = ws;
+    gen += 1; // ignore the old socket's close: this is not a lost connection
+    ws = null;
+    try {
+      if (old) old.close(1000);
+    } catch (_) {
+      /* already closed */
+    }
+    clearTimeout(reconnectTimer);
+    reconnectTimer = setTimeout(connect, ms);
   }
 
   function reconnectSoon(delay) {
