@@ -59,7 +59,7 @@ async def handle_message(svc: Services, v: Visitor, msg_id: str, text: str, emit
     with log_secrets(text):
         try:
             decision = await _checks(svc, v, cp, msg_id, text, emit)
-            await _exchange(svc, v, cp, decision, msg_id, text, emit)
+            outcome = await _exchange(svc, v, cp, decision, msg_id, text, emit) or outcome
         except ProtocolError as exc:
             outcome = exc.outcome or OUTCOME_BY_CODE.get(exc.code, "other")
             if exc.id is None:
@@ -144,14 +144,15 @@ async def _exchange(
     msg_id: str,
     text: str,
     emit: Emit,
-) -> None:
+) -> str | None:
+    """Answer an allowed message; "cut" when the reply was cut at its bound."""
     keep = decision.store_transcript
     if not keep and msg_id in v.unstored:
         # a re-send while nothing is stored: answered from this connection's memory
         await emit(protocol.ack(msg_id, None))
         await emit(protocol.delta(msg_id, v.unstored[msg_id]))
         await emit(protocol.done(msg_id, None, "stop"))
-        return
+        return None
     try:
         with metrics.timed("redaction"):
             try:
@@ -198,7 +199,7 @@ async def _exchange(
         else:
             raise _storage_error(msg_id)
         if user_seq is None:
-            return  # a re-send answered from storage
+            return None  # a re-send answered from storage
     await emit(protocol.ack(msg_id, user_seq))
 
     turn = {"role": "user", "content": redacted.text}
@@ -209,7 +210,7 @@ async def _exchange(
         *history,
         turn,
     ]
-    reply, raw_reply, finish = await _stream_reply(svc, v, cp, msg_id, prompt, emit)
+    reply, raw_reply, finish, cut = await _stream_reply(svc, v, cp, msg_id, prompt, emit)
 
     reply_seq: int | None = None
     if keep:
@@ -245,6 +246,7 @@ async def _exchange(
     v.context[:] = [*history, turn, {"role": "assistant", "content": raw_reply}]
     del v.context[:-CONTEXT_MESSAGES]
     await emit(protocol.done(msg_id, reply_seq, finish))
+    return "cut" if cut else None
 
 
 # writes of one message that may find the map changed by another tab before giving up
@@ -342,8 +344,9 @@ async def _stream_reply(
     msg_id: str,
     prompt: list[dict[str, str]],
     emit: Emit,
-) -> tuple[str, str, str]:
-    """Stream the model's reply to the visitor; returns (shown text, model text, finish)."""
+) -> tuple[str, str, str, bool]:
+    """Stream the model's reply to the visitor; returns (shown text, model text, finish,
+    whether the gateway cut it at its size or time bound)."""
     restorer = ReplyRestorer(v.placeholders) if cp.policy.redact.restore_in_reply else None
     shown: list[str] = []
     raw: list[str] = []
@@ -379,7 +382,13 @@ async def _stream_reply(
         if tail:
             shown.append(tail)
             await emit(protocol.delta(msg_id, tail))
-    return "".join(shown), "".join(raw), stream.finish_reason or "stop"
+    if stream.limited:
+        # a looping or hostile upstream (docs/operations.md): the reply is kept as cut
+        log.warning(
+            "upstream reply cut",
+            extra={"tenant_id": str(v.tenant_id), "reason": stream.limited},
+        )
+    return "".join(shown), "".join(raw), stream.finish_reason or "stop", bool(stream.limited)
 
 
 UPSTREAM_MESSAGES = {

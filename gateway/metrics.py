@@ -61,6 +61,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 OUTCOMES = frozenset(
     {
         "answered",
+        "cut",  # answered, but the gateway cut the reply at its size or time bound
         "refused_consent",
         "rate_limited",
         "too_large",

@@ -437,7 +437,7 @@ class UpstreamClient:
                 completed = True
                 if len(text) > cfg.max_reply_chars:
                     text = text[: cfg.max_reply_chars]
-                    cs.finish_reason, cs.limited = "length", "max_reply_chars"
+                    _limited(cs, "max_reply_chars")
                 if text:
                     yield text
                 return

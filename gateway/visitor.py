@@ -295,12 +295,7 @@ async def _same_user(svc: Services, tenant_id: UUID, subject_id: UUID, user: Any
         ref = await identity.verified_ref(conn, svc.keyring, svc.hash_keys, tenant_id, user)
         if ref is None:
             return True
-        own = await conn.fetchval(
-            "SELECT external_ref FROM subjects WHERE tenant_id = $1 AND subject_id = $2",
-            tenant_id,
-            subject_id,
-        )
-    return bool(own == ref)
+        return await store.subject_by_ref(conn, tenant_id, ref) == subject_id
 
 
 def _visitor(

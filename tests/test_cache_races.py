@@ -95,7 +95,7 @@ async def test_policy_changed_during_a_load_is_not_cached_old(
     assert await registry.policy(tenant.tenant_id) is cp  # and that one is cached
 
 
-async def test_policy_load_without_a_change_is_cached(
+async def test_a_change_to_another_tenant_costs_at_most_one_more_read(
     app_pool: asyncpg.Pool, tenant: NewTenant, gated_tenant_tx: Gate
 ) -> None:
     registry = TenantRegistry(app_pool)

@@ -128,3 +128,26 @@ async def test_two_resumes_at_once_mark_an_unanswered_message_once(
     ]
     for s in sockets:
         await s.close()
+
+
+async def test_a_reply_cut_at_its_bound_is_stored_cut_and_counted(
+    gateway: Gateway, tenant: NewTenant, fake: tuple[FakeUpstream, str]
+) -> None:
+    from dataclasses import replace
+
+    from gateway import metrics
+    from gateway.appkeys import SERVICES
+
+    upstream, _ = fake
+    svc = gateway.server.app[SERVICES]
+    assert svc.upstream is not None
+    svc.upstream = replace(svc.upstream, max_reply_chars=12)
+    cut_before = metrics.MESSAGES.labels(outcome="cut")._value.get()
+    upstream.queue("reply", text="a reply far longer than twelve characters")
+    ws = await gateway.ws(tenant.site_key)
+    await hello(ws)
+    frames = await chat(ws, "m", "say a lot")
+    assert "".join(f["text"] for f in frames if f["type"] == "delta") == "a reply far "
+    assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "length"
+    assert metrics.MESSAGES.labels(outcome="cut")._value.get() == cut_before + 1
+    await ws.close()
