@@ -5,7 +5,8 @@ COPY pyproject.toml README.md ./
 COPY gateway gateway
 COPY policies policies
 COPY migrations migrations
-RUN pip install --no-cache-dir --prefix=/install .
+COPY constraints.txt ./
+RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home /app omnigate

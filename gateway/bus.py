@@ -220,7 +220,7 @@ class RedisBus(LocalBus):
                 first = False
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(self.reconnect_delay)
 
     async def _receive(self, data: bytes) -> None:
