@@ -17,7 +17,7 @@ from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
 from gateway.db import Pool, tenant_tx
 from gateway.directory import tenant_ids
-from gateway.erasure import SubjectNotFound, erase_subject
+from gateway.erasure import Erased, SubjectNotFound, announce, erase_rows
 from gateway.privacy_auth import error, json_body, require_visitor
 from gateway.services import Services
 
@@ -152,10 +152,11 @@ async def admin_transition(request: web.Request, admin: Admin) -> web.Response:
         if value is not None and not isinstance(value, str):
             raise ApiError(422, f"bad_{field}", f"{field} must be a string")
     svc, tenant_id = admin.svc, admin.tenant_id
+    erased: Erased | None = None
     try:
-        if action == "complete":
-            await _fulfil_erasure(svc, tenant_id, request_id, admin.actor)
         async with tenant_tx(svc.pool, tenant_id) as conn:
+            if action == "complete":
+                erased = await _fulfil_erasure(conn, tenant_id, request_id, admin.actor)
             row = await dsr.transition(
                 conn,
                 tenant_id,
@@ -170,23 +171,29 @@ async def admin_transition(request: web.Request, admin: Admin) -> web.Response:
             await _audit_details_read(conn, admin, [doc])
     except dsr.RequestError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
+    if erased is not None:
+        await announce(svc, tenant_id, admin.actor, erased)
     return json_response(dsr.public(doc, admin=True))
 
 
-async def _fulfil_erasure(svc: Services, tenant_id: UUID, request_id: UUID, actor: str) -> None:
-    """Completing an erasure/delete request erases the subject first (certificate in the log).
+async def _fulfil_erasure(
+    conn: asyncpg.Connection, tenant_id: UUID, request_id: UUID, actor: str
+) -> Erased | None:
+    """Completing an erasure/delete request erases its subject in the same transaction.
 
-    The erasure detaches the request, so the completion that follows stores no resolution.
+    So a completion that is refused (the request was rejected or completed meanwhile)
+    rolls the erasure back with it. The erasure detaches the request, so the completion
+    that follows stores no resolution.
     """
-    async with tenant_tx(svc.pool, tenant_id) as conn:
-        row = await dsr.get(conn, tenant_id, request_id)
+    row = await dsr.get(conn, tenant_id, request_id)
     if row is None or row["status"] not in dsr.OPEN:
-        return  # the transition reports it
-    if row["kind"] in ("erasure", "delete") and row["subject_id"] is not None:
-        try:
-            await erase_subject(svc, tenant_id, row["subject_id"], actor)
-        except SubjectNotFound:
-            pass
+        return None  # the transition reports it
+    if row["kind"] not in ("erasure", "delete") or row["subject_id"] is None:
+        return None
+    try:
+        return await erase_rows(conn, tenant_id, row["subject_id"], actor)
+    except SubjectNotFound:
+        return None
 
 
 async def refresh_overdue(pool: Pool) -> int:

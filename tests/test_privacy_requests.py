@@ -9,7 +9,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from gateway import metrics
+from gateway import metrics, requests_api
 from gateway.provision import NewTenant
 from gateway.requests_api import refresh_overdue
 from tests.conftest import Gateway, chat, hello
@@ -301,6 +301,40 @@ async def test_completing_an_erasure_request_erases(
     assert row["subject_id"] is None and row["details"] is None
     async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
         assert r.status == 401
+    await ws.close()
+
+
+async def test_a_completion_refused_by_a_concurrent_rejection_erases_nothing(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(g, "/api/gdpr/request", session(token), {"kind": "erasure"})
+    base = f"/api/admin/requests/{doc['id']}"
+    real, rejected = requests_api.erase_rows, []
+
+    async def rejected_meanwhile(*args: Any) -> Any:
+        # a second admin rejects the request after the completion read it as open
+        rejected.append(await post(g, f"{base}/reject", admin(tenant), {"reason": "not verified"}))
+        return await real(*args)
+
+    monkeypatch.setattr(requests_api, "erase_rows", rejected_meanwhile)
+    status, err = await post(g, f"{base}/complete", admin(tenant), {})
+    assert rejected and rejected[0][0] == 200
+    assert status == 409 and err["error"]["code"] == "closed"
+    row = await owner_pool.fetchrow(
+        "SELECT subject_id, status FROM privacy_requests WHERE request_id = $1::uuid", doc["id"]
+    )
+    assert row["status"] == "rejected" and row["subject_id"] is not None
+    actions = await owner_pool.fetch(
+        "SELECT action FROM audit_log WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert "erasure" not in {a["action"] for a in actions}
+    async with g.session.get(g.url("/api/privacy/export"), headers=session(token)) as r:
+        assert r.status == 200
     await ws.close()
 
 
