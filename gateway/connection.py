@@ -295,7 +295,7 @@ class Connection:
     async def on_consent(self, v: Visitor, data: dict[str, Any]) -> None:
         """Grant or revoke purposes, record them, and answer with a fresh welcome."""
         cp = await self.svc.tenants.policy(self.tenant_id)
-        grant, revoke = consent_changes(data)
+        grant, revoke = consent_changes({k: data[k] for k in ("grant", "revoke") if k in data})
         # the change builds on what is recorded, including changes made elsewhere
         await self.fresh_consent(v)
         async with tenant_tx(self.svc.pool, self.tenant_id) as conn:

@@ -111,9 +111,14 @@ async def read_consent(svc: Services, v: Visitor, cp: CompiledPolicy) -> tuple[C
 
 
 def consent_changes(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """Grants and revokes from a hello.consent map or a consent frame."""
+    """Grants and revokes from `{purpose: bool}` or `{grant?: [purpose], revoke?: [purpose]}`."""
     if "grant" in data or "revoke" in data:
-        return list(data.get("grant") or ()), list(data.get("revoke") or ())
+        lists = (data.get("grant", []), data.get("revoke", []))
+        if data.keys() - {"grant", "revoke"} or not all(
+            isinstance(names, list) and all(isinstance(p, str) for p in names) for names in lists
+        ):
+            raise ProtocolError(BAD_REQUEST, "consent grant and revoke must list purpose names")
+        return list(lists[0]), list(lists[1])
     grant = [p for p, v in data.items() if v is True]
     revoke = [p for p, v in data.items() if v is False]
     if len(grant) + len(revoke) != len(data):
