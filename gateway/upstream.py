@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import aiohttp
 import orjson
@@ -621,9 +621,21 @@ def _interpret(obj: dict[str, Any], cs: ChatStream) -> list[str]:
             for key in ("content", "refusal"):
                 if isinstance(delta.get(key), str) and delta[key]:
                     pieces.append(delta[key])
-        if isinstance(choice.get("finish_reason"), str):
-            cs.finish_reason = choice["finish_reason"]
+        if choice.get("finish_reason") is not None:
+            cs.finish_reason = finish_reason(choice["finish_reason"])
     return pieces
+
+
+# The finish reasons OpenAI documents; anything else an upstream sends is "other".
+FINISH_REASONS: Final = frozenset(
+    {"stop", "length", "content_filter", "tool_calls", "function_call"}
+)
+
+
+def finish_reason(value: object) -> str:
+    """The upstream's finish_reason as one of a closed set: it is stored in plaintext
+    and sent to the widget, so an upstream's free text never reaches either."""
+    return value if isinstance(value, str) and value in FINISH_REASONS else "other"
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, deadline: float, limit: int) -> bytes:
@@ -644,7 +656,7 @@ async def _read_completion(resp: aiohttp.ClientResponse, cs: ChatStream, deadlin
         obj = orjson.loads(raw)
         choice = obj["choices"][0]
         text = choice["message"].get("content") or ""
-        cs.finish_reason = choice.get("finish_reason") or "stop"
+        cs.finish_reason = finish_reason(choice.get("finish_reason") or "stop")
     except TimeoutError:
         raise _timeout(first=True) from None
     except aiohttp.ClientError:

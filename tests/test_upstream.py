@@ -662,3 +662,26 @@ async def test_requests_name_omnigate_not_the_python_and_aiohttp_versions(
     for config in (None, make_config(url, public_only=True)):  # the operator's, a tenant's
         assert "".join(await collect(client.stream_chat(MESSAGES, config=config))) == TEXT
     assert [r["headers"].get("User-Agent") for r in fake.requests] == ["omnigate"] * 2
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ('"visitor wrote: my order never arrived"', "other"),
+        ('{"text": "a value"}', "other"),
+        ("7", "other"),
+        ('"content_filter"', "content_filter"),
+        ('"length"', "length"),
+    ],
+    ids=["free-text", "object", "number", "content-filter", "length"],
+)
+async def test_finish_reason_is_one_of_a_closed_set(
+    upstream: tuple[FakeUpstream, str], client: UpstreamClient, sent: str, kept: str
+) -> None:
+    # it is stored in a plaintext column and sent to the widget: no upstream text in either
+    fake, _ = upstream
+    line = '{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":%s}]}' % sent
+    fake.queue("malformed", valid=False, lines=[b"data: " + line.encode()], reply="Hi")
+    stream = client.stream_chat(MESSAGES)
+    assert await collect(stream) == ["Hi"]
+    assert stream.finish_reason == kept
