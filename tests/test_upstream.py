@@ -680,7 +680,7 @@ async def test_finish_reason_is_one_of_a_closed_set(
 ) -> None:
     # it is stored in a plaintext column and sent to the widget: no upstream text in either
     fake, _ = upstream
-    line = '{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":%s}]}' % sent
+    line = '{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":' + sent + "}]}"
     fake.queue("malformed", valid=False, lines=[b"data: " + line.encode()], reply="Hi")
     stream = client.stream_chat(MESSAGES)
     assert await collect(stream) == ["Hi"]
