@@ -158,10 +158,13 @@ def _if_match(request: web.Request) -> int | None:
     raw = request.headers.get("If-Match")
     if raw is None:
         return None
-    try:
-        return int(raw.strip().strip('"'))
-    except ValueError:
-        raise ApiError(400, "bad_request", "If-Match must be a policy version") from None
+    raw = raw.strip()
+    if raw == "*":
+        return None  # any current version
+    version = raw.strip('"')
+    if not (version.isascii() and version.isdigit()):
+        raise ApiError(400, "bad_request", "If-Match must be a policy version")
+    return int(version)
 
 
 @admin_route
@@ -186,6 +189,12 @@ async def put_policy(request: web.Request, admin: Admin) -> web.Response:
                 raise ApiError(
                     422, "invalid_policy", "the policy is not valid", fields=exc.errors
                 ) from None
+            if row is not None and new == current:
+                # nothing changes: no new version, no audit entry, the same ETag
+                return json_response(
+                    {"version": version, "policy": row[1], "diff": {}},
+                    headers={"ETag": f'"{version}"'},
+                )
             new_doc, diff = await store.append_policy_version(
                 conn, admin.tenant_id, version, current, new, admin.actor
             )

@@ -162,6 +162,14 @@ async def revoke_site_key(request: web.Request, admin: Admin) -> web.Response:
     """Revoke a site key: new widget connections with it are refused."""
     key_id = parse_uuid(request.match_info["key_id"], "site key")
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
+        was_active = await conn.fetchval(
+            "SELECT revoked_at IS NULL FROM site_keys WHERE tenant_id = $1 AND site_key_id = $2 "
+            "FOR UPDATE",
+            admin.tenant_id,
+            key_id,
+        )
+        if was_active is None:
+            raise not_found("site key")
         row = await conn.fetchrow(
             "UPDATE site_keys SET revoked_at = COALESCE(revoked_at, now()) "
             "WHERE tenant_id = $1 AND site_key_id = $2 "
@@ -169,11 +177,10 @@ async def revoke_site_key(request: web.Request, admin: Admin) -> web.Response:
             admin.tenant_id,
             key_id,
         )
-        if row is None:
-            raise not_found("site key")
-        await audit.append(
-            conn, admin.tenant_id, admin.actor, "site_key.revoke", f"site_key:{key_id}"
-        )
+        if was_active:  # revoking again is answered the same, and audited once
+            await audit.append(
+                conn, admin.tenant_id, admin.actor, "site_key.revoke", f"site_key:{key_id}"
+            )
     # every process drops its cached site-key resolutions
     await announce(admin)
     return json_response(_site_key(row))

@@ -208,8 +208,12 @@ def _url(errs: _Errors, path: str, value: object) -> object:
     if value is None:
         return None
     if isinstance(value, str) and len(value) <= MAX_URL_CHARS and value == value.strip():
-        parts = urlsplit(value)
-        if parts.scheme.lower() in _DEFAULT_PORTS and parts.hostname and " " not in value:
+        try:
+            parts = urlsplit(value)
+            usable = parts.scheme.lower() in _DEFAULT_PORTS and bool(parts.hostname)
+        except ValueError:  # an unclosed [IPv6] bracket, a host NFKC would change
+            usable = False
+        if usable and " " not in value:
             return value
     errs.add(path, "must be null or an http(s) URL")
     return _MISSING

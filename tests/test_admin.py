@@ -302,6 +302,62 @@ async def test_if_match_guards_against_lost_updates(
     assert status == 200
 
 
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [("*", 200), ('W/"1"', 400), ("1_0", 400), ('"1", "2"', 400), ("+1", 400)],
+    ids=["any", "weak", "underscore", "list", "signed"],
+)
+async def test_if_match_takes_a_version_or_star(
+    offline_gateway: Gateway, tenant: NewTenant, header: str, status: int
+) -> None:
+    got, body = await call(
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        {"retention_days": 5},
+        headers={"If-Match": header},
+    )
+    assert got == status, body
+    _, hist = await call(offline_gateway, "GET", "/api/admin/policy/history", tenant.admin_key)
+    assert len(hist["versions"]) == (2 if status == 200 else 1)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[", "https://[::1", "https://a\uff03b.com", "https://exa\u2100mple.com/"]
+)
+async def test_an_unparseable_privacy_policy_url_is_422(
+    offline_gateway: Gateway, tenant: NewTenant, url: str
+) -> None:
+    status, body = await call(
+        offline_gateway,
+        "PUT",
+        "/api/admin/policy",
+        tenant.admin_key,
+        {"privacy_policy_url": url},
+    )
+    assert status == 422, body
+    assert [f["field"] for f in body["error"]["fields"]] == ["privacy_policy_url"]
+
+
+async def test_a_put_that_changes_nothing_stores_no_version(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g, key = offline_gateway, tenant.admin_key
+    _, current = await call(g, "GET", "/api/admin/policy", key)
+    same = {"retention_days": current["policy"]["retention_days"]}
+    for body in ({}, same, {"policy": current["policy"]}):
+        status, got = await call(g, "PUT", "/api/admin/policy", key, body)
+        assert status == 200 and got["version"] == 1 and got["diff"] == {}, got
+    _, hist = await call(g, "GET", "/api/admin/policy/history", key)
+    assert [v["version"] for v in hist["versions"]] == [1]
+    audited = await owner_pool.fetchval(
+        "SELECT count(*) FROM audit_log WHERE tenant_id = $1 AND action = 'policy.update'",
+        tenant.tenant_id,
+    )
+    assert audited == 0
+
+
 async def test_site_keys_create_and_revoke(offline_gateway: Gateway, tenant: NewTenant) -> None:
     status, created = await call(offline_gateway, "POST", "/api/admin/site-keys", tenant.admin_key)
     assert status == 201 and created["key"].startswith("pk_")
@@ -325,6 +381,20 @@ async def test_site_keys_create_and_revoke(offline_gateway: Gateway, tenant: New
         },
     ) as r:
         assert r.status == 403
+
+
+async def test_revoking_a_site_key_again_answers_the_same_and_audits_once(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g, key = offline_gateway, tenant.admin_key
+    _, created = await call(g, "POST", "/api/admin/site-keys", key)
+    answers = [await call(g, "DELETE", f"/api/admin/site-keys/{created['id']}", key) for _ in "ab"]
+    assert answers[0] == answers[1] and answers[0][0] == 200
+    audited = await owner_pool.fetchval(
+        "SELECT count(*) FROM audit_log WHERE tenant_id = $1 AND action = 'site_key.revoke'",
+        tenant.tenant_id,
+    )
+    assert audited == 1
 
 
 # --- values PostgreSQL refuses are the client's error, not an outage ------------------
