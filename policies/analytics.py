@@ -3,13 +3,15 @@
 The user agent is reduced to a browser family, its major version and a device
 class; the referrer to its origin; the page URL to its path. Query strings and
 fragments (where tokens, e-mails and campaign ids live) are always dropped, and path
-segments that identify someone become ``:id``.
+segments that do not read like a page name, or that identify someone, become ``:id``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
+import unicodedata
 from urllib.parse import unquote, urlsplit
 
 MAX_PATH_CHARS = 512
@@ -81,12 +83,19 @@ def referrer_origin(url: str | None) -> str | None:
     return f"{scheme}://{host}"
 
 
-# A path segment that names someone or something of theirs: an e-mail address, a run
-# of 5+ digits (order, phone, account numbers), a hex or UUID id.
-_IDENTIFYING_SEGMENT_RE = re.compile(r"@|\d{5}|^(?=.*\d)[0-9A-Fa-f-]{16,}$")
+# A path segment is kept only if it reads like a page name: letters, digits and
+# "-", "_", ".", "~". Anything else (spaces, "@", ":", "=", "+", ",", "%" left after
+# decoding once, ...) is how e-mails, IPv6 addresses, key=value pairs, free text and
+# re-encoded values ride along, so such a segment becomes ``:id`` whole.
+_READABLE_SEGMENT_RE = re.compile(r"[\w.~-]+")
+# Within a readable segment, one that still names someone or something of theirs: a
+# run of 5+ digits (order, phone, account numbers), a hex or UUID id.
+_IDENTIFYING_SEGMENT_RE = re.compile(r"\d{5}|^(?=.*\d)[0-9A-Fa-f-]{16,}$")
 # how numbers are written in groups: "123-45-6789", "4111 1111 …", "(415) 555-2671"
 _DIGIT_GROUP_SEPARATORS_RE = re.compile(r"(?<=\d)[\s().\-/]{1,3}(?=\d)")
 _TOKEN_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]{16,}")
+# a signed token's parts are joined by dots (a JWT: header.payload.signature)
+_TOKEN_PART_SEPARATORS_RE = re.compile(r"[.~]")
 ID_SEGMENT = ":id"
 
 
@@ -117,23 +126,41 @@ def _looks_opaque(segment: str) -> bool:
     return mixed and changes * 3 >= len(chars)
 
 
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _coarse_segment(segment: str) -> str:
-    text = unquote(segment)
+    """The segment decoded and NFKC-normalised if it reads like a page name, else ``:id``.
+
+    Matrix parameters (``;jsessionid=…``) are dropped first. One decoding is enough: a
+    value encoded twice still holds a ``%`` and is not readable. NFKC turns look-alikes
+    (full-width letters, the full-width at sign U+FF20) into the characters checked here.
+    """
+    text = unicodedata.normalize("NFKC", unquote(segment.split(";", 1)[0]))
+    if not text:
+        return text
     if (
-        _IDENTIFYING_SEGMENT_RE.search(text)
+        not _READABLE_SEGMENT_RE.fullmatch(text)
+        or _IDENTIFYING_SEGMENT_RE.search(text)
         or _IDENTIFYING_SEGMENT_RE.search(_DIGIT_GROUP_SEPARATORS_RE.sub("", text))
-        # a signed token's parts are joined by dots (a JWT: header.payload.signature)
-        or any(_looks_opaque(part) for part in text.split("."))
+        or _is_ip_address(text)
+        or any(_looks_opaque(part) for part in _TOKEN_PART_SEPARATORS_RE.split(text))
     ):
         return ID_SEGMENT
-    return segment
+    return text
 
 
 def page_path(url_or_path: str | None) -> str | None:
-    """Return only the path of a page URL or path (no query/fragment, max 512 chars),
-    with each segment that identifies someone (an e-mail, a long number, an id, a
-    token) replaced by ``:id``: paths like ``/account/jane@example.org`` or
-    ``/reset/<token>`` are kept in daily aggregates for good."""
+    """Return only the path of a page URL or path (no query/fragment/matrix parameters,
+    max 512 chars), with each segment that is not a readable page name (an e-mail, an
+    IP address, free text) or that identifies someone (a long number, an id, a token)
+    replaced by ``:id``: paths like ``/account/jane@example.org`` or ``/reset/<token>``
+    are kept in daily aggregates for good."""
     if not url_or_path or not isinstance(url_or_path, str):
         return None
     text = url_or_path.strip()

@@ -199,6 +199,75 @@ def test_page_path(value: str | None, expected: str | None) -> None:
     assert page_path(value) == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("/cart;jsessionid=Zx8kQ2mP9vR4tY7wL3nB", "/cart"),
+        ("/products/red-shoes;color=red/reviews", "/products/red-shoes/reviews"),
+        ("/cart%3Bjsessionid%3DZx8kQ2mP9vR4tY7wL3nB", "/:id"),
+        ("/t/Zx8kQ2mP9vR4tY7wL3nB%3D", "/t/:id"),
+        ("/t/Zx8kQ2mP9vR4tY7wL3nB%3D%3D/done", "/t/:id/done"),
+        ("/account/jane%2540example.org", "/account/:id"),
+        ("/account/jane%252540example.org", "/account/:id"),
+        ("/a/jane\uff20example.org", "/a/:id"),
+        ("/ip/2001:db8:1:2:3:4:5:6", "/ip/:id"),
+        ("/ip/2001:db8::1", "/ip/:id"),
+        ("/ip/8.8.8.8", "/ip/:id"),
+        ("/search/my%20name%20is%20Jane%20Doe", "/search/:id"),
+        ("/search/jane+doe", "/search/:id"),
+        ("/q/name=jane,city=paris", "/q/:id"),
+    ],
+    ids=[
+        "matrix-param-dropped",
+        "matrix-param-mid-path",
+        "encoded-matrix-param",
+        "token-with-encoded-padding",
+        "token-with-double-padding",
+        "double-encoded-email",
+        "triple-encoded-email",
+        "full-width-at",
+        "ipv6",
+        "ipv6-short",
+        "ipv4-few-digits",
+        "free-text",
+        "plus-joined-words",
+        "key-value-pairs",
+    ],
+)
+def test_page_path_hides_disguised_identifiers(value: str, expected: str) -> None:
+    """Encodings, look-alike characters and separators do not smuggle anything through."""
+    assert page_path(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("/pricing", "/pricing"),
+        ("/blog/how-we-work", "/blog/how-we-work"),
+        ("/products/red-shoes", "/products/red-shoes"),
+        ("/en-us/help", "/en-us/help"),
+        ("/docs/getting_started.html", "/docs/getting_started.html"),
+        ("/~team/about/", "/~team/about/"),
+        ("/de/%C3%BCber-uns", "/de/über-uns"),
+        ("/de/u%CC%88ber-uns", "/de/über-uns"),
+        ("/\uff50\uff52\uff49\uff43\uff49\uff4e\uff47", "/pricing"),
+    ],
+    ids=[
+        "word",
+        "slug",
+        "product-slug",
+        "locale",
+        "file-name",
+        "tilde",
+        "encoded-umlaut-decoded",
+        "combining-umlaut-composed",
+        "full-width-letters-normalised",
+    ],
+)
+def test_page_path_keeps_ordinary_paths_readable(value: str, expected: str) -> None:
+    assert page_path(value) == expected
+
+
 def test_random_tokens_in_a_path_are_hidden() -> None:
     """Reset and login links carry tokens in the path; the daily aggregates keep none."""
     import secrets
