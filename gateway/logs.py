@@ -88,6 +88,9 @@ _ADDRESS_HEADERS = "x-forwarded-for|x-real-ip|forwarded"
 # A header name starts a word, or follows an escaped line break or byte as in
 # the ``repr`` of raw request bytes (``b'...\r\nCookie: ...'``).
 _HEADER_START = r"(?:(?<![\w-])|(?<=\\[nrt])|(?<=\\x[0-9A-Fa-f]{2}))"
+# An address starts a word, or follows '_' (client_198.51.100.7), a percent-escape
+# (ip%3D198.51.100.7) or a label's colon after a letter no address has (peer:2001:db8::1).
+_IP_START = r"(?:(?<![\w:.])|(?<=_)|(?<=%[0-9A-Fa-f]{2})|(?<=[G-Zg-z_]:))"
 # One pass, alternatives in priority order; at each position the first that
 # matches wins, so e.g. an IPv4 address is never mistaken for a digit run.
 _SCRUB_RE = re.compile(
@@ -108,9 +111,9 @@ _SCRUB_RE = re.compile(
     | (?P<session>\bSession\s+)(?P<session_value>[A-Za-z0-9._~+/=-]{{16,}})
     | (?P<sk>(?<![\w-])sk-[{_OPAQUE_CHARS}]{{8,}})
     | (?P<email>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{{2,}})
-    | (?P<ipv6>(?<![\w:.])(?:{_HEX}{{1,4}}:|:(?=:[Ff]{{4}}:))(?:{_HEX}{{0,4}}:){{1,6}}
+    | (?P<ipv6>{_IP_START}(?:{_HEX}{{1,4}}:|:(?=:[Ff]{{4}}:))(?:{_HEX}{{0,4}}:){{1,6}}
           (?:{_HEX}{{1,4}}|(?:\d{{1,3}}\.){{3}}\d{{1,3}})?(?:%[0-9A-Za-z]+)?(?![\w:]|\.\d))
-    | (?P<ipv4>(?<![\w.])(?:\d{{1,3}}\.){{3}}\d{{1,3}}(?!\w|\.\d))
+    | (?P<ipv4>{_IP_START}(?:\d{{1,3}}\.){{3}}\d{{1,3}}(?![0-9A-Za-z]|\.\d))
     | (?P<number>(?<!\w)(?:\+?\d(?:[\ ()-]{{0,2}}\d){{8,}}|\d{{3}}\.\d{{3}}\.\d{{4}})(?!\w))
     | (?P<opaque>(?<![{_OPAQUE_CHARS}])[{_OPAQUE_CHARS}]{{20,}}(?![{_OPAQUE_CHARS}]))
     """,
@@ -125,12 +128,13 @@ _VOWELS = frozenset("aeiouAEIOU")
 _AUTH_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]*[ \t]+(?=\S)")
 
 
-def _anonymize_ip(text: str) -> str:
-    """Return the /24 (IPv4) or /48 (IPv6) network address, or ``text`` if not an IP."""
+def _anonymize_ip(text: str, unreadable: str | None = None) -> str:
+    """Return the /24 (IPv4) or /48 (IPv6) network address; if not an IP, ``unreadable``
+    or else ``text``."""
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        return text
+        return text if unreadable is None else unreadable
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     prefix = 24 if ip.version == 4 else 48
@@ -179,7 +183,10 @@ def _replace(match: re.Match[str]) -> str:
         return "[token]"
     if kind == "email":
         return "[email]"
-    if kind in ("ipv6", "ipv4"):
+    if kind == "ipv4":
+        # a dotted quad ipaddress will not read (leading zeros, 300.1.2.3) is hidden whole
+        return _anonymize_ip(text, unreadable="[ip]")
+    if kind == "ipv6":
         return _anonymize_ip(text)
     if kind == "number":
         return "[number]"
@@ -401,4 +408,6 @@ def setup_logging(level: str | int = "INFO", stream: TextIO | None = None) -> No
     root.addHandler(make_handler(stream))
     root.setLevel(level.upper() if isinstance(level, str) else level)
     install_aiohttp_filter()
+    # warnings (an unclosed socket names its peer's address) go through the scrubber too
+    logging.captureWarnings(True)
     logging.raiseExceptions = False

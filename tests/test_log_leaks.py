@@ -57,6 +57,7 @@ def served_logs(request: pytest.FixtureRequest) -> Iterator[io.StringIO]:
         root.setLevel(level)
         _remove_aiohttp_filters()
         logging.raiseExceptions = True
+        logging.captureWarnings(False)
 
 
 async def _send_raw(gw: Gateway, raw: bytes) -> bytes:

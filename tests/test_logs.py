@@ -253,7 +253,7 @@ SCRUB_CASES = [
     ("peer [2001:db8:1:2::5]:443", "peer [2001:db8:1::]:443"),
     ("mapped ::ffff:203.0.113.9", "mapped 203.0.113.0"),
     ("zone fe80::1%eth0 up", "zone fe80:: up"),
-    ("not an ip 10.0.0.256 or 1.2.3.4.5", "not an ip 10.0.0.256 or 1.2.3.4.5"),
+    ("not an ip 10.0.0.256 or 1.2.3.4.5", "not an ip [ip] or 1.2.3.4.5"),
     ("Authorization: Bearer abcdef123456", "Authorization: Bearer [token]"),
     ("Authorization: Session Q2x9_aB3kLm0Pz7Yt4Rw1e", "Authorization: Session [token]"),
     ("Session expired", "Session expired"),
@@ -379,6 +379,7 @@ def test_setup_logging_is_idempotent() -> None:
                 root.removeHandler(handler)
         root.setLevel(level)
         logging.raiseExceptions = True
+        logging.captureWarnings(False)
         for name in AIOHTTP_LOGGERS:
             aiohttp_logger = logging.getLogger(name)
             for f in [f for f in aiohttp_logger.filters if isinstance(f, AiohttpErrorFilter)]:
@@ -404,3 +405,45 @@ def test_a_retention_pass_logs_its_counts() -> None:
         log.handlers.clear()
     line = orjson.loads(stream.getvalue())
     assert {k: line.get(k) for k in KINDS} == {k: n for n, k in enumerate(KINDS, start=1)}
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden", "shown"),
+    [
+        ("ip%3D198.51.100.73", "198.51.100.73", "ip%3D198.51.100.0"),
+        ("%22198.51.100.73%22", "198.51.100.73", "%22198.51.100.0%22"),
+        ("client_198.51.100.73", "198.51.100.73", "client_198.51.100.0"),
+        ("peer:2001:db8:1:2:3:4:5:6", "3:4:5:6", "peer:2001:db8:1::"),
+        ("from 198.051.100.073", "100.073", "from [ip]"),
+        ("python 3.11.7 at 12:30:45", "", "python 3.11.7 at 12:30:45"),
+    ],
+    ids=["escaped-equals", "escaped-quotes", "underscore", "labelled-ipv6", "zeros", "no-ip"],
+)
+def test_scrub_finds_addresses_joined_to_other_text(text: str, hidden: str, shown: str) -> None:
+    scrubbed = scrub(text)
+    assert scrubbed == shown
+    assert not hidden or hidden not in scrubbed
+
+
+def test_warnings_are_logged_through_the_scrubber(capsys: pytest.CaptureFixture[str]) -> None:
+    import warnings
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    try:
+        logging.captureWarnings(False)  # pytest restores showwarning after each test
+        setup_logging("INFO", stream)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f"unclosed raddr=('{IPV4}', 443)", ResourceWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+        for handler in list(root.handlers):
+            if handler not in before:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        logging.raiseExceptions = True
+    written = stream.getvalue() + "".join(capsys.readouterr())
+    assert "unclosed raddr" in stream.getvalue()
+    assert IPV4 not in written
