@@ -87,6 +87,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
     except web.HTTPException as exc:
         metrics.count_http_request(template, exc.status)
+        _log_refusal(template, exc.status)
         if (
             exc.status >= 400
             and request.path.startswith("/api/")
@@ -132,7 +133,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             {"error": {"code": "internal", "message": "internal error"}}, status=500
         )
     metrics.count_http_request(template, response.status)
+    _log_refusal(template, response.status)
     return response
+
+
+def _log_refusal(route: str | None, status: int) -> None:
+    """One line per refused request: the route template and status, never the path,
+    query or body (they may carry a token or personal data)."""
+    if 400 <= status < 500:
+        log.info("request refused", extra={"route": route, "status": status})
 
 
 def build_services(

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from gateway.logs import AIOHTTP_EVENT, AIOHTTP_LOGGERS, AiohttpErrorFilter, scrub, setup_logging
+from gateway.provision import NewTenant
 from gateway.upstream import UpstreamClient, UpstreamConfig, UpstreamError
 from tests.conftest import Gateway
 from tests.support import free_port
@@ -147,3 +148,32 @@ async def test_connect_error_chains_nothing_that_holds_the_url(shape: str) -> No
     assert err.__cause__ is None and err.__context__ is None
     shown = "".join(traceback.format_exception(err))  # what log.exception would print
     assert secret not in shown and str(port) not in shown
+
+
+async def test_a_refused_request_gets_a_log_line_without_its_path_or_body(
+    offline_gateway: Gateway, tenant: NewTenant, served_logs: io.StringIO
+) -> None:
+    g = offline_gateway
+    secret = "jane.doe@example.org"
+    async with g.session.get(g.url(f"/api/admin/conversations/{secret}")) as resp:
+        assert resp.status == 401
+    async with g.session.put(
+        g.url("/api/admin/policy"),
+        data=b'{"note": "' + secret.encode() + b'"',
+        headers={"Authorization": f"Bearer {tenant.admin_key}"},
+    ) as resp:
+        assert resp.status == 400
+    async with g.session.get(g.url(f"/no/such/{secret}")) as resp:
+        assert resp.status == 404
+    logged = served_logs.getvalue()
+    assert secret not in logged and tenant.admin_key not in logged
+    refused = [
+        (r.get("route"), r["status"])
+        for r in map(orjson.loads, logged.splitlines())
+        if r["event"] == "request refused"
+    ]
+    assert refused == [
+        ("/api/admin/conversations/{conversation_id}", 401),
+        ("/api/admin/policy", 400),
+        (None, 404),
+    ]
