@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.db import DatabaseError, create_pool, migrate
+from gateway.db import DatabaseError, create_pool, describe_postgres_error, migrate
 from gateway.embedded import APP_ROLE, start_embedded, with_user
 from gateway.logs import setup_logging
 from policies import PolicyError
@@ -221,10 +221,9 @@ _UNMIGRATED = frozenset({"3F000", "42P01", "42703", "42704", "42883"})
 
 
 def _postgres_error(exc: Exception) -> str:
-    """The error's class and SQLSTATE only: its text can quote values, and no URL is known."""
-    state = str(getattr(exc, "sqlstate", None) or "?")
-    line = f"database error: {type(exc).__name__} (SQLSTATE {state})"
-    if state in _UNMIGRATED:
+    """The error's class, SQLSTATE and constraint only: its text can quote values."""
+    line = f"database error: {describe_postgres_error(exc)}"
+    if getattr(exc, "sqlstate", None) in _UNMIGRATED:
         line += "; is the database migrated? run `omnigate migrate`"
     return line
 
@@ -266,6 +265,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:  # a bug or an unforeseen input: its text can quote a secret
+        sys.stderr.write(
+            f"omnigate: error: unexpected {type(exc).__name__} (details withheld: "
+            "they can quote configuration secrets)\n"
+        )
+        code = 1
     sys.exit(code)
 
 

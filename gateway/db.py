@@ -37,6 +37,21 @@ class DatabaseError(Exception):
     """The database cannot be used as configured; the message is safe to print."""
 
 
+def _invalid_url(variable: str) -> str:
+    return (
+        f"{variable} is not a valid PostgreSQL URL "
+        "(percent-encode / # ? @ : in the user name and password)"
+    )
+
+
+def describe_postgres_error(exc: Exception) -> str:
+    """The error's class, SQLSTATE and constraint: its text and DETAIL can quote row values."""
+    state = getattr(exc, "sqlstate", None) or "?"
+    constraint = getattr(exc, "constraint_name", None)
+    where = f", constraint {constraint}" if constraint else ""
+    return f"{type(exc).__name__} (SQLSTATE {state}{where})"
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> Pool:
     """Open a pool; statement cache off would break nothing, so keep asyncpg's default."""
     try:
@@ -48,6 +63,8 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> Poo
             server_settings={"application_name": "omnigate"},
             reset=_reset,
         )
+    except ValueError:  # asyncpg's parse error can quote the password: never its text
+        raise DatabaseError(_invalid_url("OMNIGATE_DATABASE_URL")) from None
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL ({type(exc).__name__})") from None
     assert pool is not None
@@ -96,19 +113,30 @@ async def lookup_tx(pool: Pool, secret_hash: bytes) -> AsyncIterator[asyncpg.Con
 
 
 async def check_app_role(pool: Pool) -> None:
-    """Refuse a role that would bypass row-level security: superuser, BYPASSRLS or owner."""
+    """Refuse a role that would bypass row-level security: superuser, BYPASSRLS or owner.
+
+    A member of the owner role counts as the owner: it can SET ROLE to it and switch
+    row-level security off (a role is a member of itself).
+    """
     row = await pool.fetchrow(
         """
         SELECT r.rolname, r.rolsuper, r.rolbypassrls,
                EXISTS (SELECT 1 FROM pg_tables t
-                       WHERE t.schemaname = current_schema() AND t.tableowner = current_user
+                       WHERE t.schemaname = current_schema()
+                         AND pg_has_role(current_user, t.tableowner, 'MEMBER')
                          AND t.tablename IN ('messages', 'sessions', 'tenants')) AS owns
         FROM pg_roles r WHERE r.rolname = current_user
         """
     )
     assert row is not None
     if row["rolsuper"] or row["rolbypassrls"] or row["owns"]:
-        why = "superuser" if row["rolsuper"] else "BYPASSRLS" if row["rolbypassrls"] else "owner"
+        why = (
+            "superuser"
+            if row["rolsuper"]
+            else "BYPASSRLS"
+            if row["rolbypassrls"]
+            else "the table owner or a member of the table owner role"
+        )
         raise DatabaseError(
             f"refusing to serve as database role {row['rolname']!r}: it is {why} and would "
             "bypass row-level security; use an app role (see docs/operations.md)"
@@ -179,6 +207,8 @@ async def migrate(admin_url: str, app_url: str | None) -> list[str]:
     """Apply pending migrations as the owner and make the app role a member of omnigate_app."""
     try:
         conn = await asyncpg.connect(admin_url)
+    except ValueError:  # asyncpg's parse error can quote the password: never its text
+        raise DatabaseError(_invalid_url("OMNIGATE_ADMIN_DATABASE_URL")) from None
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(
             f"cannot connect to PostgreSQL as owner ({type(exc).__name__})"
@@ -214,7 +244,7 @@ async def migrate(admin_url: str, app_url: str | None) -> list[str]:
         if app_url:
             await _ensure_app_role(conn, app_url)
     except asyncpg.PostgresError as exc:
-        raise DatabaseError(f"migration failed: {exc.__class__.__name__}: {exc}") from None
+        raise DatabaseError(f"migration failed: {describe_postgres_error(exc)}") from None
     finally:
         await conn.close()
     return applied

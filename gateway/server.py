@@ -107,6 +107,22 @@ def _run_one(
     )
 
 
+def _run_supervised(
+    settings: Settings, reuse_port: bool, salt_state: tuple[int, bytes] | None = None
+) -> None:
+    """A supervised worker: a crash is one scrubbed log line, not multiprocessing's raw
+    traceback (whose text can quote a secret); the supervisor restarts it."""
+    try:
+        _run_one(settings, reuse_port, salt_state)
+    except Exception as exc:
+        from gateway.db import DatabaseError
+
+        # these messages are safe to print; any other's is withheld, its type kept
+        safe = isinstance(exc, ConfigError | DatabaseError)
+        log.error(f"worker failed: {exc}" if safe else "worker failed", extra={"error": exc})
+        sys.exit(1)
+
+
 def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
     """Fail early, as one clear line (ConfigError), if ``host:port`` cannot be bound.
 
@@ -124,6 +140,8 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
         )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {where}: {_reason(exc)}") from None
+    except ValueError:  # UnicodeError: a name IDNA cannot encode (an empty label: "a..b")
+        raise ConfigError(f"cannot listen on {where}: not a valid host name") from None
     for family, kind, proto, _, addr in dict.fromkeys(infos):
         try:
             probe_socket = socket.socket(family, kind, proto)
@@ -255,7 +273,7 @@ class _Supervisor:
         self.salts.advance_to(self._salt_floor())
 
     def worker_args(self) -> tuple[Settings, bool, tuple[int, bytes]]:
-        """`_run_one`'s arguments for a worker started now: the chain as it stands today.
+        """`_run_supervised`'s arguments for a worker started now: the chain as it stands today.
 
         The spawn context pickles them down a pipe to the child: no file holds them.
         """
@@ -263,7 +281,7 @@ class _Supervisor:
         return self.settings, True, self.salts.state()
 
     def _spawn(self) -> BaseProcess:
-        p = self.ctx.Process(target=_run_one, args=self.worker_args(), daemon=False)
+        p = self.ctx.Process(target=_run_supervised, args=self.worker_args(), daemon=False)
         p.start()
         p._omnigate_started = time.monotonic()  # type: ignore[attr-defined]
         return p

@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 import pytest
 
-from gateway import cli
+from gateway import cli, db
 from tests.conftest import Database
 
 CLI = [sys.executable, "-m", "gateway.cli"]
@@ -71,6 +71,7 @@ def test_tenant_create_prints_its_keys(database: Database, tmp_path: Path) -> No
         (["migrate"], {"OMNIGATE_MASTER_KEYS": "k1:not-base64!"}, "OMNIGATE_MASTER_KEYS"),
         (["frobnicate"], {}, "invalid choice"),
         (["serve", "--port", "0"], {"OMNIGATE_REDIS_URL": "localhost:6379"}, "OMNIGATE_REDIS_URL"),
+        (["serve", "--host", "host..example", "--port", "18999"], {}, "cannot listen"),
         (
             ["serve", "--workers", "2", "--port", "0"],
             {
@@ -99,6 +100,7 @@ def test_tenant_create_prints_its_keys(database: Database, tmp_path: Path) -> No
         "bad-master-key",
         "unknown-command",
         "malformed-redis-url",
+        "unencodable-host",
         "workers-as-owner-role",
         "workers-unreachable-db",
     ],
@@ -225,8 +227,9 @@ def test_serve_on_an_unmigrated_database_is_one_line(
         ),
         (asyncpg.exceptions.UniqueViolationError("Key (name)=(Jane Doe)"), "SQLSTATE 23505"),
         (asyncpg.exceptions.InterfaceError("pool closed, postgresql://u:pw@db/x"), "connection"),
+        (RuntimeError("bug near postgresql://u:pw@db/x"), "RuntimeError"),
     ],
-    ids=["address-in-use", "permission", "unmigrated", "postgres-text", "interface"],
+    ids=["address-in-use", "permission", "unmigrated", "postgres-text", "interface", "a-bug"],
 )
 def test_runtime_failures_are_one_line_without_their_text(
     monkeypatch: pytest.MonkeyPatch,
@@ -271,3 +274,97 @@ def test_a_commands_log_warnings_go_out_scrubbed(tmp_path: Path) -> None:
     record = orjson.loads(line)
     assert record["level"] == "WARNING"
     assert "203.0.113.77" not in line and "Zq8vT1xYw3kLm9Rb2Hc7Pd5Nf0Gj4Ks6" not in line
+
+
+# a base64 password often holds a '/', which ends the URL's authority: asyncpg then
+# reads the password's start as the port and its error quotes it
+BAD_PASSWORD = "Kq9Zr2pW"
+BAD_URL = f"postgresql://app:{BAD_PASSWORD}/tail@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        (["migrate"], {"OMNIGATE_ADMIN_DATABASE_URL": BAD_URL}, "OMNIGATE_ADMIN_DATABASE_URL"),
+        (
+            ["retention", "run"],
+            {"OMNIGATE_ADMIN_DATABASE_URL": BAD_URL},
+            "OMNIGATE_ADMIN_DATABASE_URL",
+        ),
+        (["serve", "--port", "0"], {"OMNIGATE_ADMIN_DATABASE_URL": ""}, "OMNIGATE_DATABASE_URL"),
+    ],
+    ids=["migrate", "retention", "serve"],
+)
+def test_a_malformed_database_url_is_one_line_without_the_password(
+    tmp_path: Path, args: list[str], env: dict[str, str], names: str
+) -> None:
+    out = run(args, tmp_path, OMNIGATE_DATABASE_URL=BAD_URL, OMNIGATE_MASTER_KEYS=KEY, **env)
+    assert out.returncode == 1, out.stderr
+    line = _one_error_line(out)
+    assert f"{names} is not a valid PostgreSQL URL" in line
+    assert BAD_PASSWORD not in out.stderr
+
+
+def test_a_crashing_worker_logs_one_scrubbed_line(tmp_path: Path) -> None:
+    """A supervised worker that fails is one JSON log line with the error's type, not
+    the traceback multiprocessing would print raw."""
+    code = (
+        "from gateway.config import Settings\n"
+        "from gateway.server import _Supervisor\n"
+        "if __name__ == '__main__':\n"
+        f"    settings = Settings(database_url={BAD_URL!r}, port=0)\n"
+        "    worker = _Supervisor(settings, 1)._spawn()\n"
+        "    worker.join(50)\n"
+        "    print(worker.exitcode)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == "1", done.stderr
+    assert "Traceback" not in done.stderr and BAD_PASSWORD not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    record = orjson.loads(line)
+    assert record["event"].startswith("worker failed") and record["error"] == "DatabaseError"
+
+
+async def test_a_failed_migration_does_not_quote_row_values(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg's message carries PostgreSQL's DETAIL, which quotes the offending row."""
+    (tmp_path / "9999_probe.sql").write_text(
+        "CREATE TEMP TABLE omnigate_probe (v text CONSTRAINT probe_unique UNIQUE);"
+        "INSERT INTO omnigate_probe VALUES ('jane@example.org'), ('jane@example.org');"
+    )
+    monkeypatch.setattr(db, "MIGRATIONS_DIR", tmp_path)
+    with pytest.raises(db.DatabaseError) as failed:
+        await db.migrate(database.owner_url, None)
+    message = str(failed.value)
+    assert "UniqueViolationError" in message and "SQLSTATE 23505" in message
+    assert "probe_unique" in message and "jane" not in message
+
+
+async def test_a_member_of_the_table_owner_is_refused(database: Database) -> None:
+    """A member can SET ROLE to the owner and switch row-level security off."""
+    from gateway.embedded import with_user
+
+    role = f"omnigate_test_member_{uuid.uuid4().hex[:8]}"
+    owner = await asyncpg.connect(database.owner_url)
+    try:
+        table_owner = await owner.fetchval(
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'messages'"
+        )
+        await owner.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS')
+        await owner.execute(f'GRANT "{table_owner}" TO "{role}"')
+        pool = await db.create_pool(with_user(database.app_url, role), min_size=1, max_size=1)
+        try:
+            with pytest.raises(db.DatabaseError, match="member of the table owner"):
+                await db.check_app_role(pool)
+        finally:
+            await pool.close()
+    finally:
+        await owner.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await owner.close()
