@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from uuid import UUID
 
@@ -12,6 +14,12 @@ from policies import CompiledPolicy, Policy, compile_policy, parse_policy
 
 SITE_KEY_TTL = 30.0
 SITE_CACHE = 10_000
+# A policy change reaches other processes over the bus at once. Should that notice be
+# lost (the writer died between its commit and the publish), a cached policy older than
+# this is read again in the background while it keeps answering: the backstop.
+POLICY_RECHECK = 30.0
+
+log = logging.getLogger(__name__)
 
 
 class TenantRegistry:
@@ -26,6 +34,8 @@ class TenantRegistry:
         self.pool = pool
         self._sites: dict[bytes, tuple[UUID | None, float]] = {}
         self._policies: dict[UUID, CompiledPolicy] = {}
+        self._read_at: dict[UUID, float] = {}
+        self._rechecks: dict[UUID, asyncio.Task[CompiledPolicy]] = {}
         # one counter for all tenants: invalidations are rare, and a read that races
         # another tenant's merely goes uncached (read again next time), never wrong
         self._generation = 0
@@ -53,7 +63,25 @@ class TenantRegistry:
         """The tenant's current compiled policy; compiled once per version."""
         cp = self._policies.get(tenant_id)
         if cp is not None:
+            if time.monotonic() - self._read_at[tenant_id] > POLICY_RECHECK:
+                self._recheck(tenant_id)
             return cp
+        return await self._load(tenant_id)
+
+    def _recheck(self, tenant_id: UUID) -> None:
+        if tenant_id in self._rechecks:
+            return
+        task = asyncio.create_task(self._load(tenant_id))
+        self._rechecks[tenant_id] = task
+        task.add_done_callback(lambda t: self._rechecked(tenant_id, t))
+
+    def _rechecked(self, tenant_id: UUID, task: asyncio.Task[CompiledPolicy]) -> None:
+        del self._rechecks[tenant_id]
+        if not task.cancelled() and task.exception() is not None:
+            # the cached policy keeps answering; the next message tries again
+            log.warning("policy recheck failed", extra={"kind": type(task.exception()).__name__})
+
+    async def _load(self, tenant_id: UUID) -> CompiledPolicy:
         generation = self._generation
         async with tenant_tx(self.pool, tenant_id) as conn:
             row = await store.latest_policy(conn, tenant_id)
@@ -69,16 +97,22 @@ class TenantRegistry:
         return self._policies.get(tenant_id, cp)
 
     def install(self, tenant_id: UUID, cp: CompiledPolicy) -> None:
-        """Install a newer compiled policy (never replaces a newer one with an older one)."""
+        """Install a newer compiled policy (never replaces a newer one with an older one;
+        the same version read again keeps the compiled one and counts as fresh)."""
         current = self._policies.get(tenant_id)
-        if current is None or current.version <= cp.version:
+        if current is not None and current.version > cp.version:
+            return
+        if current is None or current.version < cp.version:
             self._policies[tenant_id] = cp
+        self._read_at[tenant_id] = time.monotonic()
 
     def invalidate(self, tenant_id: UUID | None = None) -> None:
         """Forget cached policy and site keys (one tenant, or all), and reads in flight."""
         self._generation += 1
         if tenant_id is None:
             self._policies.clear()
+            self._read_at.clear()
         else:
             self._policies.pop(tenant_id, None)
+            self._read_at.pop(tenant_id, None)
         self._sites.clear()

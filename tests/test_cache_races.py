@@ -217,3 +217,23 @@ async def test_site_key_revoked_during_a_lookup_is_not_cached(
     await gate.race(load, change)
     assert load.result() == tenant.tenant_id
     assert await registry.resolve_site(tenant.site_key) is None
+
+
+async def test_a_lost_change_notice_is_caught_by_the_recheck(
+    app_pool: asyncpg.Pool, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = TenantRegistry(app_pool)
+    first = await registry.policy(tenant.tenant_id)
+    # another process stored version 2 and died before announcing it: no invalidate here
+    await set_policy(app_pool, tenant, 2, allowed_origins=[NEW_ORIGIN])
+    assert await registry.policy(tenant.tenant_id) is first  # fresh: no read
+    monkeypatch.setattr(tenants_module, "POLICY_RECHECK", 0.0)
+    assert await registry.policy(tenant.tenant_id) is first  # stale: answers, reads behind
+    for _ in range(100):
+        cp = await registry.policy(tenant.tenant_id)
+        if cp.version == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert cp.version == 2 and cp.origin_allowed(NEW_ORIGIN)
+    monkeypatch.setattr(tenants_module, "POLICY_RECHECK", 30.0)
+    assert await registry.policy(tenant.tenant_id) is cp  # the same version stays cached
