@@ -189,6 +189,14 @@ async def put_policy(request: web.Request, admin: Admin) -> web.Response:
                 raise ApiError(
                     422, "invalid_policy", "the policy is not valid", fields=exc.errors
                 ) from None
+            if new.consent_version < current.consent_version:
+                # grants that went stale under the later version would count again
+                raise ApiError(
+                    422,
+                    "invalid_policy",
+                    "the policy is not valid",
+                    fields=[{"field": "consent_version", "message": "must not decrease"}],
+                )
             if row is not None and new == current:
                 # nothing changes: no new version, no audit entry, the same ETag
                 return json_response(

@@ -358,6 +358,17 @@ async def test_a_put_that_changes_nothing_stores_no_version(
     assert audited == 0
 
 
+async def test_consent_version_never_decreases(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    g, key = offline_gateway, tenant.admin_key
+    status, _ = await call(g, "PUT", "/api/admin/policy", key, {"consent_version": 3})
+    assert status == 200
+    status, body = await call(g, "PUT", "/api/admin/policy", key, {"consent_version": 2})
+    assert status == 422
+    assert body["error"]["fields"] == [{"field": "consent_version", "message": "must not decrease"}]
+    _, got = await call(g, "GET", "/api/admin/policy", key)
+    assert got["version"] == 2 and got["policy"]["consent_version"] == 3
+
+
 async def test_site_keys_create_and_revoke(offline_gateway: Gateway, tenant: NewTenant) -> None:
     status, created = await call(offline_gateway, "POST", "/api/admin/site-keys", tenant.admin_key)
     assert status == 201 and created["key"].startswith("pk_")
