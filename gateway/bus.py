@@ -72,6 +72,8 @@ class LocalBus:
 BUS_CHANNEL = "og:bus"
 # Events published while Redis was away, re-sent once it answers again.
 PENDING_MAX = 1000
+# How long closing waits to send what is still queued.
+CLOSE_FLUSH_TIMEOUT = 2.0
 
 
 def _invalidate_everything() -> list[tuple[str, dict[str, Any]]]:
@@ -166,13 +168,27 @@ class RedisBus(LocalBus):
             await asyncio.wait_for(self.connected.wait(), wait)
 
     async def close(self) -> None:
-        """Stop the subscriber and close its client."""
+        """Stop the subscriber, send what is still queued (briefly), close the client.
+
+        A queued event may be an erasure or a revocation: the others would not see a
+        gap to recover from, since their own subscriptions held.
+        """
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         self.connected.clear()
+        if self._pending or self._dropped:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                    while self._pending or self._dropped:
+                        try:
+                            await self._flush_pending()
+                        except REDIS_ERRORS:
+                            await asyncio.sleep(0.1)
+            if self._pending or self._dropped:
+                log.warning("bus events not sent at shutdown", extra={"count": len(self._pending)})
         if self.subscriber is not None:
             await self.subscriber.aclose()
 

@@ -325,3 +325,28 @@ async def test_two_real_processes(redis_url: str, channel: str) -> None:
             await proc.wait()
         await b.close()
         await client.aclose()
+
+
+async def test_closing_sends_what_is_still_queued(private_redis: PrivateRedis) -> None:
+    """A process shutting down with a queued event (an erasure, say) sends it first: the
+    others' subscriptions held, so they would see no gap to recover from."""
+    clients = [connect(private_redis.url), connect(private_redis.url)]
+    a, b = (RedisBus(c, subscriber=subscriber(private_redis)) for c in clients)
+    seen_b: Seen = []
+    recorder(b, seen_b)
+    raw = Redis.from_url(private_redis.url)
+    try:
+        await a.start()
+        await b.start()
+        await raw.execute_command("CLIENT", "PAUSE", "300", "WRITE")  # PUBLISH waits
+        await a.publish(bus.SUBJECT_ERASED, {"tenant_id": "t", "subject_id": "s"})
+        assert a._pending, "the publish did not time out: the test proves nothing"
+        await a.close()  # before the subscriber's next poll would have sent it
+        assert not a._pending
+        await until(lambda: seen_b, timeout=4)
+        assert seen_b == [(bus.SUBJECT_ERASED, {"tenant_id": "t", "subject_id": "s"})]
+    finally:
+        await raw.aclose()
+        await b.close()
+        for c in clients:
+            await c.aclose()
