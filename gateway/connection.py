@@ -130,6 +130,8 @@ class Connection:
             await self.hello(frame.data)
             return
         if self.visitor is None:
+            # a bad frame: a client that keeps sending without a session is closed (1008)
+            self.bad_frames += 1
             raise ProtocolError(protocol.SESSION_INVALID, "send hello first")
         handler = _HANDLERS[frame.type]
         await handler(self, self.visitor, frame.data)

@@ -10,7 +10,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from gateway import metrics, protocol
 from gateway.appkeys import CONNECTIONS, SERVICES
@@ -24,6 +24,9 @@ from gateway.services import Services
 log = logging.getLogger("omnigate.ws")
 
 WRITE_QUEUE = 256
+# a frame the peer has not taken within this long: it stopped reading, and is cut off
+# (aiohttp's heartbeat cannot end a connection whose unsent bytes are never taken)
+WRITE_TIMEOUT = 5.0
 # an ended session's socket gets this long to take its close frame, then is cut
 TERMINATE_GRACE = 2.0
 # closes in progress, held until done (the event that ended the session does not wait)
@@ -90,6 +93,7 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
         close = await _read_loop(
             ws,
             conn,
+            outbox,
             settings.first_frame_timeout,
             settings.max_frame_bytes,
             settings.max_bad_frames,
@@ -100,8 +104,8 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
         await outbox.flush(2.0)
         metrics.WS_CONNECTIONS.dec()
         _release_ip(svc, ip_key)
-        if not ws.closed:
-            await ws.close(code=close[0], message=close[1])
+        log.debug("socket closed", extra={"code": close[0], "reason": close[1].decode()})
+        await _bounded_close(ws, request.transport, *close)
     return ws
 
 
@@ -138,7 +142,19 @@ class Outbox:
     outbox makes `send` wait: a slow reader slows its own reply stream.
     """
 
-    __slots__ = ("broken", "frames", "limit", "space", "task", "transport", "writing", "ws")
+    __slots__ = (
+        "broken",
+        "frames",
+        "gone",
+        "limit",
+        "space",
+        "task",
+        "transport",
+        "watchdog",
+        "write_started",
+        "writing",
+        "ws",
+    )
 
     def __init__(
         self, ws: web.WebSocketResponse, limit: int, transport: asyncio.Transport | None = None
@@ -152,7 +168,11 @@ class Outbox:
         self.space: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
         self.writing = False  # a sender is inside its own write
-        self.broken = False
+        self.broken = False  # nothing more is written (the peer is gone, or terminated)
+        self.gone = False  # the peer went away or stopped reading: its connection is cut
+        # when the write in progress began; one timer checks it (see `_put`)
+        self.write_started: float | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def terminate(self, reason: str) -> None:
         """Close with 4001 (the session is gone: erased); the widget starts afresh.
@@ -195,15 +215,42 @@ class Outbox:
                 self.task = asyncio.create_task(self._write())
 
     async def _put(self, frame: dict[str, Any]) -> None:
+        # Bounded: its sender (the read loop, for one) must not wait on a stalled peer.
+        # Not a timeout per write (5 µs each, on every delta): one timer, armed at most
+        # once per WRITE_TIMEOUT, cuts the connection if a write is still waiting then.
+        loop = asyncio.get_running_loop()
+        self.write_started = loop.time()
+        if self.watchdog is None:
+            self.watchdog = loop.call_later(WRITE_TIMEOUT, self._check_write)
         try:
             # orjson's bytes go out as the text frame's payload: no str round trip
             await self.ws.send_frame(protocol.encode(frame), WSMsgType.TEXT)
         except (ConnectionError, RuntimeError):
-            # the peer went away mid-write: nothing more can be delivered
-            self.broken = True
-            self.frames.clear()
-            if self.space is not None:
-                self.space.set()
+            # the peer went away mid-write, or was cut: nothing more can be delivered
+            self._cut()
+        finally:
+            self.write_started = None
+
+    def _check_write(self) -> None:
+        self.watchdog = None
+        if self.write_started is None or self.gone:
+            return  # no write waiting: the next write arms the timer again
+        left = self.write_started + WRITE_TIMEOUT - asyncio.get_running_loop().time()
+        if left > 0:
+            self.watchdog = asyncio.get_running_loop().call_later(left, self._check_write)
+        else:
+            # it stopped reading: aborting ends the waiting write with ConnectionError
+            self._cut()
+
+    def _cut(self) -> None:
+        """Drop what is owed and the connection itself."""
+        self.broken = self.gone = True
+        self.frames.clear()
+        if self.space is not None:
+            self.space.set()
+        if self.transport is not None:
+            # close() would wait for unsent bytes a stalled peer never takes; abort does not
+            self.transport.abort()
 
     async def _write(self) -> None:
         try:
@@ -232,17 +279,33 @@ class Outbox:
                 await asyncio.wait_for(asyncio.shield(self.task), grace)
 
 
+_HELLO_TIMEOUT = (WSCloseCode.POLICY_VIOLATION, b"hello timeout")
+
+
 async def _read_loop(
-    ws: web.WebSocketResponse, conn: Connection, first_timeout: float, max_frame: int, max_bad: int
+    ws: web.WebSocketResponse,
+    conn: Connection,
+    outbox: Outbox,
+    hello_timeout: float,
+    max_frame: int,
+    max_bad: int,
 ) -> tuple[int, bytes]:
     """Feed frames to the connection; returns the close code and reason."""
-    first = True
+    loop = asyncio.get_running_loop()
+    # the hello must be accepted by then: no other frame (a ping) puts it off
+    hello_by: float | None = loop.time() + hello_timeout
     while not ws.closed:
+        if outbox.gone:
+            return WSCloseCode.ABNORMAL_CLOSURE, b"connection lost"
+        if hello_by is not None and conn.visitor is not None:
+            hello_by = None  # greeted (a session erased later leaves it so)
+        timeout = None if hello_by is None else hello_by - loop.time()
+        if timeout is not None and timeout <= 0:
+            return _HELLO_TIMEOUT
         try:
-            msg = await ws.receive(timeout=first_timeout if first else None)
+            msg = await ws.receive(timeout=timeout)
         except TimeoutError:
-            return WSCloseCode.POLICY_VIOLATION, b"hello timeout"
-        first = False
+            return _HELLO_TIMEOUT
         if msg.type == WSMsgType.TEXT:
             if len(msg.data) > max_frame:
                 conn.bad_frames += 1
@@ -255,13 +318,30 @@ async def _read_loop(
             conn.bad_frames += 1
             await conn.error(ProtocolError(protocol.BAD_REQUEST, "binary frames are not accepted"))
         elif msg.type == WSMsgType.ERROR:
-            # aiohttp has already closed an oversized frame with 1009
-            return WSCloseCode.MESSAGE_TOO_BIG, b"frame too large"
+            return _error_close(msg.data)
         else:
             return WSCloseCode.OK, b""
         if conn.bad_frames > max_bad:
             return WSCloseCode.POLICY_VIOLATION, b"too many bad frames"
     return WSCloseCode.OK, b""
+
+
+# the close reasons of the protocol errors aiohttp closes a socket on
+_PROTOCOL_ERRORS: dict[int, bytes] = {
+    WSCloseCode.MESSAGE_TOO_BIG: b"frame too large",
+    WSCloseCode.INVALID_TEXT: b"invalid utf-8",
+}
+
+
+def _error_close(exc: BaseException) -> tuple[int, bytes]:
+    """The close code and reason of a socket aiohttp has already closed on an error."""
+    if isinstance(exc, WebSocketError):
+        # a protocol error in the client's frames: aiohttp closed with its code
+        reason = _PROTOCOL_ERRORS.get(exc.code, b"protocol error")
+        return exc.code, reason
+    if isinstance(exc, TimeoutError):
+        return WSCloseCode.ABNORMAL_CLOSURE, b"keep-alive timeout"  # no pong to its ping
+    return WSCloseCode.ABNORMAL_CLOSURE, b"connection lost"
 
 
 async def widget_chat(request: web.Request) -> web.StreamResponse:
@@ -272,7 +352,7 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
     """
     svc = request.app[SERVICES]
     tenant_id, cp, origin = await _tenant_and_policy(request)
-    raw = await request.read() if request.can_read_body else b""
+    raw = await _read_body(request, svc.settings.max_frame_bytes)
     ctx = request_context(request, svc, cp, tenant_id)
     resp = web.StreamResponse(
         headers={
@@ -350,6 +430,20 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, or its first `limit` + 1 bytes: enough to answer `too_large` as an event
+    (aiohttp's own limit, `client_max_size`, would answer a plain-text 413)."""
+    chunks: list[bytes] = []
+    size = 0
+    while request.can_read_body and size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 async def _open_fallback(
     conn: Connection, raw: bytes, max_bytes: int, events: list[dict[str, Any]]
 ) -> protocol.Frame | None:
@@ -418,6 +512,10 @@ async def _bounded_close(
     except TimeoutError:
         if transport is not None:
             transport.abort()  # it stopped reading: drop what it never took
+    if transport is not None and transport.is_closing() and transport.get_write_buffer_size():
+        # closed earlier (aiohttp's heartbeat) with bytes the peer never took: a closing
+        # transport would wait for them forever
+        transport.abort()
 
 
 async def close_all(sockets: weakref.WeakSet[web.WebSocketResponse]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import asyncpg
@@ -53,6 +54,25 @@ async def test_sse_bad_body_gets_typed_error(offline_gateway: Gateway, tenant: N
         ) as resp:
             events = parse_sse(await resp.read())
         assert events[-1]["type"] == "error" and events[-1]["code"] == "bad_request", events
+
+
+async def test_a_body_over_aiohttps_limit_is_too_large_as_any_oversized_body(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    """Over 1 MiB (aiohttp's `client_max_size`) as between 64 KiB and 1 MiB: an event,
+    not aiohttp's plain-text 413."""
+    answers = []
+    for size in (100_000, 2 * 1024 * 1024):
+        async with offline_gateway.session.post(
+            offline_gateway.url(f"/v1/widget/chat?site={tenant.site_key}"),
+            data=io.BytesIO(orjson.dumps({"id": "big", "text": "x" * size})),
+            headers={"Origin": ORIGIN},
+        ) as resp:
+            answers.append((resp.status, resp.content_type, parse_sse(await resp.read())))
+    assert answers[1] == answers[0]
+    status, content_type, events = answers[0]
+    assert status == 200 and content_type == "text/event-stream"
+    assert [(e["type"], e["code"]) for e in events] == [("error", "too_large")]
 
 
 async def test_sse_foreign_origin_refused(offline_gateway: Gateway, tenant: NewTenant) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 import weakref
@@ -14,10 +15,13 @@ import asyncpg
 import pytest
 from aiohttp import WSMsgType
 
+from gateway import metrics
 from gateway import ws as ws_module
+from gateway.appkeys import CONNECTIONS, SERVICES
 from gateway.config import Settings
 from gateway.provision import NewTenant, create_tenant
 from tests.conftest import ORIGIN, Gateway, chat, hello, reply_text, start_gateway
+from tests.support import until
 
 BAD_FRAMES = [
     ("not-json", "{nope", "bad_request"),
@@ -87,19 +91,34 @@ async def test_frame_before_hello_is_refused(offline_gateway: Gateway, tenant: N
     await ws.close()
 
 
+async def _error_codes_until_closed(ws: aiohttp.ClientWebSocketResponse) -> list[str]:
+    codes = []
+    while True:
+        msg = await ws.receive(timeout=5)
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+            return codes
+        codes.append(msg.json()["code"])
+
+
 async def test_repeated_abuse_closes_with_1008(offline_gateway: Gateway, tenant: NewTenant) -> None:
     ws = await offline_gateway.ws(tenant.site_key)
     await hello(ws)
     for _ in range(20):
         await ws.send_str("garbage")
-    codes = []
-    while True:
-        msg = await ws.receive(timeout=5)
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
-            break
-        codes.append(msg.json()["code"])
+    codes = await _error_codes_until_closed(ws)
     assert ws.close_code == 1008
     assert set(codes) == {"bad_request"} and 0 < len(codes) <= 20
+
+
+async def test_frames_before_hello_count_as_abuse(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    ws = await offline_gateway.ws(tenant.site_key)
+    for i in range(40):
+        await ws.send_json({"type": "message", "id": f"m{i}", "text": "hi"})
+    codes = await _error_codes_until_closed(ws)
+    assert ws.close_code == 1008
+    assert set(codes) == {"session_invalid"} and len(codes) == 11  # OMNIGATE_MAX_BAD_FRAMES + 1
 
 
 async def test_no_hello_within_first_frame_timeout_closes(
@@ -109,6 +128,44 @@ async def test_no_hello_within_first_frame_timeout_closes(
     msg = await ws.receive(timeout=10)  # settings fixture: first_frame_timeout 5 s
     assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
     assert ws.close_code == 1008
+
+
+async def test_pings_do_not_put_off_the_hello(settings: Settings, tenant: NewTenant) -> None:
+    """The deadline is for the hello itself: a socket that only pings is closed."""
+    async for g in start_gateway(replace(settings, first_frame_timeout=1.0)):
+        ws = await g.ws(tenant.site_key)
+        started = time.monotonic()
+        for _ in range(25):  # 5 s of pings, each answered
+            await ws.send_json({"type": "ping"})
+            msg = await ws.receive(timeout=5)
+            if msg.type != WSMsgType.TEXT:
+                break
+            assert msg.json() == {"type": "pong"}
+            await asyncio.sleep(0.2)
+        assert ws.close_code == 1008
+        assert time.monotonic() - started < 3
+
+
+async def test_a_socket_closed_on_a_protocol_error_is_logged_with_its_code(
+    offline_gateway: Gateway, tenant: NewTenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp closes invalid UTF-8 with 1007 and an oversized frame with 1009: each is
+    reported as what it is."""
+    caplog.set_level(logging.DEBUG, logger="omnigate.ws")
+
+    def closes() -> list[tuple[int, str]]:
+        return [(r.code, r.reason) for r in caplog.records if r.getMessage() == "socket closed"]
+
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    await ws._writer.send_frame(b'{"type": "ping", "x": "\xff"}', WSMsgType.TEXT)
+    assert (await ws.receive(timeout=5)).type == WSMsgType.CLOSE and ws.close_code == 1007
+    await until(lambda: closes() == [(1007, "invalid utf-8")])
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    await ws.send_str("x" * (64 * 1024 * ws_module.HARD_FRAME_FACTOR + 1))
+    assert (await ws.receive(timeout=5)).type == WSMsgType.CLOSE and ws.close_code == 1009
+    await until(lambda: closes() == [(1007, "invalid utf-8"), (1009, "frame too large")])
 
 
 @pytest.mark.parametrize(
@@ -259,32 +316,58 @@ async def test_close_all_is_not_held_up_by_a_stalled_socket(
         assert sock.closed_with == (1001, False)
 
 
+def _stop_reading(g: Gateway, client: aiohttp.ClientWebSocketResponse) -> None:
+    """The client stops reading, with small socket buffers at both ends so that the
+    pongs to its pings soon fill them and the server's transport pauses its writes."""
+    for server_side in g.server.app[CONNECTIONS]:
+        sock = server_side.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn = client._response.connection
+    assert conn is not None and conn.transport is not None
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.transport.pause_reading()
+
+
+async def _flood(client: aiohttp.ClientWebSocketResponse) -> None:
+    """Ping until the connection is cut."""
+    with contextlib.suppress(ConnectionError):
+        while True:
+            await client.send_str('{"type": "ping"}')
+
+
+async def test_a_client_that_stops_reading_is_cut_off(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every write is bounded: a peer that takes nothing loses its connection, and its
+    session, IP slot and gauge are released (else its handler waits forever)."""
+    monkeypatch.setattr(ws_module, "WRITE_TIMEOUT", 0.5)
+    svc = offline_gateway.server.app[SERVICES]
+    gauge = metrics.WS_CONNECTIONS._value.get()
+    stalled = await offline_gateway.ws(tenant.site_key)
+    await hello(stalled)
+    assert svc.live and svc.ip_connections
+    _stop_reading(offline_gateway, stalled)
+    flooding = asyncio.create_task(_flood(stalled))
+    try:
+        await until(lambda: not svc.live and not svc.ip_connections, timeout=10)
+        await until(lambda: metrics.WS_CONNECTIONS._value.get() == gauge)
+    finally:
+        flooding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flooding
+
+
 async def test_close_all_is_not_held_up_by_a_client_that_stopped_reading(
     offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real stalled peer: its socket's transport is paused when shutdown begins."""
-    from gateway.appkeys import CONNECTIONS
-
     monkeypatch.setattr(ws_module, "TERMINATE_GRACE", 0.5)
     stalled = await offline_gateway.ws(tenant.site_key)
     await hello(stalled)
     normal = await offline_gateway.ws(tenant.site_key)
     await hello(normal)
-    # the stalled client stops reading, with small socket buffers at both ends so
-    # that its pongs soon fill them and the server's transport pauses its writes
-    for server_side in offline_gateway.server.app[CONNECTIONS]:
-        sock = server_side.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    conn = stalled._response.connection
-    assert conn is not None and conn.transport is not None
-    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    conn.transport.pause_reading()
-
-    async def flood() -> None:
-        while True:
-            await stalled.send_str('{"type": "ping"}')
-
-    flooding = asyncio.create_task(flood())
+    _stop_reading(offline_gateway, stalled)
+    flooding = asyncio.create_task(_flood(stalled))
     await asyncio.sleep(1.0)
     flooding.cancel()
     with contextlib.suppress(asyncio.CancelledError):
