@@ -8,6 +8,8 @@ the policy keeps transcripts), and nothing is acknowledged that is not stored.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +27,7 @@ from gateway.protocol import ProtocolError
 from gateway.redactpool import HelperFailed
 from gateway.services import Services
 from gateway.store import MapChanged, NewMessage
-from gateway.upstream import UpstreamError
+from gateway.upstream import UpstreamConfig, UpstreamError
 from gateway.visitor import CONTEXT_MESSAGES, Visitor, reload_map
 from policies import ChatDecision, CompiledPolicy, ReplyRestorer, TooCostly, decide_chat
 
@@ -40,6 +42,15 @@ STORAGE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Timeou
 def _erased(msg_id: str) -> ProtocolError:
     # the widget starts afresh: a retry would resume no session and store the text anew
     return ProtocolError(protocol.SESSION_INVALID, "this session's data was erased", id=msg_id)
+
+
+def _busy(msg_id: str) -> ProtocolError:
+    return ProtocolError(
+        protocol.RATE_LIMITED,
+        "this message is being answered on another connection; send it again shortly",
+        id=msg_id,
+        retry_after=BUSY_RETRY_AFTER,
+    )
 
 
 def _storage_error(msg_id: str) -> ProtocolError:
@@ -181,15 +192,20 @@ async def _exchange(
     for entity, n in redacted.counts.items():
         metrics.count_redaction(entity, n)
 
-    user_seq: int | None = None
-    if keep:
-        client_ref = await svc.hash_keys.hash(v.tenant_id, v.conversation_id.bytes, msg_id.encode())
+    if not keep:
+        return await _reply(svc, v, cp, msg_id, redacted.text, None, emit)
+    client_ref = await svc.hash_keys.hash(v.tenant_id, v.conversation_id.bytes, msg_id.encode())
+    # one reply at a time per stored message, on every process: a re-send while it
+    # streams elsewhere waits (gateway/claims.py); internal ids and a keyed hash only
+    claim = f"{v.tenant_id}:{v.conversation_id}:{client_ref.hex()}"
+    claiming = svc.claims.take_soon(claim, REPLY_LEASE)
+    try:
         for _ in range(MAP_ATTEMPTS):
             # the sealed map is rewritten when it lacks placeholders issued since it was
             # read or written: by this message, or while storage was off
             grew = len(v.placeholders) != v.map_len
             try:
-                user_seq = await _store_user(svc, v, msg_id, text, client_ref, grew, emit)
+                user_seq = await _store_user(svc, v, msg_id, text, client_ref, grew, claiming, emit)
                 break
             except MapChanged:
                 # another tab of this session, or retention, changed the map since this
@@ -200,9 +216,25 @@ async def _exchange(
             raise _storage_error(msg_id)
         if user_seq is None:
             return None  # a re-send answered from storage
+        return await _reply(svc, v, cp, msg_id, redacted.text, user_seq, emit)
+    finally:
+        svc.claims.release_soon(claim, claiming)
+
+
+async def _reply(
+    svc: Services,
+    v: Visitor,
+    cp: CompiledPolicy,
+    msg_id: str,
+    redacted: str,
+    user_seq: int | None,
+    emit: Emit,
+) -> str | None:
+    """Acknowledge the message (stored as `user_seq`, or not stored when None), stream
+    the model's reply, store it when the message was, and end with `done`."""
     await emit(protocol.ack(msg_id, user_seq))
 
-    turn = {"role": "user", "content": redacted.text}
+    turn = {"role": "user", "content": redacted}
     # a re-sent unanswered message is already the last turn of the resumed context
     history = v.context[:-1] if v.context and v.context[-1] == turn else v.context
     prompt = [
@@ -213,7 +245,7 @@ async def _exchange(
     reply, raw_reply, finish, cut = await _stream_reply(svc, v, cp, msg_id, prompt, emit)
 
     reply_seq: int | None = None
-    if keep:
+    if user_seq is not None:
         try:
             cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
             mid = uuid4()
@@ -251,6 +283,12 @@ async def _exchange(
 
 # writes of one message that may find the map changed by another tab before giving up
 MAP_ATTEMPTS = 3
+# a claim on a reply outlives the longest reply (cut at reply_timeout, retries included)
+# by the time to store it; it ends sooner when released
+REPLY_LEASE = UpstreamConfig.reply_timeout + 60.0
+# a re-send whose reply streams elsewhere retries after this (the widget retries
+# `rate_limited` messages; by then the reply is usually stored and answered from there)
+BUSY_RETRY_AFTER = 1.0
 
 
 async def _reload_map(svc: Services, v: Visitor, msg_id: str) -> None:
@@ -276,9 +314,16 @@ async def _store_user(
     text: str,
     client_ref: bytes,
     map_changed: bool,
+    claiming: asyncio.Future[str | None],
     emit: Emit,
 ) -> int | None:
-    """Store the visitor's message; None when it was a re-send already answered."""
+    """Store the visitor's message; None when it was a re-send already answered.
+
+    Only the holder of the reply's claim (`claiming`, taken while the message is
+    written) goes on to generate the reply: anyone else is told to send again once it
+    is stored. A re-send reads the stored reply only once it holds the claim, or has
+    lost it: a reply stored and released before then is found, not generated twice.
+    """
     try:
         cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
         mid = uuid4()
@@ -312,7 +357,11 @@ async def _store_user(
         if seq is not None:
             if sealed_map is not None:
                 v.map_sealed, v.map_len = sealed_map, len(v.placeholders)
+            if await claiming is None:
+                # the same id, sent at the same moment elsewhere, holds the claim
+                raise _busy(msg_id)
             return seq
+        claimed = await claiming is not None
         async with tenant_tx(svc.pool, v.tenant_id) as conn:
             found = await store.message_by_client_ref(
                 conn, v.tenant_id, v.conversation_id, client_ref
@@ -321,7 +370,16 @@ async def _store_user(
             # the row it collided with is gone again (erased between the two statements)
             raise CryptoError("re-sent message vanished")
         user, reply = found
+        stored = svc.vault.open_text(
+            cipher, v.tenant_id, v.conversation_id, user.message_id, "user", user.ciphertext
+        )
+        if stored != text:
+            raise ProtocolError(
+                protocol.BAD_REQUEST, "id already used for another message", id=msg_id
+            )
         if reply is None:
+            if not claimed:
+                raise _busy(msg_id)  # its reply is streaming on another connection
             # stored but never answered (the connection dropped): answer it now
             return user.seq
         text_out = svc.vault.open_text(
@@ -329,6 +387,12 @@ async def _store_user(
         )
     except KeyDestroyed:
         raise _erased(msg_id) from None
+    except asyncpg.ForeignKeyViolationError:
+        # the conversation is gone: erased by a process whose event this one missed?
+        with contextlib.suppress(*STORAGE_ERRORS):
+            if await svc.vault.destroyed(svc.pool, v.tenant_id, v.subject_id):
+                raise _erased(msg_id) from None
+        raise _storage_error(msg_id) from None
     except (*STORAGE_ERRORS, CryptoError):
         raise _storage_error(msg_id) from None
     await emit(protocol.ack(msg_id, user.seq))

@@ -106,7 +106,9 @@ def parse_frame(raw: str | bytes) -> Frame:
     if not isinstance(data, dict):
         raise ProtocolError(BAD_REQUEST, "frame must be a JSON object")
     ftype = data.get("type")
-    msg_id = data.get("id") if isinstance(data.get("id"), str) else None
+    # errors name the frame's id when it has one short enough to echo (even if empty)
+    raw_id = data.get("id")
+    msg_id = raw_id if isinstance(raw_id, str) and len(raw_id) <= MAX_CLIENT_ID else None
     if not isinstance(ftype, str):
         raise ProtocolError(BAD_REQUEST, "frame needs a string 'type'", id=msg_id)
     spec = CLIENT_FRAMES.get(ftype)
@@ -126,7 +128,7 @@ def parse_frame(raw: str | bytes) -> Frame:
             raise ProtocolError(BAD_REQUEST, f"{ftype} needs field {name!r}", id=msg_id)
     if ftype == "message":
         if not 0 < len(data["id"]) <= MAX_CLIENT_ID:
-            raise ProtocolError(BAD_REQUEST, "message id must be 1-128 characters")
+            raise ProtocolError(BAD_REQUEST, "message id must be 1-128 characters", id=msg_id)
         if not data["text"].strip():
             raise ProtocolError(BAD_REQUEST, "message text is empty", id=msg_id)
     if ftype == "history":

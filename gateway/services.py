@@ -11,6 +11,7 @@ from uuid import UUID
 import orjson
 
 from gateway.bus import LocalBus
+from gateway.claims import ReplyClaims
 from gateway.config import Settings
 from gateway.crypto import KeyRing
 from gateway.db import Pool, tenant_tx
@@ -56,9 +57,12 @@ class Services:
     _byo_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     # every tenant's key for keyed hashes (verified user ids, client_refs), opened once
     hash_keys: HashKeys = field(init=False, repr=False)
+    # who is generating which reply, shared through `redis` when set (gateway/claims.py)
+    claims: ReplyClaims = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.hash_keys = HashKeys(self.pool, self.keyring)
+        self.claims = ReplyClaims(self.redis)
         # chat.py streams from `svc.model`; route tenants with their own upstream to a
         # real client even when the gateway's own model is the offline one.
         if not isinstance(self.model, _TenantRoutedModel):

@@ -60,6 +60,15 @@ class Vault:
         async with tenant_tx(pool, tenant_id) as conn:
             return await self.cipher(conn, tenant_id, subject_id)
 
+    async def destroyed(self, pool: Pool, tenant_id: UUID, subject_id: UUID) -> bool:
+        """Whether the subject's key is gone, read past the cache (forgotten here if so):
+        an erasure whose event this process missed leaves the key cached."""
+        async with tenant_tx(pool, tenant_id) as conn:
+            wrapped = await store.wrapped_key(conn, tenant_id, subject_id)
+        if wrapped is None:
+            self.cache.forget(tenant_id, subject_id)
+        return wrapped is None
+
     def remember(self, tenant_id: UUID, subject_id: UUID, dek: bytes) -> AESGCM:
         """Cache a data key just created, so the first message needs no unwrap."""
         return self.cache.put(tenant_id, subject_id, dek)

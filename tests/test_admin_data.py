@@ -709,3 +709,24 @@ async def test_a_message_that_finds_the_key_destroyed_ends_its_connection(
     msg = await ws.receive(timeout=3)
     assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4001)
     assert svc.live == {}
+
+
+async def test_a_message_after_an_erasure_this_process_missed_with_the_key_cached_ends_it(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    # erased elsewhere, the event lost, and the key still cached here: the write finds
+    # the conversation gone, and that is an erasure, not an outage to retry forever
+    g = offline_gateway
+    svc = g.server.app[SERVICES]
+    ws, _ = await stored_visitor(g, tenant.site_key)
+    assert (await chat(ws, "a", "first"))[-1]["type"] == "done"
+    subject = next(iter(svc.live))[1]
+    assert svc.vault.cache.get(tenant.tenant_id, subject) is not None
+    await owner_pool.execute("DELETE FROM subject_keys WHERE subject_id = $1", subject)
+    await owner_pool.execute("DELETE FROM subjects WHERE subject_id = $1", subject)
+    await ws.send_json({"type": "message", "id": "b", "text": "second"})
+    frame = await ws.receive_json(timeout=3)
+    assert (frame["type"], frame["code"], frame["id"]) == ("error", "session_invalid", "b")
+    msg = await ws.receive(timeout=3)
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4001)
+    assert svc.live == {} and svc.vault.cache.erased(tenant.tenant_id, subject)

@@ -10,6 +10,7 @@ afresh under the original `seq`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -20,6 +21,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from gateway.claims import REDIS_LEASE
 from tests.conftest import ORIGIN, Database, recv_until
 from tests.support import Server, serving_slow_upstream, tenant_with
 
@@ -109,9 +111,17 @@ async def test_sigkill_mid_reply_resumes_without_loss(
         ], before
         assert [m["seq"] for m in before if m["role"] == "user"] == [a_seq, b_seq]
 
-        # the widget re-sends its pending message: answered afresh, under its original seq
-        await ws2.send_json({"type": "message", "id": "b", "text": b_text})
-        frames = await recv_until(ws2, "done", WAIT)
+        # the widget re-sends its pending message: answered afresh, under its original seq,
+        # once the dead worker's claim on the reply has run out (REDIS_LEASE); until then
+        # it is told rate_limited and sends again after retry_after, as the widget does
+        refused_until = time.monotonic() + REDIS_LEASE + WAIT
+        while True:
+            await ws2.send_json({"type": "message", "id": "b", "text": b_text})
+            frames = await recv_until(ws2, "done", WAIT)
+            if frames[-1].get("code") != "rate_limited":
+                break
+            assert time.monotonic() < refused_until, "the dead worker's claim never ran out"
+            await asyncio.sleep(frames[-1]["retry_after"])
         assert frames[0] == {"type": "ack", "id": "b", "seq": b_seq}, frames
         assert frames[-1]["type"] == "done", frames
         assert "".join(f["text"] for f in frames if f["type"] == "delta") == b_text
