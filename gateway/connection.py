@@ -33,6 +33,12 @@ from policies import PURPOSES, ConsentState, apply_consent_change, decide_chat
 
 log = logging.getLogger("omnigate.connection")
 
+# refusals of a frame the client got wrong (the others, a limit or a policy, are not
+# the client's mistake and are counted in omnigate_error_frames_total only)
+_MALFORMED = frozenset(
+    {protocol.BAD_REQUEST, protocol.UNKNOWN_TYPE, protocol.TOO_LARGE, protocol.SESSION_INVALID}
+)
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Messages waiting behind the one being answered; more is a flood.
@@ -117,8 +123,11 @@ class Connection:
             await self.error(ProtocolError(protocol.INTERNAL, "internal error"))
 
     async def error(self, exc: ProtocolError) -> None:
-        """Send a typed error frame and count it."""
+        """Send a typed error frame and count it; a malformed frame also gets a log line."""
         metrics.count_error_frame(exc.code)
+        if exc.code in _MALFORMED:
+            # the code only: the message can quote a field name the client chose
+            log.info("frame refused", extra={"code": exc.code, "tenant_id": str(self.tenant_id)})
         await self.send(protocol.error_frame(exc))
 
     async def dispatch(self, frame: Frame) -> None:

@@ -177,3 +177,26 @@ async def test_a_refused_request_gets_a_log_line_without_its_path_or_body(
         ("/api/admin/policy", 400),
         (None, 404),
     ]
+
+
+async def test_a_refused_frame_gets_a_log_line_with_its_code_only(
+    offline_gateway: Gateway, tenant: NewTenant, served_logs: io.StringIO
+) -> None:
+    secret = "jane.doe@example.org"
+    ws = await offline_gateway.ws(tenant.site_key)
+    await ws.send_str("{not json " + secret)
+    await ws.send_json({"type": "nope", "note": secret})
+    await ws.send_json({"type": "history", secret: 1})
+    for _ in range(3):
+        frame = await ws.receive_json(timeout=3)
+        assert frame["type"] == "error"
+    await ws.close()
+    logged = served_logs.getvalue()
+    assert secret not in logged
+    refused = [
+        (r["code"], r["tenant_id"])
+        for r in map(orjson.loads, logged.splitlines())
+        if r["event"] == "frame refused"
+    ]
+    tid = str(tenant.tenant_id)
+    assert refused == [("bad_request", tid), ("unknown_type", tid), ("bad_request", tid)]
