@@ -8,7 +8,6 @@ the policy keeps transcripts), and nothing is acknowledged that is not stored.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -20,6 +19,7 @@ import asyncpg
 import orjson
 
 from gateway import metrics, protocol, store
+from gateway.claims import Claim
 from gateway.crypto import CryptoError, KeyDestroyed
 from gateway.db import tenant_tx
 from gateway.logs import log_secrets
@@ -66,11 +66,12 @@ async def handle_message(svc: Services, v: Visitor, msg_id: str, text: str, emit
     """Carry one visitor message through every check to a `done` or a typed `error`."""
     cp = await svc.tenants.policy(v.tenant_id)
     outcome = "answered"
+    claim: Claim | None = None
     # should an exception or traceback ever carry the text, the log filter removes it
     with log_secrets(text):
         try:
-            decision = await _checks(svc, v, cp, msg_id, text, emit)
-            outcome = await _exchange(svc, v, cp, decision, msg_id, text, emit) or outcome
+            decision, claim = await _checks(svc, v, cp, msg_id, text, emit)
+            outcome = await _exchange(svc, v, cp, decision, claim, msg_id, text, emit) or outcome
         except ProtocolError as exc:
             outcome = exc.outcome or OUTCOME_BY_CODE.get(exc.code, "other")
             if exc.id is None:
@@ -91,6 +92,8 @@ async def handle_message(svc: Services, v: Visitor, msg_id: str, text: str, emit
             outcome = "other"  # cancelled: the visitor went away mid-reply
             raise
         finally:
+            if claim is not None:
+                svc.claims.release(claim)
             metrics.count_message(outcome)
 
 
@@ -107,8 +110,18 @@ OUTCOME_BY_CODE = {
 
 async def _checks(
     svc: Services, v: Visitor, cp: CompiledPolicy, msg_id: str, text: str, emit: Emit
-) -> ChatDecision:
-    """Rate limit, consent, restriction and size, in the order of DESIGN §4."""
+) -> tuple[ChatDecision, Claim | None]:
+    """Rate limit, consent, restriction and size, in the order of DESIGN §4; and, for a
+    message that will be stored, its reply's claim (gateway/claims.py), which the
+    rate-limit call takes in Redis in the same round trip."""
+    with metrics.timed("policy"):
+        decision = decide_chat(cp, v.consent, v.signals)
+    claim = None
+    if decision.allowed and decision.store_transcript:
+        client_ref = await svc.hash_keys.hash(v.tenant_id, v.conversation_id.bytes, msg_id.encode())
+        # the tenant is the hash tag, as for the buckets; internal ids and a keyed hash
+        claim = svc.claims.new(f"{{{v.tenant_id}}}:{v.conversation_id}:{client_ref.hex()}")
+        claim.client_ref = client_ref
     limits = cp.policy.rate_limit
     # the tenant is the hash tag: one message's buckets share a Redis Cluster slot
     tag = f"{{{v.tenant_id}}}"
@@ -119,13 +132,11 @@ async def _checks(
     if v.ip_key:
         buckets.append((f"{tag}:i:{v.ip_key}", limits.per_ip_per_minute))
     # all or none: a refused message spends no token of any bucket
-    wait = await svc.limiter.hit(buckets)
+    wait = await svc.limiter.hit(buckets, claim)
     if wait is not None:
         raise ProtocolError(
             protocol.RATE_LIMITED, "too many messages; slow down", id=msg_id, retry_after=wait
         )
-    with metrics.timed("policy"):
-        decision = decide_chat(cp, v.consent, v.signals)
     if not decision.allowed:
         await emit(protocol.consent_required(list(decision.missing)))
         raise ProtocolError(
@@ -144,7 +155,7 @@ async def _checks(
             f"messages are limited to {cp.policy.max_message_chars} characters",
             id=msg_id,
         )
-    return decision
+    return decision, claim
 
 
 async def _exchange(
@@ -152,6 +163,7 @@ async def _exchange(
     v: Visitor,
     cp: CompiledPolicy,
     decision: ChatDecision,
+    claim: Claim | None,
     msg_id: str,
     text: str,
     emit: Emit,
@@ -192,33 +204,33 @@ async def _exchange(
     for entity, n in redacted.counts.items():
         metrics.count_redaction(entity, n)
 
-    if not keep:
+    if claim is None:
         return await _reply(svc, v, cp, msg_id, redacted.text, None, emit)
-    client_ref = await svc.hash_keys.hash(v.tenant_id, v.conversation_id.bytes, msg_id.encode())
     # one reply at a time per stored message, on every process: a re-send while it
-    # streams elsewhere waits (gateway/claims.py); internal ids and a keyed hash only
-    claim = f"{v.tenant_id}:{v.conversation_id}:{client_ref.hex()}"
-    claiming = svc.claims.take_soon(claim, REPLY_LEASE)
-    try:
-        for _ in range(MAP_ATTEMPTS):
-            # the sealed map is rewritten when it lacks placeholders issued since it was
-            # read or written: by this message, or while storage was off
-            grew = len(v.placeholders) != v.map_len
-            try:
-                user_seq = await _store_user(svc, v, msg_id, text, client_ref, grew, claiming, emit)
-                break
-            except MapChanged:
-                # another tab of this session, or retention, changed the map since this
-                # connection read it: redact again with the stored one, then store
-                await _reload_map(svc, v, msg_id)
-                redacted = cp.redactor.apply(text, found, v.placeholders)
-        else:
-            raise _storage_error(msg_id)
-        if user_seq is None:
-            return None  # a re-send answered from storage
-        return await _reply(svc, v, cp, msg_id, redacted.text, user_seq, emit)
-    finally:
-        svc.claims.release_soon(claim, claiming)
+    # streams elsewhere is told to wait (gateway/claims.py)
+    claimed = svc.claims.settle(claim, REPLY_LEASE)
+    for _ in range(MAP_ATTEMPTS):
+        # the sealed map is rewritten when it lacks placeholders issued since it was
+        # read or written: by this message, or while storage was off
+        grew = len(v.placeholders) != v.map_len
+        try:
+            user_seq = await _store_user(
+                svc, v, msg_id, text, claim.client_ref, grew, claimed, emit
+            )
+            break
+        except MapChanged:
+            # another tab of this session, or retention, changed the map since this
+            # connection read it: redact again with the stored one, then store
+            await _reload_map(svc, v, msg_id)
+            redacted = cp.redactor.apply(text, found, v.placeholders)
+    else:
+        raise _storage_error(msg_id)
+    if user_seq is not None:
+        outcome = await _reply(svc, v, cp, msg_id, redacted.text, user_seq, emit)
+    else:
+        outcome = None  # a re-send answered from storage
+    claim.answered = True  # the reply is in storage: a re-send is answered from there
+    return outcome
 
 
 async def _reply(
@@ -314,15 +326,14 @@ async def _store_user(
     text: str,
     client_ref: bytes,
     map_changed: bool,
-    claiming: asyncio.Future[str | None],
+    claimed: bool,
     emit: Emit,
 ) -> int | None:
     """Store the visitor's message; None when it was a re-send already answered.
 
-    Only the holder of the reply's claim (`claiming`, taken while the message is
-    written) goes on to generate the reply: anyone else is told to send again once it
-    is stored. A re-send reads the stored reply only once it holds the claim, or has
-    lost it: a reply stored and released before then is found, not generated twice.
+    Only the holder of the reply's claim (`claimed`, settled before this reads
+    anything) goes on to generate the reply: anyone else is told to send again once it
+    is stored. A reply stored and given back before then is found, not made twice.
     """
     try:
         cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
@@ -357,11 +368,10 @@ async def _store_user(
         if seq is not None:
             if sealed_map is not None:
                 v.map_sealed, v.map_len = sealed_map, len(v.placeholders)
-            if await claiming is None:
+            if not claimed:
                 # the same id, sent at the same moment elsewhere, holds the claim
                 raise _busy(msg_id)
             return seq
-        claimed = await claiming is not None
         async with tenant_tx(svc.pool, v.tenant_id) as conn:
             found = await store.message_by_client_ref(
                 conn, v.tenant_id, v.conversation_id, client_ref

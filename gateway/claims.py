@@ -3,15 +3,17 @@
 A message re-sent while its reply still streams (the widget reconnected before the
 server saw its old socket drop, a second tab, two overlapping fallback POSTs) must
 not get a second reply. Whoever generates a reply holds its claim from before the
-message is stored until the reply is stored, fails or is cancelled; a claim also
-ends by itself after its lease, so a process that dies holding one blocks nothing
-for longer than that.
+message is stored until the reply is stored, fails or is cancelled.
 
-Claims are shared through Redis when it is configured (several processes may serve
-one session): one `SET NX PX` to take, one compare-and-delete to release. Without
-Redis, and while it does not answer, this process's own table decides, as the rate
-limits degrade (docs/scaling.md). Keys arrive anonymized from the caller (internal
-ids and keyed hashes) and are never logged.
+With Redis the claim is taken in the message's rate-limit call (gateway/ratelimit.py:
+one script, one round trip, as before claims existed): `SET NX` with a lease of
+`REDIS_LEASE`, renewed while the reply streams, so a process that dies holding one
+(SIGKILL, a lost host) blocks the re-send for at most that long. A reply that was
+stored needs no release: a re-send finds it in storage, whoever holds the claim, and
+the claim runs out by itself; only a reply that failed gives its claim back (one
+compare-and-delete). Without Redis, and while it does not answer (the rate limits are
+then per process too), this process's own table decides. Keys arrive anonymized from
+the caller (internal ids and keyed hashes) and are never logged.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -27,11 +31,11 @@ from gateway.redisconn import REDIS_ERRORS
 
 CLAIM_KEY_PREFIX = "og:reply:"
 # A claim in Redis lives this long unless its holder renews it, which it does every
-# third of it while the reply streams: a process that dies holding one (SIGKILL, a lost
-# host) blocks the message's re-send for at most this long, however long replies run.
+# third of it while the reply streams.
 REDIS_LEASE = 10.0
-# after a Redis failure, claims stay local this long before Redis is tried again
-REDIS_RETRY_AFTER = 1.0
+# this process's table: a claim whose release never came (cannot happen short of a
+# bug) ends after this
+LOCAL_LEASE = 600.0
 
 # deletes the claim only if it is still the caller's (its lease may have ended and
 # another caller taken it since)
@@ -41,8 +45,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
 # extends the claim only if it is still the caller's
 _RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -52,109 +54,108 @@ return 0
 """
 
 
+@dataclass(slots=True)
+class Claim:
+    """One message's claim on its reply. `key` carries its tenant as the Redis hash tag
+    (`{tenant}:...`), so it shares a Cluster slot with the message's buckets."""
+
+    key: str
+    token: str
+    client_ref: bytes = b""  # the message's keyed id hash, as stored
+    # set by a rate limiter that takes it in Redis (True: taken, False: held by another);
+    # None until then, and while Redis is away: then this process's table decides
+    taken: bool | None = None
+    shared: bool = False  # taken in Redis (else in this process's table)
+    answered: bool = False  # its reply is in storage: nothing to give back
+    renewal: asyncio.TimerHandle | asyncio.Task[None] | None = None
+
+    @property
+    def redis_key(self) -> str:
+        return CLAIM_KEY_PREFIX + self.key
+
+    @property
+    def lease_ms(self) -> int:
+        return int(REDIS_LEASE * 1000)
+
+
 class ReplyClaims:
-    """Take and release claims, in Redis when it answers, else in this process."""
+    """This process's side of the claims: its own table, renewals and releases."""
 
     def __init__(self, redis: Redis | None, clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
         self._clock = clock
         self._local: dict[str, tuple[str, float]] = {}  # key -> (token, expiry)
-        self._redis_retry_at = 0.0
-        self._releasing: set[asyncio.Task[None]] = set()
-        self._renewing: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
-    def take_soon(self, key: str, lease: float) -> asyncio.Future[str | None]:
-        """`take`, started now: with Redis its round trip overlaps the caller's next one
-        (the message's insert); without, the answer is ready at once."""
-        if self._redis is None:
-            done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-            done.set_result(self._take_local(key, secrets.token_hex(8), lease))
-            return done
-        return asyncio.ensure_future(self.take(key, lease))
+    @staticmethod
+    def new(key: str) -> Claim:
+        """A claim to take with the message's rate-limit call."""
+        return Claim(key, secrets.token_hex(8))
 
-    def release_soon(self, key: str, taking: asyncio.Future[str | None]) -> None:
-        """Give up what `take_soon` took, once it is taken, without waiting for Redis:
-        the caller's next message need not wait for this one's release."""
-        if not taking.done():
-            taking.add_done_callback(lambda f: self.release_soon(key, f))
-            return
-        if taking.cancelled() or taking.exception() is not None:
-            return
-        token = taking.result()
-        if token is None:
-            return
-        if self._local.get(key, ("",))[0] == token or self._redis is None:
-            self._release_local(key, token)
-            return
-        renewing = self._renewing.pop(key, None)
-        if renewing is not None:
-            renewing.cancel()
-        task = asyncio.ensure_future(self.release(key, token))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-
-    async def take(self, key: str, lease: float) -> str | None:
-        """A token when the caller now holds the claim; None when another holds it."""
-        token = secrets.token_hex(8)
-        if self._redis is not None and self._clock() >= self._redis_retry_at:
-            try:
-                taken = await self._redis.set(
-                    CLAIM_KEY_PREFIX + key, token, nx=True, px=int(min(lease, REDIS_LEASE) * 1000)
+    def settle(self, claim: Claim, limit: float) -> bool:
+        """Whether the caller holds `claim`, taking it here if no limiter took it in
+        Redis; a claim taken in Redis is renewed while held, for at most `limit` s."""
+        if claim.taken is not None:
+            claim.shared = True
+            if claim.taken and self._redis is not None:
+                until = self._clock() + limit
+                claim.renewal = asyncio.get_running_loop().call_later(
+                    REDIS_LEASE / 3, self._start_renewal, claim, until
                 )
-            except REDIS_ERRORS:
-                self._redis_retry_at = self._clock() + REDIS_RETRY_AFTER
-            else:
-                if not taken:
-                    return None
-                if lease > REDIS_LEASE:
-                    renewing = asyncio.ensure_future(self._renew(key, token, lease))
-                    self._renewing[key] = renewing
-                return token
-        return self._take_local(key, token, lease)
+            return claim.taken
+        now = self._clock()
+        held = self._local.get(claim.key)
+        if held is not None and held[1] > now:
+            claim.taken = False
+            return False
+        if len(self._local) > 10_000:
+            self._local = {k: c for k, c in self._local.items() if c[1] > now}
+        self._local[claim.key] = (claim.token, now + min(limit, LOCAL_LEASE))
+        claim.taken = True
+        return True
 
-    async def release(self, key: str, token: str) -> None:
-        """Give the claim up, if it is still the caller's."""
-        if key in self._local:
-            self._release_local(key, token)
+    def release(self, claim: Claim) -> None:
+        """Done with `claim`: given back unless its reply is stored (see the module);
+        never waits (a Redis release goes out in the background)."""
+        if not claim.taken:
             return
-        if self._redis is None:
-            return
+        if claim.renewal is not None:
+            claim.renewal.cancel()
+            claim.renewal = None
+        if not claim.shared:
+            held = self._local.get(claim.key)
+            if held is not None and held[0] == claim.token:
+                del self._local[claim.key]
+        elif not claim.answered and self._redis is not None:
+            self._spawn(self._release(claim))
+
+    async def _release(self, claim: Claim) -> None:
+        assert self._redis is not None
         try:
-            await self._redis.eval(_RELEASE_SCRIPT, 1, CLAIM_KEY_PREFIX + key, token)
+            await self._redis.eval(_RELEASE_SCRIPT, 1, claim.redis_key, claim.token)
         except REDIS_ERRORS:
             pass  # its lease ends it
 
-    async def _renew(self, key: str, token: str, lease: float) -> None:
-        """Extend a claim held in Redis while its holder lives, up to `lease` in all."""
+    def _start_renewal(self, claim: Claim, until: float) -> None:
+        task = self._spawn(self._renew(claim, until))
+        claim.renewal = task
+
+    async def _renew(self, claim: Claim, until: float) -> None:
+        """Extend the claim every third of its lease while held, up to `until`."""
         assert self._redis is not None
-        until = self._clock() + lease
-        try:
-            while self._clock() + REDIS_LEASE / 3 < until:
-                await asyncio.sleep(REDIS_LEASE / 3)
-                try:
-                    held = await self._redis.eval(
-                        _RENEW_SCRIPT, 1, CLAIM_KEY_PREFIX + key, token, int(REDIS_LEASE * 1000)
-                    )
-                except REDIS_ERRORS:
-                    continue  # tried again at the next third; the lease runs meanwhile
-                if not held:
-                    return  # lost (it ran out while Redis was away): nothing to keep
-        finally:
-            if self._renewing.get(key) is asyncio.current_task():
-                del self._renewing[key]
+        while True:
+            try:
+                held = await self._redis.eval(
+                    _RENEW_SCRIPT, 1, claim.redis_key, claim.token, claim.lease_ms
+                )
+            except REDIS_ERRORS:
+                held = 1  # tried again at the next third; the lease runs meanwhile
+            if not held or self._clock() + REDIS_LEASE / 3 >= until:
+                return  # lost (it ran out while Redis was away), or held long enough
+            await asyncio.sleep(REDIS_LEASE / 3)
 
-    def _release_local(self, key: str, token: str) -> None:
-        held = self._local.get(key)
-        if held is not None and held[0] == token:
-            del self._local[key]
-
-    def _take_local(self, key: str, token: str, lease: float) -> str | None:
-        now = self._clock()
-        held = self._local.get(key)
-        if held is not None and held[1] > now:
-            return None
-        if len(self._local) > 10_000:
-            # released claims are deleted; only those of cancelled releases linger
-            self._local = {k: c for k, c in self._local.items() if c[1] > now}
-        self._local[key] = (token, now + lease)
-        return token
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task

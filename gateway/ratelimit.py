@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from gateway import metrics
+from gateway.claims import Claim
 from gateway.redisconn import REDIS_ERRORS
 
 log = logging.getLogger("omnigate.ratelimit")
@@ -23,9 +24,11 @@ Bucket = tuple[str, int]  # (key, allowance per minute)
 class RateLimiter(Protocol):
     """Takes one token from each of a message's buckets, or from none of them."""
 
-    async def hit(self, buckets: Sequence[Bucket]) -> float | None:
+    async def hit(self, buckets: Sequence[Bucket], claim: Claim | None = None) -> float | None:
         """None when every bucket allowed (a token is taken from each); else the seconds
-        to wait for the slowest refusing bucket, and nothing is taken."""
+        to wait for the slowest refusing bucket, and nothing is taken. A limiter that
+        shares its buckets through Redis also tries to take `claim` there when allowed
+        (setting `claim.taken`); one that does not leaves it to gateway/claims.py."""
 
 
 class LocalRateLimiter:
@@ -35,7 +38,7 @@ class LocalRateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self.max_keys = max_keys
 
-    async def hit(self, buckets: Sequence[Bucket]) -> float | None:
+    async def hit(self, buckets: Sequence[Bucket], claim: Claim | None = None) -> float | None:
         """Take a token from every bucket, or answer how long until all have one."""
         return self.take(buckets, time.monotonic())
 
@@ -62,20 +65,27 @@ class LocalRateLimiter:
 
 
 # Token buckets, atomically, in Redis: one hash per key {t: tokens, ts: last refill in
-# ms}; KEYS are the buckets, ARGV[3..] their allowances per minute. A token is taken
+# ms}; KEYS are the buckets, ARGV[5..] their allowances per minute. A token is taken
 # from every bucket only when each has one. Time comes from the Redis server (one clock
-# for every process and instance); ARGV[1] may pin it, for tests. Returns 0 when
-# allowed, else the longest wait in ms.
+# for every process and instance); ARGV[1] may pin it, for tests. With a claim token in
+# ARGV[3], the last KEY is a reply's claim (gateway/claims.py), taken with SET NX for
+# ARGV[4] ms when the tokens are. Returns the longest wait in ms when refused, else 0
+# (-1: allowed, but another holds the claim).
 _BUCKET_SCRIPT = """
 local now = tonumber(ARGV[1])
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local buckets = #KEYS
+if ARGV[3] ~= '' then
+  buckets = buckets - 1
+end
 local tokens, stamps = {}, {}
 local wait = 0
-for i, key in ipairs(KEYS) do
-  local capacity = tonumber(ARGV[i + 2])
+for i = 1, buckets do
+  local key = KEYS[i]
+  local capacity = tonumber(ARGV[i + 4])
   local rate = capacity / 60000.0
   local b = redis.call('HMGET', key, 't', 'ts')
   local t, ts = tonumber(b[1]), tonumber(b[2])
@@ -90,13 +100,19 @@ for i, key in ipairs(KEYS) do
   end
   tokens[i], stamps[i] = t, ts
 end
-for i, key in ipairs(KEYS) do
+for i = 1, buckets do
+  local key = KEYS[i]
   local t = tokens[i]
   if wait == 0 then
     t = t - 1
   end
   redis.call('HSET', key, 't', tostring(t), 'ts', tostring(stamps[i]))
   redis.call('PEXPIRE', key, tonumber(ARGV[2]))
+end
+if wait == 0 and buckets < #KEYS then
+  if not redis.call('SET', KEYS[#KEYS], ARGV[3], 'NX', 'PX', tonumber(ARGV[4])) then
+    return -1
+  end
 end
 return wait
 """
@@ -127,14 +143,20 @@ class RedisRateLimiter:
         self._task: asyncio.Task[None] | None = None
         self.round_trips = 0
 
-    async def hit(self, buckets: Sequence[Bucket]) -> float | None:
-        """Take a token from every bucket, or answer how long until all have one."""
-        return await self.take(buckets)
+    async def hit(self, buckets: Sequence[Bucket], claim: Claim | None = None) -> float | None:
+        """Take a token from every bucket, or answer how long until all have one; take
+        `claim` too when allowed."""
+        return await self.take(buckets, claim=claim)
 
-    async def take(self, buckets: Sequence[Bucket], now_ms: int | None = None) -> float | None:
+    async def take(
+        self, buckets: Sequence[Bucket], now_ms: int | None = None, claim: Claim | None = None
+    ) -> float | None:
         """`hit` with the clock optionally pinned (milliseconds), for tests."""
         keys = [RATE_KEY_PREFIX + key for key, _ in buckets]
-        args: list[Any] = ["" if now_ms is None else now_ms, RATE_KEY_TTL_MS]
+        args: list[Any] = ["" if now_ms is None else now_ms, RATE_KEY_TTL_MS, "", 0]
+        if claim is not None:
+            keys.append(claim.redis_key)
+            args[2:4] = [claim.token, claim.lease_ms]
         args += [per_minute for _, per_minute in buckets]
         if self._busy:
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -150,7 +172,11 @@ class RedisRateLimiter:
                     self._task = asyncio.create_task(self._drain())
                 else:
                     self._busy = False
-        return None if int(wait_ms) == 0 else int(wait_ms) / 1000.0
+        if int(wait_ms) > 0:
+            return int(wait_ms) / 1000.0
+        if claim is not None:
+            claim.taken = int(wait_ms) == 0
+        return None
 
     async def _drain(self) -> None:
         try:
@@ -229,13 +255,13 @@ class FallbackRateLimiter:
         """True while decisions are per-process."""
         return self._down_since is not None
 
-    async def hit(self, buckets: Sequence[Bucket]) -> float | None:
+    async def hit(self, buckets: Sequence[Bucket], claim: Claim | None = None) -> float | None:
         """Take tokens from the shared buckets, or the local ones while Redis is away."""
         if self._down_since is None or (not self._probing and self._clock() >= self._next_try):
             probing = self._down_since is not None
             self._probing = probing
             try:
-                wait = await self.primary.hit(buckets)
+                wait = await self.primary.hit(buckets, claim)
             except REDIS_ERRORS as exc:
                 self._went_down(exc)
             else:

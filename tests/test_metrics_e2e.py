@@ -244,8 +244,9 @@ async def test_rate_limited_and_too_large(gw: Gateway, app_pool: asyncpg.Pool) -
     assert d("omnigate_messages_total", outcome="answered") == 1
     assert d("omnigate_messages_total", outcome="rate_limited") == 1
     assert d("omnigate_error_frames_total", code="rate_limited") == 1
-    # the policy stage times the consent/size decision; a rate-limited message never gets there
-    assert d("omnigate_stage_seconds_count", stage="policy") == 1
+    # the policy stage times the consent decision, made before the rate limit (it says
+    # whether the message is stored, so whether its rate-limit call takes a reply claim)
+    assert d("omnigate_stage_seconds_count", stage="policy") == 2
     assert d("omnigate_stage_seconds_count", stage="redaction") == 1
 
     t = await tenant_with(app_pool, max_message_chars=10)

@@ -11,10 +11,11 @@ import asyncpg
 import pytest
 
 from gateway import claims as claims_module
-from gateway.claims import CLAIM_KEY_PREFIX, ReplyClaims
+from gateway.claims import ReplyClaims
 from gateway.config import Settings
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant
+from gateway.ratelimit import RATE_KEY_PREFIX, RedisRateLimiter
 from gateway.redisconn import connect
 from tests.conftest import Gateway, chat, hello, on_fake, recv_until, reply_text, start_gateway
 from tests.support import parse_sse, post, until
@@ -192,27 +193,44 @@ async def test_a_reply_cut_off_by_a_closed_socket_gives_its_claim_back(
     await b.close()
 
 
-async def test_a_claim_is_exclusive_and_ends_with_its_lease(redis_url: str) -> None:
+async def test_a_claim_is_taken_with_the_tokens_and_is_exclusive(redis_url: str) -> None:
     client = connect(redis_url)
-    now = [0.0]
-    shared, local = ReplyClaims(client), ReplyClaims(None, clock=lambda: now[0])
-    key = f"test:{uuid.uuid4()}"
+    limiter, claims = RedisRateLimiter(client), ReplyClaims(client)
+    tag = f"{{{uuid.uuid4()}}}"
+    buckets = [(f"{tag}:s", 100)]
+    first, second, third = (claims.new(f"{tag}:c") for _ in range(3))
     try:
-        for claims in (shared, local):
-            token = await claims.take(key, 0.2)
-            assert token is not None and await claims.take(key, 0.2) is None
-            await claims.release(key, "not-the-holder")
-            assert await claims.take(key, 0.2) is None
-            await claims.release(key, token)
-            assert await claims.take(key, 0.2) is not None
-            # a holder that never releases (its process died) blocks for its lease only
-            now[0] += 0.3
-            await asyncio.sleep(0.3)
-            assert await claims.take(key, 0.2) is not None
-            await claims.release(key, "stale")
+        assert await limiter.hit(buckets, first) is None and first.taken is True
+        assert await limiter.hit(buckets, second) is None and second.taken is False
+        assert claims.settle(first, 60.0) and not claims.settle(second, 60.0)
+        claims.release(second)  # not the holder: gives nothing back
+        claims.release(first)  # failed, not answered: given back
+        await until(lambda: not claims._background)
+        assert await limiter.hit(buckets, third) is None and third.taken is True
+        # a refused message takes no claim
+        assert await limiter.hit([(f"{tag}:full", 1)]) is None
+        refused = claims.new(f"{tag}:other")
+        assert await limiter.hit([(f"{tag}:full", 1)], refused) is not None
+        assert refused.taken is None and await client.exists(refused.redis_key) == 0
+        answered = third
+        answered.answered = True
+        claims.settle(answered, 60.0)
+        claims.release(answered)  # stored: left to run out, no round trip
+        assert not claims._background and await client.exists(answered.redis_key) == 1
     finally:
-        await client.delete(CLAIM_KEY_PREFIX + key)
+        await client.delete(first.redis_key, RATE_KEY_PREFIX + f"{tag}:s")
+        await client.delete(RATE_KEY_PREFIX + f"{tag}:full")
         await client.aclose()
+
+
+async def test_a_claim_in_this_process_is_exclusive_until_released() -> None:
+    claims = ReplyClaims(None)
+    first, second = claims.new("k"), claims.new("k")
+    assert claims.settle(first, 60.0) and not claims.settle(second, 60.0)
+    claims.release(second)
+    assert not claims.settle(claims.new("k"), 60.0)
+    claims.release(first)
+    assert claims.settle(claims.new("k"), 60.0)
 
 
 async def test_a_claim_in_redis_is_renewed_while_held_and_ends_soon_after_its_holder(
@@ -220,20 +238,20 @@ async def test_a_claim_in_redis_is_renewed_while_held_and_ends_soon_after_its_ho
 ) -> None:
     monkeypatch.setattr(claims_module, "REDIS_LEASE", 0.3)
     client = connect(redis_url)
-    holder, other = ReplyClaims(client), ReplyClaims(client)
-    key = f"test:{uuid.uuid4()}"
+    limiter, claims = RedisRateLimiter(client), ReplyClaims(client)
+    tag = f"{{{uuid.uuid4()}}}"
+    buckets = [(f"{tag}:s", 100)]
+    holder = claims.new(f"{tag}:c")
     try:
-        taking = holder.take_soon(key, 60.0)
-        assert await taking is not None
+        assert await limiter.hit(buckets, holder) is None and claims.settle(holder, 60.0)
         await asyncio.sleep(0.8)  # well past one lease: the holder renewed it
-        assert await other.take(key, 60.0) is None
-        holder._renewing[key].cancel()  # the holder's process dies: no release, no renewal
+        other = claims.new(f"{tag}:c")
+        assert await limiter.hit(buckets, other) is None and other.taken is False
+        assert holder.renewal is not None
+        holder.renewal.cancel()  # the holder's process dies: no release, no renewal
         await asyncio.sleep(0.4)
-        token = await other.take(key, 60.0)
-        assert token is not None
-        other.release_soon(key, asyncio.ensure_future(asyncio.sleep(0, token)))
-        await until(lambda: not other._renewing and not other._releasing)
-        assert await client.exists(CLAIM_KEY_PREFIX + key) == 0
+        last = claims.new(f"{tag}:c")
+        assert await limiter.hit(buckets, last) is None and last.taken is True
     finally:
-        await client.delete(CLAIM_KEY_PREFIX + key)
+        await client.delete(holder.redis_key, RATE_KEY_PREFIX + f"{tag}:s")
         await client.aclose()
