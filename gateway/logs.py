@@ -88,9 +88,11 @@ _ADDRESS_HEADERS = "x-forwarded-for|x-real-ip|forwarded"
 # A header name starts a word, or follows an escaped line break or byte as in
 # the ``repr`` of raw request bytes (``b'...\r\nCookie: ...'``).
 _HEADER_START = r"(?:(?<![\w-])|(?<=\\[nrt])|(?<=\\x[0-9A-Fa-f]{2}))"
-# An address starts a word, or follows '_' (client_198.51.100.7), a percent-escape
-# (ip%3D198.51.100.7) or a label's colon after a letter no address has (peer:2001:db8::1).
-_IP_START = r"(?:(?<![\w:.])|(?<=_)|(?<=%[0-9A-Fa-f]{2})|(?<=[G-Zg-z_]:))"
+# An address starts a word, or follows '_' (client_198.51.100.7) or a percent-escape
+# (ip%3D198.51.100.7); an IPv4 address may follow any colon (src:198.51.100.7), an IPv6
+# one only a label's colon after a letter no address has (peer:2001:db8::1).
+_IPV4_START = r"(?:(?<![\w.])|(?<=_)|(?<=%[0-9A-Fa-f]{2}))"
+_IPV6_START = r"(?:(?<![\w:.])|(?<=_)|(?<=%[0-9A-Fa-f]{2})|(?<=[G-Zg-z_]:))"
 # One pass, alternatives in priority order; at each position the first that
 # matches wins, so e.g. an IPv4 address is never mistaken for a digit run.
 _SCRUB_RE = re.compile(
@@ -111,9 +113,9 @@ _SCRUB_RE = re.compile(
     | (?P<session>\bSession\s+)(?P<session_value>[A-Za-z0-9._~+/=-]{{16,}})
     | (?P<sk>(?<![\w-])sk-[{_OPAQUE_CHARS}]{{8,}})
     | (?P<email>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{{2,}})
-    | (?P<ipv6>{_IP_START}(?:{_HEX}{{1,4}}:|:(?=:[Ff]{{4}}:))(?:{_HEX}{{0,4}}:){{1,6}}
+    | (?P<ipv6>{_IPV6_START}(?:{_HEX}{{1,4}}:|:(?=:[Ff]{{4}}:))(?:{_HEX}{{0,4}}:){{1,6}}
           (?:{_HEX}{{1,4}}|(?:\d{{1,3}}\.){{3}}\d{{1,3}})?(?:%[0-9A-Za-z]+)?(?![\w:]|\.\d))
-    | (?P<ipv4>{_IP_START}(?:\d{{1,3}}\.){{3}}\d{{1,3}}(?![0-9A-Za-z]|\.\d))
+    | (?P<ipv4>{_IPV4_START}(?:\d{{1,3}}\.){{3}}\d{{1,3}}(?![0-9A-Za-z]|\.\d))
     | (?P<number>(?<!\w)(?:\+?\d(?:[\ ()-]{{0,2}}\d){{8,}}|\d{{3}}\.\d{{3}}\.\d{{4}})(?!\w))
     | (?P<opaque>(?<![{_OPAQUE_CHARS}])[{_OPAQUE_CHARS}]{{20,}}(?![{_OPAQUE_CHARS}]))
     """,

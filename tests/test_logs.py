@@ -416,8 +416,21 @@ def test_a_retention_pass_logs_its_counts() -> None:
         ("peer:2001:db8:1:2:3:4:5:6", "3:4:5:6", "peer:2001:db8:1::"),
         ("from 198.051.100.073", "100.073", "from [ip]"),
         ("python 3.11.7 at 12:30:45", "", "python 3.11.7 at 12:30:45"),
+        ("src:198.51.100.7", "198.51.100.7", "src:198.51.100.0"),
+        ("id:198.51.100.7", "198.51.100.7", "id:198.51.100.0"),
+        ("1:198.51.100.7", "198.51.100.7", "1:198.51.100.0"),
     ],
-    ids=["escaped-equals", "escaped-quotes", "underscore", "labelled-ipv6", "zeros", "no-ip"],
+    ids=[
+        "escaped-equals",
+        "escaped-quotes",
+        "underscore",
+        "labelled-ipv6",
+        "zeros",
+        "no-ip",
+        "hex-label",
+        "short-label",
+        "digit-label",
+    ],
 )
 def test_scrub_finds_addresses_joined_to_other_text(text: str, hidden: str, shown: str) -> None:
     scrubbed = scrub(text)
