@@ -116,8 +116,11 @@ async def _checks(
     rate-limit call takes in Redis in the same round trip."""
     with metrics.timed("policy"):
         decision = decide_chat(cp, v.consent, v.signals)
+    # refusals come in DESIGN's order, after the rate limit; known now, a message refused
+    # anyway takes no claim
+    refusal = _refusal(v, cp, msg_id, text)
     claim = None
-    if decision.allowed and decision.store_transcript:
+    if decision.allowed and decision.store_transcript and refusal is None:
         client_ref = await svc.hash_keys.hash(v.tenant_id, v.conversation_id.bytes, msg_id.encode())
         # the tenant is the hash tag, as for the buckets; internal ids and a keyed hash
         claim = svc.claims.new(f"{{{v.tenant_id}}}:{v.conversation_id}:{client_ref.hex()}")
@@ -142,20 +145,27 @@ async def _checks(
         raise ProtocolError(
             protocol.CONSENT_REQUIRED, "consent is needed before chatting", id=msg_id
         )
+    if refusal is not None:
+        raise refusal
+    return decision, claim
+
+
+def _refusal(v: Visitor, cp: CompiledPolicy, msg_id: str, text: str) -> ProtocolError | None:
+    """Restriction or size: the refusals after consent."""
     if v.restricted:
-        raise ProtocolError(
+        return ProtocolError(
             protocol.CONSENT_REQUIRED,
             "processing is restricted at your request",
             id=msg_id,
             outcome="restricted",
         )
     if len(text) > cp.policy.max_message_chars:
-        raise ProtocolError(
+        return ProtocolError(
             protocol.TOO_LARGE,
             f"messages are limited to {cp.policy.max_message_chars} characters",
             id=msg_id,
         )
-    return decision, claim
+    return None
 
 
 async def _exchange(
@@ -208,7 +218,7 @@ async def _exchange(
         return await _reply(svc, v, cp, msg_id, redacted.text, None, emit)
     # one reply at a time per stored message, on every process: a re-send while it
     # streams elsewhere is told to wait (gateway/claims.py)
-    claimed = svc.claims.settle(claim, REPLY_LEASE)
+    claimed = await svc.claims.settle(claim, REPLY_LEASE)
     for _ in range(MAP_ATTEMPTS):
         # the sealed map is rewritten when it lacks placeholders issued since it was
         # read or written: by this message, or while storage was off

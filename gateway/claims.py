@@ -33,9 +33,6 @@ CLAIM_KEY_PREFIX = "og:reply:"
 # A claim in Redis lives this long unless its holder renews it, which it does every
 # third of it while the reply streams.
 REDIS_LEASE = 10.0
-# this process's table: a claim whose release never came (cannot happen short of a
-# bug) ends after this
-LOCAL_LEASE = 600.0
 
 # deletes the claim only if it is still the caller's (its lease may have ended and
 # another caller taken it since)
@@ -66,6 +63,7 @@ class Claim:
     # None until then, and while Redis is away: then this process's table decides
     taken: bool | None = None
     shared: bool = False  # taken in Redis (else in this process's table)
+    taken_at: float = 0.0  # when the limiter took it in Redis (time.monotonic)
     answered: bool = False  # its reply is in storage: nothing to give back
     renewal: asyncio.TimerHandle | asyncio.Task[None] | None = None
 
@@ -92,16 +90,23 @@ class ReplyClaims:
         """A claim to take with the message's rate-limit call."""
         return Claim(key, secrets.token_hex(8))
 
-    def settle(self, claim: Claim, limit: float) -> bool:
+    async def settle(self, claim: Claim, limit: float) -> bool:
         """Whether the caller holds `claim`, taking it here if no limiter took it in
         Redis; a claim taken in Redis is renewed while held, for at most `limit` s."""
         if claim.taken is not None:
-            claim.shared = True
             if claim.taken and self._redis is not None:
-                until = self._clock() + limit
-                claim.renewal = asyncio.get_running_loop().call_later(
-                    REDIS_LEASE / 3, self._start_renewal, claim, until
-                )
+                held_for = self._clock() - claim.taken_at
+                if held_for >= REDIS_LEASE / 2:
+                    # the message took long to get here (a redaction in the helper):
+                    # its lease may have run out, and another may hold the claim now
+                    claim.taken = await self._renew_once(claim)
+                if claim.taken:
+                    claim.renewal = asyncio.get_running_loop().call_later(
+                        max(0.0, REDIS_LEASE / 3 - held_for),
+                        self._start_renewal,
+                        claim,
+                        self._clock() + limit,
+                    )
             return claim.taken
         now = self._clock()
         held = self._local.get(claim.key)
@@ -110,7 +115,7 @@ class ReplyClaims:
             return False
         if len(self._local) > 10_000:
             self._local = {k: c for k, c in self._local.items() if c[1] > now}
-        self._local[claim.key] = (claim.token, now + min(limit, LOCAL_LEASE))
+        self._local[claim.key] = (claim.token, now + limit)
         claim.taken = True
         return True
 
@@ -140,17 +145,23 @@ class ReplyClaims:
         task = self._spawn(self._renew(claim, until))
         claim.renewal = task
 
-    async def _renew(self, claim: Claim, until: float) -> None:
-        """Extend the claim every third of its lease while held, up to `until`."""
+    async def _renew_once(self, claim: Claim) -> bool:
+        """Extend the claim's lease if it is still the caller's; whether it is (a Redis
+        that does not answer is taken to leave it held: its lease runs meanwhile)."""
         assert self._redis is not None
-        while True:
-            try:
-                held = await self._redis.eval(
+        try:
+            return bool(
+                await self._redis.eval(
                     _RENEW_SCRIPT, 1, claim.redis_key, claim.token, claim.lease_ms
                 )
-            except REDIS_ERRORS:
-                held = 1  # tried again at the next third; the lease runs meanwhile
-            if not held or self._clock() + REDIS_LEASE / 3 >= until:
+            )
+        except REDIS_ERRORS:
+            return True
+
+    async def _renew(self, claim: Claim, until: float) -> None:
+        """Extend the claim every third of its lease while held, up to `until`."""
+        while True:
+            if not await self._renew_once(claim) or self._clock() + REDIS_LEASE / 3 >= until:
                 return  # lost (it ran out while Redis was away), or held long enough
             await asyncio.sleep(REDIS_LEASE / 3)
 

@@ -175,7 +175,8 @@ class RedisRateLimiter:
         if int(wait_ms) > 0:
             return int(wait_ms) / 1000.0
         if claim is not None:
-            claim.taken = int(wait_ms) == 0
+            claim.taken, claim.shared = int(wait_ms) == 0, True
+            claim.taken_at = time.monotonic()
         return None
 
     async def _drain(self) -> None:

@@ -202,7 +202,7 @@ async def test_a_claim_is_taken_with_the_tokens_and_is_exclusive(redis_url: str)
     try:
         assert await limiter.hit(buckets, first) is None and first.taken is True
         assert await limiter.hit(buckets, second) is None and second.taken is False
-        assert claims.settle(first, 60.0) and not claims.settle(second, 60.0)
+        assert await claims.settle(first, 60.0) and not await claims.settle(second, 60.0)
         claims.release(second)  # not the holder: gives nothing back
         claims.release(first)  # failed, not answered: given back
         await until(lambda: not claims._background)
@@ -214,7 +214,7 @@ async def test_a_claim_is_taken_with_the_tokens_and_is_exclusive(redis_url: str)
         assert refused.taken is None and await client.exists(refused.redis_key) == 0
         answered = third
         answered.answered = True
-        claims.settle(answered, 60.0)
+        await claims.settle(answered, 60.0)
         claims.release(answered)  # stored: left to run out, no round trip
         assert not claims._background and await client.exists(answered.redis_key) == 1
     finally:
@@ -226,11 +226,11 @@ async def test_a_claim_is_taken_with_the_tokens_and_is_exclusive(redis_url: str)
 async def test_a_claim_in_this_process_is_exclusive_until_released() -> None:
     claims = ReplyClaims(None)
     first, second = claims.new("k"), claims.new("k")
-    assert claims.settle(first, 60.0) and not claims.settle(second, 60.0)
+    assert await claims.settle(first, 60.0) and not await claims.settle(second, 60.0)
     claims.release(second)
-    assert not claims.settle(claims.new("k"), 60.0)
+    assert not await claims.settle(claims.new("k"), 60.0)
     claims.release(first)
-    assert claims.settle(claims.new("k"), 60.0)
+    assert await claims.settle(claims.new("k"), 60.0)
 
 
 async def test_a_claim_in_redis_is_renewed_while_held_and_ends_soon_after_its_holder(
@@ -243,7 +243,7 @@ async def test_a_claim_in_redis_is_renewed_while_held_and_ends_soon_after_its_ho
     buckets = [(f"{tag}:s", 100)]
     holder = claims.new(f"{tag}:c")
     try:
-        assert await limiter.hit(buckets, holder) is None and claims.settle(holder, 60.0)
+        assert await limiter.hit(buckets, holder) is None and await claims.settle(holder, 60.0)
         await asyncio.sleep(0.8)  # well past one lease: the holder renewed it
         other = claims.new(f"{tag}:c")
         assert await limiter.hit(buckets, other) is None and other.taken is False
@@ -254,4 +254,51 @@ async def test_a_claim_in_redis_is_renewed_while_held_and_ends_soon_after_its_ho
         assert await limiter.hit(buckets, last) is None and last.taken is True
     finally:
         await client.delete(holder.redis_key, RATE_KEY_PREFIX + f"{tag}:s")
+        await client.aclose()
+
+
+async def test_a_claim_taken_with_the_tokens_is_given_back_even_before_it_is_settled(
+    redis_url: str,
+) -> None:
+    # the message failed between its rate-limit call and its write (the visitor left
+    # while the redaction helper searched it): a re-send must not wait out the lease
+    client = connect(redis_url)
+    limiter, claims = RedisRateLimiter(client), ReplyClaims(client)
+    tag = f"{{{uuid.uuid4()}}}"
+    claim = claims.new(f"{tag}:c")
+    try:
+        assert await limiter.hit([(f"{tag}:s", 100)], claim) is None and claim.taken
+        claims.release(claim)
+        await until(lambda: not claims._background)
+        assert await client.exists(claim.redis_key) == 0
+    finally:
+        await client.delete(claim.redis_key, RATE_KEY_PREFIX + f"{tag}:s")
+        await client.aclose()
+
+
+async def test_a_claim_whose_lease_ran_out_before_it_was_settled_is_not_held(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a message searched for longer than the lease in the redaction helper: another
+    # sender took the claim meanwhile, and this one must not answer as well
+    monkeypatch.setattr(claims_module, "REDIS_LEASE", 0.3)
+    client = connect(redis_url)
+    limiter, claims = RedisRateLimiter(client), ReplyClaims(client)
+    tag = f"{{{uuid.uuid4()}}}"
+    buckets = [(f"{tag}:s", 100)]
+    slow, other = claims.new(f"{tag}:c"), claims.new(f"{tag}:c")
+    try:
+        assert await limiter.hit(buckets, slow) is None and slow.taken
+        await asyncio.sleep(0.4)
+        assert await limiter.hit(buckets, other) is None and other.taken
+        assert await claims.settle(other, 60.0)
+        assert not await claims.settle(slow, 60.0)
+        claims.release(slow)  # not the holder: the other's claim stays
+        await until(lambda: not claims._background)
+        assert await client.get(other.redis_key) == other.token.encode()
+    finally:
+        for c in (slow, other):
+            if c.renewal is not None:
+                c.renewal.cancel()
+        await client.delete(slow.redis_key, RATE_KEY_PREFIX + f"{tag}:s")
         await client.aclose()
