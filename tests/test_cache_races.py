@@ -27,7 +27,8 @@ from gateway.services import Services
 from gateway.tenants import TenantRegistry
 from gateway.upstream import OfflineModel
 from policies import Policy, compile_policy
-from tests.support import ORIGIN, set_policy
+from tests.conftest import Database
+from tests.support import ORIGIN, set_policy, until
 
 NEW_ORIGIN = "https://new.example"
 
@@ -237,3 +238,27 @@ async def test_a_lost_change_notice_is_caught_by_the_recheck(
     assert cp.version == 2 and cp.origin_allowed(NEW_ORIGIN)
     monkeypatch.setattr(tenants_module, "POLICY_RECHECK", 30.0)
     assert await registry.policy(tenant.tenant_id) is cp  # the same version stays cached
+
+
+async def test_a_failed_recheck_waits_its_interval_before_the_next(
+    app_pool: asyncpg.Pool,
+    database: Database,
+    tenant: NewTenant,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = TenantRegistry(app_pool)
+    first = await registry.policy(tenant.tenant_id)
+    down = await asyncpg.create_pool(database.app_url, min_size=0)
+    await down.close()  # PostgreSQL unreachable, as far as this registry can tell
+    registry.pool = down
+    monkeypatch.setattr(tenants_module, "POLICY_RECHECK", 0.2)
+    await asyncio.sleep(0.25)
+    with caplog.at_level("WARNING", logger="gateway.tenants"):
+        assert await registry.policy(tenant.tenant_id) is first  # answers; rechecks behind
+        await until(lambda: not registry._rechecks)
+        for _ in range(20):  # every message meanwhile: no second attempt
+            assert await registry.policy(tenant.tenant_id) is first
+        assert not registry._rechecks
+    failed = [r for r in caplog.records if r.getMessage() == "policy recheck failed"]
+    assert len(failed) == 1
