@@ -33,11 +33,12 @@ from policies import PURPOSES, ConsentState, apply_consent_change, decide_chat
 
 log = logging.getLogger("omnigate.connection")
 
-# refusals of a frame the client got wrong (the others, a limit or a policy, are not
-# the client's mistake and are counted in omnigate_error_frames_total only)
-_MALFORMED = frozenset(
-    {protocol.BAD_REQUEST, protocol.UNKNOWN_TYPE, protocol.TOO_LARGE, protocol.SESSION_INVALID}
-)
+# refusals of a frame the client got wrong, each counted toward closing the socket
+# (`max_bad_frames`); a frame before hello counts too (`dispatch`)
+_BAD_FRAME = frozenset({protocol.BAD_REQUEST, protocol.UNKNOWN_TYPE, protocol.TOO_LARGE})
+# and each logged; the others (a limit, a policy) are not the client's mistake and
+# are counted in omnigate_error_frames_total only
+_MALFORMED = _BAD_FRAME | {protocol.SESSION_INVALID}
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -107,7 +108,7 @@ class Connection:
             frame = protocol.parse_frame(raw)
             await self.dispatch(frame)
         except ProtocolError as exc:
-            if exc.code in (protocol.BAD_REQUEST, protocol.UNKNOWN_TYPE, protocol.TOO_LARGE):
+            if exc.code in _BAD_FRAME:
                 self.bad_frames += 1
             await self.error(exc)
         except chat.STORAGE_ERRORS:
