@@ -214,10 +214,11 @@ async def open_session(
     age = hello.get("age_confirmed")
     resumed = await _resume(svc, tenant_id, cp, ctx, hello, signals)
     user = hello.get("user")
-    if resumed is not None and user is not None:
-        if not await _same_user(svc, tenant_id, resumed[1].session.subject_id, user):
-            # another site user on this browser (or one who just signed in): never the
-            # session, history and data of whoever the cookie or token belonged to
+    if resumed is not None and (user is not None or resumed[1].verified):
+        if not await _same_user(svc, tenant_id, resumed[1], user):
+            # another site user on this browser, one who just signed in, or someone
+            # after a signed-in user left: never the session, history and data of
+            # whoever the cookie or token belonged to
             resumed = None
     if resumed is None:
         await _may_open_session(svc, tenant_id, cp, ctx)
@@ -292,15 +293,20 @@ async def _may_open_session(
         )
 
 
-async def _same_user(svc: Services, tenant_id: UUID, subject_id: UUID, user: Any) -> bool:
-    """Whether a session of `subject_id` may be resumed by a hello that names `user`: yes
-    when the claim does not verify (ignored, as everywhere), else only for that user's own
-    subject."""
+async def _same_user(
+    svc: Services, tenant_id: UUID, found: store.ResumedSession, user: Any
+) -> bool:
+    """Whether the session `found` may be resumed by a hello that names `user` (or none):
+    a verified user's session only by a hello that verifies as that user; an anonymous
+    one by a hello whose claim does not verify (ignored, as everywhere), never by a
+    verified user (whose own session is elsewhere, or new)."""
+    if user is None:
+        return not found.verified
     async with tenant_tx(svc.pool, tenant_id) as conn:
         ref = await identity.verified_ref(conn, svc.keyring, svc.hash_keys, tenant_id, user)
         if ref is None:
-            return True
-        return await store.subject_by_ref(conn, tenant_id, ref) == subject_id
+            return not found.verified
+        return await store.subject_by_ref(conn, tenant_id, ref) == found.session.subject_id
 
 
 def _visitor(

@@ -193,8 +193,22 @@ async def test_a_session_is_resumed_only_by_its_own_user(
     assert frames[-1]["messages"] == []  # nothing of ann's
     await ws.close()
 
-    # a claim that does not verify is ignored, as everywhere: the session resumes
+    # ann's session is resumed only by a hello that verifies as ann: not by one naming
+    # nobody (ann signed out; the next person on this browser has her cookie), nor by
+    # one whose claim does not verify
+    forged = {"id": "ann-1", "hash": identity.user_hash("guess", "ann-1")}
+    for claim in ({}, {"user": forged}):
+        ws = await offline_gateway.ws(tenant.site_key)
+        after = await hello(ws, session_token=token, **claim)
+        assert after["resumed"] is False and after["session_token"] != token, claim
+        assert await _subject(owner_pool, after["conversation_id"]) != ann_subject
+        await ws.close()
+
+    # an anonymous session: a claim that does not verify is ignored, as everywhere
     ws = await offline_gateway.ws(tenant.site_key)
-    forged = {"id": "bob-2", "hash": identity.user_hash("guess", "bob-2")}
-    assert (await hello(ws, session_token=token, user=forged))["resumed"] is True
+    anonymous = await hello(ws)
+    await ws.close()
+    ws = await offline_gateway.ws(tenant.site_key)
+    resumed = await hello(ws, session_token=anonymous["session_token"], user=forged)
+    assert resumed["resumed"] is True
     await ws.close()
