@@ -12,8 +12,9 @@ from policies import effective_purposes, page_path, referrer_origin
 
 
 def analytics_allowed(v: Visitor) -> bool:
-    """Analytics consent granted now, and no DNT/GPC switching it off."""
-    return "analytics" in effective_purposes(v.consent, v.signals)
+    """Analytics consent granted now, no DNT/GPC switching it off, and processing not
+    restricted at the visitor's request (GDPR Art. 18)."""
+    return not v.restricted and "analytics" in effective_purposes(v.consent, v.signals)
 
 
 async def record_page_view(

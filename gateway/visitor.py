@@ -91,7 +91,9 @@ def consent_state(rows: list[asyncpg.Record], cp: CompiledPolicy) -> ConsentStat
     )
     versions = [r["consent_version"] for r in latest]
     version = current if not versions or current in versions else max(versions)
-    age = any(r["purpose"] == AGE_PURPOSE and r["consent_version"] == current for r in latest)
+    # an age confirmation is a fact, not a consent: it survives a consent_version change
+    # (docs/policy-reference.md), as it does in memory on an open socket
+    age = any(r["purpose"] == AGE_PURPOSE for r in latest)
     revoked = frozenset(r["purpose"] for r in rows if not r["granted"] and r["purpose"] in PURPOSES)
     return ConsentState(granted=granted, version=version, age_confirmed=age, revoked=revoked)
 
@@ -454,7 +456,7 @@ def welcome(v: Visitor, cp: CompiledPolicy) -> dict[str, Any]:
             "required_consents": sorted(cp.policy.required_consents),
             "granted": sorted(v.consent.granted),
             "retention_days": cp.policy.retention_days,
-            "tracking": "on" if decision.tracking else "off",
+            "tracking": "on" if decision.tracking and not v.restricted else "off",
             # whether this visitor's messages are kept, as decided now (a widget shows it)
             "storage": "on" if decision.store_transcript else "off",
             "age_confirmation": cp.policy.age_confirmation,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import pytest
 
+from gateway.appkeys import SERVICES
 from gateway.provision import NewTenant
 from tests.conftest import Gateway, hello, recv_until
-from tests.support import ORIGIN, parse_sse
+from tests.support import ORIGIN, parse_sse, set_policy, tenant_with
 
 BAD_CONSENTS = [{"grant": 5}, {"grant": True}, {"revoke": [1]}, {"grant": [], "analytics": True}]
 
@@ -56,3 +58,23 @@ async def test_a_consent_frame_with_any_optional_field_is_answered_with_welcome(
     if "grant" in frame:
         assert "analytics" in answer[-1]["policy"]["granted"]
     await ws.close()
+
+
+async def test_an_age_confirmation_survives_a_consent_version_change(
+    offline_gateway: Gateway, app_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    t = await tenant_with(app_pool, age_confirmation=True)
+    ws = await g.ws(t.site_key)
+    first = await hello(ws, age_confirmed=True)
+    await ws.close()
+    await set_policy(app_pool, t, 3, age_confirmation=True, consent_version=2)
+    g.server.app[SERVICES].tenants.invalidate(t.tenant_id)
+    ws = await g.ws(t.site_key)
+    await ws.send_json({"type": "hello", "v": 1, "session_token": first["session_token"]})
+    welcome = await ws.receive_json(timeout=5)
+    await ws.send_json({"type": "ping"})
+    after = await ws.receive_json(timeout=5)
+    await ws.close()
+    assert (welcome["type"], welcome["resumed"]) == ("welcome", True)
+    assert after["type"] == "pong", after  # no consent_required for the age in between

@@ -537,3 +537,27 @@ async def test_admin_request_endpoints_answer_like_the_rest_of_the_admin_api(
         g.url(f"/api/admin/requests/{uuid4()}/acknowledge"), data=b"[1]", headers=admin(tenant)
     ) as r:
         assert r.status == 400 and (await r.json())["error"]["code"] == "bad_request"
+
+
+async def test_a_restricted_visitor_is_not_tracked(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    w = await hello(ws, consent={"analytics": True}, context={"page": "/a"})
+    assert w["policy"]["tracking"] == "on"
+    status, _ = await post(
+        g, "/api/gdpr/request", session(w["session_token"]), {"kind": "restriction"}
+    )
+    assert status == 201
+    await ws.close()
+    ws = await g.ws(tenant.site_key)
+    again = await hello(ws, session_token=w["session_token"], context={"page": "/b"})
+    await ws.send_json({"type": "ping"})
+    assert (await ws.receive_json(timeout=5))["type"] == "pong"  # the page view is written
+    await ws.close()
+    assert again["policy"]["tracking"] == "off"
+    views = await owner_pool.fetchval(
+        "SELECT count(*) FROM analytics_events WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert views == 1  # "/a", before the restriction
