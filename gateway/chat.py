@@ -29,7 +29,14 @@ from gateway.services import Services
 from gateway.store import MapChanged, NewMessage
 from gateway.upstream import UpstreamConfig, UpstreamError
 from gateway.visitor import CONTEXT_MESSAGES, Visitor, reload_map
-from policies import ChatDecision, CompiledPolicy, ReplyRestorer, TooCostly, decide_chat
+from policies import (
+    ChatDecision,
+    CompiledPolicy,
+    ConsentState,
+    ReplyRestorer,
+    TooCostly,
+    decide_chat,
+)
 
 log = logging.getLogger("omnigate.chat")
 
@@ -67,11 +74,17 @@ async def handle_message(svc: Services, v: Visitor, msg_id: str, text: str, emit
     cp = await svc.tenants.policy(v.tenant_id)
     outcome = "answered"
     claim: Claim | None = None
+    # what the checks decide on (no await between here and the decision): a revocation
+    # that arrives while the message waits replaces it, and is applied before anything
+    # is stored or forwarded (`_still_allowed`)
+    seen = v.consent
     # should an exception or traceback ever carry the text, the log filter removes it
     with log_secrets(text):
         try:
             decision, claim = await _checks(svc, v, cp, msg_id, text, emit)
-            outcome = await _exchange(svc, v, cp, decision, claim, msg_id, text, emit) or outcome
+            outcome = (
+                await _exchange(svc, v, cp, decision, claim, seen, msg_id, text, emit) or outcome
+            )
         except ProtocolError as exc:
             outcome = exc.outcome or OUTCOME_BY_CODE.get(exc.code, "other")
             if exc.id is None:
@@ -150,6 +163,24 @@ async def _checks(
     return decision, claim
 
 
+def _still_allowed(
+    v: Visitor, cp: CompiledPolicy, seen: ConsentState, msg_id: str
+) -> ChatDecision | None:
+    """None when consent and restriction are as the checks saw them (an identity test);
+    else the decision again, raising its refusal: a revocation or restriction that
+    arrived while the message waited (another socket, the privacy API, a consent frame)
+    holds before anything more is stored or forwarded."""
+    if v.consent is seen and not v.restricted:
+        return None
+    decision = decide_chat(cp, v.consent, v.signals)
+    if not decision.allowed:
+        raise ProtocolError(protocol.CONSENT_REQUIRED, "consent was withdrawn meanwhile", id=msg_id)
+    refusal = _refusal(v, cp, msg_id, "")
+    if refusal is not None:
+        raise refusal
+    return decision
+
+
 def _refusal(v: Visitor, cp: CompiledPolicy, msg_id: str, text: str) -> ProtocolError | None:
     """Restriction or size: the refusals after consent."""
     if v.restricted:
@@ -174,6 +205,7 @@ async def _exchange(
     cp: CompiledPolicy,
     decision: ChatDecision,
     claim: Claim | None,
+    seen: ConsentState,
     msg_id: str,
     text: str,
     emit: Emit,
@@ -214,8 +246,10 @@ async def _exchange(
     for entity, n in redacted.counts.items():
         metrics.count_redaction(entity, n)
 
-    if claim is None:
-        return await _reply(svc, v, cp, msg_id, redacted.text, None, emit)
+    # the redaction may have waited for the helper: consent withdrawn meanwhile holds
+    now = _still_allowed(v, cp, seen, msg_id)
+    if claim is None or (now is not None and not now.store_transcript):
+        return await _reply(svc, v, cp, seen, msg_id, redacted.text, None, emit)
     # one reply at a time per stored message, on every process: a re-send while it
     # streams elsewhere is told to wait (gateway/claims.py)
     claimed = await svc.claims.settle(claim, REPLY_LEASE)
@@ -236,7 +270,7 @@ async def _exchange(
     else:
         raise _storage_error(msg_id)
     if user_seq is not None:
-        outcome = await _reply(svc, v, cp, msg_id, redacted.text, user_seq, emit)
+        outcome = await _reply(svc, v, cp, seen, msg_id, redacted.text, user_seq, emit)
     else:
         outcome = None  # a re-send answered from storage
     claim.answered = True  # the reply is in storage: a re-send is answered from there
@@ -247,6 +281,7 @@ async def _reply(
     svc: Services,
     v: Visitor,
     cp: CompiledPolicy,
+    seen: ConsentState,
     msg_id: str,
     redacted: str,
     user_seq: int | None,
@@ -255,6 +290,8 @@ async def _reply(
     """Acknowledge the message (stored as `user_seq`, or not stored when None), stream
     the model's reply, store it when the message was, and end with `done`."""
     await emit(protocol.ack(msg_id, user_seq))
+    # the write may have waited: nothing is forwarded under consent withdrawn meanwhile
+    _still_allowed(v, cp, seen, msg_id)
 
     turn = {"role": "user", "content": redacted}
     # a re-sent unanswered message is already the last turn of the resumed context

@@ -202,7 +202,7 @@ class Connection:
             msg_id, text = await self._queue.get()
             try:
                 # an attribute test per message; the read only when a change is owed
-                if v.consent_stale and not await self._consent_read(v, msg_id):
+                if v.consent_stale and not await self.consent_read(v, msg_id):
                     continue
                 await chat.handle_message(self.svc, v, msg_id, text, self.send)
                 if self.svc.vault.cache.erased(self.tenant_id, v.subject_id):
@@ -218,7 +218,7 @@ class Connection:
                 if self._queue.empty():
                     self._idle.set()
 
-    async def _consent_read(self, v: Visitor, msg_id: str) -> bool:
+    async def consent_read(self, v: Visitor, msg_id: str) -> bool:
         """Before a message is checked: apply the consent change made elsewhere it owes.
 
         False when the record could not be read: the message is refused (nothing is

@@ -15,11 +15,12 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from gateway import metrics, protocol
 from gateway.appkeys import CONNECTIONS, SERVICES
 from gateway.chat import STORAGE_ERRORS, handle_message
-from gateway.connection import Connection
+from gateway.connection import Connection, Send
 from gateway.crypto import new_token, token_hash
 from gateway.httpctx import COOKIE, origin_allowed, request_context, set_session_cookie
 from gateway.protocol import ProtocolError
 from gateway.services import Services
+from gateway.visitor import Visitor
 
 log = logging.getLogger("omnigate.ws")
 
@@ -407,7 +408,7 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
             await send(ev)
         if frame is not None and visitor is not None and not gone and not ended:
             work = asyncio.create_task(
-                handle_message(svc, visitor, frame.data["id"], frame.data["text"], send)
+                _answer(conn, visitor, frame.data["id"], frame.data["text"], send)
             )
             try:
                 await work
@@ -428,6 +429,14 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
     return resp
+
+
+async def _answer(conn: Connection, v: Visitor, msg_id: str, text: str, send: Send) -> None:
+    """The fallback's one message, as a socket answers each: a consent change announced
+    while its session loaded is read first."""
+    if v.consent_stale and not await conn.consent_read(v, msg_id):
+        return
+    await handle_message(conn.svc, v, msg_id, text, send)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

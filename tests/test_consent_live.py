@@ -13,14 +13,22 @@ import aiohttp
 import asyncpg
 import pytest
 
-from gateway import bus, store
+from gateway import bus, connection, store
 from gateway.appkeys import SERVICES
 from gateway.config import Settings
 from gateway.db import tenant_tx
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant
 from tests.conftest import Database, Gateway, chat, hello, on_fake, start_gateway
-from tests.support import ORIGIN, Server, start_server, stop_server, tenant_with
+from tests.support import (
+    ORIGIN,
+    Server,
+    parse_sse,
+    post,
+    start_server,
+    stop_server,
+    tenant_with,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -294,3 +302,73 @@ async def test_revocation_reaches_the_sessions_sockets_on_both_workers(
             )
             assert frames[-1]["type"] == "done", frames
             await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("while_", "stored"),
+    [("rate-limit", False), ("write", True)],
+    ids=["during-its-rate-limit-call", "during-its-write"],
+)
+async def test_a_revocation_while_a_message_waits_holds_before_it_is_stored_or_forwarded(
+    gateway: Gateway,
+    app_pool: asyncpg.Pool,
+    owner_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    while_: str,
+    stored: bool,
+) -> None:
+    # the message passed its consent check, then waited; the visitor revoked meanwhile
+    # and the API answered 200: during its rate-limit call nothing is stored or
+    # forwarded; during its write it is stored (and acknowledged), never forwarded
+    t = await tenant_with(app_pool, **REQUIRED)
+    svc = gateway.server.app[SERVICES]
+    ws, token = await consenting_visitor(gateway, t)
+    url = gateway.url("/api/privacy/consent")
+    revoked = []
+
+    async def revoking(real: Callable[..., Any], *args: Any) -> Any:
+        if not revoked:
+            revoked.append(await set_consent(gateway.session, url, token, revoke=["ai_processing"]))
+        return await real(*args)
+
+    if while_ == "rate-limit":
+        real_hit = svc.limiter.hit
+        monkeypatch.setattr(svc.limiter, "hit", lambda *a: revoking(real_hit, *a))
+    else:
+        real_cipher = svc.vault.cipher_for
+        monkeypatch.setattr(svc.vault, "cipher_for", lambda *a: revoking(real_cipher, *a))
+    await ws.send_json({"type": "message", "id": "m", "text": "sent as consent was withdrawn"})
+    frames = await frames_until(ws, lambda fs: any(f["type"] == "error" for f in fs))
+    assert revoked, "the revocation never ran: the test proves nothing"
+    assert not any(f["type"] in ("delta", "done") for f in frames), frames
+    assert any(f["type"] == "ack" for f in frames) is stored, frames
+    assert frames[-1]["code"] == "consent_required" and frames[-1]["id"] == "m"
+    rows = await owner_pool.fetchval(
+        "SELECT count(*) FROM messages WHERE tenant_id = $1", t.tenant_id
+    )
+    assert rows == (3 if stored else 2)  # the first exchange, and this message if stored
+    await ws.close()
+
+
+async def test_the_fallback_reads_a_change_announced_while_its_session_loaded(
+    gateway: Gateway, app_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = await tenant_with(app_pool, **REQUIRED)
+    first = {"id": "a", "text": "hi", "hello": {"consent": {"ai_processing": True}}}
+    _, _, body = await post(gateway, t.site_key, first)
+    token = parse_sse(body)[0]["session_token"]
+    real = connection.open_session
+
+    async def revoked_meanwhile(*args: Any) -> Any:
+        v = await real(*args)  # the session's consent is read
+        await set_consent(
+            gateway.session, gateway.url("/api/privacy/consent"), token, revoke=["ai_processing"]
+        )
+        return v
+
+    monkeypatch.setattr(connection, "open_session", revoked_meanwhile)
+    second = {"id": "b", "text": "after the revocation", "hello": {"session_token": token}}
+    _, _, body = await post(gateway, t.site_key, second)
+    events = parse_sse(body)
+    assert not any(e["type"] in ("ack", "delta", "done") for e in events), events
+    assert events[-1]["code"] == "consent_required"
