@@ -15,7 +15,18 @@ from gateway.services import Services
 from gateway.visitor import RequestContext, today
 from policies import CompiledPolicy, anonymize_ip, client_ip, coarse_client, normalize_origin
 
-COOKIE = "omnigate_session"
+# `__Host-`: browsers accept it only Secure, with Path=/ and no Domain, so no sibling
+# subdomain (nor a plain-http one) can plant a cookie of this name to fix a visitor's
+# session on its own; plain-http development (OMNIGATE_COOKIE_SECURE=false) cannot use it
+COOKIE = "__Host-omnigate_session"
+DEV_COOKIE = "omnigate_session"
+
+
+def cookie_name(secure: bool) -> str:
+    """The session cookie's name under OMNIGATE_COOKIE_SECURE=`secure`."""
+    return COOKIE if secure else DEV_COOKIE
+
+
 NO_SIGNALS: Mapping[str, str] = MappingProxyType({})
 # set on a request whose Origin the tenant allows; the response then carries CORS headers
 CORS_ORIGIN = web.RequestKey("omnigate_cors_origin", str)
@@ -65,12 +76,12 @@ def anonymized_ip(
     return value, key
 
 
-def session_token_of(request: web.Request) -> str | None:
+def session_token_of(request: web.Request, secure: bool) -> str | None:
     """The session token from `Authorization: Session <token>` or the session cookie."""
     auth = request.headers.get("Authorization", "")
     if auth[:8].lower() == "session ":
         return auth[8:].strip() or None
-    return request.cookies.get(COOKIE) or None
+    return request.cookies.get(cookie_name(secure)) or None
 
 
 def request_context(
@@ -86,7 +97,7 @@ def request_context(
     return RequestContext(
         stored,
         signals or NO_SIGNALS,  # most send none: one shared empty mapping, not a dict each
-        session_token_of(request),
+        session_token_of(request, svc.settings.cookie_secure),
         new_token,
         coarse_client(request.headers.get("User-Agent")),
         key,
@@ -101,7 +112,7 @@ def session_cookie(secure: bool, max_age: int, token: str) -> str:
     Secure, so plain-http local development (OMNIGATE_COOKIE_SECURE=false) gets Lax.
     """
     attrs = "Secure; SameSite=None; Partitioned" if secure else "SameSite=Lax"
-    return f"{COOKIE}={token}; Max-Age={max_age}; Path=/; HttpOnly; {attrs}"
+    return f"{cookie_name(secure)}={token}; Max-Age={max_age}; Path=/; HttpOnly; {attrs}"
 
 
 def clear_session_cookie(response: web.StreamResponse, svc: Services) -> None:

@@ -450,7 +450,7 @@ def document() -> dict[str, Any]:
                     "type": "apiKey",
                     "in": "header",
                     "name": "Authorization",
-                    "description": "`Session <token>`, or the omnigate_session cookie",
+                    "description": "`Session <token>`, or the __Host-omnigate_session cookie",
                 },
                 "metricsToken": {"type": "http", "scheme": "bearer"},
             },

@@ -44,10 +44,10 @@ def error(status: int, code: str, message: str, **extra: Any) -> NoReturn:
 
 async def require_visitor(request: web.Request) -> VisitorAuth:
     """Resolve the session token; 401 whether it is unknown, expired or erased (no oracle)."""
-    token = session_token_of(request)
+    svc = request.app[SERVICES]
+    token = session_token_of(request, svc.settings.cookie_secure)
     if not token:
         error(401, "session_invalid", "a session token is required")
-    svc = request.app[SERVICES]
     h = token_hash(token)
     async with lookup_tx(svc.pool, h) as conn:
         tenant_id = await store.tenant_for_session(conn, h)

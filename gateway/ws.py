@@ -17,7 +17,7 @@ from gateway.appkeys import CONNECTIONS, SERVICES
 from gateway.chat import STORAGE_ERRORS, handle_message
 from gateway.connection import Connection, Send
 from gateway.crypto import new_token, token_hash
-from gateway.httpctx import COOKIE, origin_allowed, request_context, set_session_cookie
+from gateway.httpctx import cookie_name, origin_allowed, request_context, set_session_cookie
 from gateway.protocol import ProtocolError
 from gateway.services import Services
 from gateway.visitor import Visitor
@@ -55,7 +55,7 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
     tenant_id, cp, _ = await _tenant_and_policy(request)
     # a cookie naming no live session (expired, erased by the site owner, deleted by
     # retention) is replaced on the 101: else every new tab would start a new session
-    cookie = request.cookies.get(COOKIE)
+    cookie = request.cookies.get(cookie_name(svc.settings.cookie_secure))
     minted = None
     if not cookie or not await _session_alive(svc, tenant_id, cookie):
         minted = new_token()

@@ -63,7 +63,7 @@ async def _raw_get(gw: Gateway, path: str, header: bytes) -> tuple[int, bytes]:
         ("/api/admin/policy", b"Authorization: Bearer ak_\xff", "unauthorized"),
         ("/api/admin/policy", b"Authorization: Bearer \xc3\x28\xed\xa0\x80", "unauthorized"),
         ("/api/privacy/export", b"Authorization: Session tok\xff", "session_invalid"),
-        ("/api/privacy/export", b"Cookie: omnigate_session=tok\xfe", "session_invalid"),
+        ("/api/privacy/export", b"Cookie: __Host-omnigate_session=tok\xfe", "session_invalid"),
     ],
     ids=["admin-bearer", "admin-bad-utf8", "privacy-session", "privacy-cookie"],
 )
@@ -83,7 +83,7 @@ async def test_non_utf8_session_cookie_on_upgrade_is_no_session(
     upgrade = (
         b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Cookie: omnigate_session=tok\xff"
+        b"Cookie: __Host-omnigate_session=tok\xff"
     )
     assert offline_gateway.server.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", offline_gateway.server.port)
@@ -100,7 +100,7 @@ async def test_non_utf8_session_cookie_on_upgrade_is_no_session(
         writer.close()
     assert head.startswith(b"HTTP/1.1 101"), head
     # the unknown cookie is replaced by a fresh session's, as for any stale cookie
-    assert b"Set-Cookie: omnigate_session=" in head
+    assert b"Set-Cookie: __Host-omnigate_session=" in head
 
 
 def test_token_hash_is_total() -> None:

@@ -372,7 +372,7 @@ async def test_storage_down_at_the_cookie_check_keeps_the_cookie_and_upgrades(
         token = (await hello(ws))["session_token"]
         await ws.close()
         proxy.cut()
-        ws = await gw.ws(tenant.site_key, headers={"Cookie": f"omnigate_session={token}"})
+        ws = await gw.ws(tenant.site_key, headers={"Cookie": f"__Host-omnigate_session={token}"})
         assert "Set-Cookie" not in ws._response.headers
         await ws.send_json({"type": "hello", "v": 1})
         frames = await _frames_to(ws, "a hello", "welcome")

@@ -193,7 +193,7 @@ async def test_security_headers_on_refusals_and_writes(
     assert head.startswith("http/1.1 101"), head
     assert "content-security-policy" not in head
     assert "\r\nserver: omnigate\r\n" in head and "aiohttp" not in head, head
-    assert "set-cookie: omnigate_session=" in head  # what the 101 must carry, it still does
+    assert "set-cookie: __host-omnigate_session=" in head  # what the 101 must carry, it still does
 
 
 async def test_personal_data_responses_are_not_stored_by_caches(
@@ -229,3 +229,22 @@ async def test_personal_data_responses_are_not_stored_by_caches(
     async with g.session.get(g.url("/widget.js")) as resp:
         assert resp.status == 200
         assert "max-age" in resp.headers.get("Cache-Control", "")
+
+
+async def test_a_session_cookie_planted_without_the_host_prefix_is_not_adopted(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    # a sibling subdomain can set `omnigate_session` for the parent domain, never a
+    # `__Host-` cookie: the planted session (the attacker's own) must not be resumed
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    attackers = (await hello(ws))["session_token"]
+    await ws.close()
+    planted = {"Cookie": f"omnigate_session={attackers}"}
+    ws = await g.ws(tenant.site_key, headers=planted)
+    victim = await hello(ws)
+    await ws.close()
+    assert victim["resumed"] is False and victim["session_token"] != attackers
+    ws = await g.ws(tenant.site_key, headers={"Cookie": f"__Host-omnigate_session={attackers}"})
+    assert (await hello(ws))["resumed"] is True  # the name this host sets is read
+    await ws.close()

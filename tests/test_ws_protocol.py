@@ -209,7 +209,7 @@ async def test_upgrade_sets_partitioned_session_cookie(
     ws = await offline_gateway.ws(tenant.site_key)
     cookie = ws._response.headers["Set-Cookie"]
     welcome = await hello(ws)
-    assert cookie.startswith(f"omnigate_session={welcome['session_token']};")
+    assert cookie.startswith(f"__Host-omnigate_session={welcome['session_token']};")
     for attr in (
         "HttpOnly",
         "Secure",
@@ -230,7 +230,7 @@ async def test_a_cookie_naming_no_live_session_is_replaced_on_the_upgrade(
     from gateway.crypto import token_hash
 
     def with_cookie(token: str) -> dict[str, dict[str, str]]:
-        return {"headers": {"Cookie": f"omnigate_session={token}"}}
+        return {"headers": {"Cookie": f"__Host-omnigate_session={token}"}}
 
     ws = await offline_gateway.ws(tenant.site_key)
     token = (await hello(ws))["session_token"]
@@ -257,7 +257,7 @@ async def test_a_cookie_naming_no_live_session_is_replaced_on_the_upgrade(
     welcome = await hello(ws)
     await ws.close()
     assert welcome["resumed"] is False
-    assert fresh.startswith(f"omnigate_session={welcome['session_token']};")
+    assert fresh.startswith(f"__Host-omnigate_session={welcome['session_token']};")
     # the next tab, with the cookie it was given, resumes that session
     ws = await offline_gateway.ws(tenant.site_key, **with_cookie(welcome["session_token"]))
     again = await hello(ws)
