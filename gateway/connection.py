@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from uuid import UUID
@@ -143,6 +144,11 @@ class Connection:
             # a bad frame: a client that keeps sending without a session is closed (1008)
             self.bad_frames += 1
             raise ProtocolError(protocol.SESSION_INVALID, "send hello first")
+        if time.monotonic() > self.visitor.expires:
+            # the session row has expired: its token no longer reaches the privacy API,
+            # so nothing more is stored under it; the widget starts afresh
+            self.terminate("expired")
+            raise ProtocolError(protocol.SESSION_INVALID, "this session has expired")
         handler = _HANDLERS[frame.type]
         await handler(self, self.visitor, frame.data)
 
@@ -153,6 +159,8 @@ class Connection:
         cp = await self.svc.tenants.policy(self.tenant_id)
         changes = ConsentChanges.count
         self.visitor = await open_session(self.svc, self.tenant_id, cp, self.ctx, data)
+        # the hello wrote the expiry (or did within the minute before: the margin)
+        self.visitor.expires = time.monotonic() + cp.policy.session_days * 86400 - 60
         metrics.SESSIONS_ACTIVE.inc()
         key = (self.tenant_id, self.visitor.subject_id)
         # a list: a visitor has one or two sockets, and an empty set weighs 216 bytes

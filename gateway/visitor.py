@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class Visitor:
     consent_stale: bool = False
     # bumped by every change of `consent` that a concurrent re-read must not overwrite
     consent_epoch: int = 0
+    # time.monotonic() by which the session row expires (a socket does not slide it)
+    expires: float = math.inf
 
 
 def consent_state(rows: list[asyncpg.Record], cp: CompiledPolicy) -> ConsentState:

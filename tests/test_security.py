@@ -6,8 +6,11 @@ import asyncio
 from urllib.parse import urlsplit
 
 import asyncpg
+import orjson
 import pytest
+from aiohttp import WSMsgType
 
+from gateway.appkeys import SERVICES
 from gateway.provision import NewTenant, create_tenant
 from tests.conftest import ORIGIN, Gateway, chat, hello, recv_until, reply_text
 
@@ -248,3 +251,28 @@ async def test_a_session_cookie_planted_without_the_host_prefix_is_not_adopted(
     ws = await g.ws(tenant.site_key, headers={"Cookie": f"__Host-omnigate_session={attackers}"})
     assert (await hello(ws))["resumed"] is True  # the name this host sets is read
     await ws.close()
+
+
+async def test_a_socket_outliving_its_session_stores_nothing_more(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    # the session row expired while the socket stayed open (a socket does not slide
+    # it): its token no longer reaches the privacy API, so the socket must not store
+    g = offline_gateway
+    svc = g.server.app[SERVICES]
+    ws = await g.ws(tenant.site_key)
+    await hello(ws, consent={"conversation_storage": True})
+    assert (await chat(ws, "a", "before"))[-1]["type"] == "done"
+    (conn,) = [c for conns in svc.live.values() for c in conns]
+    assert conn.visitor is not None
+    conn.visitor.expires = 0.0  # as if session_days had passed
+    await ws.send_json({"type": "message", "id": "b", "text": "after expiry"})
+    msg = await ws.receive(timeout=5)
+    while msg.type == WSMsgType.TEXT:  # an error frame may come first
+        assert orjson.loads(msg.data)["type"] == "error"
+        msg = await ws.receive(timeout=5)
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4001)
+    stored = await owner_pool.fetchval(
+        "SELECT count(*) FROM messages WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert stored == 2 and svc.live == {}
