@@ -86,7 +86,7 @@ async def test_a_verified_user_keeps_their_subject_and_messages_their_refs_acros
         assert await subject_of(owner_pool, again["conversation_id"]) == subject
         # a re-send of m1 in its session is recognised: the stored reply, no new row
         ws = await g.ws(tenant.site_key)
-        resumed = await hello(ws, session_token=first["session_token"])
+        resumed = await hello(ws, session_token=first["session_token"], user=user)
         assert resumed["resumed"] is True
         await ws.send_json({"type": "message", "id": "m1", "text": "where is my order?"})
         frames = await recv_until(ws, "done")
