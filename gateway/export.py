@@ -18,6 +18,7 @@ from gateway.sealedip import open_ip
 from gateway.services import Services
 from gateway.upstream import UpstreamConfig
 from policies import CompiledPolicy
+from policies.consent import AGE_CONFIRMATION as AGE_PURPOSE
 
 FETCH = 500
 ANALYTICS_RETENTION_DAYS = 730
@@ -149,7 +150,18 @@ async def write_export(
             *args,
         )
     ]
-    current = {h["purpose"]: h for h in history}
+    # the latest decision per purpose, and whether it holds now: a grant under an
+    # earlier consent_version is stale (the visitor is asked again); an age
+    # confirmation survives a version change (as gateway/visitor.consent_state reads it)
+    version = cp.policy.consent_version
+    current = {
+        h["purpose"]: {
+            **h,
+            "in_force": h["granted"]
+            and (h["purpose"] == AGE_PURPOSE or h["consent_version"] == version),
+        }
+        for h in history
+    }
     await write(b',"consents":' + _dump({"current": current, "history": history}))
     await write(b',"privacy_requests":')
     await _array(

@@ -11,10 +11,12 @@ import asyncpg
 import pytest
 
 from gateway import certs
+from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError, KeyRing
 from gateway.provision import NewTenant, create_tenant
 from gateway.vault import Vault
 from tests.conftest import MASTER_KEY, ORIGIN, Gateway, chat, hello
+from tests.support import set_policy, tenant_with
 
 
 def auth(token: str) -> dict[str, str]:
@@ -204,3 +206,26 @@ async def test_delete_erases_everything_and_closes_the_socket(
     assert status == 200 and "keep me" in str(doc)
     await other_ws.close()
     await asyncio.sleep(0)
+
+
+async def test_the_export_says_which_decisions_are_in_force(
+    offline_gateway: Gateway, app_pool: asyncpg.Pool
+) -> None:
+    # a grant under an earlier consent_version is shown as what it is: stale
+    g = offline_gateway
+    t = await tenant_with(app_pool)
+    ws = await g.ws(t.site_key)
+    w = await hello(ws, consent={"analytics": True, "marketing": False})
+    await ws.close()
+    await set_policy(app_pool, t, 3, consent_version=2)
+    g.server.app[SERVICES].tenants.invalidate(t.tenant_id)
+    status, doc = await export_of(g, w["session_token"])
+    assert status == 200
+    current = doc["consents"]["current"]
+    assert current["analytics"]["granted"] is True and current["analytics"]["in_force"] is False
+    assert current["marketing"]["in_force"] is False
+    async with g.session.get(
+        g.url("/api/privacy/consent"), headers={"Authorization": f"Session {w['session_token']}"}
+    ) as resp:
+        api = await resp.json()
+    assert api["purposes"]["analytics"]["granted"] is False  # what the consent API says too
