@@ -175,21 +175,24 @@ def _still_allowed(
     decision = decide_chat(cp, v.consent, v.signals)
     if not decision.allowed:
         raise ProtocolError(protocol.CONSENT_REQUIRED, "consent was withdrawn meanwhile", id=msg_id)
-    refusal = _refusal(v, cp, msg_id, "")
-    if refusal is not None:
-        raise refusal
+    if v.restricted:
+        raise _restricted(msg_id)
     return decision
+
+
+def _restricted(msg_id: str) -> ProtocolError:
+    return ProtocolError(
+        protocol.CONSENT_REQUIRED,
+        "processing is restricted at your request",
+        id=msg_id,
+        outcome="restricted",
+    )
 
 
 def _refusal(v: Visitor, cp: CompiledPolicy, msg_id: str, text: str) -> ProtocolError | None:
     """Restriction or size: the refusals after consent."""
     if v.restricted:
-        return ProtocolError(
-            protocol.CONSENT_REQUIRED,
-            "processing is restricted at your request",
-            id=msg_id,
-            outcome="restricted",
-        )
+        return _restricted(msg_id)
     if len(text) > cp.policy.max_message_chars:
         return ProtocolError(
             protocol.TOO_LARGE,

@@ -17,8 +17,8 @@ from gateway.crypto import CryptoError
 from gateway.sealedip import open_ip
 from gateway.services import Services
 from gateway.upstream import UpstreamConfig
+from gateway.visitor import AGE_PURPOSE, consent_state
 from policies import CompiledPolicy
-from policies.consent import AGE_CONFIRMATION as AGE_PURPOSE
 
 FETCH = 500
 ANALYTICS_RETENTION_DAYS = 730
@@ -150,18 +150,12 @@ async def write_export(
             *args,
         )
     ]
-    # the latest decision per purpose, and whether it holds now: a grant under an
-    # earlier consent_version is stale (the visitor is asked again); an age
-    # confirmation survives a version change (as gateway/visitor.consent_state reads it)
-    version = cp.policy.consent_version
-    current = {
-        h["purpose"]: {
-            **h,
-            "in_force": h["granted"]
-            and (h["purpose"] == AGE_PURPOSE or h["consent_version"] == version),
-        }
-        for h in history
-    }
+    # the latest decision per purpose, and whether it holds now, by the rule every
+    # consent check reads it with (a grant under an earlier consent_version is stale)
+    latest = {h["purpose"]: h for h in history}
+    state = consent_state(list(latest.values()), cp)
+    in_force = state.granted | ({AGE_PURPOSE} if state.age_confirmed else set())
+    current = {p: {**h, "in_force": p in in_force} for p, h in latest.items()}
     await write(b',"consents":' + _dump({"current": current, "history": history}))
     await write(b',"privacy_requests":')
     await _array(

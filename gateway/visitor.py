@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID, uuid4
@@ -85,7 +85,7 @@ class Visitor:
     expires: float = math.inf
 
 
-def consent_state(rows: list[asyncpg.Record], cp: CompiledPolicy) -> ConsentState:
+def consent_state(rows: Sequence[Mapping[str, Any]], cp: CompiledPolicy) -> ConsentState:
     """Current consent from the latest row per purpose; grants under an older version are stale."""
     current = cp.policy.consent_version
     latest = [r for r in rows if r["granted"]]
