@@ -144,13 +144,28 @@ class Connection:
             # a bad frame: a client that keeps sending without a session is closed (1008)
             self.bad_frames += 1
             raise ProtocolError(protocol.SESSION_INVALID, "send hello first")
-        if time.monotonic() > self.visitor.expires:
+        if time.monotonic() > self.visitor.expires and not await self._still_live(self.visitor):
             # the session row has expired: its token no longer reaches the privacy API,
             # so nothing more is stored under it; the widget starts afresh
             self.terminate("expired")
             raise ProtocolError(protocol.SESSION_INVALID, "this session has expired")
         handler = _HANDLERS[frame.type]
         await handler(self, self.visitor, frame.data)
+
+    async def _still_live(self, v: Visitor) -> bool:
+        """Past the deadline this socket computed, read the row's own expiry (another
+        tab's hello may have slid it): True, with the deadline moved, while it holds."""
+        async with tenant_tx(self.svc.pool, self.tenant_id) as conn:
+            left = await conn.fetchval(
+                "SELECT extract(epoch FROM expires_at - now()) FROM sessions"
+                " WHERE tenant_id = $1 AND session_id = $2",
+                self.tenant_id,
+                v.session_id,
+            )
+        if left is None or left <= 0:
+            return False
+        v.expires = time.monotonic() + float(left)
+        return True
 
     async def hello(self, data: dict[str, Any]) -> None:
         """Open or resume the session and answer `welcome` (and `consent_required`)."""

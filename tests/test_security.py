@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -253,19 +255,27 @@ async def test_a_session_cookie_planted_without_the_host_prefix_is_not_adopted(
     await ws.close()
 
 
+async def _the_socket(g: Gateway) -> Any:
+    (conn,) = [c for conns in g.server.app[SERVICES].live.values() for c in conns]
+    assert conn.visitor is not None
+    return conn
+
+
 async def test_a_socket_outliving_its_session_stores_nothing_more(
     offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
 ) -> None:
     # the session row expired while the socket stayed open (a socket does not slide
     # it): its token no longer reaches the privacy API, so the socket must not store
     g = offline_gateway
-    svc = g.server.app[SERVICES]
     ws = await g.ws(tenant.site_key)
-    await hello(ws, consent={"conversation_storage": True})
+    welcome = await hello(ws, consent={"conversation_storage": True})
     assert (await chat(ws, "a", "before"))[-1]["type"] == "done"
-    (conn,) = [c for conns in svc.live.values() for c in conns]
-    assert conn.visitor is not None
-    conn.visitor.expires = 0.0  # as if session_days had passed
+    (await _the_socket(g)).visitor.expires = 0.0  # its own deadline has passed
+    await owner_pool.execute(
+        "UPDATE sessions SET expires_at = now() - interval '1 second'"
+        " WHERE conversation_id = $1::uuid",
+        welcome["conversation_id"],
+    )
     await ws.send_json({"type": "message", "id": "b", "text": "after expiry"})
     msg = await ws.receive(timeout=5)
     while msg.type == WSMsgType.TEXT:  # an error frame may come first
@@ -275,4 +285,19 @@ async def test_a_socket_outliving_its_session_stores_nothing_more(
     stored = await owner_pool.fetchval(
         "SELECT count(*) FROM messages WHERE tenant_id = $1", tenant.tenant_id
     )
-    assert stored == 2 and svc.live == {}
+    assert stored == 2 and g.server.app[SERVICES].live == {}
+
+
+async def test_a_session_slid_by_another_tab_keeps_the_socket_past_its_own_deadline(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    # the socket's deadline is its hello's; another tab's hello slid the row since:
+    # the session is valid, and must not be ended (4001 would make the widget drop it)
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    await hello(ws, consent={"conversation_storage": True})
+    conn = await _the_socket(g)
+    conn.visitor.expires = 0.0
+    assert (await chat(ws, "a", "still mine"))[-1]["type"] == "done"
+    assert conn.visitor.expires > time.monotonic() + 86_000  # moved to the row's expiry
+    await ws.close()
