@@ -293,8 +293,10 @@ async def _reply(
     """Acknowledge the message (stored as `user_seq`, or not stored when None), stream
     the model's reply, store it when the message was, and end with `done`."""
     await emit(protocol.ack(msg_id, user_seq))
-    # the write may have waited: nothing is forwarded under consent withdrawn meanwhile
-    _still_allowed(v, cp, seen, msg_id)
+    # the write may have waited: nothing is forwarded under consent withdrawn meanwhile,
+    # and a reply is not kept once storage was
+    now = _still_allowed(v, cp, seen, msg_id)
+    keep_reply = user_seq is not None and (now is None or now.store_transcript)
 
     turn = {"role": "user", "content": redacted}
     # a re-sent unanswered message is already the last turn of the resumed context
@@ -307,7 +309,7 @@ async def _reply(
     reply, raw_reply, finish, cut = await _stream_reply(svc, v, cp, msg_id, prompt, emit)
 
     reply_seq: int | None = None
-    if user_seq is not None:
+    if keep_reply:
         try:
             cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
             mid = uuid4()

@@ -372,3 +372,36 @@ async def test_the_fallback_reads_a_change_announced_while_its_session_loaded(
     events = parse_sse(body)
     assert not any(e["type"] in ("ack", "delta", "done") for e in events), events
     assert events[-1]["code"] == "consent_required"
+
+
+async def test_storage_revoked_during_a_write_keeps_the_reply_out_of_storage(
+    gateway: Gateway,
+    app_pool: asyncpg.Pool,
+    owner_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ai_processing stays granted, so the reply is forwarded; conversation_storage was
+    # revoked while the message was written, so the reply is not kept
+    t = await tenant_with(app_pool, **REQUIRED)
+    svc = gateway.server.app[SERVICES]
+    ws, token = await consenting_visitor(gateway, t)
+    url = gateway.url("/api/privacy/consent")
+    real_cipher, revoked = svc.vault.cipher_for, []
+
+    async def revoking(*args: Any) -> Any:
+        if not revoked:
+            revoked.append(
+                await set_consent(gateway.session, url, token, revoke=["conversation_storage"])
+            )
+        return await real_cipher(*args)
+
+    monkeypatch.setattr(svc.vault, "cipher_for", revoking)
+    await ws.send_json({"type": "message", "id": "m", "text": "written as storage went off"})
+    frames = await frames_until(ws, lambda fs: any(f["type"] in ("done", "error") for f in fs))
+    assert revoked and frames[-1]["type"] == "done", frames
+    assert frames[-1]["seq"] is None  # the reply was not stored
+    rows = await owner_pool.fetch(
+        "SELECT role FROM messages WHERE tenant_id = $1 ORDER BY seq", t.tenant_id
+    )
+    assert [r["role"] for r in rows] == ["user", "assistant", "user"]
+    await ws.close()
