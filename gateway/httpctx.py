@@ -76,12 +76,17 @@ def anonymized_ip(
     return value, key
 
 
-def session_token_of(request: web.Request, secure: bool) -> str | None:
-    """The session token from `Authorization: Session <token>` or the session cookie."""
+def header_session_token(request: web.Request) -> str | None:
+    """The session token from `Authorization: Session <token>`, if the request sent one."""
     auth = request.headers.get("Authorization", "")
     if auth[:8].lower() == "session ":
         return auth[8:].strip() or None
-    return request.cookies.get(cookie_name(secure)) or None
+    return None
+
+
+def session_token_of(request: web.Request, secure: bool) -> str | None:
+    """The session token from `Authorization: Session <token>` or the session cookie."""
+    return header_session_token(request) or request.cookies.get(cookie_name(secure)) or None
 
 
 def request_context(

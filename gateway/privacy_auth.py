@@ -13,7 +13,7 @@ from gateway import store
 from gateway.appkeys import SERVICES
 from gateway.crypto import token_hash
 from gateway.db import lookup_tx, tenant_tx
-from gateway.httpctx import CORS_ORIGIN, session_token_of
+from gateway.httpctx import CORS_ORIGIN, header_session_token, session_token_of
 from policies import normalize_origin
 
 
@@ -45,6 +45,7 @@ def error(status: int, code: str, message: str, **extra: Any) -> NoReturn:
 async def require_visitor(request: web.Request) -> VisitorAuth:
     """Resolve the session token; 401 whether it is unknown, expired or erased (no oracle)."""
     svc = request.app[SERVICES]
+    header_token = header_session_token(request)
     token = session_token_of(request, svc.settings.cookie_secure)
     if not token:
         error(401, "session_invalid", "a session token is required")
@@ -53,8 +54,13 @@ async def require_visitor(request: web.Request) -> VisitorAuth:
         tenant_id = await store.tenant_for_session(conn, h)
     if tenant_id is not None:
         async with tenant_tx(svc.pool, tenant_id) as conn:
-            row = await store.find_session(conn, tenant_id, h)
-        if row is not None:
+            found = await store.find_session(conn, tenant_id, h)
+        # A signed-in user's session outlives their sign-out in the cookie, which the
+        # site cannot clear: on a shared browser the next person still sends it. Such a
+        # session answers only to the token the widget holds for the tab that said
+        # hello as that user, never to the cookie alone (and the same 401: no oracle).
+        if found is not None and (header_token is not None or not found[1]):
+            row = found[0]
             await _check_origin(request, tenant_id)
             return VisitorAuth(tenant_id, row.subject_id, row.session_id)
     error(401, "session_invalid", "the session is not valid")

@@ -135,18 +135,19 @@ def _resumed(row: asyncpg.Record) -> SessionRow:
 
 async def find_session(
     conn: asyncpg.Connection, tenant_id: UUID, token_hash: bytes
-) -> SessionRow | None:
-    """A live (unexpired) session by token hash."""
+) -> tuple[SessionRow, bool] | None:
+    """A live (unexpired) session by token hash, and whether its subject is a verified user."""
     row = await conn.fetchrow(
         """
-        SELECT s.session_id, s.subject_id, s.conversation_id, sub.restricted
+        SELECT s.session_id, s.subject_id, s.conversation_id, sub.restricted,
+               sub.external_ref IS NOT NULL AS verified
         FROM sessions s JOIN subjects sub USING (tenant_id, subject_id)
         WHERE s.tenant_id = $1 AND s.token_hash = $2 AND s.expires_at > now()
         """,
         tenant_id,
         token_hash,
     )
-    return None if row is None else _resumed(row)
+    return None if row is None else (_resumed(row), row["verified"])
 
 
 @dataclass(frozen=True)

@@ -212,3 +212,46 @@ async def test_a_session_is_resumed_only_by_its_own_user(
     resumed = await hello(ws, session_token=anonymous["session_token"], user=forged)
     assert resumed["resumed"] is True
     await ws.close()
+
+
+async def test_a_verified_session_answers_the_privacy_api_only_to_its_token(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    # ann signed out of the site, but the site cannot clear the gateway's cookie: the
+    # next person on the browser still sends it, and must not get her export with it
+    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
+    ann = {"id": "ann-9", "hash": identity.user_hash(body["identity_secret"], "ann-9")}
+    ws = await offline_gateway.ws(tenant.site_key)
+    w = await hello(ws, user=ann)
+    assert (await chat(ws, "a", "ann's question"))[-1]["type"] == "done"
+    await ws.close()
+    ws = await offline_gateway.ws(tenant.site_key)
+    anonymous = await hello(ws)
+    await ws.close()
+
+    def cookie(token: str) -> dict[str, str]:
+        return {"Cookie": f"__Host-omnigate_session={token}"}
+
+    export = "/api/privacy/export"
+    status, out = await call(
+        offline_gateway, "GET", export, None, headers=cookie(w["session_token"])
+    )
+    assert status == 401 and out["error"]["code"] == "session_invalid"
+    status, out = await call(
+        offline_gateway, "POST", "/api/privacy/delete", None, headers=cookie(w["session_token"])
+    )
+    assert status == 401
+    # the token the widget holds for ann's tab still works, and her data is intact
+    status, out = await call(
+        offline_gateway,
+        "GET",
+        export,
+        None,
+        headers={"Authorization": f"Session {w['session_token']}"},
+    )
+    assert status == 200 and len(out["conversations"][0]["messages"]) == 2
+    # an anonymous session is still reached by its cookie alone, as the design says
+    status, _ = await call(
+        offline_gateway, "GET", export, None, headers=cookie(anonymous["session_token"])
+    )
+    assert status == 200
