@@ -21,6 +21,8 @@ _COUNTS = {
     "messages": "SELECT count(*) FROM messages m JOIN conversations c USING (tenant_id, "
     "conversation_id) WHERE c.tenant_id = $1 AND c.subject_id = $2",
     "consents": "SELECT count(*) FROM consents WHERE tenant_id = $1 AND subject_id = $2",
+    "signal_records": "SELECT count(*) FROM signal_records WHERE tenant_id = $1 "
+    "AND subject_id = $2",
     "analytics_events": "SELECT count(*) FROM analytics_events WHERE tenant_id = $1 "
     "AND subject_id = $2",
     "data_keys": "SELECT count(*) FROM subject_keys WHERE tenant_id = $1 AND subject_id = $2",
@@ -62,10 +64,11 @@ async def erase_rows(
 
     The transaction deletes the wrapped data key (every ciphertext of the subject,
     wherever a copy went, becomes unreadable) and the subject row, which cascades to
-    sessions, conversations, messages, consents and analytics events. Privacy requests
-    are kept as the record of compliance, with the subject link (FK SET NULL) and every
-    free text about the person (details, extension reason, resolution) removed. The
-    subject row is locked first, as every erasure does, so two never deadlock.
+    sessions, conversations, messages, consents, signal records and analytics events.
+    Privacy requests are kept as the record of compliance, with the subject link (FK
+    SET NULL) and every free text about the person (details, extension reason,
+    resolution) removed. The subject row is locked first, as every erasure does, so two
+    never deadlock.
     """
     certificate_id = uuid4()
     locked = await conn.fetchval(

@@ -142,6 +142,18 @@ async def write_export(
         ),
         lambda row: _session(svc, tenant_id, row),
     )
+    # every change of the DNT and GPC signals, as honoured (migration 0016)
+    await write(b',"signals":')
+    await _array(
+        write,
+        _rows(
+            conn,
+            "SELECT session_id, dnt, gpc, created_at FROM signal_records "
+            "WHERE tenant_id = $1 AND subject_id = $2 ORDER BY record_id",
+            *args,
+        ),
+        dict,
+    )
     history = [
         dict(r)
         for r in await conn.fetch(

@@ -25,6 +25,7 @@ TENANT_TABLES = [
     "analytics_events",
     "analytics_daily",
     "audit_log",
+    "signal_records",
 ]
 
 
@@ -59,6 +60,15 @@ async def test_every_tenant_table_forces_rls(owner_pool: asyncpg.Pool, table: st
         table,
     )
     assert pk == "tenant_id"
+
+
+async def test_every_table_with_a_tenant_is_listed(owner_pool: asyncpg.Pool) -> None:
+    # a table added later is checked above only if it is in the list
+    tables = await owner_pool.fetch(
+        "SELECT table_name FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND column_name = 'tenant_id'"
+    )
+    assert {r["table_name"] for r in tables} == set(TENANT_TABLES)
 
 
 async def test_app_role_sees_only_its_tenant(

@@ -13,6 +13,7 @@ import pytest
 from gateway import certs
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError, KeyRing
+from gateway.db import tenant_tx
 from gateway.provision import NewTenant, create_tenant
 from gateway.vault import Vault
 from tests.conftest import MASTER_KEY, ORIGIN, Gateway, chat, hello
@@ -229,3 +230,48 @@ async def test_the_export_says_which_decisions_are_in_force(
     ) as resp:
         api = await resp.json()
     assert api["purposes"]["analytics"]["granted"] is False  # what the consent API says too
+
+
+async def test_each_change_of_a_privacy_signal_is_kept_and_exported(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool, app_pool: asyncpg.Pool
+) -> None:
+    # the session row holds only the latest signals; a resume must not erase the record
+    # that GPC was sent before
+    async def say_hello(token: str | None, **fields: Any) -> dict[str, Any]:
+        ws = await offline_gateway.ws(tenant.site_key)
+        w = await hello(ws, **({"session_token": token} if token else {}), **fields)
+        await ws.close()
+        return w
+
+    plain = await say_hello(None)  # neither signal: nothing recorded
+    first = await say_hello(None, signals={"gpc": True})
+    token = first["session_token"]
+    await say_hello(token, signals={"gpc": True})  # unchanged: nothing new
+    await say_hello(token)  # GPC off
+    await say_hello(token, signals={"dnt": True, "gpc": True})
+    status, doc = await export_of(offline_gateway, token)
+    assert status == 200
+    assert [(s["dnt"], s["gpc"]) for s in doc["signals"]] == [
+        (False, True),
+        (False, False),
+        (True, True),
+    ]
+    assert doc["sessions"][0]["gpc"] is True  # the row: the latest only
+    _, plain_doc = await export_of(offline_gateway, plain["session_token"])
+    assert plain_doc["signals"] == []
+    # append-only for the gateway's role
+    for sql in ("UPDATE signal_records SET gpc = false", "DELETE FROM signal_records"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with tenant_tx(app_pool, tenant.tenant_id) as conn:
+                await conn.execute(sql)
+    # and erased with the visitor
+    async with offline_gateway.session.post(
+        offline_gateway.url("/api/privacy/delete"), headers=auth(token)
+    ) as r:
+        assert r.status == 200
+        certificate = (await r.json())["certificate"]
+    assert certificate["items"]["signal_records"] == 3
+    left = await owner_pool.fetchval(
+        "SELECT count(*) FROM signal_records WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert left == 0
