@@ -72,6 +72,7 @@ ALLOWED_EXTRAS = (
     "sessions_deleted",
     "session_ips_cleared",
     "analytics_events_aggregated",
+    "subjects_deleted",
 )
 _MAX_EXTRA_CHARS = 200
 # What an ``error`` extra may hold: an exception class name or a fixed code.

@@ -15,7 +15,14 @@ Per tenant, with `retention_days` from its current policy:
 * sessions: the anonymized IP is cleared once last seen before retention, and
   expired sessions are deleted;
 * analytics events older than two years are folded into `analytics_daily`
-  (upsert) and deleted, in the same statement, so a crash never double-counts.
+  (upsert) and deleted, in the same statement, so a crash never double-counts;
+* subjects left with nothing (created before retention, no session, no conversation
+  linked, no open privacy request, no consent, signal or analytics event since the
+  cutoff) are deleted: their data key, consent history, signal records and old
+  analytics events (folded into `analytics_daily` first) go with them, and their
+  closed privacy requests keep the record without the link or any free text, as
+  after an erasure. Else an anonymous visitor's subject would outlive everything
+  they did, beyond the reach of their own token and of the site owner's erasure.
 
 Every step only touches rows still past their limit, so a second pass (or a
 pass interrupted halfway and run again) finds nothing more to do. One leader at
@@ -120,11 +127,14 @@ WITH u AS (
 SELECT count(*) FROM u
 """
 
+# The events that go: older than two years ($2), or (format "abandoned") all those of a
+# subject about to be deleted, which are all older than the retention cutoff ($2).
+_OLD_EVENTS = "tenant_id = $1 AND occurred_at < $2"
 _AGGREGATE_ANALYTICS = """
 WITH d AS (
     DELETE FROM analytics_events WHERE (tenant_id, event_id) IN (
-        SELECT tenant_id, event_id FROM analytics_events
-        WHERE tenant_id = $1 AND occurred_at < $2 LIMIT $3)
+        SELECT tenant_id, event_id FROM analytics_events e
+        WHERE {which} LIMIT $3)
     RETURNING tenant_id, occurred_at, page_path, browser_family, device_class
 ), agg AS (
     SELECT tenant_id, (occurred_at AT TIME ZONE 'UTC')::date AS day,
@@ -141,6 +151,45 @@ WITH d AS (
 SELECT count(*) FROM d
 """
 
+# A subject with nothing left ($2: the retention cutoff). Its events, consents and
+# signals are checked too: a visitor who still browsed or chose lately is not gone.
+_ABANDONED = """
+x.tenant_id = $1 AND x.created_at < $2
+AND NOT EXISTS (SELECT 1 FROM sessions s
+                WHERE s.tenant_id = x.tenant_id AND s.subject_id = x.subject_id)
+AND NOT EXISTS (SELECT 1 FROM conversations c
+                WHERE c.tenant_id = x.tenant_id AND c.subject_id = x.subject_id)
+AND NOT EXISTS (SELECT 1 FROM privacy_requests r WHERE r.tenant_id = x.tenant_id
+                AND r.subject_id = x.subject_id AND r.closed_at IS NULL)
+AND NOT EXISTS (SELECT 1 FROM consents k WHERE k.tenant_id = x.tenant_id
+                AND k.subject_id = x.subject_id AND k.created_at >= $2)
+AND NOT EXISTS (SELECT 1 FROM signal_records g WHERE g.tenant_id = x.tenant_id
+                AND g.subject_id = x.subject_id AND g.created_at >= $2)
+AND NOT EXISTS (SELECT 1 FROM analytics_events a WHERE a.tenant_id = x.tenant_id
+                AND a.subject_id = x.subject_id AND a.occurred_at >= $2)
+"""
+
+# constant fragments only: every value is a bind parameter
+_ABANDONED_EVENTS = f"""e.tenant_id = $1 AND e.subject_id IN (
+    SELECT x.subject_id FROM subjects x WHERE {_ABANDONED})"""  # noqa: S608
+
+# Locked first, as an erasure locks its subject; one being erased or joined by a new
+# session right now (the session's foreign key holds a lock on it) is skipped: the
+# next pass looks again. The cascade takes the key, consents, signals and events.
+_DELETE_SUBJECTS = f"""
+WITH v AS (
+    SELECT x.tenant_id, x.subject_id FROM subjects x WHERE {_ABANDONED}
+    LIMIT $3 FOR UPDATE OF x SKIP LOCKED
+), r AS (
+    UPDATE privacy_requests p SET details = NULL, extension_reason = NULL, resolution = NULL
+      FROM v WHERE p.tenant_id = v.tenant_id AND p.subject_id = v.subject_id
+), d AS (
+    DELETE FROM subjects s USING v
+     WHERE s.tenant_id = v.tenant_id AND s.subject_id = v.subject_id
+    RETURNING 1)
+SELECT count(*) FROM d
+"""  # noqa: S608
+
 KINDS = (
     "messages_deleted",
     "conversations_anonymized",
@@ -148,6 +197,7 @@ KINDS = (
     "sessions_deleted",
     "session_ips_cleared",
     "analytics_events_aggregated",
+    "subjects_deleted",
 )
 # the metric's closed label set (gateway.metrics.RETENTION_KINDS)
 _METRIC_KIND = {
@@ -157,6 +207,7 @@ _METRIC_KIND = {
     "session_ips_cleared": "session_ips",
     "redaction_maps_cleared": "redaction_maps",
     "analytics_events_aggregated": "analytics_events",
+    "subjects_deleted": "subjects",
 }
 
 
@@ -194,9 +245,19 @@ async def purge_tenant(pool: Pool, tenant_id: UUID, now: datetime, batch: int) -
     out["redaction_maps_cleared"] = await _drain(
         pool, tenant_id, _CLEAR_REDACTION_MAPS, cutoff, batch=batch
     )
+    two_years = now - timedelta(days=ANALYTICS_DAYS)
     out["analytics_events_aggregated"] = await _drain(
-        pool, tenant_id, _AGGREGATE_ANALYTICS, now - timedelta(days=ANALYTICS_DAYS), batch=batch
+        pool, tenant_id, _AGGREGATE_ANALYTICS.format(which=_OLD_EVENTS), two_years, batch=batch
     )
+    # last: the steps above are what leaves a subject with nothing
+    out["analytics_events_aggregated"] += await _drain(
+        pool,
+        tenant_id,
+        _AGGREGATE_ANALYTICS.format(which=_ABANDONED_EVENTS),
+        cutoff,
+        batch=batch,
+    )
+    out["subjects_deleted"] = await _drain(pool, tenant_id, _DELETE_SUBJECTS, cutoff, batch=batch)
     return out
 
 

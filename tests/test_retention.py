@@ -355,3 +355,102 @@ async def test_a_message_written_during_anonymization_keeps_its_conversation(
         "SELECT subject_id, anonymized_at FROM conversations WHERE conversation_id = $1", conv
     )
     assert row["subject_id"] is not None and row["anonymized_at"] is None
+
+
+async def test_a_subject_left_with_nothing_is_deleted(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    # Three visitors whose conversations all went 100 days ago. The subject row, its
+    # key, its consents and its closed requests would otherwise stay for ever, out of
+    # reach of the visitor's own (expired) token and of the owner's erasure.
+    gone, chose_lately, asked = [
+        await chatted(offline_gateway, tenant, text) for text in ("a", "b", "c")
+    ]
+    tid = tenant.tenant_id
+    subjects = {}
+    for name, w in (("gone", gone), ("chose_lately", chose_lately), ("asked", asked)):
+        cid = UUID(w["conversation_id"])
+        sid = await owner_pool.fetchval(
+            "SELECT subject_id FROM conversations WHERE conversation_id = $1", cid
+        )
+        subjects[name] = sid
+        ago = "now() - interval '100 days'"
+        for sql in (
+            f"UPDATE messages SET created_at = {ago} WHERE conversation_id = $1",
+            f"UPDATE conversations SET started_at = {ago}, last_message_at = {ago}"
+            " WHERE conversation_id = $1",
+            f"UPDATE sessions SET last_seen_at = {ago}, expires_at = now() - interval '60 days'"
+            " WHERE conversation_id = $1",
+        ):
+            await owner_pool.execute(sql, cid)
+        for sql in (
+            f"UPDATE subjects SET created_at = {ago} WHERE subject_id = $1",
+            f"UPDATE consents SET created_at = {ago} WHERE subject_id = $1",
+        ):
+            await owner_pool.execute(sql, sid)
+        # a request closed long ago, and an old page view
+        await owner_pool.execute(
+            "INSERT INTO privacy_requests (tenant_id, request_id, subject_id, regime, kind,"
+            " status, created_at, ack_due_at, due_at, closed_at, details, resolution)"
+            f" VALUES ($1, $2, $3, 'gdpr', 'access', 'completed', {ago}, {ago}, {ago}, {ago},"
+            " 'sealed details', 'sent')",
+            tid,
+            uuid4(),
+            sid,
+        )
+        await owner_pool.execute(
+            "INSERT INTO analytics_events (tenant_id, subject_id, occurred_at, page_path,"
+            f" browser_family, device_class) VALUES ($1, $2, {ago}, '/pricing', 'firefox',"
+            " 'desktop')",
+            tid,
+            sid,
+        )
+    await owner_pool.execute(  # a decision ten days ago: still a visitor of the site
+        "INSERT INTO consents (tenant_id, subject_id, purpose, granted, policy_version,"
+        " consent_version, source, created_at) VALUES ($1, $2, 'analytics', false, 1, 1,"
+        " 'api', now() - interval '10 days')",
+        tid,
+        subjects["chose_lately"],
+    )
+    await owner_pool.execute(  # a request still open: the subject must stay to answer it
+        "INSERT INTO privacy_requests (tenant_id, request_id, subject_id, regime, kind,"
+        " ack_due_at, due_at) VALUES ($1, $2, $3, 'gdpr', 'access', now(), now())",
+        tid,
+        uuid4(),
+        subjects["asked"],
+    )
+
+    summary = await run_retention(app_pool, batch=1)
+    assert summary["subjects_deleted"] == 1, summary
+    left = {
+        r["subject_id"]
+        for r in await owner_pool.fetch("SELECT subject_id FROM subjects WHERE tenant_id = $1", tid)
+    }
+    assert subjects["gone"] not in left
+    assert {subjects["chose_lately"], subjects["asked"]} <= left
+    for table in ("subject_keys", "consents", "analytics_events"):
+        n = await owner_pool.fetchval(
+            f"SELECT count(*) FROM {table} WHERE subject_id = $1", subjects["gone"]
+        )
+        assert n == 0, table
+    # the closed request stays as the record, with neither the link nor the free text
+    detached = await owner_pool.fetch(
+        "SELECT details, resolution FROM privacy_requests WHERE tenant_id = $1"
+        " AND subject_id IS NULL",
+        tid,
+    )
+    assert [(r["details"], r["resolution"]) for r in detached] == [(None, None)]
+    # the page view is counted in the daily rollup, not lost with its subject
+    assert (
+        await owner_pool.fetchval(
+            "SELECT sum(events) FROM analytics_daily"
+            " WHERE tenant_id = $1 AND page_path = '/pricing'",
+            tid,
+        )
+        == 1
+    )
+    again = await run_retention(app_pool)
+    assert all(again[k] == 0 for k in KINDS), again
