@@ -112,11 +112,17 @@ async def write_export(
     svc: Services,
     conn: asyncpg.Connection,
     cp: CompiledPolicy,
+    upstream: UpstreamConfig | None,
     tenant_id: UUID,
     subject_id: UUID,
     write: Write,
 ) -> None:
-    """Write the whole export as one JSON object; messages stream through a cursor."""
+    """Write the whole export as one JSON object; messages stream through a cursor.
+
+    `upstream` is read by the caller before it takes `conn`: reading it may need a
+    connection of its own, and exports each holding one while waiting for another
+    would empty the pool for every tenant.
+    """
     subject = await conn.fetchrow(
         "SELECT subject_id, created_at, restricted, tracking_opt_out, external_ref IS NOT NULL "
         "AS verified_user FROM subjects WHERE tenant_id = $1 AND subject_id = $2",
@@ -126,8 +132,7 @@ async def write_export(
     if subject is None:
         raise CryptoError("the subject is erased")
     cipher = await svc.vault.cipher(conn, tenant_id, subject_id)
-    # the tenant's own upstream when it has one, even on an offline gateway
-    head = header(await svc.upstream_for(tenant_id, cp), cp)
+    head = header(upstream, cp)
     head["subject"] = dict(subject)
     await write(_dump(head)[:-1])
     args = (tenant_id, subject_id)

@@ -139,6 +139,9 @@ async def export_get(request: web.Request) -> web.StreamResponse:
             "Cache-Control": "no-store",
         }
     )
+    # before the snapshot takes its connection (export.write_export says why); the
+    # tenant's own upstream when it has one, even on an offline gateway
+    upstream = await svc.upstream_for(who.tenant_id, cp)
     async with export.snapshot(svc.pool, who.tenant_id) as conn:
         try:
             # opening the key before the first byte: an erased subject is a clean 401
@@ -147,7 +150,9 @@ async def export_get(request: web.Request) -> web.StreamResponse:
             error(401, "session_invalid", "the session is not valid")
         await response.prepare(request)
         try:
-            await export.write_export(svc, conn, cp, who.tenant_id, who.subject_id, response.write)
+            await export.write_export(
+                svc, conn, cp, upstream, who.tenant_id, who.subject_id, response.write
+            )
         except Exception as exc:
             # The 200 is already sent: only cutting the connection before the body's end
             # tells the client the document is incomplete (it would wait otherwise).

@@ -275,3 +275,26 @@ async def test_each_change_of_a_privacy_signal_is_kept_and_exported(
         "SELECT count(*) FROM signal_records WHERE tenant_id = $1", tenant.tenant_id
     )
     assert left == 0
+
+
+async def test_an_export_needs_one_free_connection_not_two(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    # Reading the tenant's upstream settings may need a connection; an export that
+    # asked for it while holding its snapshot's needed two, so as many concurrent
+    # exports as the pool has connections could each wait for another, and every
+    # tenant's database access hung with them. An admin change empties that cache.
+    ws = await offline_gateway.ws(tenant.site_key)
+    token = (await hello(ws))["session_token"]
+    await ws.close()
+    svc = offline_gateway.server.app[SERVICES]
+    pool = svc.pool
+    busy = pool.get_size() - pool.get_idle_size()
+    held = [await pool.acquire() for _ in range(pool.get_max_size() - busy - 1)]
+    try:
+        svc.forget_upstream(tenant.tenant_id)
+        status, _ = await asyncio.wait_for(export_of(offline_gateway, token), 10)
+        assert status == 200
+    finally:
+        for conn in held:
+            await pool.release(conn)
