@@ -280,6 +280,8 @@ def _subscribe(svc: Services) -> None:
         for conn in list(svc.live.get(key, ())):
             if conn.visitor is not None:
                 conn.visitor.restricted = True
+                # a re-read of the record already under way may predate it: read again
+                conn.visitor.consent_epoch += 1
 
     async def consent_changed(payload: dict[str, Any]) -> None:
         # tenant_id None: every subject (the Redis bus reconnected and may have missed events)

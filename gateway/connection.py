@@ -280,8 +280,9 @@ class Connection:
                 continue  # changed while we read: read again
             v.consent = state
             v.consent_stale = False
-            # a restriction is only ever added here: its own event may be the newer news
-            v.restricted = v.restricted or restricted
+            # the record decides, a lift included: a restriction event that came during
+            # the read changed the epoch, so a read older than it was done again above
+            v.restricted = restricted
 
     def consent_changed(self, revoke: Iterable[str]) -> ConsentState | None:
         """Consent changed outside this connection; returns the state before (None: no visitor).

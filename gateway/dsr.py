@@ -1,9 +1,10 @@
 """Data-subject requests (GDPR, CCPA): deadlines, transitions, and their SQL.
 
-Deadlines: acknowledgement 48 hours after receipt; due 30 days (GDPR Art. 12(3))
-or 45 days (CCPA) after receipt. A GDPR request may be extended once, by up to
-60 days, with a reason, before its deadline has passed. Every transition is
-audited in the same transaction.
+Deadlines: acknowledgement 48 hours after receipt; due one month, at most 30 days
+(GDPR Art. 12(3)), or 45 days (CCPA) after receipt. A request may be extended once,
+with a reason, before its deadline has passed: by up to 60 days (GDPR), or 45 days
+(CCPA `know` and `delete`; an `opt_out` never). Every transition is audited in the
+same transaction.
 
 A request whose subject was erased (`subject_id` NULL) keeps no free text: the
 erasure cleared it, and nothing would clear text written afterwards.
@@ -12,8 +13,9 @@ erasure cleared it, and nothing would clear text written afterwards.
 from __future__ import annotations
 
 import base64
+import calendar
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -40,8 +42,13 @@ CCPA_KINDS = frozenset({"know", "delete", "opt_out"})
 TRACKING_OFF_KINDS = frozenset({"objection", "opt_out"})
 TRACKING_PURPOSES = ("analytics", "marketing")
 ACK_WITHIN = timedelta(hours=48)
+#: at most; a GDPR request is due within one month too (`deadlines`)
 DUE_WITHIN = {"gdpr": timedelta(days=30), "ccpa": timedelta(days=45)}
-MAX_EXTENSION_DAYS = 60
+#: GDPR: two further months, as days (added to a due date of one month at most, 60 days
+#: never end later than three months after receipt); CCPA: 45 further days
+MAX_EXTENSION_DAYS = {"gdpr": 60, "ccpa": 45}
+#: an opt-out is applied at intake and the CCPA allows it no extension
+NOT_EXTENDABLE_KINDS = frozenset({"opt_out"})
 OPEN = ("received", "acknowledged")
 #: open and not yet acknowledged (the acknowledge transition moves a request out of it)
 UNACKNOWLEDGED = "received"
@@ -75,9 +82,22 @@ class Deadlines:
     due_at: datetime
 
 
+def one_month_after(at: datetime) -> datetime:
+    """`at` plus one calendar month in UTC, clamped to the month's end like PostgreSQL's
+    `+ interval '1 month'` (31 January gives 28 or 29 February)."""
+    utc = at.astimezone(UTC)
+    year, month = (utc.year + 1, 1) if utc.month == 12 else (utc.year, utc.month + 1)
+    day = min(utc.day, calendar.monthrange(year, month)[1])
+    return utc.replace(year=year, month=month, day=day).astimezone(at.tzinfo)
+
+
 def deadlines(regime: str, received_at: datetime) -> Deadlines:
     """The deadlines of a request received at `received_at`."""
-    return Deadlines(received_at + ACK_WITHIN, received_at + DUE_WITHIN[regime])
+    due = received_at + DUE_WITHIN[regime]
+    if regime == "gdpr":
+        # Art. 12(3) says one month: for 30 or 31 January, 30 days would end in March
+        due = min(due, one_month_after(received_at))
+    return Deadlines(received_at + ACK_WITHIN, due)
 
 
 def public(row: asyncpg.Record | dict[str, Any], *, admin: bool = False) -> dict[str, Any]:
@@ -224,6 +244,41 @@ async def publish_effects(
         await bus.publish_consent(event_bus, tenant_id, subject_id, TRACKING_PURPOSES)
 
 
+async def publish_outcome(event_bus: bus.LocalBus, tenant_id: UUID, row: asyncpg.Record) -> None:
+    """After `transition` committed: tell the subject's open sockets what it changed.
+
+    A rejected restriction request may have lifted the restriction (`_lift_restriction`).
+    A lift, like a consent grant, is never taken from an event: the consent event,
+    revoking nothing, makes the subject's sockets on every process read their state
+    again from the database before their next message.
+    """
+    subject_id = row["subject_id"]
+    if row["kind"] == "restriction" and row["status"] == "rejected" and subject_id is not None:
+        await bus.publish_consent(event_bus, tenant_id, subject_id, ())
+
+
+async def _lift_restriction(conn: asyncpg.Connection, tenant_id: UUID, subject_id: UUID) -> bool:
+    """Lift the subject's restriction unless another restriction request holds it.
+
+    An open one still asks for it; a completed one granted it (Art. 18), and it stays.
+    Returns whether it was lifted.
+    """
+    lifted = await conn.fetchval(
+        """
+        UPDATE subjects SET restricted = false
+        WHERE tenant_id = $1 AND subject_id = $2 AND restricted
+          AND NOT EXISTS (SELECT 1 FROM privacy_requests
+                          WHERE tenant_id = $1 AND subject_id = $2 AND kind = 'restriction'
+                            AND status = ANY($3::text[]))
+        RETURNING true
+        """,
+        tenant_id,
+        subject_id,
+        [*OPEN, "completed"],
+    )
+    return lifted is True
+
+
 async def get(
     conn: asyncpg.Connection, tenant_id: UUID, request_id: UUID, subject_id: UUID | None = None
 ) -> asyncpg.Record | None:
@@ -282,6 +337,17 @@ async def transition(
     for name, value in (("reason", reason), ("resolution", resolution)):
         if value is not None and not isinstance(value, str):
             raise RequestError(422, f"bad_{name}", f"{name} must be a string")
+    if action == "reject":
+        # rejecting a restriction request may lift the restriction: its subject is locked
+        # first, before the request, in the order an erasure locks them (no deadlock), so
+        # of two rejections running at once the second sees the first and lifts it
+        await conn.execute(
+            "SELECT 1 FROM subjects s JOIN privacy_requests r USING (tenant_id, subject_id)"
+            " WHERE r.tenant_id = $1 AND r.request_id = $2 AND r.kind = 'restriction'"
+            " FOR UPDATE OF s",
+            tenant_id,
+            request_id,
+        )
     row = await conn.fetchrow(
         f"SELECT {_COLUMNS} FROM privacy_requests WHERE tenant_id = $1 AND request_id = $2"  # noqa: S608
         " FOR UPDATE",
@@ -301,23 +367,21 @@ async def transition(
         args: list[Any] = []
         status = "acknowledged"
     elif action == "extend":
-        if row["regime"] != "gdpr":
-            raise RequestError(422, "not_extendable", "only GDPR requests can be extended")
+        if row["kind"] in NOT_EXTENDABLE_KINDS:
+            raise RequestError(422, "not_extendable", f"{row['kind']} requests cannot be extended")
         if row["extended_at"] is not None:
             raise RequestError(409, "already_extended", "a request can be extended only once")
-        # GDPR Art. 12(3): the extension is notified within the original period
+        # GDPR Art. 12(3) and the CCPA alike: the extension is notified within the
+        # original period
         if await conn.fetchval("SELECT $1::timestamptz <= now()", row["due_at"]):
             raise RequestError(
                 409,
                 "deadline_passed",
                 "the deadline has passed: the request can no longer be extended",
             )
-        if (
-            not isinstance(days, int)
-            or isinstance(days, bool)
-            or not 1 <= days <= MAX_EXTENSION_DAYS
-        ):
-            raise RequestError(422, "bad_days", f"days must be 1-{MAX_EXTENSION_DAYS}")
+        most = MAX_EXTENSION_DAYS[row["regime"]]
+        if not isinstance(days, int) or isinstance(days, bool) or not 1 <= days <= most:
+            raise RequestError(422, "bad_days", f"days must be 1-{most}")
         if not reason or not reason.strip():
             raise RequestError(422, "reason_required", "an extension needs a reason")
         sql = (
@@ -343,10 +407,15 @@ async def transition(
         request_id,
         *args,
     )
+    if action == "reject" and row["kind"] == "restriction" and row["subject_id"] is not None:
+        if await _lift_restriction(conn, tenant_id, row["subject_id"]):
+            details["effects"] = ["restriction_lifted"]
     await audit.append(
         conn, tenant_id, actor, f"request.{action}", f"request:{request_id}", details
     )
-    metrics.count_privacy_request(row["kind"], status)
+    # each status reached is counted once; an extension reaches none
+    if status != row["status"]:
+        metrics.count_privacy_request(row["kind"], status)
     assert updated is not None
     return updated
 

@@ -54,6 +54,9 @@ async def erase_subject(
     """Erase a subject at once and return its signed deletion certificate."""
     async with tenant_tx(svc.pool, tenant_id) as conn:
         erased = await erase_rows(conn, tenant_id, subject_id, actor)
+    # counted here, not in `announce`: an erasure that completes a request is counted
+    # once, by the request's own transition (kind `erasure` or `delete`)
+    metrics.count_privacy_request("erasure", "completed")
     return await announce(svc, tenant_id, actor, erased)
 
 
@@ -119,7 +122,6 @@ async def announce(svc: Services, tenant_id: UUID, actor: str, erased: Erased) -
     await svc.bus.publish(
         bus.SUBJECT_ERASED, {"tenant_id": str(tenant_id), "subject_id": str(subject_id)}
     )
-    metrics.count_privacy_request("erasure", "completed")
     body = {
         "type": "omnigate.deletion-certificate/1",
         "certificate_id": str(erased.certificate_id),

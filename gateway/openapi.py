@@ -346,7 +346,9 @@ _PRIVACY_PATHS: dict[str, dict[str, Operation]] = {
         )
     },
     "/api/gdpr/request": {
-        "post": _visitor("File a GDPR request (acknowledged in 48 h, due in 30 days)")
+        "post": _visitor(
+            "File a GDPR request (acknowledged in 48 h, due in one month, 30 days at most)"
+        )
     },
     "/api/gdpr/request/{id}": {"get": _visitor("Status of a GDPR or CCPA request")},
     "/api/privacy/ccpa/request": {"post": _visitor("File a CCPA request (due in 45 days)")},

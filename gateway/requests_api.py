@@ -55,7 +55,7 @@ async def _intake(request: web.Request, regime: str, kinds: frozenset[str]) -> w
 
 
 async def gdpr_request(request: web.Request) -> web.Response:
-    """File a GDPR request: acknowledged within 48 hours, due in 30 days."""
+    """File a GDPR request: acknowledged within 48 hours, due in one month (30 days at most)."""
     return await _intake(request, "gdpr", dsr.GDPR_KINDS)
 
 
@@ -142,7 +142,12 @@ async def admin_list(request: web.Request, admin: Admin) -> web.Response:
 
 @admin_route
 async def admin_transition(request: web.Request, admin: Admin) -> web.Response:
-    """POST .../{id}/acknowledge | extend {days, reason} | complete | reject {reason}."""
+    """POST .../{id}/acknowledge | extend {days, reason} | complete | reject {reason}.
+
+    After the commit: a completed erasure is announced, and a rejected restriction
+    request's subject has its open sockets read their state again (the rejection may
+    have lifted the restriction).
+    """
     request_id = parse_uuid(request.match_info["id"], "request")
     action = request.match_info["action"]
     body = await read_json(request)
@@ -173,6 +178,7 @@ async def admin_transition(request: web.Request, admin: Admin) -> web.Response:
         raise ApiError(exc.status, exc.code, exc.message) from None
     if erased is not None:
         await announce(svc, tenant_id, admin.actor, erased)
+    await dsr.publish_outcome(svc.bus, tenant_id, row)
     return json_response(dsr.public(doc, admin=True))
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
-from gateway import metrics, requests_api
+from gateway import bus, dsr, metrics, requests_api
+from gateway.appkeys import SERVICES
 from gateway.provision import NewTenant
 from gateway.requests_api import refresh_overdue
 from tests.conftest import Gateway, chat, hello
@@ -58,7 +60,9 @@ async def test_deadlines_per_kind(
     assert doc["kind"] == kind and doc["status"] == "received"
     created = ts(doc["created_at"])
     assert ts(doc["ack_due_at"]) - created == timedelta(hours=48)
-    assert ts(doc["due_at"]) - created == timedelta(days=days)
+    # GDPR: 30 days, or one month when that is shorter (test_gdpr_due_date_is_one_month_at_most)
+    assert ts(doc["due_at"]) == dsr.deadlines(doc["regime"], created).due_at
+    assert timedelta(days=days - 2) <= ts(doc["due_at"]) - created <= timedelta(days=days)
     async with offline_gateway.session.get(
         offline_gateway.url(f"/api/gdpr/request/{doc['id']}"), headers=session(token)
     ) as r:
@@ -115,10 +119,6 @@ async def test_admin_workflow_and_extension_rules(
         g, f"{base}/{gdpr['id']}/extend", admin(tenant), {"days": 5, "reason": "again"}
     )
     assert status == 409
-    status, _ = await post(
-        g, f"{base}/{ccpa['id']}/extend", admin(tenant), {"days": 5, "reason": "ccpa"}
-    )
-    assert status == 422
     status, done = await post(g, f"{base}/{gdpr['id']}/complete", admin(tenant), {})
     assert status == 200 and done["status"] == "completed"
     status, _ = await post(g, f"{base}/{ccpa['id']}/reject", admin(tenant), {})
@@ -561,3 +561,227 @@ async def test_a_restricted_visitor_is_not_tracked(
         "SELECT count(*) FROM analytics_events WHERE tenant_id = $1", tenant.tenant_id
     )
     assert views == 1  # "/a", before the restriction
+
+
+async def test_gdpr_due_date_is_one_month_at_most(owner_pool: asyncpg.Pool) -> None:
+    # Art. 12(3) says one month: 30 days would end on 1 or 2 March for 30 or 31 January
+    jan31 = datetime(2025, 1, 31, 10, tzinfo=UTC)
+    assert dsr.deadlines("gdpr", jan31).due_at == datetime(2025, 2, 28, 10, tzinfo=UTC)
+    leap = datetime(2024, 1, 31, 10, tzinfo=UTC)
+    assert dsr.deadlines("gdpr", leap).due_at == datetime(2024, 2, 29, 10, tzinfo=UTC)
+    assert dsr.deadlines("ccpa", jan31).due_at == jan31 + timedelta(days=45)
+    # every day of a common and a leap year, late in the UTC day: the same as PostgreSQL's
+    # month (which clamps to the month's end); and the longest extension, 60 days, still
+    # ends within three months of receipt (the month plus "two further months")
+    async with owner_pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL TimeZone = 'UTC'")
+        rows = await conn.fetch(
+            "SELECT t, least(t + interval '1 month', t + interval '30 days') AS due,"
+            " t + interval '3 months' AS latest FROM generate_series("
+            "'2023-01-01 23:30+00'::timestamptz, '2024-12-31 23:30+00', interval '1 day') AS t"
+        )
+    assert len(rows) == 731
+    for row in rows:
+        due = dsr.deadlines("gdpr", row["t"]).due_at
+        assert due == row["due"], row["t"]
+        assert due + timedelta(days=60) <= row["latest"], row["t"]
+
+
+async def restricted(pool: asyncpg.Pool, subject_id: str) -> bool:
+    value = await pool.fetchval(
+        "SELECT restricted FROM subjects WHERE subject_id = $1::uuid", subject_id
+    )
+    assert isinstance(value, bool)
+    return value
+
+
+async def reject_effects(pool: asyncpg.Pool, request_id: str) -> Any:
+    return await pool.fetchval(
+        "SELECT details->'effects' FROM audit_log WHERE action = 'request.reject' AND target = $1",
+        f"request:{request_id}",
+    )
+
+
+async def test_rejecting_a_restriction_request_lifts_the_restriction(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    events: list[dict[str, Any]] = []
+
+    async def record(payload: dict[str, Any]) -> None:
+        events.append(payload)
+
+    g.server.app[SERVICES].bus.subscribe(bus.CONSENT_CHANGED, record)
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(g, "/api/gdpr/request", session(token), {"kind": "restriction"})
+    events.clear()
+    status, rej = await post(
+        g, f"/api/admin/requests/{doc['id']}/reject", admin(tenant), {"reason": "not verified"}
+    )
+    assert status == 200 and rej["status"] == "rejected"
+    subject = rej["subject_id"]
+    assert await restricted(owner_pool, subject) is False
+    assert await reject_effects(owner_pool, doc["id"]) == '["restriction_lifted"]'
+    # open sockets on every process read their state again (a lift, like a grant, is never
+    # taken from an event)
+    assert events == [{"tenant_id": str(tenant.tenant_id), "subject_id": subject, "revoke": []}]
+    await ws.close()
+    ws = await g.ws(tenant.site_key)
+    await hello(ws, session_token=token)
+    assert (await chat(ws, "b", "after"))[-1]["type"] == "done"
+    await ws.close()
+
+
+async def test_a_restriction_stays_while_another_request_holds_it(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    base = "/api/admin/requests"
+    ws, token = await new_visitor(g, tenant)
+    _, first = await post(g, "/api/gdpr/request", session(token), {"kind": "restriction"})
+    _, second = await post(g, "/api/gdpr/request", session(token), {"kind": "restriction"})
+    status, rej = await post(g, f"{base}/{first['id']}/reject", admin(tenant), {"reason": "dup"})
+    assert status == 200
+    subject = rej["subject_id"]
+    assert await restricted(owner_pool, subject) is True  # the second is still open
+    assert await reject_effects(owner_pool, first["id"]) is None
+    # completing a restriction request grants it (Art. 18): it stays
+    status, _ = await post(g, f"{base}/{second['id']}/complete", admin(tenant), {})
+    assert status == 200
+    assert await restricted(owner_pool, subject) is True
+    _, third = await post(g, "/api/gdpr/request", session(token), {"kind": "restriction"})
+    status, _ = await post(g, f"{base}/{third['id']}/reject", admin(tenant), {"reason": "dup"})
+    assert status == 200
+    assert await restricted(owner_pool, subject) is True  # the completed one holds it
+    await ws.close()
+
+
+async def test_a_lifted_restriction_reaches_an_open_socket(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    _, doc = await post(g, "/api/gdpr/request", session(token), {"kind": "restriction"})
+    assert (await chat(ws, "a", "restricted"))[-1]["type"] == "error"
+    status, _ = await post(
+        g, f"/api/admin/requests/{doc['id']}/reject", admin(tenant), {"reason": "not verified"}
+    )
+    assert status == 200
+    assert (await chat(ws, "b", "lifted"))[-1]["type"] == "done"
+    await ws.close()
+
+
+def counted() -> dict[tuple[str, str], float]:
+    """omnigate_privacy_requests_total by (kind, status), for the kinds these tests file."""
+    return {
+        (kind, status): REGISTRY.get_sample_value(
+            "omnigate_privacy_requests_total", {"kind": kind, "status": status}
+        )
+        or 0.0
+        for kind in ("access", "know", "erasure", "delete")
+        for status in ("received", "acknowledged", "completed")
+    }
+
+
+def increase(before: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    after = counted()
+    return {key: after[key] - before[key] for key in after if after[key] != before[key]}
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [("/api/gdpr/request", "access"), ("/api/privacy/ccpa/request", "know")],
+    ids=["gdpr", "ccpa"],
+)
+async def test_an_extension_is_not_counted_as_a_transition(
+    offline_gateway: Gateway, tenant: NewTenant, path: str, kind: str
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    before = counted()
+    _, doc = await post(g, path, session(token), {"kind": kind})
+    base = f"/api/admin/requests/{doc['id']}"
+    assert (await post(g, f"{base}/acknowledge", admin(tenant), {}))[0] == 200
+    assert (await post(g, f"{base}/extend", admin(tenant), {"days": 5, "reason": "x"}))[0] == 200
+    assert increase(before) == {(kind, "received"): 1, (kind, "acknowledged"): 1}
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [("/api/gdpr/request", "erasure"), ("/api/privacy/ccpa/request", "delete")],
+    ids=["gdpr-erasure", "ccpa-delete"],
+)
+async def test_completing_an_erasure_request_is_counted_once(
+    offline_gateway: Gateway, tenant: NewTenant, path: str, kind: str
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    before = counted()
+    _, doc = await post(g, path, session(token), {"kind": kind})
+    status, _ = await post(g, f"/api/admin/requests/{doc['id']}/complete", admin(tenant), {})
+    assert status == 200
+    assert increase(before) == {(kind, "received"): 1, (kind, "completed"): 1}
+    await ws.close()
+
+
+async def test_a_self_service_erasure_is_counted_once(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g = offline_gateway
+    ws, token = await new_visitor(g, tenant)
+    before = counted()
+    async with g.session.post(g.url("/api/privacy/delete"), headers=session(token)) as r:
+        assert r.status == 200
+    assert increase(before) == {("erasure", "completed"): 1}
+    await ws.close()
+
+
+async def test_a_ccpa_request_is_extended_once_by_up_to_45_days(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    base = "/api/admin/requests"
+    ws, token = await new_visitor(g, tenant)
+    _, know = await post(g, "/api/privacy/ccpa/request", session(token), {"kind": "know"})
+    _, delete = await post(g, "/api/privacy/ccpa/request", session(token), {"kind": "delete"})
+    _, opt_out = await post(g, "/api/privacy/ccpa/request", session(token), {"kind": "opt_out"})
+    _, late = await post(g, "/api/privacy/ccpa/request", session(token), {"kind": "know"})
+    extend = f"{base}/{know['id']}/extend"
+    for body, code in [
+        ({"days": 46, "reason": "complex"}, "bad_days"),
+        ({"days": 45}, "reason_required"),
+        ({"days": 45, "reason": "  "}, "reason_required"),
+    ]:
+        status, err = await post(g, extend, admin(tenant), body)
+        assert status == 422 and err["error"]["code"] == code, (body, err)
+    status, ext = await post(g, extend, admin(tenant), {"days": 45, "reason": "many systems"})
+    assert status == 200, ext
+    assert ts(ext["due_at"]) - ts(know["due_at"]) == timedelta(days=45)
+    assert ext["extension_days"] == 45 and ext["extended_at"] and ext["status"] == "received"
+    status, err = await post(g, extend, admin(tenant), {"days": 1, "reason": "again"})
+    assert status == 409 and err["error"]["code"] == "already_extended"
+    # the consumer sees the notice on their request
+    async with g.session.get(g.url(f"/api/gdpr/request/{know['id']}"), headers=session(token)) as r:
+        mine = await r.json()
+    assert mine["extension_reason"] == "many systems" and mine["due_at"] == ext["due_at"]
+    status, ext = await post(
+        g, f"{base}/{delete['id']}/extend", admin(tenant), {"days": 10, "reason": "backups"}
+    )
+    assert status == 200 and ts(ext["due_at"]) - ts(delete["due_at"]) == timedelta(days=10)
+    # an opt-out is never extended
+    status, err = await post(
+        g, f"{base}/{opt_out['id']}/extend", admin(tenant), {"days": 5, "reason": "x"}
+    )
+    assert status == 422 and err["error"]["code"] == "not_extendable"
+    # before the original due date only
+    await owner_pool.execute(
+        "UPDATE privacy_requests SET due_at = now() - interval '1 second'"
+        " WHERE request_id = $1::uuid",
+        late["id"],
+    )
+    status, err = await post(
+        g, f"{base}/{late['id']}/extend", admin(tenant), {"days": 10, "reason": "late"}
+    )
+    assert status == 409 and err["error"]["code"] == "deadline_passed"
+    await ws.close()
