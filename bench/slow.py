@@ -42,8 +42,13 @@ def retention_available() -> str | None:
     return None
 
 
+PAGE_VIEWS = 10  # per backdated visitor
+
+
 async def seed_backdated(db: BenchDatabase, tenant_id: uuid.UUID, rows: int) -> dict[str, Any]:
-    """Insert `rows` messages 200 days old (100 per conversation) with generate_series."""
+    """Insert `rows` messages 200 days old (100 per conversation) with generate_series,
+    and 10 page views per visitor as old: retention deletes the visitors too, once their
+    conversations are anonymized, and folds their page views into the daily rollup."""
     convs = max(1, rows // 100)
     t0 = time.perf_counter()
     conn = await asyncpg.connect(db.owner_url)
@@ -90,10 +95,24 @@ async def seed_backdated(db: BenchDatabase, tenant_id: uuid.UUID, rows: int) -> 
                 tenant_id,
                 rows,
             )
-        await conn.execute("ANALYZE messages; ANALYZE conversations; ANALYZE subjects")
+            await conn.execute(
+                f"INSERT INTO analytics_events (tenant_id, subject_id, occurred_at, page_path, "
+                f"browser_family, device_class) SELECT $1, c.subject_id, {old}, "
+                f"'/page/' || (g % 7), 'firefox', 'desktop' "
+                f"FROM bench_conv c CROSS JOIN generate_series(1, {PAGE_VIEWS}) g",
+                tenant_id,
+            )
+        await conn.execute(
+            "ANALYZE messages; ANALYZE conversations; ANALYZE subjects; ANALYZE analytics_events"
+        )
     finally:
         await conn.close()
-    return {"rows": rows, "conversations": convs, "seed_seconds": time.perf_counter() - t0}
+    return {
+        "rows": rows,
+        "conversations": convs,
+        "page_views": convs * PAGE_VIEWS,
+        "seed_seconds": time.perf_counter() - t0,
+    }
 
 
 def _run_timed(argv: list[str], env: Mapping[str, str], timeout: float) -> dict[str, Any]:
@@ -136,7 +155,14 @@ async def _retention_state(db: BenchDatabase, tenant_id: uuid.UUID) -> dict[str,
                 "AND (anonymized_at IS NOT NULL OR subject_id IS NULL)",
                 tenant_id,
             )
-        return {"messages": int(msgs), "conversations_anonymized": int(anon)}
+            subjects = await conn.fetchval(
+                "SELECT count(*) FROM subjects WHERE tenant_id = $1", tenant_id
+            )
+        return {
+            "messages": int(msgs),
+            "conversations_anonymized": int(anon),
+            "subjects_left": int(subjects),
+        }
     finally:
         await conn.close()
 
@@ -168,6 +194,8 @@ async def run_retention_job(
     elif after["messages"]:
         # the timed pass must be the one that deleted them all, or the time means nothing
         reason = f"{after['messages']} backdated messages left: {result['stdout'][-300:]}"
+    elif after["subjects_left"]:
+        reason = f"{after['subjects_left']} backdated visitors left: {result['stdout'][-300:]}"
     return {
         "available": reason is None,
         "reason": reason,

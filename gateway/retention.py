@@ -127,29 +127,30 @@ WITH u AS (
 SELECT count(*) FROM u
 """
 
-# The events that go: older than two years ($2), or (format "abandoned") all those of a
-# subject about to be deleted, which are all older than the retention cutoff ($2).
-_OLD_EVENTS = "tenant_id = $1 AND occurred_at < $2"
-_AGGREGATE_ANALYTICS = """
-WITH d AS (
-    DELETE FROM analytics_events WHERE (tenant_id, event_id) IN (
-        SELECT tenant_id, event_id FROM analytics_events e
-        WHERE {which} LIMIT $3)
-    RETURNING tenant_id, occurred_at, page_path, browser_family, device_class
-), agg AS (
+# Folds the deleted events of CTE `{events}` into the daily rollup (upsert), in the
+# statement that deletes them, so a crash never double-counts.
+_FOLD = """agg AS (
     SELECT tenant_id, (occurred_at AT TIME ZONE 'UTC')::date AS day,
            COALESCE(page_path, '') AS page_path, COALESCE(browser_family, '') AS browser_family,
            COALESCE(device_class, '') AS device_class, count(*) AS events
-    FROM d GROUP BY 1, 2, 3, 4, 5
+    FROM {events} GROUP BY 1, 2, 3, 4, 5
 ), ins AS (
     INSERT INTO analytics_daily AS a (tenant_id, day, page_path, browser_family, device_class,
                                       events)
     SELECT * FROM agg
     ON CONFLICT (tenant_id, day, page_path, browser_family, device_class)
     DO UPDATE SET events = a.events + EXCLUDED.events
-)
+)"""
+
+_AGGREGATE_ANALYTICS = f"""
+WITH d AS (
+    DELETE FROM analytics_events WHERE (tenant_id, event_id) IN (
+        SELECT tenant_id, event_id FROM analytics_events
+        WHERE tenant_id = $1 AND occurred_at < $2 LIMIT $3)
+    RETURNING tenant_id, occurred_at, page_path, browser_family, device_class
+), {_FOLD.format(events="d")}
 SELECT count(*) FROM d
-"""
+"""  # noqa: S608
 
 # A subject with nothing left ($2: the retention cutoff). Its events, consents and
 # signals are checked too: a visitor who still browsed or chose lately is not gone.
@@ -169,25 +170,27 @@ AND NOT EXISTS (SELECT 1 FROM analytics_events a WHERE a.tenant_id = x.tenant_id
                 AND a.subject_id = x.subject_id AND a.occurred_at >= $2)
 """
 
-# constant fragments only: every value is a bind parameter
-_ABANDONED_EVENTS = f"""e.tenant_id = $1 AND e.subject_id IN (
-    SELECT x.subject_id FROM subjects x WHERE {_ABANDONED})"""  # noqa: S608
-
 # Locked first, as an erasure locks its subject; one being erased or joined by a new
 # session right now (the session's foreign key holds a lock on it) is skipped: the
-# next pass looks again. The cascade takes the key, consents, signals and events.
+# next pass looks again. Their page views are folded into the rollup here, the
+# closed requests lose the link and their text, and the cascade takes the rest (key,
+# consents, signals). Returns (subjects deleted, events folded).
 _DELETE_SUBJECTS = f"""
 WITH v AS (
     SELECT x.tenant_id, x.subject_id FROM subjects x WHERE {_ABANDONED}
     LIMIT $3 FOR UPDATE OF x SKIP LOCKED
-), r AS (
+), ev AS (
+    DELETE FROM analytics_events e USING v
+     WHERE e.tenant_id = v.tenant_id AND e.subject_id = v.subject_id
+    RETURNING e.tenant_id, e.occurred_at, e.page_path, e.browser_family, e.device_class
+), {_FOLD.format(events="ev")}, r AS (
     UPDATE privacy_requests p SET details = NULL, extension_reason = NULL, resolution = NULL
       FROM v WHERE p.tenant_id = v.tenant_id AND p.subject_id = v.subject_id
 ), d AS (
     DELETE FROM subjects s USING v
      WHERE s.tenant_id = v.tenant_id AND s.subject_id = v.subject_id
     RETURNING 1)
-SELECT count(*) FROM d
+SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM ev)
 """  # noqa: S608
 
 KINDS = (
@@ -245,20 +248,17 @@ async def purge_tenant(pool: Pool, tenant_id: UUID, now: datetime, batch: int) -
     out["redaction_maps_cleared"] = await _drain(
         pool, tenant_id, _CLEAR_REDACTION_MAPS, cutoff, batch=batch
     )
-    two_years = now - timedelta(days=ANALYTICS_DAYS)
     out["analytics_events_aggregated"] = await _drain(
-        pool, tenant_id, _AGGREGATE_ANALYTICS.format(which=_OLD_EVENTS), two_years, batch=batch
+        pool, tenant_id, _AGGREGATE_ANALYTICS, now - timedelta(days=ANALYTICS_DAYS), batch=batch
     )
     # last: the steps above are what leaves a subject with nothing
-    out["analytics_events_aggregated"] += await _drain(
-        pool,
-        tenant_id,
-        _AGGREGATE_ANALYTICS.format(which=_ABANDONED_EVENTS),
-        cutoff,
-        batch=batch,
-    )
-    out["subjects_deleted"] = await _drain(pool, tenant_id, _DELETE_SUBJECTS, cutoff, batch=batch)
-    return out
+    while True:
+        async with tenant_tx(pool, tenant_id) as conn:
+            subjects, events = await conn.fetchrow(_DELETE_SUBJECTS, tenant_id, cutoff, batch)
+        out["subjects_deleted"] += subjects
+        out["analytics_events_aggregated"] += events
+        if subjects < batch:
+            return out
 
 
 async def run_retention(
