@@ -65,7 +65,7 @@ def test_a_small_bench_run_measures_every_scenario(database: Database, tmp_path:
 
     retention = res["slow_jobs"]["retention"]
     assert retention["available"], retention["reason"]
-    assert retention["after"] == {"messages": 0, "conversations_anonymized": 20}
+    assert retention["after"] == {"messages": 0, "conversations_anonymized": 20, "subjects_left": 0}
     export = res["slow_jobs"]["export"]
     assert export["available"], export.get("reason")
     assert export["messages_in_export"] == 50
