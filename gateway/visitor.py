@@ -463,6 +463,9 @@ def welcome(v: Visitor, cp: CompiledPolicy) -> dict[str, Any]:
             # whether this visitor's messages are kept, as decided now (a widget shows it)
             "storage": "on" if decision.store_transcript else "off",
             "age_confirmation": cp.policy.age_confirmation,
+            # whether this visitor confirmed it: a widget holds back what was typed
+            # before the welcome until they do
+            "age_confirmed": v.consent.age_confirmed,
             "min_age": cp.policy.min_age,
             "consent_version": cp.policy.consent_version,
             "privacy_policy_url": cp.policy.privacy_policy_url,

@@ -983,3 +983,251 @@ async def test_keeping_by_default_shows_ticked_and_can_be_withdrawn(
     await until(lambda: len(watch.welcomes()) > welcomes)
     assert watch.welcomes()[-1]["policy"]["storage"] == "off"
     await expect(keep).not_to_be_checked()
+
+
+async def restrict_processing(live: Live, token: str) -> None:
+    """The visitor files a GDPR restriction request: the gateway refuses their messages."""
+    async with live.gateway.session.post(
+        live.gateway.url("/api/gdpr/request"),
+        json={"kind": "restriction"},
+        headers={"Authorization": f"Session {token}"},
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+
+
+async def session_token(page: Page, live: Live) -> str:
+    key = f"omnigate.session.{live.tenant.site_key}"
+    token = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
+    assert token
+    return str(token)
+
+
+async def test_a_restricted_visitors_message_fails_visibly(
+    live: Live, context: BrowserContext
+) -> None:
+    page = await context.new_page()
+    watch = Watch(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "before the restriction", 0)
+    await restrict_processing(live, await session_token(page, live))
+    # refused with error consent_required but no consent_required frame: consent is
+    # not what is missing, so the message must not wait for a panel that never opens
+    await page.get_by_label("Message").fill("after the restriction")
+    await page.get_by_label("Message").press("Enter")
+    refused = page.locator("li.msg.user").nth(1)
+    await expect(refused).to_have_class(re.compile(r"\bfailed\b"))
+    await expect(refused.get_by_role("alert")).to_contain_text("restricted at your request")
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_hidden()
+    await page.wait_for_timeout(500)
+    sent = [f["text"] for f in watch.sent if f.get("type") == "message"]
+    assert sent == ["before the restriction", "after the restriction"]
+
+
+async def test_a_restricted_visitors_message_is_posted_once_over_http(
+    live: Live, context: BrowserContext
+) -> None:
+    await context.add_init_script(BLOCKED_SOCKETS)
+    page = await context.new_page()
+    posted: list[str] = []
+    page.on(
+        "request",
+        lambda r: (
+            posted.append(json.loads(r.post_data or "{}").get("text", ""))
+            if "/v1/widget/chat" in r.url
+            else None
+        ),
+    )
+    await page.goto(live.demo)
+    await open_widget(page)
+    await expect(page.locator(".panel")).to_have_attribute("data-transport", "http")
+    await page.get_by_label("Message").fill("before the restriction")
+    await page.get_by_label("Message").press("Enter")
+    await give_consent(page)
+    done = page.locator("li.msg.assistant:not(.streaming) .text")
+    await expect(done.nth(0)).to_have_text("before the restriction")
+    await restrict_processing(live, await session_token(page, live))
+    await page.get_by_label("Message").fill("after the restriction")
+    await page.get_by_label("Message").press("Enter")
+    refused = page.locator("li.msg.user").nth(1)
+    await expect(refused).to_have_class(re.compile(r"\bfailed\b"))
+    await expect(refused.get_by_role("alert")).to_contain_text("restricted at your request")
+    # not re-posted every few seconds: the gateway gets it once
+    await page.wait_for_timeout(4000)
+    assert posted.count("after the restriction") == 1, posted
+
+
+async def test_another_session_resumed_by_the_cookie_replaces_the_old_one(
+    live: Live, context: BrowserContext
+) -> None:
+    # Tab A's socket is down while tab B erases the visitor's data and starts afresh. A's
+    # hello then names an erased token, and the cookie (B's) resumes B's new session:
+    # `resumed` is true, yet it is not the conversation A shows.
+    blocked = False
+    refusing: list[asyncio.Future[None]] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        if blocked:
+            refusing.append(asyncio.ensure_future(ws.close(code=1011)))
+            return
+        ws.connect_to_server()
+
+    a = await context.new_page()
+    watch = Watch(a)
+    await a.route_web_socket(re.compile(r".*/v1/widget/ws.*"), route)
+    await a.goto(live.demo)
+    await open_widget(a)
+    await give_consent(a)
+    await say(a, "secret one", 0)
+    old = await session_token(a, live)
+
+    b = await context.new_page()
+    await b.goto(live.demo)
+    await open_widget(b)
+    await expect(b.locator("li.msg")).to_have_count(2)  # the same session, by the cookie
+
+    blocked = True
+    await live.drop_sockets()
+    await a.get_by_label("Message").fill("secret two")
+    await a.get_by_label("Message").press("Enter")
+    await b.get_by_role("button", name="Privacy").click()
+    await b.get_by_role("button", name="Delete my data").click()
+    await b.get_by_role("button", name="Delete everything").click()
+    await expect(b.get_by_role("form", name="Before we chat")).to_be_visible()
+    new = await session_token(b, live)
+    assert new != old
+
+    blocked = False
+    await until(lambda: any(w["session_token"] == new for w in watch.welcomes()), 40)
+    assert [w["resumed"] for w in watch.welcomes() if w["session_token"] == new] == [True]
+    # nothing of the erased conversation is left, and the visitor is told why
+    notice = "Your earlier conversation has ended. A new conversation has started."
+    await expect(a.locator(".empty")).to_have_text(notice)
+    await expect(a.locator("[aria-live=polite].sr-only")).to_have_text(notice)
+    assert await a.locator("li.msg").count() == 0
+    await give_consent(a)
+    await a.wait_for_timeout(500)
+    assert await a.locator("li.msg").count() == 0
+    # the unsent message of the erased conversation never goes into the other one
+    sent = [f["text"] for f in watch.sent if f.get("type") == "message"]
+    assert "secret two" not in sent, sent
+
+
+class HeldWelcome:
+    """The real gateway behind page.route_web_socket, its frames held back until released."""
+
+    def __init__(self) -> None:
+        self.held: list[str] | None = []
+        self.sent: list[dict[str, Any]] = []
+        self.route: WebSocketRoute | None = None
+
+    async def attach(self, page: Page) -> None:
+        await page.route_web_socket(re.compile(r".*/v1/widget/ws.*"), self._route)
+
+    def _route(self, ws: WebSocketRoute) -> None:
+        self.route = ws
+        server = ws.connect_to_server()
+
+        def from_page(raw: str | bytes) -> None:
+            self.sent.append(json.loads(raw))
+            server.send(raw)
+
+        def from_server(raw: str | bytes) -> None:
+            if self.held is not None:
+                self.held.append(str(raw))
+            else:
+                ws.send(raw)
+
+        ws.on_message(from_page)
+        server.on_message(from_server)
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        assert self.route is not None
+        for raw in held:
+            self.route.send(raw)
+
+
+async def test_text_typed_before_welcome_waits_for_age_confirmation(
+    live: Live, context: BrowserContext, app_pool: asyncpg.Pool
+) -> None:
+    # a tenant that asks only for age confirmation: no purpose is missing in the welcome
+    await set_policy(
+        app_pool,
+        live.tenant.tenant_id,
+        {"allowed_origins": [live.origin], "required_consents": [], "age_confirmation": True},
+        version=3,
+    )
+    app = live.gateway.server.app
+    assert app is not None
+    app[SERVICES].tenants.invalidate(live.tenant.tenant_id)
+    server = HeldWelcome()
+    page = await context.new_page()
+    await server.attach(page)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await until(lambda: any(f["type"] == "hello" for f in server.sent))
+    await page.get_by_label("Message").fill("I am 13, my phone is 555 0100")
+    await page.get_by_label("Message").press("Enter")
+    server.release()
+    age = page.get_by_label("I am at least 16 years old")
+    await expect(age).to_be_visible()
+    await page.wait_for_timeout(500)
+    assert [f for f in server.sent if f["type"] == "message"] == []
+    await age.check()
+    await page.get_by_role("button", name="Agree and start chatting").click()
+    done = page.locator("li.msg.assistant:not(.streaming) .text")
+    await expect(done).to_have_text("I am 13, my phone is 555 0100")
+    assert len([f for f in server.sent if f["type"] == "message"]) == 1
+
+
+async def test_a_refusal_that_raced_a_revocation_waits_for_consent(
+    live: Live, context: BrowserContext
+) -> None:
+    # consent withdrawn in another tab while a message was past its check: its error
+    # comes before the pushed welcome and consent_required that open the panel
+    sent: list[dict[str, Any]] = []
+
+    def route(ws: WebSocketRoute) -> None:
+        def send(frame: dict[str, Any]) -> None:
+            ws.send(json.dumps(frame))
+
+        def welcome(granted: list[str]) -> None:
+            policy = {"required_consents": ["ai_processing"], "granted": granted}
+            send({"type": "welcome", "session_token": "t" * 32, "resumed": True,
+                  "conversation_id": "c", "policy": policy})  # fmt: skip
+
+        def on_message(raw: str | bytes) -> None:
+            frame = json.loads(raw)
+            sent.append(frame)
+            if frame["type"] == "hello":
+                welcome(["ai_processing"])
+            elif frame["type"] == "consent":
+                welcome(["ai_processing"])
+            elif frame["type"] == "message" and sum(f["type"] == "message" for f in sent) == 1:
+                send({"type": "error", "id": frame["id"], "code": "consent_required",
+                      "message": "consent was withdrawn meanwhile"})  # fmt: skip
+                welcome([])
+                send({"type": "consent_required", "purposes": ["ai_processing"]})
+            elif frame["type"] == "message":
+                send({"type": "ack", "id": frame["id"], "seq": 1})
+                send({"type": "delta", "id": frame["id"], "text": frame["text"]})
+                send({"type": "done", "id": frame["id"], "seq": 2, "finish_reason": "stop"})
+
+        ws.on_message(on_message)
+
+    page = await context.new_page()
+    await page.route_web_socket(re.compile(r".*/v1/widget/ws.*"), route)
+    await page.goto(live.demo)
+    await open_widget(page)
+    await page.get_by_label("Message").fill("in flight")
+    await page.get_by_label("Message").press("Enter")
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+    await give_consent(page)
+    # sent again once consent is given, as a refusal with the panel open is
+    done = page.locator("li.msg.assistant:not(.streaming) .text")
+    await expect(done).to_have_text("in flight")
+    assert await page.locator(".msg-error").count() == 0
+    ids = [f["id"] for f in sent if f["type"] == "message"]
+    assert len(ids) == 2 and len(set(ids)) == 1

@@ -20,8 +20,8 @@ from gateway import ws as ws_module
 from gateway.appkeys import CONNECTIONS, SERVICES
 from gateway.config import Settings
 from gateway.provision import NewTenant, create_tenant
-from tests.conftest import ORIGIN, Gateway, chat, hello, reply_text, start_gateway
-from tests.support import until
+from tests.conftest import ORIGIN, Gateway, chat, hello, recv_until, reply_text, start_gateway
+from tests.support import tenant_with, until
 
 BAD_FRAMES = [
     ("not-json", "{nope", "bad_request"),
@@ -381,3 +381,25 @@ async def test_close_all_is_not_held_up_by_a_client_that_stopped_reading(
     assert time.monotonic() - started < 3
     msg = await normal.receive(timeout=5)
     assert msg.type == WSMsgType.CLOSE and msg.data == 1001
+
+
+async def test_welcome_says_whether_this_visitor_confirmed_their_age(
+    offline_gateway: Gateway, app_pool: asyncpg.Pool
+) -> None:
+    """The widget holds back text typed before the welcome until age is confirmed: the
+    welcome must say whether it is, not only that the site asks for it."""
+    t = await tenant_with(app_pool, age_confirmation=True)
+    ws = await offline_gateway.ws(t.site_key)
+    first = await hello(ws)
+    assert first["policy"]["age_confirmation"] is True
+    assert first["policy"]["age_confirmed"] is False
+    await ws.send_json({"type": "consent", "age_confirmed": True})
+    answer = (await recv_until(ws, "welcome"))[-1]
+    assert answer["type"] == "welcome", answer
+    assert answer["policy"]["age_confirmed"] is True
+    await ws.close()
+    ws = await offline_gateway.ws(t.site_key)
+    resumed = await hello(ws, session_token=first["session_token"])
+    assert resumed["resumed"] is True
+    assert resumed["policy"]["age_confirmed"] is True
+    await ws.close()

@@ -458,9 +458,11 @@
   function onWelcome(f) {
     if (f.session_token && f.session_token !== token) {
       // the session our hello named is gone (expired, erased while the socket was
-      // down): the gateway started a new one. What is on screen belongs to the old one
-      // and unanswered messages must not be sent into the new one.
-      if (token && !f.resumed) sessionReplaced();
+      // down): the gateway started a new one, or resumed another that the cookie
+      // names (`resumed` is then true: another tab started it after an erasure).
+      // Either way what is on screen belongs to the old one, and unanswered messages
+      // must not be sent into the other.
+      if (token) sessionReplaced();
       token = f.session_token;
       storageSet(token);
     }
@@ -470,6 +472,9 @@
     choiceSaved();
     const granted = new Set(policy.granted || []);
     const missing = (policy.required_consents || []).filter((p) => !granted.has(p));
+    // the gateway refuses every message until age is confirmed: text typed before
+    // this welcome must wait for the box, not be sent ahead of it
+    if (policy.age_confirmation && !policy.age_confirmed) missing.push("age_confirmation");
     if (missing.length) {
       askConsent(missing);
     } else {
@@ -535,8 +540,19 @@
         if (msg) retryLater(msg, (wait || 1) * 1000);
         return;
       case "consent_required":
-        if (msg) msg.sentOn = -1; // re-sent once consent is given
-        return; // the consent_required frame that came with it opens the panel
+        if (needs) {
+          // the consent_required frame that came first opened the panel: the message
+          // is re-sent once consent is given
+          if (msg) msg.sentOn = -1;
+          return;
+        }
+        // no consent is missing, so consent cannot cure it (processing is restricted at
+        // the visitor's request): say so rather than wait, or re-post it, for ever
+        failMessage(msg, f.message || "This message could not be sent.");
+        // a refusal that raced a revocation made elsewhere: its consent_required frame
+        // may still come, and then the message waits for consent like the others
+        if (msg) msg.refusedConsent = true;
+        return;
       case "storage_unavailable":
         if (msg && msg.tries < STORAGE_RETRIES) {
           msg.tries += 1;
@@ -592,23 +608,34 @@
         class: "link",
         text: "Retry",
         onclick: () => {
-          note.remove();
-          msg.status = "pending";
-          msg.sentOn = -1;
-          msg.tries = 0;
-          msg.userEl.classList.remove("failed");
-          msg.userEl.classList.add("pending");
+          unfail(msg);
           flush();
         },
       }),
     );
+    msg.errorEl = note;
     msg.userEl.append(note);
+  }
+
+  // back to pending (sent again by the next flush), the same client id
+  function unfail(msg) {
+    if (msg.errorEl) msg.errorEl.remove();
+    msg.errorEl = null;
+    msg.refusedConsent = false;
+    msg.status = "pending";
+    msg.sentOn = -1;
+    msg.tries = 0;
+    msg.userEl.classList.remove("failed");
+    msg.userEl.classList.add("pending");
   }
 
   // ---------- consent ----------
 
   function askConsent(purposes) {
     ready = false;
+    // refused for consent before the panel opened (a revocation raced them): they are
+    // sent once consent is given, as a message refused with the panel open is
+    for (const m of msgs.values()) if (m.refusedConsent) unfail(m);
     // welcome and consent_required often name the same purposes: keep the form (and focus)
     if (!consentForm.hidden && needs && needs.join() === purposes.join()) return;
     const hadFocus = consentForm.contains(root.activeElement);
