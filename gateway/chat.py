@@ -310,31 +310,7 @@ async def _reply(
 
     reply_seq: int | None = None
     if keep_reply:
-        try:
-            cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
-            mid = uuid4()
-            with metrics.timed("crypto"):
-                blob = svc.vault.seal_text(
-                    cipher, v.tenant_id, v.conversation_id, mid, "assistant", reply
-                )
-            with metrics.timed("database"):
-                # one autocommit round trip: the function sets the tenant itself
-                reply_seq = await _insert_message(
-                    svc,
-                    NewMessage(
-                        v.tenant_id,
-                        v.conversation_id,
-                        mid,
-                        "assistant",
-                        blob,
-                        reply_to=user_seq,
-                        finish_reason=finish,
-                    ),
-                )
-        except KeyDestroyed:
-            raise _erased(msg_id) from None
-        except (*STORAGE_ERRORS, CryptoError):
-            raise _storage_error(msg_id) from None
+        reply_seq = await _store_reply(svc, v, msg_id, reply, raw_reply, user_seq, finish)
     else:
         v.unstored[msg_id] = reply
         if len(v.unstored) > 256:
@@ -353,6 +329,75 @@ REPLY_LEASE = UpstreamConfig.reply_timeout + 60.0
 # a re-send whose reply streams elsewhere retries after this (the widget retries
 # `rate_limited` messages; by then the reply is usually stored and answered from there)
 BUSY_RETRY_AFTER = 1.0
+
+
+async def _store_reply(
+    svc: Services,
+    v: Visitor,
+    msg_id: str,
+    reply: str,
+    raw_reply: str,
+    user_seq: int | None,
+    finish: str,
+) -> int | None:
+    """Store the reply as the visitor saw it, with a map that still knows its values.
+
+    The reply holds the values its placeholders were restored to, and a resume redacts
+    it again with the stored map alone. Retention may have pruned the map meanwhile
+    (`retention.prune_maps`: values no stored message held any more, until this one):
+    then the values this reply restored are issued again, and written with it.
+    """
+    try:
+        cipher = await svc.vault.cipher_for(svc.pool, v.tenant_id, v.subject_id)
+        mid = uuid4()
+        with metrics.timed("crypto"):
+            blob = svc.vault.seal_text(
+                cipher, v.tenant_id, v.conversation_id, mid, "assistant", reply
+            )
+        sealed_map = None
+        restored: list[tuple[str, str, str]] | None = None
+        for _ in range(MAP_ATTEMPTS):
+            try:
+                with metrics.timed("database"):
+                    # one autocommit round trip: the function sets the tenant itself
+                    seq = await _insert_message(
+                        svc,
+                        NewMessage(
+                            v.tenant_id,
+                            v.conversation_id,
+                            mid,
+                            "assistant",
+                            blob,
+                            reply_to=user_seq,
+                            finish_reason=finish,
+                            redaction_sealed=sealed_map,
+                            check_map=True,
+                            map_expected=v.map_sealed,
+                        ),
+                    )
+            except MapChanged:
+                if restored is None:  # from the map that restored them, before any reload
+                    restored = v.placeholders.entries_in(raw_reply)
+                await _reload_map(svc, v, msg_id)
+                sealed_map = None
+                if v.placeholders.reissue(restored):
+                    with metrics.timed("crypto"):
+                        sealed_map = svc.vault.seal_blob(
+                            cipher,
+                            v.tenant_id,
+                            v.conversation_id,
+                            "redaction",
+                            orjson.dumps(v.placeholders.to_dict()),
+                        )
+                continue
+            if sealed_map is not None:
+                v.map_sealed, v.map_len = sealed_map, len(v.placeholders)
+            return seq
+    except KeyDestroyed:
+        raise _erased(msg_id) from None
+    except (*STORAGE_ERRORS, CryptoError):
+        raise _storage_error(msg_id) from None
+    raise _storage_error(msg_id)
 
 
 async def _reload_map(svc: Services, v: Visitor, msg_id: str) -> None:

@@ -136,9 +136,17 @@ def _privacy_job(settings: Settings, args: argparse.Namespace) -> int:
     if owner is not None:
         asyncio.run(_migrate(settings, owner))
     if args.command == "retention":
+        from gateway.crypto import KeyRing, dev_master_keys
         from gateway.retention import run_retention
+        from gateway.vault import Vault
 
-        print(orjson.dumps(asyncio.run(_with_pool(settings, run_retention))).decode())
+        # the keys serve uses: a pass prunes redaction maps only if it can open them
+        vault = Vault(KeyRing(settings.master_keys or dev_master_keys(settings.state_dir)))
+
+        async def retain(pool: Any) -> dict[str, Any]:
+            return await run_retention(pool, vault)
+
+        print(orjson.dumps(asyncio.run(_with_pool(settings, retain))).decode())
         return 0
     if args.command == "keys":
         from gateway.crypto import KeyRing

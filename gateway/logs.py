@@ -73,6 +73,7 @@ ALLOWED_EXTRAS = (
     "session_ips_cleared",
     "analytics_events_aggregated",
     "subjects_deleted",
+    "redaction_entries_pruned",
 )
 _MAX_EXTRA_CHARS = 200
 # What an ``error`` extra may hold: an exception class name or a fixed code.

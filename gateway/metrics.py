@@ -158,6 +158,7 @@ RETENTION_KINDS = frozenset(
         "privacy_requests",
         "session_ips",
         "redaction_maps",
+        "redaction_entries",
         "analytics_events",
     }
 )

@@ -16,6 +16,9 @@ Per tenant, with `retention_days` from its current policy:
   expired sessions are deleted;
 * analytics events older than two years are folded into `analytics_daily`
   (upsert) and deleted, in the same statement, so a crash never double-counts;
+* conversations whose messages were deleted but which keep newer ones have their
+  redaction maps pruned of the values no remaining message holds (`prune_maps`:
+  the pass opens them with the master keys; without them, they wait for one that can);
 * subjects left with nothing (created before retention, no session, no conversation
   linked, no open privacy request, no consent, signal or analytics event since the
   cutoff) are deleted: their data key, consent history, signal records and old
@@ -40,10 +43,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+import orjson
+
 from gateway import metrics, store
+from gateway.crypto import CryptoError
 from gateway.db import Pool, tenant_tx
 from gateway.directory import tenant_ids
-from policies import parse_policy
+from gateway.vault import Vault
+from policies import PlaceholderMap, parse_policy
 
 log = logging.getLogger("omnigate.retention")
 
@@ -59,12 +66,19 @@ RETURNING holder
 """
 ANALYTICS_DAYS = 730
 
+# A conversation that had messages deleted and has a map is marked, in the same
+# statement, for `prune_maps` (it holds the keys; SQL cannot open the map).
 _DELETE_MESSAGES = """
 WITH d AS (
     DELETE FROM messages WHERE (tenant_id, conversation_id, seq) IN (
         SELECT tenant_id, conversation_id, seq FROM messages
         WHERE tenant_id = $1 AND created_at < $2 LIMIT $3)
-    RETURNING 1)
+    RETURNING conversation_id
+), marked AS (
+    UPDATE conversations c SET map_prune_due = true
+     WHERE c.tenant_id = $1 AND c.conversation_id IN (SELECT conversation_id FROM d)
+       AND c.redaction_sealed IS NOT NULL AND NOT c.map_prune_due
+)
 SELECT count(*) FROM d
 """
 
@@ -193,6 +207,18 @@ WITH v AS (
 SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM ev)
 """  # noqa: S608
 
+# Conversations whose messages were deleted, locked while their map is opened and
+# written: a message written meanwhile waits for the lock (the insert functions take it
+# before they insert when they check the map, as every text-bearing write does), then
+# finds the map changed and redacts again (gateway/chat.py).
+_MARKED_MAPS = """
+SELECT conversation_id, subject_id, redaction_sealed FROM conversations
+WHERE tenant_id = $1 AND map_prune_due
+LIMIT $2 FOR UPDATE SKIP LOCKED
+"""
+# conversations per transaction: each stays locked while its messages are opened
+PRUNE_BATCH = 50
+
 KINDS = (
     "messages_deleted",
     "conversations_anonymized",
@@ -201,6 +227,7 @@ KINDS = (
     "session_ips_cleared",
     "analytics_events_aggregated",
     "subjects_deleted",
+    "redaction_entries_pruned",
 )
 # the metric's closed label set (gateway.metrics.RETENTION_KINDS)
 _METRIC_KIND = {
@@ -211,6 +238,7 @@ _METRIC_KIND = {
     "redaction_maps_cleared": "redaction_maps",
     "analytics_events_aggregated": "analytics_events",
     "subjects_deleted": "subjects",
+    "redaction_entries_pruned": "redaction_entries",
 }
 
 
@@ -231,8 +259,67 @@ async def _retention_days(pool: Pool, tenant_id: UUID) -> int:
     return parse_policy(row[1]).retention_days if row else parse_policy({}).retention_days
 
 
-async def purge_tenant(pool: Pool, tenant_id: UUID, now: datetime, batch: int) -> dict[str, int]:
-    """One tenant's pass; returns counts by kind."""
+async def prune_maps(pool: Pool, vault: Vault, tenant_id: UUID) -> int:
+    """Drop from the marked conversations' maps the values no stored message holds.
+
+    The messages that held them were deleted by retention; the map kept the originals
+    (sealed) for as long as the conversation kept any newer message. An entry stays
+    while any message left holds its value in either spelling, so a resume redacts
+    those messages again as before (`PlaceholderMap.retain_seen_in`). Returns the
+    number of entries dropped.
+    """
+    dropped = 0
+    while True:
+        async with tenant_tx(pool, tenant_id) as conn:
+            rows = await conn.fetch(_MARKED_MAPS, tenant_id, PRUNE_BATCH)
+            for cid, subject_id, sealed in rows:
+                new_sealed = sealed
+                if sealed is not None and subject_id is not None:
+                    try:
+                        new_sealed, n = await _pruned(
+                            conn, vault, tenant_id, cid, subject_id, sealed
+                        )
+                        dropped += n
+                    except (CryptoError, ValueError) as exc:
+                        # unreadable: left as it is, for the conversation's end or erasure
+                        log.warning("redaction map not pruned", extra={"error": type(exc).__name__})
+                await conn.execute(
+                    "UPDATE conversations SET redaction_sealed = $3, map_prune_due = false "
+                    "WHERE tenant_id = $1 AND conversation_id = $2",
+                    tenant_id,
+                    cid,
+                    new_sealed,
+                )
+        if len(rows) < PRUNE_BATCH:
+            return dropped
+
+
+async def _pruned(
+    conn: Any, vault: Vault, tenant_id: UUID, cid: UUID, subject_id: UUID, sealed: bytes
+) -> tuple[bytes, int]:
+    cipher = await vault.cipher(conn, tenant_id, subject_id)
+    texts = [
+        vault.open_text(cipher, tenant_id, cid, m["message_id"], m["role"], m["ciphertext"])
+        for m in await conn.fetch(
+            "SELECT message_id, role, ciphertext FROM messages "
+            "WHERE tenant_id = $1 AND conversation_id = $2",
+            tenant_id,
+            cid,
+        )
+    ]
+    mapping = PlaceholderMap.from_dict(
+        orjson.loads(vault.open_blob(cipher, tenant_id, cid, "redaction", sealed))
+    )
+    n = mapping.retain_seen_in(texts)
+    if not n:
+        return sealed, 0
+    return vault.seal_blob(cipher, tenant_id, cid, "redaction", orjson.dumps(mapping.to_dict())), n
+
+
+async def purge_tenant(
+    pool: Pool, tenant_id: UUID, now: datetime, batch: int, vault: Vault | None = None
+) -> dict[str, int]:
+    """One tenant's pass; returns counts by kind. Maps are pruned only with a `vault`."""
     days = await _retention_days(pool, tenant_id)
     cutoff = now - timedelta(days=days)
     out = dict.fromkeys(KINDS, 0)
@@ -251,6 +338,8 @@ async def purge_tenant(pool: Pool, tenant_id: UUID, now: datetime, batch: int) -
     out["analytics_events_aggregated"] = await _drain(
         pool, tenant_id, _AGGREGATE_ANALYTICS, now - timedelta(days=ANALYTICS_DAYS), batch=batch
     )
+    if vault is not None:  # after the steps that clear a map whose messages are all gone
+        out["redaction_entries_pruned"] = await prune_maps(pool, vault, tenant_id)
     # last: the steps above are what leaves a subject with nothing
     while True:
         async with tenant_tx(pool, tenant_id) as conn:
@@ -262,9 +351,12 @@ async def purge_tenant(pool: Pool, tenant_id: UUID, now: datetime, batch: int) -
 
 
 async def run_retention(
-    pool: Pool, *, now: datetime | None = None, batch: int = 5000
+    pool: Pool, vault: Vault | None = None, *, now: datetime | None = None, batch: int = 5000
 ) -> dict[str, Any]:
-    """One pass over every tenant, if this process wins the leader lock; a JSON summary."""
+    """One pass over every tenant, if this process wins the leader lock; a JSON summary.
+
+    Without a `vault` (the master keys) redaction maps are not pruned: the
+    conversations stay marked for a pass that has them."""
     now = now or datetime.now(UTC)
     started = time.monotonic()
     holder = uuid4()
@@ -280,7 +372,7 @@ async def run_retention(
                 log.warning("retention lease lost; the next pass continues")
                 break
             try:
-                counts = await purge_tenant(pool, tenant_id, now, batch)
+                counts = await purge_tenant(pool, tenant_id, now, batch, vault)
             except Exception as exc:  # one broken tenant must not stop the rest
                 # batches already committed stay done; the next pass retries the rest
                 failed += 1
@@ -313,7 +405,7 @@ async def retention_loop(svc: Any, interval: float) -> None:
 
     while True:
         try:
-            summary = await run_retention(svc.pool)
+            summary = await run_retention(svc.pool, svc.vault)
             if summary["leader"]:
                 log.info("retention pass", extra={k: summary[k] for k in KINDS})
             await refresh_overdue(svc.pool)

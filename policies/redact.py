@@ -159,6 +159,47 @@ class PlaceholderMap:
         parts.append(text[pos:])
         return "".join(parts)
 
+    def retain_seen_in(self, texts: Iterable[str]) -> int:
+        """Drop the entries no text contains in either spelling; return how many went.
+
+        For retention: once the messages that held a value are deleted, the map need
+        not keep it. An entry stays while any remaining text holds its value or its
+        canonical form, exactly the spellings ``reapply`` replaces, so the texts left
+        are redacted again as before. The counters stay: a number once issued is
+        never issued again, to this value or another.
+        """
+        texts = list(texts)
+        drop = [
+            (entity_key, placeholder)
+            for entity_key, placeholder in self._by_key.items()
+            if not any(
+                self._values[placeholder] in t or (entity_key[1] and entity_key[1] in t)
+                for t in texts
+            )
+        ]
+        for entity_key, placeholder in drop:
+            del self._by_key[entity_key]
+            del self._values[placeholder]
+        if drop:
+            self._spellings = None
+        return len(drop)
+
+    def entries_in(self, text: str) -> list[tuple[str, str, str]]:
+        """The (entity, canonical key, value) of every issued placeholder in ``text``."""
+        wanted = {m.group(0) for m in PLACEHOLDER_RE.finditer(text)} & self._values.keys()
+        return [
+            (entity, key, self._values[placeholder])
+            for (entity, key), placeholder in self._by_key.items()
+            if placeholder in wanted
+        ]
+
+    def reissue(self, entries: Iterable[tuple[str, str, str]]) -> bool:
+        """Make sure each (entity, key, value) has a placeholder; True when any was new."""
+        before = len(self._values)
+        for entity, key, value in entries:
+            self.placeholder_for(entity, key, value)
+        return len(self._values) != before
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able form for (encrypted) storage."""
         return {

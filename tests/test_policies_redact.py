@@ -617,3 +617,22 @@ def test_phone_cost_of_short_windows_is_the_matcher_passes_find_phones_makes(
     monkeypatch.setattr(phonenumbers, "PhoneNumberMatcher", counting)
     list(find_phones(text))
     assert phone_cost(phone_windows(text)) == made
+
+
+def test_retain_seen_in_keeps_what_the_remaining_texts_need() -> None:
+    m = PlaceholderMap()
+    old = "write to Jane.Doe@Example.org or call +44 20 7946 0958"
+    kept = "my other address is max@example.net"
+    assert ALL.redact(old, m).text == "write to <EMAIL_1> or call <PHONE_1>"
+    assert ALL.redact(kept, m).text == "my other address is <EMAIL_2>"
+    # the reply restored the phone in its canonical spelling: that keeps it too
+    reply = "We will call +442079460958."
+    assert m.retain_seen_in([kept, reply]) == 1  # jane's address: in no text left
+    assert m.value_of("<EMAIL_1>") is None
+    assert m.reapply(kept) == "my other address is <EMAIL_2>"
+    assert m.reapply(reply) == "We will call <PHONE_1>."
+    # a number once issued is not issued again, to this value or another
+    assert ALL.redact("again Jane.Doe@Example.org", m).text == "again <EMAIL_3>"
+    assert PlaceholderMap.from_dict(m.to_dict()).value_of("<EMAIL_3>") == "Jane.Doe@Example.org"
+    assert m.retain_seen_in([]) == 3
+    assert m.is_empty and ALL.redact("x@y.org", m).text == "<EMAIL_4>"

@@ -13,10 +13,22 @@ import pytest
 
 from gateway import retention
 from gateway.cli import run
+from gateway.crypto import KeyRing
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant, create_tenant
 from gateway.retention import KINDS, LEASE, run_retention
-from tests.conftest import ORIGIN, Database, Gateway, chat, hello, recv_until, reply_text
+from gateway.vault import Vault
+from policies import PlaceholderMap
+from tests.conftest import (
+    MASTER_KEY,
+    ORIGIN,
+    Database,
+    Gateway,
+    chat,
+    hello,
+    recv_until,
+    reply_text,
+)
 
 CONSENT = {"conversation_storage": True, "ai_processing": True}
 
@@ -217,7 +229,7 @@ async def test_retention_loop_survives_any_exception(
 ) -> None:
     calls = 0
 
-    async def boom(pool: object) -> dict[str, object]:
+    async def boom(pool: object, vault: object) -> dict[str, object]:
         nonlocal calls
         calls += 1
         if calls >= 3:
@@ -225,7 +237,7 @@ async def test_retention_loop_survives_any_exception(
         raise RuntimeError("unexpected")
 
     monkeypatch.setattr(retention, "run_retention", boom)
-    svc = SimpleNamespace(pool=app_pool)
+    svc = SimpleNamespace(pool=app_pool, vault=None)
     with pytest.raises(asyncio.CancelledError):
         await retention.retention_loop(svc, 0)
     assert calls == 3
@@ -454,3 +466,108 @@ async def test_a_subject_left_with_nothing_is_deleted(
     )
     again = await run_retention(app_pool)
     assert all(again[k] == 0 for k in KINDS), again
+
+
+async def _open_map(owner_pool: asyncpg.Pool, tid: UUID, cid: UUID) -> PlaceholderMap:
+    vault = Vault(KeyRing((MASTER_KEY,)))
+    async with owner_pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT subject_id, redaction_sealed FROM conversations WHERE conversation_id = $1",
+            cid,
+        )
+        assert row is not None and row["redaction_sealed"] is not None
+        cipher = await vault.cipher(conn, tid, row["subject_id"])
+    raw = vault.open_blob(cipher, tid, cid, "redaction", row["redaction_sealed"])
+    return PlaceholderMap.from_dict(orjson.loads(raw))
+
+
+async def test_values_only_deleted_messages_held_leave_the_redaction_map(
+    gateway: Gateway,
+    tenant: NewTenant,
+    fake: tuple[FakeUpstream, str],
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    # A visitor who keeps coming back keeps the conversation, and its map kept the
+    # originals of every value they ever typed, long after the messages were deleted.
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    w = await hello(ws, consent=CONSENT)
+    assert (await chat(ws, "m1", "mail jane@example.org"))[-1]["type"] == "done"
+    assert (await chat(ws, "m2", "or max@example.net"))[-1]["type"] == "done"
+    await ws.close()
+    tid, cid = tenant.tenant_id, UUID(w["conversation_id"])
+    first_two = "SELECT seq FROM messages WHERE conversation_id = $1 ORDER BY seq LIMIT 2"
+    await owner_pool.execute(
+        f"UPDATE messages SET created_at = now() - interval '100 days' WHERE seq IN ({first_two})",
+        cid,
+    )
+    vault = Vault(KeyRing((MASTER_KEY,)))
+
+    without_keys = await run_retention(app_pool)  # marks it, cannot open it
+    assert without_keys["messages_deleted"] == 2
+    assert without_keys["redaction_entries_pruned"] == 0
+    assert (await _open_map(owner_pool, tid, cid)).value_of("<EMAIL_1>") == "jane@example.org"
+    summary = await run_retention(app_pool, vault)
+    assert summary["redaction_entries_pruned"] == 1, summary
+    mapping = await _open_map(owner_pool, tid, cid)
+    assert mapping.value_of("<EMAIL_1>") is None
+    assert mapping.value_of("<EMAIL_2>") == "max@example.net"
+    assert (
+        await owner_pool.fetchval(
+            "SELECT map_prune_due FROM conversations WHERE conversation_id = $1", cid
+        )
+        is False
+    )
+    assert (await run_retention(app_pool, vault))["redaction_entries_pruned"] == 0
+
+    # the visitor comes back: the message left is redacted as before, and the pruned
+    # value, typed again, gets a number never issued before
+    ws = await gateway.ws(tenant.site_key)
+    assert (await hello(ws, session_token=w["session_token"]))["resumed"] is True
+    assert (await chat(ws, "m3", "jane@example.org again"))[-1]["type"] == "done"
+    await ws.close()
+    sent = str(upstream.requests[-1]["body"]["messages"])
+    assert "<EMAIL_2>" in sent and "<EMAIL_3> again" in sent
+    assert "max@" not in sent and "jane@" not in sent
+
+
+async def test_a_reply_restoring_a_pruned_value_writes_it_back_to_the_map(
+    gateway: Gateway,
+    tenant: NewTenant,
+    fake: tuple[FakeUpstream, str],
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    # Retention prunes the map while a reply that restores the pruned value streams:
+    # stored without it, the reply would reach the model in clear after a resume.
+    upstream, _ = fake
+    ws = await gateway.ws(tenant.site_key)
+    w = await hello(ws, consent=CONSENT)
+    assert (await chat(ws, "m1", "mail jane@example.org"))[-1]["type"] == "done"
+    tid, cid = tenant.tenant_id, UUID(w["conversation_id"])
+    upstream.queue("reply", text="I will write to <EMAIL_1> today", chunks=4, delay_ms=300)
+    await ws.send_json({"type": "message", "id": "m2", "text": "please confirm"})
+    assert (await recv_until(ws, "delta"))[-1]["type"] == "delta"
+    # what retention does: the first turn deleted, the map marked and pruned
+    await owner_pool.execute(
+        "DELETE FROM messages WHERE conversation_id = $1 AND seq IN "
+        "(SELECT seq FROM messages WHERE conversation_id = $1 ORDER BY seq LIMIT 2)",
+        cid,
+    )
+    await owner_pool.execute(
+        "UPDATE conversations SET map_prune_due = true WHERE conversation_id = $1", cid
+    )
+    assert await retention.prune_maps(app_pool, Vault(KeyRing((MASTER_KEY,))), tid) == 1
+    frames = await recv_until(ws, "done")
+    await ws.close()
+    assert frames[-1]["type"] == "done" and frames[-1]["seq"] is not None
+    assert reply_text(frames).endswith("jane@example.org today")
+    mapping = await _open_map(owner_pool, tid, cid)
+    assert mapping.value_of("<EMAIL_2>") == "jane@example.org"  # issued again, a new number
+    ws = await gateway.ws(tenant.site_key)
+    assert (await hello(ws, session_token=w["session_token"]))["resumed"] is True
+    assert (await chat(ws, "m3", "thanks"))[-1]["type"] == "done"
+    await ws.close()
+    sent = str(upstream.requests[-1]["body"]["messages"])
+    assert "I will write to <EMAIL_2> today" in sent and "jane@" not in sent
