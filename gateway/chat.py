@@ -17,6 +17,7 @@ from uuid import uuid4
 
 import asyncpg
 import orjson
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import metrics, protocol, store
 from gateway.claims import Claim
@@ -382,13 +383,7 @@ async def _store_reply(
                 sealed_map = None
                 if v.placeholders.reissue(restored):
                     with metrics.timed("crypto"):
-                        sealed_map = svc.vault.seal_blob(
-                            cipher,
-                            v.tenant_id,
-                            v.conversation_id,
-                            "redaction",
-                            orjson.dumps(v.placeholders.to_dict()),
-                        )
+                        sealed_map = _sealed_map(svc, v, cipher)
                 continue
             if sealed_map is not None:
                 v.map_sealed, v.map_len = sealed_map, len(v.placeholders)
@@ -398,6 +393,12 @@ async def _store_reply(
     except (*STORAGE_ERRORS, CryptoError):
         raise _storage_error(msg_id) from None
     raise _storage_error(msg_id)
+
+
+def _sealed_map(svc: Services, v: Visitor, cipher: AESGCM) -> bytes:
+    """The visitor's redaction map as stored: sealed under the subject's key."""
+    raw = orjson.dumps(v.placeholders.to_dict())
+    return svc.vault.seal_blob(cipher, v.tenant_id, v.conversation_id, "redaction", raw)
 
 
 async def _reload_map(svc: Services, v: Visitor, msg_id: str) -> None:
@@ -437,15 +438,7 @@ async def _store_user(
         mid = uuid4()
         with metrics.timed("crypto"):
             blob = svc.vault.seal_text(cipher, v.tenant_id, v.conversation_id, mid, "user", text)
-            sealed_map = None
-            if map_changed:
-                sealed_map = svc.vault.seal_blob(
-                    cipher,
-                    v.tenant_id,
-                    v.conversation_id,
-                    "redaction",
-                    orjson.dumps(v.placeholders.to_dict()),
-                )
+            sealed_map = _sealed_map(svc, v, cipher) if map_changed else None
         with metrics.timed("database"):
             # one autocommit round trip: the function sets the tenant itself
             seq = await _insert_message(
