@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.dsr import MAX_DETAILS
+
 Operation = dict[str, Any]
 
 _EXTRA: dict[str, dict[str, Operation]] = {}
@@ -287,6 +289,11 @@ _WIDGET_PATHS: dict[str, dict[str, Operation]] = {
             "responses": {
                 "101": {"description": "Switching Protocols"},
                 "403": {"description": "Origin not allowed or unknown site key"},
+                "429": {
+                    "description": "Too many open sockets from this address "
+                    "(OMNIGATE_MAX_CONNECTIONS_PER_IP); Retry-After: 10",
+                    "headers": {"Retry-After": {"schema": INT}},
+                },
             },
         }
     },
@@ -312,17 +319,38 @@ _WIDGET_PATHS: dict[str, dict[str, Operation]] = {
 }
 
 
-def _visitor(summary: str, ok: dict[str, Any] | None = None) -> Operation:
-    """A visitor privacy operation, authenticated by the session (cookie or header)."""
+def _visitor(
+    summary: str,
+    ok: dict[str, Any] | None = None,
+    *,
+    status: str = "200",
+    errors: dict[str, str] | None = None,
+) -> Operation:
+    """A visitor privacy operation, authenticated by the session (cookie or header).
+
+    401 and 403 (`origin_not_allowed`: a cross-origin call from an origin the tenant
+    does not allow) are always possible; `errors` adds the operation's own.
+    """
+    responses: dict[str, Any] = {
+        status: ok or _json({"type": "object"}),
+        "401": _err("`session_invalid`: no valid session"),
+        "403": _err("`origin_not_allowed`: an Origin the tenant's policy does not allow"),
+    }
+    for code, text in (errors or {}).items():
+        responses[code] = _err(text)
     return {
         "tags": ["privacy"],
         "summary": summary,
         "security": [{"session": []}],
-        "responses": {
-            "200": ok or _json({"type": "object"}),
-            "401": _err("No valid session"),
-        },
+        "responses": responses,
     }
+
+
+_BAD_BODY = "`bad_request`: the body is not a JSON object"
+_UNKNOWN_KIND = (
+    f"`unknown_kind` (`allowed` lists the kinds), or `too_large`: details over {MAX_DETAILS}"
+    " characters"
+)
 
 
 def _static(summary: str, media: str) -> Operation:
@@ -334,7 +362,10 @@ def _static(summary: str, media: str) -> Operation:
 _PRIVACY_PATHS: dict[str, dict[str, Operation]] = {
     "/api/privacy/consent": {
         "get": _visitor("The visitor's current consent per purpose"),
-        "post": _visitor("Grant or revoke purposes"),
+        "post": _visitor(
+            "Grant or revoke purposes",
+            errors={"400": _BAD_BODY, "422": "`unknown_purpose`: not a list of known purposes"},
+        ),
     },
     "/api/privacy/export": {"get": _visitor("Everything held about the visitor, as JSON")},
     "/api/privacy/delete": {
@@ -347,11 +378,26 @@ _PRIVACY_PATHS: dict[str, dict[str, Operation]] = {
     },
     "/api/gdpr/request": {
         "post": _visitor(
-            "File a GDPR request (acknowledged in 48 h, due in one month, 30 days at most)"
+            "File a GDPR request (acknowledged in 48 h, due in one month, 30 days at most)",
+            _json({"type": "object"}, "Created"),
+            status="201",
+            errors={"400": _BAD_BODY, "422": _UNKNOWN_KIND},
         )
     },
-    "/api/gdpr/request/{id}": {"get": _visitor("Status of a GDPR or CCPA request")},
-    "/api/privacy/ccpa/request": {"post": _visitor("File a CCPA request (due in 45 days)")},
+    "/api/gdpr/request/{id}": {
+        "get": _visitor(
+            "Status of a GDPR or CCPA request",
+            errors={"404": "`not_found`: no such request of this visitor, or a malformed id"},
+        )
+    },
+    "/api/privacy/ccpa/request": {
+        "post": _visitor(
+            "File a CCPA request (due in 45 days)",
+            _json({"type": "object"}, "Created"),
+            status="201",
+            errors={"400": _BAD_BODY, "422": _UNKNOWN_KIND},
+        )
+    },
     "/.well-known/gpc.json": {
         "get": _simple("privacy", "Global Privacy Control support", _json(_obj(gpc=B)))
     },
@@ -415,12 +461,23 @@ _OPS_PATHS: dict[str, dict[str, Operation]] = {
         }
     },
     "/metrics": {
-        "get": _simple(
-            "operations",
-            "Prometheus text format",
-            {"description": "OK", "content": {"text/plain": {"schema": S}}},
-            security=[{"metricsToken": []}, {}],
-        )
+        "get": {
+            **_simple(
+                "operations",
+                "Prometheus text format; a bearer token when OMNIGATE_METRICS_TOKEN is set,"
+                " else loopback peers only",
+                {"description": "OK", "content": {"text/plain": {"schema": S}}},
+                security=[{"metricsToken": []}, {}],
+            ),
+            "responses": {
+                "200": {"description": "OK", "content": {"text/plain": {"schema": S}}},
+                "401": {"description": "A token is configured and the request lacks it"},
+                "403": {
+                    "description": "No token is configured and the peer is not loopback, "
+                    "or the request came through a proxy"
+                },
+            },
+        }
     },
     "/openapi.json": {"get": _simple("operations", "This document", _json({"type": "object"}))},
 }

@@ -28,7 +28,9 @@ WRITE_QUEUE = 256
 # a frame the peer has not taken within this long: it stopped reading, and is cut off
 # (aiohttp's heartbeat cannot end a connection whose unsent bytes are never taken)
 WRITE_TIMEOUT = 5.0
-# an ended session's socket gets this long to take its close frame, then is cut
+# A socket's close gives its peer OMNIGATE_HANDSHAKE_TIMEOUT to answer the close frame,
+# then cuts its connection. Two closes allow at most this long instead: an ended
+# session's (4001: its data was erased) and every socket's at shutdown (1001).
 TERMINATE_GRACE = 2.0
 # closes in progress, held until done (the event that ended the session does not wait)
 _ending: set[asyncio.Task[None]] = set()
@@ -106,7 +108,7 @@ async def widget_ws(request: web.Request) -> web.StreamResponse:
         metrics.WS_CONNECTIONS.dec()
         _release_ip(svc, ip_key)
         log.debug("socket closed", extra={"code": close[0], "reason": close[1].decode()})
-        await _bounded_close(ws, request.transport, *close)
+        await _bounded_close(ws, request.transport, *close, settings.handshake_timeout)
     return ws
 
 
@@ -179,7 +181,8 @@ class Outbox:
         """Close with 4001 (the session is gone: erased); the widget starts afresh.
 
         Nothing queued goes out any more. The close runs in the background and is
-        bounded: a peer that stopped reading has its connection cut.
+        bounded by TERMINATE_GRACE (aiohttp stops waiting for the answer sooner if the
+        handshake timeout is shorter): a peer that stopped reading has its connection cut.
         """
         self.broken = True
         self.frames.clear()
@@ -190,7 +193,7 @@ class Outbox:
         task.add_done_callback(_ending.discard)
 
     async def _close(self, code: int, reason: str) -> None:
-        await _bounded_close(self.ws, self.transport, code, reason.encode())
+        await _bounded_close(self.ws, self.transport, code, reason.encode(), TERMINATE_GRACE)
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Write a frame, or queue it behind the write in progress (dropped once the
@@ -511,12 +514,17 @@ async def widget_chat_preflight(request: web.Request) -> web.StreamResponse:
 
 
 async def _bounded_close(
-    ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, message: bytes
+    ws: web.WebSocketResponse,
+    transport: asyncio.Transport | None,
+    code: int,
+    message: bytes,
+    grace: float,
 ) -> None:
     """Send the close frame without waiting for the socket to drain, and give the peer
-    TERMINATE_GRACE to answer it; a peer that stopped reading has its connection cut."""
+    `grace` seconds to answer it; a peer that does not (it stopped reading, or never
+    answers) has its connection cut."""
     try:
-        async with asyncio.timeout(TERMINATE_GRACE):
+        async with asyncio.timeout(grace):
             await ws.close(code=code, message=message, drain=False)
     except TimeoutError:
         if transport is not None:
@@ -530,13 +538,16 @@ async def _bounded_close(
 async def close_all(sockets: weakref.WeakSet[web.WebSocketResponse]) -> None:
     """Close every open widget socket with 1001 so widgets reconnect elsewhere.
 
-    All at once, each bounded (`_bounded_close`): one stalled client must not hold
-    up the others' close frames, nor the shutdown behind them. A socket that does not
-    take its close in time is left to the process's exit, which ends it.
+    All at once, each bounded by TERMINATE_GRACE rather than the handshake timeout
+    (aiohttp stops waiting for an answer sooner if that is shorter): one stalled client
+    must not hold up the others' close frames, nor the shutdown behind them. A socket
+    that does not take its close in time is left to the process's exit, which ends it.
     """
     await asyncio.gather(
         *(
-            _bounded_close(ws, None, WSCloseCode.GOING_AWAY, b"server shutting down")
+            _bounded_close(
+                ws, None, WSCloseCode.GOING_AWAY, b"server shutting down", TERMINATE_GRACE
+            )
             for ws in list(sockets)
         ),
         return_exceptions=True,

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+import pytest
+
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.openapi import document
-from tests.conftest import Gateway
+from gateway.provision import NewTenant
+from tests.conftest import Gateway, hello, start_gateway
 
 # aiohttp adds HEAD beside every GET; "*" is a catch-all, not an operation
 IMPLIED = {"HEAD", "*"}
@@ -46,3 +54,65 @@ async def test_served(offline_gateway: Gateway) -> None:
         assert r.status == 200 and r.content_type == "application/json"
         body = await r.json()
     assert "/api/admin/policy" in body["paths"]
+
+
+def _documented(path: str, method: str, status: int) -> None:
+    """The document lists `status` for the route; a success must be its only 2xx."""
+    responses = document()["paths"][path][method.lower()]["responses"]
+    assert str(status) in responses, (method, path, status, sorted(responses))
+    if 200 <= status < 300:
+        successes = sorted(code for code in responses if code.startswith("2"))
+        assert successes == [str(status)], (method, path, status, successes)
+
+
+async def test_visitor_routes_answer_what_is_documented(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    """Real calls to the privacy routes: each status they answer is in the document."""
+    g = offline_gateway
+    ws = await g.ws(tenant.site_key)
+    token = (await hello(ws))["session_token"]
+    await ws.close()
+    auth = {"Authorization": f"Session {token}"}
+    gdpr, ccpa, consent = "/api/gdpr/request", "/api/privacy/ccpa/request", "/api/privacy/consent"
+    evil = {"Origin": "https://evil.example"}
+    calls: list[tuple[str, str, dict[str, Any] | None, dict[str, str], int]] = [
+        ("POST", gdpr, {"kind": "access"}, {}, 201),
+        ("POST", ccpa, {"kind": "know"}, {}, 201),
+        ("POST", gdpr, {"kind": "nope"}, {}, 422),
+        ("POST", ccpa, {"kind": "nope"}, {}, 422),
+        ("POST", consent, {"grant": ["nope"]}, {}, 422),
+        ("GET", "/api/gdpr/request/{id}", None, {}, 404),
+        ("GET", consent, None, evil, 403),
+        ("POST", gdpr, {"kind": "access"}, evil, 403),
+    ]
+    for method, path, body, headers, expected in calls:
+        url = g.url(path.replace("{id}", str(uuid.uuid4())))
+        async with g.session.request(method, url, json=body, headers={**auth, **headers}) as r:
+            assert r.status == expected, (method, path, r.status, await r.text())
+        _documented(path, method, r.status)
+    # every visitor route refuses a disallowed Origin the same way
+    for path, ops in document()["paths"].items():
+        for method, op in ops.items():
+            if op.get("security") == [{"session": []}]:
+                assert "403" in op["responses"], (method, path)
+
+
+async def test_operations_routes_answer_what_is_documented(
+    settings: Settings, tenant: NewTenant
+) -> None:
+    """/metrics refusals and the per-IP socket cap, as answered, are in the document."""
+    async for g in start_gateway(replace(settings, max_connections_per_ip=1)):
+        async with g.session.get(g.url("/metrics"), headers={"X-Forwarded-For": "1.2.3.4"}) as r:
+            assert r.status == 403
+        _documented("/metrics", "GET", r.status)
+        first = await g.ws(tenant.site_key)
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await g.ws(tenant.site_key)
+        assert refused.value.status == 429
+        _documented("/v1/widget/ws", "GET", refused.value.status)
+        await first.close()
+    async for g in start_gateway(replace(settings, metrics_token="scrape-token")):
+        async with g.session.get(g.url("/metrics")) as r:
+            assert r.status == 401
+        _documented("/metrics", "GET", r.status)

@@ -403,3 +403,46 @@ async def test_welcome_says_whether_this_visitor_confirmed_their_age(
     assert resumed["resumed"] is True
     assert resumed["policy"]["age_confirmed"] is True
     await ws.close()
+
+
+async def _raw_upgrade(
+    g: Gateway, site_key: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket opened by hand: this client answers nothing, a close frame included."""
+    assert g.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", g.server.port)
+    writer.write(
+        (
+            f"GET /v1/widget/ws?site={site_key} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{g.server.port}\r\n"
+            f"Origin: {ORIGIN}\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def test_the_handshake_timeout_bounds_the_wait_for_the_close_answer(
+    settings: Settings, tenant: NewTenant
+) -> None:
+    """OMNIGATE_HANDSHAKE_TIMEOUT is how long a peer that never answers the server's
+    close frame keeps its connection: neither cut sooner (by a fixed grace) nor later."""
+    handshake = 2.8
+    quick = replace(settings, first_frame_timeout=0.2, handshake_timeout=handshake)
+    async for g in start_gateway(quick):
+        reader, writer = await _raw_upgrade(g, tenant.site_key)
+        try:
+            # no hello: the server closes with 1008 (opcode 0x8 in the first byte)
+            first = await asyncio.wait_for(reader.readexactly(2), 5)
+            assert first[0] & 0x0F == 0x8, first
+            sent = time.monotonic()
+            with contextlib.suppress(ConnectionError):
+                while await asyncio.wait_for(reader.read(4096), handshake + 2):
+                    pass  # the rest of the close frame; then the connection ends
+            waited = time.monotonic() - sent
+        finally:
+            writer.close()
+        assert handshake - 0.3 < waited < handshake + 1.0, waited
