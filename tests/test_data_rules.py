@@ -116,13 +116,46 @@ async def test_audit_log_is_append_only_for_app_role(
                 await conn.execute(sql)
 
 
-async def test_refuses_superuser_or_owner_role(database: Database) -> None:
+async def test_refuses_superuser_role(database: Database) -> None:
     pool = await create_pool(database.owner_url, min_size=1, max_size=1)
     try:
-        with pytest.raises(DatabaseError, match="bypass row-level security"):
+        with pytest.raises(DatabaseError, match="it is superuser and would bypass"):
             await check_app_role(pool)
     finally:
         await pool.close()
+
+
+async def test_refuses_a_table_owner_that_is_no_superuser(
+    database: Database, owner_pool: asyncpg.Pool
+) -> None:
+    """A plain role that owns the tables it would use (its own schema first on its
+    search_path) bypasses row-level security unless it is forced: refused all the same.
+    A member of the owner role is refused too (tests/test_cli.py)."""
+    import uuid
+
+    from gateway.embedded import with_user
+
+    role = f"omnigate_test_owner_{uuid.uuid4().hex[:8]}"
+    await owner_pool.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS')
+    try:
+        await owner_pool.execute(f'CREATE SCHEMA "{role}" AUTHORIZATION "{role}"')
+        await owner_pool.execute(f'CREATE TABLE "{role}".messages (x int)')
+        await owner_pool.execute(f'ALTER TABLE "{role}".messages OWNER TO "{role}"')
+        await owner_pool.execute(f'ALTER ROLE "{role}" SET search_path = "{role}"')
+        pool = await create_pool(with_user(database.app_url, role), min_size=1, max_size=1)
+        try:
+            row = await pool.fetchrow(
+                "SELECT r.rolsuper, r.rolbypassrls, current_schema() AS schema"
+                " FROM pg_roles r WHERE r.rolname = current_user"
+            )
+            assert dict(row) == {"rolsuper": False, "rolbypassrls": False, "schema": role}
+            with pytest.raises(DatabaseError, match="it is the table owner"):
+                await check_app_role(pool)
+        finally:
+            await pool.close()
+    finally:
+        await owner_pool.execute(f'DROP SCHEMA IF EXISTS "{role}" CASCADE')
+        await owner_pool.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
 async def test_refuses_bypassrls_role(database: Database, owner_pool: asyncpg.Pool) -> None:

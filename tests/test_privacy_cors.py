@@ -54,6 +54,38 @@ async def test_foreign_origin_is_refused_even_with_a_valid_token(
         assert resp.status == 200
 
 
+async def test_a_foreign_preflight_is_answered_but_its_request_is_refused(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    """The preflight carries no credentials, so no tenant is known: it answers any
+    well-formed Origin and grants nothing. The real request, which names the tenant by
+    its token, is refused for an Origin the tenant does not allow, with no CORS grant."""
+    foreign = "http://evil.test"
+    token = await _token(offline_gateway, tenant)
+    for path, method in (("/api/privacy/export", "GET"), ("/api/privacy/delete", "POST")):
+        url = offline_gateway.url(path)
+        preflight = {
+            "Origin": foreign,
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "authorization",
+        }
+        async with offline_gateway.session.options(url, headers=preflight) as resp:
+            assert resp.status == 204, path
+            assert resp.headers["Access-Control-Allow-Origin"] == foreign, path
+        real = {"Origin": foreign, "Authorization": f"Session {token}"}
+        async with offline_gateway.session.request(method, url, headers=real) as resp:
+            assert resp.status == 403, path
+            assert (await resp.json())["error"]["code"] == "origin_not_allowed", path
+            assert "Access-Control-Allow-Origin" not in resp.headers, path
+            assert "Access-Control-Allow-Credentials" not in resp.headers, path
+    # the refused delete erased nothing
+    async with offline_gateway.session.get(
+        offline_gateway.url("/api/privacy/export"),
+        headers={"Authorization": f"Session {token}"},
+    ) as resp:
+        assert resp.status == 200
+
+
 async def test_preflight_without_origin_is_refused(offline_gateway: Gateway) -> None:
     async with offline_gateway.session.options(offline_gateway.url("/api/privacy/delete")) as resp:
         assert resp.status == 403

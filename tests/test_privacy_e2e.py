@@ -33,6 +33,41 @@ TEXT = (
 ).format(**PII)
 
 
+def ip_bucket_hash(settings: Settings, address: str) -> str:
+    """What per-IP limits count an address by under ip_mode hash and full, worked out
+    here apart from the gateway: HMAC-SHA256 (first 16 bytes, hex) of the IPv4 address
+    or the IPv6 /64, under the hash key derived from the primary master key."""
+    import hashlib
+    import hmac
+    from ipaddress import ip_address, ip_network
+
+    ip = ip_address(address)
+    net = ip_network(f"{ip}/{64 if ip.version == 6 else 32}", strict=False)
+    key = hashlib.sha256(b"omnigate-hash|" + settings.master_keys[0][1]).digest()
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in (b"ip", net.network_address.packed):
+        mac.update(len(part).to_bytes(4, "big") + part)
+    return mac.digest()[:16].hex()
+
+
+async def per_ip_buckets(redis_url: str, tenant: NewTenant) -> dict[str, set[str]]:
+    """The tenant's per-IP rate-limit keys in Redis: kind (`i` messages, `n` new
+    sessions) to what follows it in the key."""
+    import redis.asyncio as aioredis
+
+    prefix = f"og:rl:{{{tenant.tenant_id}}}:"
+    found: dict[str, set[str]] = {}
+    client = aioredis.from_url(redis_url)
+    try:
+        async for k in client.scan_iter(match=f"{prefix}*", count=1000):
+            kind, _, rest = k.decode()[len(prefix) :].partition(":")
+            if kind in ("i", "n"):
+                found.setdefault(kind, set()).add(rest)
+    finally:
+        await client.aclose()
+    return found
+
+
 @pytest.fixture
 def captured_logs() -> Iterator[io.StringIO]:
     """Every log line the gateway writes during the test, through the production handler."""
@@ -105,6 +140,15 @@ async def test_pii_never_leaves_and_reply_is_restored(
     frames = await chat(ws, "m3", f"{PII['email']} once more")
     assert frames[-1]["code"] == "upstream_unavailable"
     await ws.close()
+
+    # the whole of every request the model got, not only its last message: the context
+    # replayed on the second and third turns (the earlier replies included) holds
+    # placeholders, never a value restored for the visitor
+    assert len(upstream.requests) == 3, upstream.requests
+    assert all(len(r["body"]["messages"]) > 2 for r in upstream.requests[1:])
+    sent = repr(upstream.requests)
+    for value in PII.values():
+        assert value not in sent, value
 
     row = await owner_pool.fetchrow(
         "SELECT ip_anon, dnt, gpc FROM sessions WHERE conversation_id = $1::uuid",
@@ -265,6 +309,10 @@ async def test_a_whole_ip_is_stored_sealed_and_counted_by_a_keyed_hash(
         finally:
             await client.aclose()
         assert keys and not [k for k in keys if CLIENT_IP.encode() in k]
+        # counted by exactly the keyed hash of the whole address (not of its /24, nor a
+        # plain digest): the one key each limit used
+        expected = "k:" + ip_bucket_hash(s, CLIENT_IP)
+        assert await per_ip_buckets(redis_url, tenant) == {"i": {expected}, "n": {expected}}
         headers = {"Authorization": f"Session {welcome['session_token']}"}
         async with g.session.get(g.url("/api/privacy/export"), headers=headers) as r:
             assert r.status == 200
@@ -310,3 +358,6 @@ async def test_per_ip_limits_count_an_ipv6_clients_whole_64(
         await hello(ws)
         assert (await chat(ws, "m4", "hi"))[-1]["type"] == "done"
         await ws.close()
+    # each /64 counted by exactly its keyed hash (no daily salt: it lasts the minute)
+    expected = {"k:" + ip_bucket_hash(s, a) for a in ("2001:db8:7:9::1", "2001:db8:7:a::1")}
+    assert await per_ip_buckets(redis_url, tenant) == {"i": expected, "n": expected}

@@ -132,7 +132,9 @@ def test_widget_script_avoids(pattern: str) -> None:
         protocol.TOO_LARGE,
     ],
 )
-def test_widget_handles_error_code(code: str) -> None:
+def test_widget_has_a_case_for_error_code(code: str) -> None:
+    """A text check only: widget.js names the code in a `case` of its error switch. What
+    the cases do is checked in a browser (tests/test_browser.py, error states)."""
     assert f'case "{code}":' in WIDGET_JS
 
 
