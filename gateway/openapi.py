@@ -51,6 +51,10 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
+# any route that reads or writes PostgreSQL, while it is unreachable (gateway/app.py)
+_STORAGE_DOWN = "`storage_unavailable`: PostgreSQL is unreachable; try again"
+
+
 def _admin(
     summary: str,
     ok: dict[str, Any],
@@ -70,6 +74,7 @@ def _admin(
     responses: dict[str, Any] = {
         status: ok,
         "401": _err("Missing, malformed, wrong or revoked admin key"),
+        "503": _err(_STORAGE_DOWN),
     }
     for code in errors:
         responses[code] = _err(texts[code])
@@ -335,6 +340,7 @@ def _visitor(
         status: ok or _json({"type": "object"}),
         "401": _err("`session_invalid`: no valid session"),
         "403": _err("`origin_not_allowed`: an Origin the tenant's policy does not allow"),
+        "503": _err(_STORAGE_DOWN),
     }
     for code, text in (errors or {}).items():
         responses[code] = _err(text)
