@@ -136,12 +136,14 @@ def _privacy_job(settings: Settings, args: argparse.Namespace) -> int:
     if owner is not None:
         asyncio.run(_migrate(settings, owner))
     if args.command == "retention":
-        from gateway.crypto import KeyRing, dev_master_keys
+        from gateway.crypto import KeyRing
         from gateway.retention import run_retention
         from gateway.vault import Vault
 
-        # the keys serve uses: a pass prunes redaction maps only if it can open them
-        vault = Vault(KeyRing(settings.master_keys or dev_master_keys(settings.state_dir)))
+        # redaction maps are pruned only under the configured master keys: without them
+        # (a development key lives with its serve process) they stay marked for serve's
+        # own retention loop, or a run that has them
+        vault = Vault(KeyRing(settings.master_keys)) if settings.master_keys else None
 
         async def retain(pool: Any) -> dict[str, Any]:
             return await run_retention(pool, vault)

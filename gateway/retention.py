@@ -21,8 +21,9 @@ Per tenant, with `retention_days` from its current policy:
   the pass opens them with the master keys; without them, they wait for one that can);
 * subjects left with nothing (created before retention, no session, no conversation
   linked, no open privacy request, no consent, signal or analytics event since the
-  cutoff) are deleted: their data key, consent history, signal records and old
-  analytics events (folded into `analytics_daily` first) go with them, and their
+  cutoff, and not a signed-in user's restriction or opt-out) are deleted: their
+  data key, consent history, signal records and old analytics events (folded into
+  `analytics_daily` first) go with them, and their
   closed privacy requests keep the record without the link or any free text, as
   after an erasure. Else an anonymous visitor's subject would outlive everything
   they did, beyond the reach of their own token and of the site owner's erasure.
@@ -46,7 +47,7 @@ from uuid import UUID, uuid4
 import orjson
 
 from gateway import metrics, store
-from gateway.crypto import CryptoError
+from gateway.crypto import CryptoError, KeyDestroyed
 from gateway.db import Pool, tenant_tx
 from gateway.directory import tenant_ids
 from gateway.vault import Vault
@@ -66,19 +67,30 @@ RETURNING holder
 """
 ANALYTICS_DAYS = 730
 
-# A conversation that had messages deleted and has a map is marked, in the same
-# statement, for `prune_maps` (it holds the keys; SQL cannot open the map).
+# Messages are deleted in three statements of one transaction, conversations locked
+# before their messages as every other writer locks them (an erasure's cascade, the
+# insert functions), never waiting (SKIP LOCKED: a conversation busy now is taken by a
+# later batch or pass), so retention deadlocks with nothing. A conversation that has a
+# map is marked for `prune_maps` (it holds the keys; SQL cannot open the map) in the
+# transaction that deletes its messages, so a pass cut short loses no mark.
+_LOCK_OLD_CONVERSATIONS = """
+SELECT c.conversation_id, c.redaction_sealed IS NOT NULL AND NOT c.map_prune_due
+FROM conversations c
+WHERE c.tenant_id = $1 AND c.conversation_id IN (
+    SELECT conversation_id FROM messages WHERE tenant_id = $1 AND created_at < $2 LIMIT $3)
+FOR UPDATE OF c SKIP LOCKED
+"""
+_MARK_MAPS = """
+UPDATE conversations SET map_prune_due = true
+WHERE tenant_id = $1 AND conversation_id = ANY($2::uuid[])
+"""
 _DELETE_MESSAGES = """
 WITH d AS (
     DELETE FROM messages WHERE (tenant_id, conversation_id, seq) IN (
         SELECT tenant_id, conversation_id, seq FROM messages
-        WHERE tenant_id = $1 AND created_at < $2 LIMIT $3)
-    RETURNING conversation_id
-), marked AS (
-    UPDATE conversations c SET map_prune_due = true
-     WHERE c.tenant_id = $1 AND c.conversation_id IN (SELECT conversation_id FROM d)
-       AND c.redaction_sealed IS NOT NULL AND NOT c.map_prune_due
-)
+        WHERE tenant_id = $1 AND conversation_id = ANY($3::uuid[]) AND created_at < $2
+        LIMIT $4)
+    RETURNING 1)
 SELECT count(*) FROM d
 """
 
@@ -182,17 +194,26 @@ AND NOT EXISTS (SELECT 1 FROM signal_records g WHERE g.tenant_id = x.tenant_id
                 AND g.subject_id = x.subject_id AND g.created_at >= $2)
 AND NOT EXISTS (SELECT 1 FROM analytics_events a WHERE a.tenant_id = x.tenant_id
                 AND a.subject_id = x.subject_id AND a.occurred_at >= $2)
+-- a signed-in user's restriction or opt-out must hold when they come back
+AND NOT (x.external_ref IS NOT NULL AND (x.restricted OR x.tracking_opt_out))
 """
 
-# Locked first, as an erasure locks its subject; one being erased or joined by a new
-# session right now (the session's foreign key holds a lock on it) is skipped: the
-# next pass looks again. Their page views are folded into the rollup here, the
+# Two statements of one transaction. The first locks the subjects (as an erasure
+# locks its subject), skipping any locked now: one being erased, or being joined by a
+# session still uncommitted (its foreign key holds a lock). The second, with a snapshot
+# taken after those locks, checks them again: a session committed between the first
+# statement's snapshot and its lock is seen there, and none can commit after it (its
+# foreign key waits for the lock). Their page views are folded into the rollup, the
 # closed requests lose the link and their text, and the cascade takes the rest (key,
 # consents, signals). Returns (subjects deleted, events folded).
+_LOCK_ABANDONED = f"""
+SELECT x.subject_id FROM subjects x WHERE {_ABANDONED}
+LIMIT $3 FOR UPDATE OF x SKIP LOCKED
+"""  # noqa: S608
 _DELETE_SUBJECTS = f"""
 WITH v AS (
-    SELECT x.tenant_id, x.subject_id FROM subjects x WHERE {_ABANDONED}
-    LIMIT $3 FOR UPDATE OF x SKIP LOCKED
+    SELECT x.tenant_id, x.subject_id FROM subjects x
+    WHERE x.subject_id = ANY($3::uuid[]) AND {_ABANDONED}
 ), ev AS (
     DELETE FROM analytics_events e USING v
      WHERE e.tenant_id = v.tenant_id AND e.subject_id = v.subject_id
@@ -207,17 +228,16 @@ WITH v AS (
 SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM ev)
 """  # noqa: S608
 
-# Conversations whose messages were deleted, locked while their map is opened and
-# written: a message written meanwhile waits for the lock (the insert functions take it
-# before they insert when they check the map, as every text-bearing write does), then
-# finds the map changed and redacts again (gateway/chat.py).
-_MARKED_MAPS = """
+# One marked conversation at a time, locked while its map and messages are opened and
+# the map written: a message written meanwhile waits for the lock (the insert functions
+# take it before they insert when they check the map, as every text-bearing write
+# does), then finds the map changed and redacts again (gateway/chat.py). $2: those
+# whose keys did not open in this pass, left marked for a later one.
+_MARKED_MAP = """
 SELECT conversation_id, subject_id, redaction_sealed FROM conversations
-WHERE tenant_id = $1 AND map_prune_due
-LIMIT $2 FOR UPDATE SKIP LOCKED
+WHERE tenant_id = $1 AND map_prune_due AND conversation_id <> ALL($2::uuid[])
+LIMIT 1 FOR UPDATE SKIP LOCKED
 """
-# conversations per transaction: each stays locked while its messages are opened
-PRUNE_BATCH = 50
 
 KINDS = (
     "messages_deleted",
@@ -269,29 +289,35 @@ async def prune_maps(pool: Pool, vault: Vault, tenant_id: UUID) -> int:
     number of entries dropped.
     """
     dropped = 0
+    kept: list[UUID] = []
     while True:
         async with tenant_tx(pool, tenant_id) as conn:
-            rows = await conn.fetch(_MARKED_MAPS, tenant_id, PRUNE_BATCH)
-            for cid, subject_id, sealed in rows:
-                new_sealed = sealed
-                if sealed is not None and subject_id is not None:
-                    try:
-                        new_sealed, n = await _pruned(
-                            conn, vault, tenant_id, cid, subject_id, sealed
-                        )
-                        dropped += n
-                    except (CryptoError, ValueError) as exc:
-                        # unreadable: left as it is, for the conversation's end or erasure
-                        log.warning("redaction map not pruned", extra={"error": type(exc).__name__})
-                await conn.execute(
-                    "UPDATE conversations SET redaction_sealed = $3, map_prune_due = false "
-                    "WHERE tenant_id = $1 AND conversation_id = $2",
-                    tenant_id,
-                    cid,
-                    new_sealed,
-                )
-        if len(rows) < PRUNE_BATCH:
-            return dropped
+            row = await conn.fetchrow(_MARKED_MAP, tenant_id, kept)
+            if row is None:
+                return dropped
+            cid, subject_id, sealed = row
+            new_sealed = sealed
+            if sealed is not None and subject_id is not None:
+                try:
+                    new_sealed, n = await _pruned(conn, vault, tenant_id, cid, subject_id, sealed)
+                    dropped += n
+                except KeyDestroyed:
+                    pass  # erased meanwhile: the conversation goes with the subject
+                except ValueError as exc:  # a map that does not parse can never be pruned
+                    log.warning("redaction map not pruned", extra={"error": type(exc).__name__})
+                except CryptoError as exc:
+                    # not this process's keys (a wrong or missing master key): the mark
+                    # stays for a pass that can open it
+                    log.warning("redaction map not opened", extra={"error": type(exc).__name__})
+                    kept.append(cid)
+                    continue
+            await conn.execute(
+                "UPDATE conversations SET redaction_sealed = $3, map_prune_due = false "
+                "WHERE tenant_id = $1 AND conversation_id = $2",
+                tenant_id,
+                cid,
+                new_sealed,
+            )
 
 
 async def _pruned(
@@ -323,7 +349,7 @@ async def purge_tenant(
     days = await _retention_days(pool, tenant_id)
     cutoff = now - timedelta(days=days)
     out = dict.fromkeys(KINDS, 0)
-    out["messages_deleted"] = await _drain(pool, tenant_id, _DELETE_MESSAGES, cutoff, batch=batch)
+    out["messages_deleted"] = await _delete_messages(pool, tenant_id, cutoff, batch)
     # expired sessions first: a conversation is anonymized only once no session points at it
     out["sessions_deleted"] = await _drain(pool, tenant_id, _DELETE_SESSIONS, now, batch=batch)
     out["session_ips_cleared"] = await _drain(pool, tenant_id, _CLEAR_IPS, cutoff, batch=batch)
@@ -343,11 +369,31 @@ async def purge_tenant(
     # last: the steps above are what leaves a subject with nothing
     while True:
         async with tenant_tx(pool, tenant_id) as conn:
-            subjects, events = await conn.fetchrow(_DELETE_SUBJECTS, tenant_id, cutoff, batch)
-        out["subjects_deleted"] += subjects
-        out["analytics_events_aggregated"] += events
-        if subjects < batch:
+            locked = [r[0] for r in await conn.fetch(_LOCK_ABANDONED, tenant_id, cutoff, batch)]
+            if locked:
+                subjects, events = await conn.fetchrow(_DELETE_SUBJECTS, tenant_id, cutoff, locked)
+                out["subjects_deleted"] += subjects
+                out["analytics_events_aggregated"] += events
+        if len(locked) < batch:
             return out
+
+
+async def _delete_messages(pool: Pool, tenant_id: UUID, cutoff: datetime, batch: int) -> int:
+    """Delete messages older than `cutoff`, marking their conversations' maps for pruning."""
+    total = 0
+    while True:
+        async with tenant_tx(pool, tenant_id) as conn:
+            rows = await conn.fetch(_LOCK_OLD_CONVERSATIONS, tenant_id, cutoff, batch)
+            marked = [cid for cid, mark in rows if mark]
+            if marked:
+                await conn.execute(_MARK_MAPS, tenant_id, marked)
+            n = 0
+            if rows:
+                ids = [cid for cid, _ in rows]
+                n = int(await conn.fetchval(_DELETE_MESSAGES, tenant_id, cutoff, ids, batch))
+        total += n
+        if n < batch:
+            return total
 
 
 async def run_retention(

@@ -378,12 +378,18 @@ async def test_a_subject_left_with_nothing_is_deleted(
     # Three visitors whose conversations all went 100 days ago. The subject row, its
     # key, its consents and its closed requests would otherwise stay for ever, out of
     # reach of the visitor's own (expired) token and of the owner's erasure.
-    gone, chose_lately, asked = [
-        await chatted(offline_gateway, tenant, text) for text in ("a", "b", "c")
+    gone, chose_lately, asked, restricted = [
+        await chatted(offline_gateway, tenant, text) for text in ("a", "b", "c", "d")
     ]
     tid = tenant.tenant_id
     subjects = {}
-    for name, w in (("gone", gone), ("chose_lately", chose_lately), ("asked", asked)):
+    visitors = {
+        "gone": gone,
+        "chose_lately": chose_lately,
+        "asked": asked,
+        "restricted": restricted,
+    }
+    for name, w in visitors.items():
         cid = UUID(w["conversation_id"])
         sid = await owner_pool.fetchval(
             "SELECT subject_id FROM conversations WHERE conversation_id = $1", cid
@@ -435,6 +441,11 @@ async def test_a_subject_left_with_nothing_is_deleted(
         subjects["asked"],
     )
 
+    await owner_pool.execute(  # a signed-in user who restricted processing comes back to it
+        "UPDATE subjects SET external_ref = '\\x01', restricted = true WHERE subject_id = $1",
+        subjects["restricted"],
+    )
+
     summary = await run_retention(app_pool, batch=1)
     assert summary["subjects_deleted"] == 1, summary
     left = {
@@ -442,7 +453,7 @@ async def test_a_subject_left_with_nothing_is_deleted(
         for r in await owner_pool.fetch("SELECT subject_id FROM subjects WHERE tenant_id = $1", tid)
     }
     assert subjects["gone"] not in left
-    assert {subjects["chose_lately"], subjects["asked"]} <= left
+    assert {subjects["chose_lately"], subjects["asked"], subjects["restricted"]} <= left
     for table in ("subject_keys", "consents", "analytics_events"):
         n = await owner_pool.fetchval(
             f"SELECT count(*) FROM {table} WHERE subject_id = $1", subjects["gone"]
@@ -507,18 +518,18 @@ async def test_values_only_deleted_messages_held_leave_the_redaction_map(
     without_keys = await run_retention(app_pool)  # marks it, cannot open it
     assert without_keys["messages_deleted"] == 2
     assert without_keys["redaction_entries_pruned"] == 0
+    # a pass under another master key cannot open it either, and leaves the mark
+    wrong = Vault(KeyRing((("other", b"o" * 32),)))
+    assert (await run_retention(app_pool, wrong))["redaction_entries_pruned"] == 0
+    due = "SELECT map_prune_due FROM conversations WHERE conversation_id = $1"
+    assert await owner_pool.fetchval(due, cid) is True
     assert (await _open_map(owner_pool, tid, cid)).value_of("<EMAIL_1>") == "jane@example.org"
     summary = await run_retention(app_pool, vault)
     assert summary["redaction_entries_pruned"] == 1, summary
     mapping = await _open_map(owner_pool, tid, cid)
     assert mapping.value_of("<EMAIL_1>") is None
     assert mapping.value_of("<EMAIL_2>") == "max@example.net"
-    assert (
-        await owner_pool.fetchval(
-            "SELECT map_prune_due FROM conversations WHERE conversation_id = $1", cid
-        )
-        is False
-    )
+    assert await owner_pool.fetchval(due, cid) is False
     assert (await run_retention(app_pool, vault))["redaction_entries_pruned"] == 0
 
     # the visitor comes back: the message left is redacted as before, and the pruned
