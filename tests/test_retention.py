@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from uuid import UUID, uuid4
@@ -14,6 +15,7 @@ import pytest
 from gateway import retention
 from gateway.cli import run
 from gateway.crypto import KeyRing
+from gateway.db import tenant_tx
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant, create_tenant
 from gateway.retention import KINDS, LEASE, run_retention
@@ -317,9 +319,6 @@ async def test_a_message_written_during_anonymization_keeps_its_conversation(
 ) -> None:
     # The conversation qualifies when the pass looks (old, no message, no session), then
     # a message is written before the pass's update takes the row: it must stay linked.
-    from datetime import UTC, datetime, timedelta
-
-    from gateway.db import tenant_tx
     from gateway.store import NewMessage, insert_message
 
     w = await chatted(offline_gateway, tenant, "hello")
@@ -582,3 +581,29 @@ async def test_a_reply_restoring_a_pruned_value_writes_it_back_to_the_map(
     await ws.close()
     sent = str(upstream.requests[-1]["body"]["messages"])
     assert "I will write to <EMAIL_2> today" in sent and "jane@" not in sent
+
+
+async def test_a_subject_locked_for_deletion_is_checked_again_before_it_goes(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    # The lock's statement may have read the subject as abandoned just before a new
+    # session of it committed; the delete must look again, under a later snapshot.
+    w = await chatted(offline_gateway, tenant, "hello")
+    tid, cid = tenant.tenant_id, UUID(w["conversation_id"])
+    sid = await owner_pool.fetchval(
+        "SELECT subject_id FROM conversations WHERE conversation_id = $1", cid
+    )
+    await owner_pool.execute(
+        "UPDATE subjects SET created_at = now() - interval '100 days' WHERE subject_id = $1", sid
+    )
+    cutoff = datetime.now(UTC) - timedelta(days=90)
+    async with tenant_tx(app_pool, tid) as conn:
+        # as if locked by a statement that saw no session: it has one, committed
+        deleted, _ = await conn.fetchrow(retention._DELETE_SUBJECTS, tid, cutoff, [sid])
+    assert deleted == 0
+    assert (
+        await owner_pool.fetchval("SELECT count(*) FROM sessions WHERE subject_id = $1", sid) == 1
+    )
