@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, NoReturn
 from uuid import UUID
@@ -63,7 +64,25 @@ async def require_visitor(request: web.Request) -> VisitorAuth:
             row = found[0]
             await _check_origin(request, tenant_id)
             return VisitorAuth(tenant_id, row.subject_id, row.session_id)
+    if header_token is not None:
+        _expose_to_caller(request)
     error(401, "session_invalid", "the session is not valid")
+
+
+def _expose_to_caller(request: web.Request) -> None:
+    """Let the page that sent a token in the header read the 401 it gets for it.
+
+    With no valid session the tenant, and so its allowed origins, are unknown; the
+    answer is exposed to any well-formed Origin all the same, so a widget learns that
+    its session ended rather than seeing a network error. The caller sent the token
+    itself: it learns only that the token is not valid. A 401 for the cookie alone
+    stays unreadable across origins: where a browser still sends third-party cookies,
+    a readable answer would tell any site whether the visitor has a session here.
+    """
+    raw = request.headers.get("Origin")
+    if raw:
+        with contextlib.suppress(ValueError):
+            request[CORS_ORIGIN] = normalize_origin(raw)
 
 
 async def _check_origin(request: web.Request, tenant_id: UUID) -> None:

@@ -682,6 +682,33 @@ async def test_third_party_origin_export_and_delete(
     assert await csp_violations(page, watch) == []
 
 
+async def test_a_session_that_ended_is_said_so_by_the_privacy_panel(
+    live: Live, app_pool: asyncpg.Pool, context: BrowserContext
+) -> None:
+    # Expired (or erased from another tab) while the page stayed open: the export is
+    # answered 401, which the shop page may read, and the widget says what happened
+    # instead of offering a download that can never succeed.
+    page, watch = await open_shop(live, app_pool, context)
+    await open_widget(page)
+    await give_consent(page)
+    await say(page, "my order 4712", 0)
+    key = f"omnigate.session.{live.tenant.site_key}"
+    token = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
+    async with tenant_tx(app_pool, live.tenant.tenant_id) as conn:
+        await conn.execute("UPDATE sessions SET expires_at = now() - interval '1 minute'")
+    await page.get_by_role("button", name="Privacy").click()
+    await page.get_by_role("button", name="Download my data").click()
+    await expect(page.locator(".privacy .note")).to_have_text(
+        "This conversation has ended, so its data can no longer be reached from here. "
+        "A new, empty conversation has started."
+    )
+    await expect(page.get_by_role("form", name="Before we chat")).to_be_visible()
+    assert await page.locator("li.msg").count() == 0
+    new = await page.evaluate("(k) => sessionStorage.getItem(k)", key)
+    assert new != token
+    assert await csp_violations(page, watch) == []
+
+
 class ReplacingServer:
     """A scripted widget server whose session is gone after a restart.
 

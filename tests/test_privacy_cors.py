@@ -129,3 +129,29 @@ async def test_unparseable_host_is_not_same_origin(
                 assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
             else:
                 assert (await resp.json())["error"]["code"] == "origin_not_allowed"
+
+
+async def test_a_token_that_is_no_longer_valid_gets_a_401_its_page_can_read(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    # The widget must learn that its session ended (expired, erased elsewhere) rather
+    # than see a network error; the tenant, and its origins, are unknown by then.
+    url = offline_gateway.url("/api/privacy/export")
+    token = await _token(offline_gateway, tenant)
+    async with offline_gateway.session.post(
+        offline_gateway.url("/api/privacy/delete"), headers={"Authorization": f"Session {token}"}
+    ) as resp:
+        assert resp.status == 200
+    for origin in (ORIGIN, "http://another.test"):
+        headers = {"Origin": origin, "Authorization": f"Session {token}"}
+        async with offline_gateway.session.get(url, headers=headers) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"] == "session_invalid"
+            assert resp.headers["Access-Control-Allow-Origin"] == origin
+            assert resp.headers["Access-Control-Allow-Credentials"] == "true"
+    # the cookie alone: no answer another site could read (where third-party cookies
+    # are still sent, it would tell that site whether the visitor has a session here)
+    cookie = {"Origin": "http://another.test", "Cookie": f"__Host-omnigate_session={token}"}
+    async with offline_gateway.session.get(url, headers=cookie) as resp:
+        assert resp.status == 401
+        assert "Access-Control-Allow-Origin" not in resp.headers

@@ -1123,6 +1123,16 @@
     }
   }
 
+  // the session behind the token expired, or was erased elsewhere: its data can no
+  // longer be reached from here, so say so and start afresh rather than offer a retry
+  function sessionEnded() {
+    startFresh();
+    const note = "This conversation has ended, so its data can no longer be reached " +
+      "from here. A new, empty conversation has started.";
+    privacyNote.textContent = note;
+    announcer.textContent = note;
+  }
+
   async function privacyFetch(path, method, body) {
     const headers = { Authorization: "Session " + token };
     if (body) headers["Content-Type"] = "application/json";
@@ -1144,6 +1154,10 @@
       const res = await privacyFetch("/api/privacy/export", "GET");
       if (res.status === 404 || res.status === 405) {
         privacyNote.textContent = "Data export is not available on this site yet.";
+        return;
+      }
+      if (res.status === 401) {
+        sessionEnded();
         return;
       }
       if (!res.ok) throw new Error("HTTP " + res.status);
@@ -1184,6 +1198,11 @@
       const res = await privacyFetch("/api/privacy/delete", "POST");
       if (res.status === 404 || res.status === 405) {
         privacyNote.textContent = "Deletion is not available on this site yet.";
+        deleteBtn.focus();
+        return;
+      }
+      if (res.status === 401) {
+        sessionEnded();
         deleteBtn.focus();
         return;
       }
