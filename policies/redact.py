@@ -167,15 +167,16 @@ class PlaceholderMap:
         canonical form, exactly the spellings ``reapply`` replaces, so the texts left
         are redacted again as before. The counters stay: a number once issued is
         never issued again, to this value or another.
+
+        One search per spelling over the texts joined by NUL: a spelling holding a NUL
+        could match across two texts and keep its entry, the safe side.
         """
-        texts = list(texts)
+        joined = "\0".join(texts)
         drop = [
             (entity_key, placeholder)
             for entity_key, placeholder in self._by_key.items()
-            if not any(
-                self._values[placeholder] in t or (entity_key[1] and entity_key[1] in t)
-                for t in texts
-            )
+            if self._values[placeholder] not in joined
+            and not (entity_key[1] and entity_key[1] in joined)
         ]
         for entity_key, placeholder in drop:
             del self._by_key[entity_key]
