@@ -607,3 +607,38 @@ async def test_a_subject_locked_for_deletion_is_checked_again_before_it_goes(
     assert (
         await owner_pool.fetchval("SELECT count(*) FROM sessions WHERE subject_id = $1", sid) == 1
     )
+
+
+async def test_a_map_that_does_not_open_stays_marked_and_the_others_are_pruned(
+    gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    # A sealed map that fails to open (damaged, or another master key) must neither
+    # stop the pass nor be retried for ever within it, nor lose its mark.
+    ws = await gateway.ws(tenant.site_key)
+    good = await hello(ws, consent=CONSENT)
+    assert (await chat(ws, "m1", "mail jane@example.org"))[-1]["type"] == "done"
+    await ws.close()
+    ws = await gateway.ws(tenant.site_key)
+    bad = await hello(ws, consent=CONSENT)
+    assert (await chat(ws, "m1", "mail max@example.net"))[-1]["type"] == "done"
+    await ws.close()
+    good_c, bad_c = UUID(good["conversation_id"]), UUID(bad["conversation_id"])
+    await owner_pool.execute(
+        "DELETE FROM messages WHERE conversation_id = ANY($1::uuid[])", [good_c, bad_c]
+    )
+    await owner_pool.execute(
+        "UPDATE conversations SET map_prune_due = true,"
+        " redaction_sealed = CASE WHEN conversation_id = $2 THEN '\\x0102'::bytea"
+        " ELSE redaction_sealed END WHERE conversation_id = ANY($1::uuid[])",
+        [good_c, bad_c],
+        bad_c,
+    )
+    vault = Vault(KeyRing((MASTER_KEY,)))
+    pruned = await asyncio.wait_for(retention.prune_maps(app_pool, vault, tenant.tenant_id), 10)
+    assert pruned == 1  # jane's entry; max's map could not be opened
+    due = "SELECT map_prune_due FROM conversations WHERE conversation_id = $1"
+    assert await owner_pool.fetchval(due, good_c) is False
+    assert await owner_pool.fetchval(due, bad_c) is True
