@@ -64,6 +64,8 @@ ONE_SESSION_ROUNDS = 5
 ONE_SESSION_MESSAGES = 200
 # The heavy-neighbour runs: gateways with and without the redaction helper take turns.
 HEAVY_ROUNDS = 3
+# The scale runs: one worker and two take turns.
+SCALE_ROUNDS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,7 +374,7 @@ class Runner:
         if gw is not None:
             gw.stop()
         if "scale" in self.only:
-            await self.run_scale(url if "ws" in self.results["runs"] else None)
+            await self.run_scale()
         if "heavy" in self.only:
             await self.run_heavy()
 
@@ -449,31 +451,46 @@ class Runner:
         self.say(f"export: {_brief(exp)}")
         self.results["slow_jobs"] = {"retention": ret, "export": exp}
 
-    async def run_scale(self, _url: str | None) -> None:
-        """ws throughput at N with 1 and with 2 workers (Redis), same load."""
+    async def run_scale(self) -> None:
+        """ws throughput at N sessions, one worker against two, both sharing Redis.
+
+        The two gateways differ only in their worker count: both are started for this
+        run with `OMNIGATE_REDIS_URL` (a gateway of one worker needs none, and one without
+        Redis would be measured against one paying a round trip per message), both are
+        warmed up as the ws run's gateway is (N sessions, two messages each, so every
+        worker's database pool has grown), and they take turns in SCALE_ROUNDS rounds,
+        so drift on a shared machine hits both alike.
+        """
         n, m = self.cfg["sessions"], self.cfg["messages"]
         if not _redis_up(self.args.redis_url):
             self.results["scale"] = {"ratio": None, "reason": "Redis unreachable"}
             self.say("scale: skipped, Redis unreachable")
             return
         assert self.tenant is not None
-        rates: dict[int, float] = {}
-        for w in (1, 2):
-            key = "ws" if w == self.cfg["workers"] else f"ws_workers{w}"
-            if key in self.results["runs"]:
-                rates[w] = self.results["runs"][key]["msgs_per_s"]
-                continue
-            gw, url = self.start_gateway(w, f"gateway_w{w}")
-            try:
-                await run_ws(url, self.tenant.site_key, 2 * w, 3)
-                stats = await self.measured(
-                    key, gw, lambda url=url: run_ws(url, self.tenant.site_key, n, m)
-                )  # type: ignore[union-attr]
-                rates[w] = stats.rate
-            finally:
+        site = self.tenant.site_key
+        shared = {"OMNIGATE_REDIS_URL": self.args.redis_url}
+        gws = {w: self.start_gateway(w, f"gateway_w{w}", shared) for w in (1, 2)}
+        try:
+            for _gw, url in gws.values():
+                await run_ws(url, site, n, 2)
+            acc = {w: (RunStats(f"ws_workers{w}", n, 0), Usage()) for w in gws}
+            per_round = math.ceil(m / SCALE_ROUNDS)
+            for _ in range(SCALE_ROUNDS):
+                for w, (gw, url) in gws.items():
+                    stats, usage = acc[w]
+                    stats.absorb(
+                        await usage.measure(
+                            gw, self.fake, lambda url=url: run_ws(url, site, n, per_round)
+                        )
+                    )
+            for w, (stats, usage) in acc.items():
+                self.record(f"ws_workers{w}", stats, usage)
+        finally:
+            for gw, _url in gws.values():
                 gw.stop()
-        self.results["scale"] = {"w1": rates[1], "w2": rates[2],
-                                 "ratio": rates[2] / rates[1] if rates[1] else None}  # fmt: skip
+        w1, w2 = acc[1][0].rate, acc[2][0].rate
+        self.results["scale"] = {"w1": w1, "w2": w2, "ratio": w2 / w1 if w1 else None,
+                                 "rounds": SCALE_ROUNDS, "redis": True}  # fmt: skip
 
     async def run_heavy(self) -> None:
         """ws at N sessions beside a visitor sending order lists: searched inline vs in a helper."""
