@@ -102,7 +102,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 headers=headers,
             )
         raise
+    except web.RequestPayloadError:
+        # a body that cannot be read (one not in the Content-Encoding it declares, say):
+        # the client's error, not a bug. The exception may quote the body: not logged.
+        metrics.count_http_request(template, 400)
+        _log_refusal(template, 400)
+        return web.json_response(
+            {"error": {"code": "bad_request", "message": "the body could not be read"}},
+            status=400,
+        )
     except STORAGE_ERRORS as exc:
+        transport = request.transport
+        if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+            # the client went away (mid-upload, say): aiohttp fails the body's read with
+            # ConnectionResetError. Not a storage outage, and nobody is left to answer;
+            # counted as 499 (client closed request). A database connection failing while
+            # the client is still connected still reaches the 503 below.
+            log.debug("client went away", extra={"route": template})
+            metrics.count_http_request(template, 499)
+            return web.Response(status=499)
         if isinstance(exc, asyncpg.DataError):
             # a value PostgreSQL refuses (SQLSTATE class 22: a NUL in text, a timestamp
             # out of range; asyncpg's own argument encoding errors are this class too) is

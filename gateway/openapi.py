@@ -285,6 +285,40 @@ _ADMIN_PATHS: dict[str, dict[str, Operation]] = {
     },
 }
 
+# the fallback's body: a `message` frame that may carry the `hello` fields
+_FALLBACK_BODY = {
+    **_obj(
+        type={"const": "message"},
+        id={"type": "string", "minLength": 1, "maxLength": 128},
+        text={"type": "string", "minLength": 1},
+        hello={
+            "anyOf": [
+                {
+                    **_obj(
+                        session_token=_nullable(S),
+                        consent=_nullable({"type": "object", "additionalProperties": B}),
+                        signals=_nullable(_obj(dnt=B, gpc=B)),
+                        user=_nullable(_obj(id=S, hash=S)),
+                        age_confirmed=B,
+                        context=_nullable({"type": "object"}),
+                    ),
+                    "additionalProperties": False,
+                },
+                {"type": "null"},
+            ],
+            "description": "the `hello` fields (`type` and `v` implied); null or absent: none",
+        },
+    ),
+    "required": ["id", "text"],
+    "additionalProperties": False,
+}
+# the site key is looked up (and the policy read) before anything is answered; this
+# refusal is plain JSON, without CORS headers, so a browser page cannot read it
+_SITE_DOWN = (
+    "`storage_unavailable`: the site could not be looked up (PostgreSQL unreachable); "
+    "Retry-After: 1. No CORS headers"
+)
+
 _WIDGET_PATHS: dict[str, dict[str, Operation]] = {
     "/v1/widget/ws": {
         "get": {
@@ -307,18 +341,33 @@ _WIDGET_PATHS: dict[str, dict[str, Operation]] = {
             "tags": ["widget"],
             "summary": "HTTP fallback: one message, answered as text/event-stream",
             "parameters": [{"name": "site", "in": "query", "required": True, "schema": S}],
+            "requestBody": {
+                "required": True,
+                "description": "A `message` frame (docs/protocol.md), at most "
+                "OMNIGATE_MAX_FRAME_BYTES; another Content-Type than application/json, or a "
+                "body that is not such a frame, is answered 200 with one `error` event",
+                "content": {"application/json": {"schema": _FALLBACK_BODY}},
+            },
             "responses": {
                 "200": {
-                    "description": "ack/delta/done/error events",
+                    "description": "welcome/consent_required/ack/delta/done/error events; "
+                    "every refusal of the body is an `error` event",
                     "content": {"text/event-stream": {"schema": S}},
                 },
                 "403": {"description": "Origin not allowed or unknown site key"},
+                "405": {"description": "Any other method; Allow: OPTIONS,POST"},
+                "503": _err(_SITE_DOWN),
             },
         },
         "options": {
             "tags": ["widget"],
             "summary": "CORS preflight",
-            "responses": {"204": {"description": "Preflight answered"}},
+            "parameters": [{"name": "site", "in": "query", "required": True, "schema": S}],
+            "responses": {
+                "204": {"description": "Preflight answered (allows the Content-Type header)"},
+                "403": {"description": "Origin not allowed or unknown site key"},
+                "503": _err(_SITE_DOWN),
+            },
         },
     },
 }

@@ -356,7 +356,7 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
     """
     svc = request.app[SERVICES]
     tenant_id, cp, origin = await _tenant_and_policy(request)
-    raw = await _read_body(request, svc.settings.max_frame_bytes)
+    body = await _request_body(request, svc.settings.max_frame_bytes)
     ctx = request_context(request, svc, cp, tenant_id)
     resp = web.StreamResponse(
         headers={
@@ -398,7 +398,7 @@ async def widget_chat(request: web.Request) -> web.StreamResponse:
 
     conn = Connection(svc, tenant_id, ctx, send, on_terminate, socket=False)
     try:
-        frame = await _open_fallback(conn, raw, svc.settings.max_frame_bytes, events)
+        frame = await _open_fallback(conn, body, svc.settings.max_frame_bytes)
         visitor = conn.visitor  # None when the hello failed, or the session ended meanwhile
         if visitor is not None:
             set_session_cookie(resp, svc, cp, visitor.token)
@@ -442,6 +442,22 @@ async def _answer(conn: Connection, v: Visitor, msg_id: str, text: str, send: Se
     await handle_message(conn.svc, v, msg_id, text, send)
 
 
+async def _request_body(request: web.Request, limit: int) -> bytes | ProtocolError:
+    """The body to parse, or why it is refused: not JSON (left unread), or unreadable.
+
+    Requiring `application/json` also makes every cross-origin browser POST send the
+    preflight, which only allowed origins pass. A client that goes away mid-upload makes
+    the read raise ConnectionResetError, which error_middleware ends quietly.
+    """
+    if request.content_type != "application/json":  # parameters (charset) are allowed
+        return ProtocolError(protocol.BAD_REQUEST, "the body must be application/json")
+    try:
+        return await _read_body(request, limit)
+    except web.RequestPayloadError:
+        # not in the Content-Encoding it declares, say: the client's error, not a bug
+        return ProtocolError(protocol.BAD_REQUEST, "the body could not be read")
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The body, or its first `limit` + 1 bytes: enough to answer `too_large` as an event
     (aiohttp's own limit, `client_max_size`, would answer a plain-text 413)."""
@@ -457,31 +473,42 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 async def _open_fallback(
-    conn: Connection, raw: bytes, max_bytes: int, events: list[dict[str, Any]]
+    conn: Connection, body: bytes | ProtocolError, max_bytes: int
 ) -> protocol.Frame | None:
-    """Parse the fallback's body and open its session; None (an error queued) on failure."""
+    """Parse the fallback's body and open its session; None (an error sent) on failure.
+
+    A refusal goes through the connection's error path (counted, and logged when the
+    body is malformed, as on a socket); until the stream opens, `send` queues it behind
+    any welcome already queued. Every refusal names the body's message `id` when it has
+    a valid one: the widget retries or fails that message rather than leave it pending.
+    """
+    msg_id: str | None = None
     try:
-        if len(raw) > max_bytes:
+        if isinstance(body, ProtocolError):
+            raise body
+        if len(body) > max_bytes:
             raise ProtocolError(protocol.TOO_LARGE, "request body too large")
-        body = orjson.loads(raw) if raw else None
-        if not isinstance(body, dict):
+        data = orjson.loads(body) if body else None
+        if not isinstance(data, dict):
             raise ProtocolError(protocol.BAD_REQUEST, "body must be a JSON message object")
-        hello = body.pop("hello", None) or {}
-        if not isinstance(hello, dict):
+        msg_id = _message_id(data.get("id"))
+        hello = data.pop("hello", None)
+        if hello is None:
+            hello = {}
+        elif not isinstance(hello, dict):  # 0, false, "" and [] included
             raise ProtocolError(protocol.BAD_REQUEST, "hello must be an object")
-        body.setdefault("type", "message")
-        frame = protocol.parse_frame(orjson.dumps(body))
+        data.setdefault("type", "message")
+        frame = protocol.parse_frame(orjson.dumps(data))
         if frame.type != "message":
             raise ProtocolError(protocol.BAD_REQUEST, "only message frames are accepted here")
-        hello_frame = protocol.parse_frame(
-            orjson.dumps({**hello, "type": "hello", "v": protocol.PROTOCOL_VERSION})
-        )
         try:
-            await conn.hello(hello_frame.data)
+            hello_frame = protocol.parse_frame(
+                orjson.dumps({**hello, "type": "hello", "v": protocol.PROTOCOL_VERSION})
+            )
         except ProtocolError as exc:
-            # the message is what was refused (a widget retries it as it would any)
-            exc.id = exc.id or frame.data["id"]
+            exc.id = msg_id  # an `id` inside the hello (refused) is not the message's
             raise
+        await conn.hello(hello_frame.data)
     except orjson.JSONDecodeError:
         error = ProtocolError(protocol.BAD_REQUEST, "body is not valid JSON")
     except ProtocolError as exc:
@@ -493,7 +520,17 @@ async def _open_fallback(
         )
     else:
         return frame
-    events.append(protocol.error_frame(error))
+    if error.id is None:
+        # the message is what was refused (a widget retries it as it would any)
+        error.id = msg_id
+    await conn.error(error)
+    return None
+
+
+def _message_id(value: object) -> str | None:
+    """`value` when it is a valid `message` id (a string of 1-128 characters)."""
+    if isinstance(value, str) and 0 < len(value) <= protocol.MAX_CLIENT_ID:
+        return value
     return None
 
 

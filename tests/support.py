@@ -373,7 +373,7 @@ async def post(
     async with g.session.post(
         g.url(f"/v1/widget/chat?site={site}"),
         data=orjson.dumps(body),
-        headers={"Origin": ORIGIN, **headers},
+        headers={"Origin": ORIGIN, "Content-Type": "application/json", **headers},
     ) as resp:
         return resp.status, dict(resp.headers), await resp.read()
 

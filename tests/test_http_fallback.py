@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 import pytest
 from aiohttp import ClientResponse, ServerDisconnectedError, web
 
-from gateway import metrics
+from gateway import connection, metrics
 from gateway.appkeys import SERVICES
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant
 from tests.conftest import ORIGIN, Gateway
-from tests.support import call, parse_sse, post, until
+from tests.support import bearer, call, parse_sse, post, until
+
+# what the widget sends, and the only body type the fallback reads
+JSON = {"Content-Type": "application/json"}
 
 
 async def test_sse_chat_and_resume(offline_gateway: Gateway, tenant: NewTenant) -> None:
@@ -50,7 +55,7 @@ async def test_sse_bad_body_gets_typed_error(offline_gateway: Gateway, tenant: N
         async with offline_gateway.session.post(
             offline_gateway.url(f"/v1/widget/chat?site={tenant.site_key}"),
             data=body,
-            headers={"Origin": ORIGIN},
+            headers={"Origin": ORIGIN, **JSON},
         ) as resp:
             events = parse_sse(await resp.read())
         assert events[-1]["type"] == "error" and events[-1]["code"] == "bad_request", events
@@ -66,7 +71,7 @@ async def test_a_body_over_aiohttps_limit_is_too_large_as_any_oversized_body(
         async with offline_gateway.session.post(
             offline_gateway.url(f"/v1/widget/chat?site={tenant.site_key}"),
             data=io.BytesIO(orjson.dumps({"id": "big", "text": "x" * size})),
-            headers={"Origin": ORIGIN},
+            headers={"Origin": ORIGIN, **JSON},
         ) as resp:
             answers.append((resp.status, resp.content_type, parse_sse(await resp.read())))
     assert answers[1] == answers[0]
@@ -98,7 +103,9 @@ async def test_preflight_only_for_allowed_origin(
 
 async def _open_stream(g: Gateway, site: str, body: Any) -> ClientResponse:
     resp = await g.session.post(
-        g.url(f"/v1/widget/chat?site={site}"), data=orjson.dumps(body), headers={"Origin": ORIGIN}
+        g.url(f"/v1/widget/chat?site={site}"),
+        data=orjson.dumps(body),
+        headers={"Origin": ORIGIN, **JSON},
     )
     assert resp.status == 200
     return resp
@@ -206,3 +213,155 @@ async def test_a_refused_new_session_names_the_message_it_refused(
     [refused] = parse_sse(body)
     assert (refused["type"], refused["code"], refused["id"]) == ("error", "rate_limited", "m2")
     assert refused["retry_after"] > 0
+
+
+# --- refusals of the request itself --------------------------------------------------
+
+
+def _error_frames(code: str) -> float:
+    return float(metrics.ERROR_FRAMES.labels(code=code)._value.get())
+
+
+def _requests(status: int) -> float:
+    return float(
+        metrics.HTTP_REQUESTS.labels(route="/v1/widget/chat", status=str(status))._value.get()
+    )
+
+
+async def test_a_refusal_is_logged_and_counted_as_on_a_socket(
+    offline_gateway: Gateway, tenant: NewTenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="omnigate")
+    for body, code in ((b"{not json", "bad_request"), (b" " * 70_000, "too_large")):
+        before = _error_frames(code)
+        caplog.clear()
+        async with offline_gateway.session.post(
+            offline_gateway.url(f"/v1/widget/chat?site={tenant.site_key}"),
+            data=body,
+            headers={"Origin": ORIGIN, **JSON},
+        ) as resp:
+            assert [e["code"] for e in parse_sse(await resp.read())] == [code]
+        assert _error_frames(code) == before + 1
+        refused = [r for r in caplog.records if r.getMessage() == "frame refused"]
+        assert [getattr(r, "code", None) for r in refused] == [code]
+        # the code only: nothing of the body reaches the line
+        assert "not json" not in caplog.text
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_refused_hello_names_the_message(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    """The widget fails or retries the message an error names; one without `id` would
+    leave it pending. Any hello but an object or null is refused, 0 and [] included."""
+    for hello in ({"age_confirmed": "yes"}, {"id": "other"}, "x", 0, False, "", []):
+        _, _, body = await post(
+            offline_gateway, tenant.site_key, {"id": "m1", "text": "hi", "hello": hello}
+        )
+        assert [(e["type"], e["code"], e.get("id")) for e in parse_sse(body)] == [
+            ("error", "bad_request", "m1")
+        ], hello
+    # an id the protocol does not accept is not echoed
+    _, _, body = await post(
+        offline_gateway, tenant.site_key, {"id": "x" * 129, "text": "hi", "hello": 0}
+    )
+    [refused] = parse_sse(body)
+    assert refused["code"] == "bad_request" and "id" not in refused
+    # a null hello is no hello
+    _, _, body = await post(
+        offline_gateway, tenant.site_key, {"id": "m2", "text": "hi", "hello": None}
+    )
+    assert parse_sse(body)[-1]["type"] == "done"
+
+
+async def test_a_session_that_cannot_open_names_the_message(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """storage_unavailable with its `id`: the widget retries the message after the wait."""
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("database unreachable")
+
+    monkeypatch.setattr(connection, "open_session", down)
+    before = _error_frames("storage_unavailable")
+    _, _, body = await post(offline_gateway, tenant.site_key, {"id": "m1", "text": "hi"})
+    [refused] = parse_sse(body)
+    assert (refused["code"], refused.get("id"), refused["retry_after"]) == (
+        "storage_unavailable",
+        "m1",
+        1.0,
+    )
+    assert _error_frames("storage_unavailable") == before + 1
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_only_a_json_body_is_read(offline_gateway: Gateway, tenant: NewTenant) -> None:
+    """Any other Content-Type is refused (so every cross-origin browser POST needs the
+    preflight); parameters are allowed."""
+    url = offline_gateway.url(f"/v1/widget/chat?site={tenant.site_key}")
+    body = orjson.dumps({"id": "c1", "text": "hi"})
+    for ctype in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        None,
+    ):
+        headers = {"Origin": ORIGIN} if ctype is None else {"Origin": ORIGIN, "Content-Type": ctype}
+        async with offline_gateway.session.post(
+            url, data=body, headers=headers, skip_auto_headers=["Content-Type"]
+        ) as resp:
+            assert resp.status == 200 and resp.content_type == "text/event-stream"
+            events = parse_sse(await resp.read())
+        assert [(e["type"], e["code"]) for e in events] == [("error", "bad_request")], ctype
+    async with offline_gateway.session.post(
+        url,
+        data=body,
+        headers={"Origin": ORIGIN, "Content-Type": "application/json; charset=utf-8"},
+    ) as resp:
+        assert parse_sse(await resp.read())[-1]["type"] == "done"
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_body_that_does_not_decode_is_a_bad_request(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    """Content-Encoding: gzip on a body that is not gzip: aiohttp fails its read. The
+    fallback answers an event; any other route a JSON 400. Never a 500."""
+    broken = {"Content-Encoding": "gzip", **JSON}
+    async with offline_gateway.session.post(
+        offline_gateway.url(f"/v1/widget/chat?site={tenant.site_key}"),
+        data=b"this is not gzip",
+        headers={"Origin": ORIGIN, **broken},
+    ) as resp:
+        status, ctype, body = resp.status, resp.content_type, await resp.read()
+    assert (status, ctype) == (200, "text/event-stream"), body
+    assert [(e["type"], e["code"]) for e in parse_sse(body)] == [("error", "bad_request")]
+    async with offline_gateway.session.put(
+        offline_gateway.url("/api/admin/policy"),
+        data=b"this is not gzip",
+        headers={**bearer(tenant.admin_key), **broken},
+    ) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "bad_request"
+
+
+async def test_a_client_leaving_mid_upload_is_not_a_storage_outage(
+    offline_gateway: Gateway, tenant: NewTenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Content-Length promises more than is sent, then the client closes: the read fails
+    with ConnectionResetError, an OSError, yet no storage alert (log line, 503) follows."""
+    caplog.set_level(logging.INFO, logger="omnigate")
+    outages, gone = _requests(503), _requests(499)
+    url = urlsplit(offline_gateway.url(f"/v1/widget/chat?site={tenant.site_key}"))
+    _, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(
+        f"POST {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\nOrigin: {ORIGIN}\r\n"
+        "Content-Length: 1000\r\nContent-Type: application/json\r\n\r\n"
+        '{"id":'.encode()
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the handler is reading the body
+    writer.close()
+    await until(lambda: _requests(499) == gone + 1)
+    assert _requests(503) == outages
+    assert not [r for r in caplog.records if r.getMessage() == "storage unavailable"]

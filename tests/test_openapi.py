@@ -10,10 +10,11 @@ import aiohttp
 import pytest
 
 from gateway.app import create_app
+from gateway.appkeys import SERVICES
 from gateway.config import Settings
 from gateway.openapi import document
 from gateway.provision import NewTenant
-from tests.conftest import Gateway, hello, start_gateway
+from tests.conftest import ORIGIN, Gateway, hello, start_gateway
 
 # aiohttp adds HEAD beside every GET; "*" is a catch-all, not an operation
 IMPLIED = {"HEAD", "*"}
@@ -119,3 +120,47 @@ async def test_operations_routes_answer_what_is_documented(
         async with g.session.get(g.url("/metrics")) as r:
             assert r.status == 401
         _documented("/metrics", "GET", r.status)
+
+
+async def test_the_fallback_answers_what_is_documented(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST and OPTIONS /v1/widget/chat: each status they answer is in the document, and
+    the POST documents its JSON body."""
+    g = offline_gateway
+    path = "/v1/widget/chat"
+    url = g.url(f"{path}?site={tenant.site_key}")
+    body = {"id": "d1", "text": "hi", "hello": {"consent": {"ai_processing": True}}}
+    evil = {"Origin": "https://evil.example"}
+    # (method sent, operation that documents the answer, extra headers, status)
+    calls: list[tuple[str, str, dict[str, str], int]] = [
+        ("POST", "POST", {}, 200),
+        ("POST", "POST", evil, 403),
+        ("GET", "POST", {}, 405),  # any other method: the POST documents the 405
+        ("PUT", "POST", {}, 405),
+        ("OPTIONS", "OPTIONS", {}, 204),
+        ("OPTIONS", "OPTIONS", evil, 403),
+    ]
+    for method, operation, headers, expected in calls:
+        async with g.session.request(
+            method, url, json=body, headers={"Origin": ORIGIN, **headers}
+        ) as r:
+            assert r.status == expected, (method, r.status, await r.text())
+        _documented(path, operation, r.status)
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("database unreachable")
+
+    # the site lookup fails: a storage outage, though the error is a ConnectionError
+    monkeypatch.setattr(g.server.app[SERVICES].tenants, "resolve_site", down)
+    for method in ("POST", "OPTIONS"):
+        async with g.session.request(method, url, json=body, headers={"Origin": ORIGIN}) as r:
+            assert r.status == 503, (method, r.status)
+            assert (await r.json())["error"]["code"] == "storage_unavailable"
+            assert r.headers["Retry-After"] == "1"
+            assert "Access-Control-Allow-Origin" not in r.headers
+        _documented(path, method, r.status)
+    request_body = document()["paths"][path]["post"]["requestBody"]
+    schema = request_body["content"]["application/json"]["schema"]
+    assert request_body["required"] and schema["required"] == ["id", "text"]
+    assert {"id", "text", "hello"} <= set(schema["properties"])
