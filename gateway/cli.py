@@ -4,22 +4,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import asyncpg
 import orjson
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.db import DatabaseError, create_pool, describe_postgres_error, migrate
+from gateway.db import (
+    DatabaseError,
+    create_pool,
+    describe_postgres_error,
+    invalid_url,
+    migrate,
+    require_migrations,
+)
 from gateway.embedded import APP_ROLE, start_embedded, with_user
 from gateway.logs import setup_logging
 from policies import PolicyError
 
 T = TypeVar("T")
+
+# a sane bound on `serve --workers`: each worker holds its own database pool
+MAX_WORKERS = 64
+# where `serve --demo` writes the demo tenant's admin key when stderr is not a terminal
+DEMO_KEY_FILE = "demo-admin-key"
 
 
 class UsageError(Exception):
@@ -58,18 +74,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _embedded(settings: Settings) -> bool:
+    """True when no database is configured: the gateway starts and runs its own."""
+    return not settings.database_url and not settings.admin_database_url
+
+
 def resolve_database(settings: Settings) -> tuple[Settings, str | None]:
     """Fill in the embedded server when no database is configured; returns (settings, owner URL)."""
     if settings.database_url:
         return settings, settings.admin_database_url
     owner = settings.admin_database_url or start_embedded(settings.state_dir / "pgdata")
-    return replace(settings, database_url=with_user(owner, APP_ROLE)), owner
+    try:
+        app_url = with_user(owner, APP_ROLE)
+    except ValueError:  # an unbalanced "[" (IPv6): never the URL's text
+        raise DatabaseError(invalid_url("OMNIGATE_ADMIN_DATABASE_URL")) from None
+    return replace(settings, database_url=app_url), owner
 
 
 async def _migrate(settings: Settings, owner: str | None) -> list[str]:
     if owner is None:
         raise ConfigError("OMNIGATE_ADMIN_DATABASE_URL is needed to migrate")
     return await migrate(owner, settings.database_url)
+
+
+async def _require_migrations(url: str) -> None:
+    pool = await create_pool(url, min_size=1, max_size=1)
+    try:
+        await require_migrations(pool)
+    finally:
+        await pool.close()
+
+
+def _prepare_database(settings: Settings, owner: str | None, embedded: bool) -> None:
+    """Before a command other than `migrate` and `serve`: migrate only the embedded server.
+
+    The admin URL is for `omnigate migrate` and `serve` (DESIGN §2): migrating here
+    would also reset the app role's password from whatever OMNIGATE_DATABASE_URL
+    the operator's shell holds. With it set, the migrations are only checked.
+    """
+    if embedded:  # the gateway runs this server itself, as `make run` does
+        asyncio.run(_migrate(settings, owner))
+    elif owner is not None:
+        assert settings.database_url
+        asyncio.run(_require_migrations(settings.database_url))
 
 
 async def _tenant_create(settings: Settings, name: str, origins: list[str]) -> dict[str, str]:
@@ -87,21 +134,53 @@ async def _tenant_create(settings: Settings, name: str, origins: list[str]) -> d
 _LOOPBACK_OR_ANY = frozenset({"", "0.0.0.0", "::", "127.0.0.1", "localhost"})  # noqa: S104
 
 
+def _show_demo_key(settings: Settings, admin_key: str) -> None:
+    """On a terminal, print the key; otherwise stderr is a log stream (`docker logs`):
+    write the key to a 0600 file and print its path instead."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"demo tenant created; its admin key (shown once): {admin_key}\n")
+        return
+    path = _write_private(settings.state_dir, DEMO_KEY_FILE, admin_key + "\n")
+    sys.stderr.write(f"demo tenant created; its admin key is in {path} (mode 0600)\n")
+
+
+def _write_private(directory: Path, name: str, text: str) -> Path:
+    """Write text to directory/name with mode 0600; the path written.
+
+    When the directory cannot be written (the Docker image's user may not write its
+    working directory), a 0600 file in the system's temporary directory instead: the
+    key is shown once, so it must land somewhere.
+    """
+    path = (directory / name).absolute()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by an earlier demo tenant (a link itself, never its target)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        fd, temp = tempfile.mkstemp(prefix=f"omnigate-{name}-")  # 0600
+        path = Path(temp)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
 async def _ensure_demo(settings: Settings, host: str, port: int) -> None:
     from gateway.provision import ensure_demo_tenant
+    from gateway.server import http_address
 
     assert settings.database_url
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
     try:
         origins = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
         if host not in _LOOPBACK_OR_ANY:  # served on a name or address of its own
-            origins.append(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
+            origins.append(http_address(host, port))
         created = await ensure_demo_tenant(pool, origins)
     finally:
         await pool.close()
     if created is not None:
-        sys.stderr.write(f"demo tenant created; its admin key (shown once): {created.admin_key}\n")
-    sys.stderr.write(f"demo widget: http://{host}:{port}/demo\n")
+        _show_demo_key(settings, created.admin_key)
+    sys.stderr.write(f"demo widget: {http_address(host, port)}/demo\n")
 
 
 async def _with_pool(settings: Settings, job: Callable[[Any], Awaitable[T]]) -> T:
@@ -132,9 +211,9 @@ async def _audit_verify(pool: Any) -> dict[str, Any]:
 
 def _privacy_job(settings: Settings, args: argparse.Namespace) -> int:
     """retention run | keys rotate | audit verify, as the app role (RLS applies)."""
+    embedded = _embedded(settings)
     settings, owner = resolve_database(settings)
-    if owner is not None:
-        asyncio.run(_migrate(settings, owner))
+    _prepare_database(settings, owner, embedded)
     if args.command == "retention":
         from gateway.crypto import KeyRing
         from gateway.retention import run_retention
@@ -198,9 +277,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         name = args.name.strip()
         if not 1 <= len(name) <= 200:
             raise UsageError("--name must be 1-200 characters")
+        embedded = _embedded(settings)
         settings, owner = resolve_database(settings)
-        if owner is not None:
-            asyncio.run(_migrate(settings, owner))
+        _prepare_database(settings, owner, embedded)
         print(orjson.dumps(asyncio.run(_tenant_create(settings, name, args.origins))).decode())
         return 0
     if args.command in ("retention", "keys", "audit"):
@@ -212,8 +291,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         port = settings.port if args.port is None else args.port
         if not 0 <= port <= 65535:
             raise UsageError("--port must be 0-65535")
-        if args.workers < 1:
-            raise UsageError("--workers must be at least 1")
+        if not 1 <= args.workers <= MAX_WORKERS:
+            raise UsageError(f"--workers must be 1-{MAX_WORKERS}")
+        if port == 0 and args.workers > 1:
+            given = "--port" if args.port is not None else "OMNIGATE_PORT"
+            raise UsageError(
+                f"{given} 0 (any free port) needs --workers 1: each worker would listen "
+                "on a port of its own"
+            )
         settings = replace(settings, host=host, port=port)
         preflight(settings, args.workers)  # a busy port fails before any database work
         settings, owner = resolve_database(settings)

@@ -6,6 +6,7 @@ import base64
 import binascii
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,30 +64,53 @@ def _read_dotenv(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     if not path.is_file():
         return values
-    for raw in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # its text can hold secrets: name the file only
+        raise ConfigError(f"{path} is not valid UTF-8 text") from None
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.partition("=")
-        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+        values[key.strip().removeprefix("export ").strip()] = _dotenv_value(value)
     return values
+
+
+def _dotenv_value(raw: str) -> str:
+    """A .env value: a quoted one up to its closing quote, an unquoted one up to ` #`.
+
+    As common .env readers do, a comment may follow the closing quote, or follow an
+    unquoted value after whitespace (a `#` inside a value, as in `pa#ss`, is kept).
+    """
+    value = raw.strip()
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end > 0 and (value[end + 1 :].strip() or "#").startswith("#"):
+            return value[1:end]
+    else:
+        value = re.split(r"\s#", value, maxsplit=1)[0].rstrip()
+    return value.strip("'\"")
 
 
 def parse_master_keys(spec: str) -> tuple[tuple[str, bytes], ...]:
     """Parse `id:base64key[,id:base64key]`; each key must decode to 32 bytes."""
     keys: list[tuple[str, bytes]] = []
+    # an entry is named by its position, never quoted: a swapped entry (key:id) puts
+    # the key where the id belongs
     for n, part in enumerate(p.strip() for p in spec.split(",") if p.strip()):
+        entry = f"OMNIGATE_MASTER_KEYS entry {n + 1}"
         key_id, sep, encoded = part.partition(":")
         if not sep or not key_id or not key_id.isascii() or not key_id.replace("-", "").isalnum():
-            raise ConfigError(f"OMNIGATE_MASTER_KEYS entry {n + 1} must look like id:base64key")
+            raise ConfigError(f"{entry} must look like id:base64key")
         try:
             key = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(f"OMNIGATE_MASTER_KEYS key {key_id!r} is not valid base64") from None
+            raise ConfigError(f"{entry}: the key is not valid base64 (id:base64key)") from None
         if len(key) != 32:
-            raise ConfigError(f"OMNIGATE_MASTER_KEYS key {key_id!r} must be 32 bytes (AES-256)")
+            raise ConfigError(f"{entry}: the key must be 32 bytes (AES-256)")
         if any(k == key_id for k, _ in keys):
-            raise ConfigError(f"OMNIGATE_MASTER_KEYS lists key id {key_id!r} twice")
+            raise ConfigError(f"{entry} repeats the id of an earlier entry")
         keys.append((key_id, key))
     if not keys:
         raise ConfigError("OMNIGATE_MASTER_KEYS is set but lists no key")
@@ -113,7 +137,12 @@ def parse_redis_url(url: str) -> str:
     The client connects lazily, so a malformed URL would otherwise surface only in
     each serving process; the message never echoes the URL (it may hold a password).
     """
-    if urlsplit(url).scheme.lower() not in REDIS_SCHEMES:
+    invalid = "OMNIGATE_REDIS_URL is not a valid Redis URL (redis://[:password@]host[:port][/db])"
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:  # an unbalanced "[" (IPv6)
+        raise ConfigError(invalid) from None
+    if scheme not in REDIS_SCHEMES:
         raise ConfigError(
             "OMNIGATE_REDIS_URL must be a redis://, rediss:// or unix:// URL "
             "(e.g. redis://localhost:6379/0)"
@@ -123,9 +152,7 @@ def parse_redis_url(url: str) -> str:
     try:
         parse_url(url)
     except ValueError:
-        raise ConfigError(
-            "OMNIGATE_REDIS_URL is not a valid Redis URL (redis://[:password@]host[:port][/db])"
-        ) from None
+        raise ConfigError(invalid) from None
     return url
 
 
@@ -137,8 +164,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds") from None
-    if not 0 < value < 86400:
-        raise ConfigError(f"{name} must be between 0 and 86400")
+    if not 0 < value <= 86400:
+        raise ConfigError(f"{name} must be more than 0 and at most 86400 seconds")
     return value
 
 
@@ -186,7 +213,9 @@ def load_settings(env: Mapping[str, str] | None = None, dotenv: Path | None = No
         first_token_timeout=_float(e, "OMNIGATE_UPSTREAM_FIRST_TOKEN_TIMEOUT", 30.0),
         idle_timeout=_float(e, "OMNIGATE_UPSTREAM_IDLE_TIMEOUT", 30.0),
         upstream_retries=_int(e, "OMNIGATE_UPSTREAM_RETRIES", 2, 0, 10),
-        master_keys=parse_master_keys(master) if master else (),
+        # set but empty is a mistake (a secret store that returned nothing), not "unset":
+        # the development key would silently take over
+        master_keys=parse_master_keys(master) if master is not None else (),
         host=e.get("OMNIGATE_HOST") or "127.0.0.1",
         port=_int(e, "OMNIGATE_PORT", 8080, 0, 65535),
         trusted_proxies=parse_networks(e.get("OMNIGATE_TRUSTED_PROXIES", "")),

@@ -37,7 +37,8 @@ class DatabaseError(Exception):
     """The database cannot be used as configured; the message is safe to print."""
 
 
-def _invalid_url(variable: str) -> str:
+def invalid_url(variable: str) -> str:
+    """The one line for a PostgreSQL URL that cannot be parsed: its name, never its text."""
     return (
         f"{variable} is not a valid PostgreSQL URL "
         "(percent-encode / # ? @ : in the user name and password)"
@@ -63,8 +64,10 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 20) -> Poo
             server_settings={"application_name": "omnigate"},
             reset=_reset,
         )
-    except ValueError:  # asyncpg's parse error can quote the password: never its text
-        raise DatabaseError(_invalid_url("OMNIGATE_DATABASE_URL")) from None
+    # asyncpg's parse error can quote the password: never its text; a port out of
+    # range (99999, -1) is an OverflowError
+    except (ValueError, OverflowError):
+        raise DatabaseError(invalid_url("OMNIGATE_DATABASE_URL")) from None
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL ({type(exc).__name__})") from None
     assert pool is not None
@@ -168,8 +171,23 @@ async def migrations_current(pool: Pool) -> bool:
     return {p.name for p in migration_files()} <= set(await applied_migrations(pool))
 
 
+NOT_MIGRATED = (
+    "the database is not migrated for this release: run `omnigate migrate` "
+    "(or set OMNIGATE_ADMIN_DATABASE_URL and serve migrates at start)"
+)
+
+
+async def require_migrations(pool: Pool) -> None:
+    """Raise DatabaseError (NOT_MIGRATED) unless every migration this code knows is applied."""
+    if not await migrations_current(pool):
+        raise DatabaseError(NOT_MIGRATED)
+
+
 def _role_of(url: str) -> tuple[str, str | None]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced "[" (IPv6)
+        raise DatabaseError(invalid_url("OMNIGATE_DATABASE_URL")) from None
     if not parts.username:
         raise DatabaseError("OMNIGATE_DATABASE_URL must name the app role (user@host)")
     return unquote(parts.username), unquote(parts.password) if parts.password else None
@@ -207,8 +225,8 @@ async def migrate(admin_url: str, app_url: str | None) -> list[str]:
     """Apply pending migrations as the owner and make the app role a member of omnigate_app."""
     try:
         conn = await asyncpg.connect(admin_url)
-    except ValueError:  # asyncpg's parse error can quote the password: never its text
-        raise DatabaseError(_invalid_url("OMNIGATE_ADMIN_DATABASE_URL")) from None
+    except (ValueError, OverflowError):  # as in create_pool: never the error's text
+        raise DatabaseError(invalid_url("OMNIGATE_ADMIN_DATABASE_URL")) from None
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(
             f"cannot connect to PostgreSQL as owner ({type(exc).__name__})"

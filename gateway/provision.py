@@ -8,7 +8,7 @@ from uuid import UUID, uuid4
 from gateway import audit, store
 from gateway.crypto import new_token, token_hash
 from gateway.db import Pool, lookup_tx, tenant_tx
-from policies import Policy, parse_policy, policy_to_doc
+from policies import Policy, normalize_origin, parse_policy, policy_to_doc
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,24 @@ async def ensure_demo_tenant(pool: Pool, origins: list[str]) -> NewTenant | None
     return await create_tenant(pool, "demo", origins, site_key=DEMO_SITE_KEY)
 
 
+def _normalized(origin: str) -> str:
+    # one that cannot be normalized is left as given: parse_policy refuses it by name
+    try:
+        return normalize_origin(origin)
+    except ValueError:
+        return origin
+
+
 async def allow_origins(pool: Pool, tenant_id: UUID, origins: list[str]) -> None:
     """Add the origins a tenant's policy lacks, as a new policy version."""
     async with tenant_tx(pool, tenant_id) as conn:
         row = await store.latest_policy(conn, tenant_id)
         version, current = (row[0], parse_policy(row[1])) if row else (0, Policy())
-        missing = [o for o in origins if o not in current.allowed_origins]
+        # stored origins are normalized (`http://h:80` is kept as `http://h`): compare
+        # alike, or every start on such an address would add a policy version
+        missing = [
+            o for o in dict.fromkeys(map(_normalized, origins)) if o not in current.allowed_origins
+        ]
         if missing:
             new = parse_policy(
                 {"allowed_origins": [*current.allowed_origins, *missing]}, base=current

@@ -123,13 +123,15 @@ def _run_supervised(
         sys.exit(1)
 
 
-def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
+def check_listen(host: str, port: int) -> None:
     """Fail early, as one clear line (ConfigError), if ``host:port`` cannot be bound.
 
-    Binds and closes a socket per address the host resolves to, with the options
-    aiohttp's listener uses, before any database work or worker starts: N workers
-    would otherwise each fail to bind and be restarted forever. (The port can
-    still be taken in between; `omnigate` then reports aiohttp's OSError.)
+    Binds and closes a socket per address the host resolves to, before any database
+    work or worker starts: N workers would otherwise each fail to bind and be
+    restarted forever. (The port can still be taken in between; `omnigate` then
+    reports aiohttp's OSError.) The probe never sets SO_REUSEPORT, even for the
+    workers that do: with it, the bind would succeed beside another process's
+    SO_REUSEPORT listener and the workers would share the port with it.
     """
     if port == 0:
         return
@@ -149,8 +151,6 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
             continue  # a family this host cannot open (no IPv6): asyncio skips it too
         with probe_socket as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -174,20 +174,23 @@ def _check_workers(settings: Settings, workers: int) -> None:
 def preflight(settings: Settings, workers: int = 1) -> None:
     """What `serve` would refuse, checked before any database work (raises ConfigError)."""
     _check_workers(settings, workers)
-    check_listen(settings.host, settings.port, reuse_port=workers > 1)
+    check_listen(settings.host, settings.port)
+
+
+def http_address(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 host in brackets (``http://[::1]:8080``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 async def _check_database(url: str) -> None:
-    from gateway.db import DatabaseError, check_app_role, create_pool, migrations_current
+    from gateway.db import check_app_role, create_pool, require_migrations
 
     pool = await create_pool(url, min_size=1, max_size=1)
     try:
         await check_app_role(pool)
-        if not await migrations_current(pool):
-            raise DatabaseError(
-                "the database is not migrated for this release: run `omnigate migrate` "
-                "(or set OMNIGATE_ADMIN_DATABASE_URL and serve migrates at start)"
-            )
+        await require_migrations(pool)
     finally:
         await pool.close()
 
@@ -209,7 +212,7 @@ def serve(settings: Settings, workers: int = 1) -> None:
     _check_workers(settings, workers)
     check_database(settings)
     sys.stderr.write(
-        f"omnigate listening on http://{settings.host}:{settings.port}"
+        f"omnigate listening on {http_address(settings.host, settings.port)}"
         f" ({workers} worker{'s' if workers > 1 else ''})\n"
     )
     if workers == 1:
