@@ -77,15 +77,16 @@ async def seed_backdated(db: BenchDatabase, tenant_id: uuid.UUID, rows: int) -> 
             )
             await conn.execute(
                 f"INSERT INTO conversations (tenant_id, conversation_id, subject_id, started_at, "
-                f"last_message_at, message_count) SELECT $1, conversation_id, subject_id, {old}, "
-                f"{old} + interval '1 hour', 100 FROM bench_conv",
+                f"last_message_at, message_count, next_seq) SELECT $1, conversation_id, "
+                f"subject_id, {old}, {old} + interval '1 hour', 100, "
+                f"{-(-rows // convs) + 1} FROM bench_conv",
                 tenant_id,
             )
             await conn.execute(
                 f"""
-                INSERT INTO messages (tenant_id, conversation_id, message_id, role, ciphertext,
-                                      created_at)
-                SELECT $1, c.conversation_id, gen_random_uuid(),
+                INSERT INTO messages (tenant_id, conversation_id, seq, message_id, role,
+                                      ciphertext, created_at)
+                SELECT $1, c.conversation_id, g / {convs} + 1, gen_random_uuid(),
                        CASE WHEN g % 2 = 0 THEN 'user' ELSE 'assistant' END,
                        '\\x01'::bytea || decode(md5(g::text) || md5((g + 1)::text)
                                               || md5((g + 2)::text), 'hex'),

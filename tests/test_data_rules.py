@@ -366,3 +366,91 @@ async def test_role_passwords_reach_the_server_only_as_scram_verifiers(
         await owner_pool.execute(f'REVOKE CONNECT ON DATABASE "{dbname}" FROM {role}')
         await owner_pool.execute(f"REVOKE omnigate_app FROM {role}")
         await owner_pool.execute(f"DROP ROLE {role}")
+
+
+async def test_message_numbers_go_on_per_conversation_after_the_upgrade(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 0019 numbers messages per conversation. On a database the previous
+    release wrote (seqs from one shared counter), each conversation goes on from its own
+    highest seq, and the backfill sees every tenant's rows although its owner is no
+    superuser, so row-level security, forced, would hide them all."""
+    import uuid
+
+    from gateway import db
+    from gateway.embedded import with_user
+
+    name = f"omnigate_upgrade_{uuid.uuid4().hex[:8]}"
+    owner_role = f"omnigate_owner_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database.owner_url)
+    await admin.execute(f'CREATE ROLE "{owner_role}" LOGIN CREATEROLE')
+    await admin.execute(f'CREATE DATABASE "{name}" OWNER "{owner_role}"')
+    files = db.migration_files()
+    assert files[-1].name == "0019_conversation_seq.sql"
+    try:
+        owner_url = with_user(database.owner_url, owner_role, name)
+        monkeypatch.setattr(db, "migration_files", lambda: files[:-1])
+        await db.migrate(owner_url, None)
+        pool = await create_pool(owner_url, min_size=1, max_size=2)
+        try:
+            t = await create_tenant(pool, "upgrade", ["https://shop.example"])
+            a, b = uuid.uuid4(), uuid.uuid4()
+            async with tenant_tx(pool, t.tenant_id) as conn:
+                subject = uuid.uuid4()
+                await conn.execute(
+                    "INSERT INTO subjects (tenant_id, subject_id) VALUES ($1, $2)",
+                    t.tenant_id,
+                    subject,
+                )
+                for conv in (a, b):
+                    await conn.execute(
+                        "INSERT INTO conversations (tenant_id, conversation_id, subject_id) "
+                        "VALUES ($1, $2, $3)",
+                        t.tenant_id,
+                        conv,
+                        subject,
+                    )
+                for conv in (a, b, a, b, a):  # a: 1, 3, 5; b: 2, 4
+                    await conn.execute(
+                        "INSERT INTO messages (tenant_id, conversation_id, message_id, role,"
+                        " ciphertext) VALUES ($1, $2, $3, 'user', '\\x00')",
+                        t.tenant_id,
+                        conv,
+                        uuid.uuid4(),
+                    )
+            monkeypatch.setattr(db, "migration_files", lambda: files)
+            assert await db.migrate(owner_url, None) == ["0019_conversation_seq.sql"]
+            c = uuid.uuid4()
+            async with tenant_tx(pool, t.tenant_id) as conn:
+                await conn.execute(
+                    "INSERT INTO conversations (tenant_id, conversation_id, subject_id) "
+                    "VALUES ($1, $2, $3)",
+                    t.tenant_id,
+                    c,
+                    subject,
+                )
+            new = (
+                "SELECT omnigate_insert_message($1, $2, $3, 'user', NULL, NULL, 'complete',"
+                " NULL, '\\x00', NULL, false, NULL)"
+            )
+            # the previous release's function, during a rolling restart: names no seq
+            old = (
+                "SELECT omnigate_insert_message($1, $2, $3, 'user', NULL, NULL, 'complete',"
+                " NULL, '\\x00', NULL)"
+            )
+            got = [
+                await pool.fetchval(sql, t.tenant_id, conv, uuid.uuid4())
+                for sql, conv in ((new, a), (new, b), (new, c), (old, a), (new, a), (old, c))
+            ]
+            assert got == [6, 5, 1, 7, 8, 2]
+            forced = await pool.fetch(
+                "SELECT relname FROM pg_class WHERE relforcerowsecurity"
+                " AND relname IN ('messages', 'conversations')"
+            )
+            assert len(forced) == 2  # forced again by the migration that lifted it
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'DROP ROLE IF EXISTS "{owner_role}"')
+        await admin.close()

@@ -50,8 +50,8 @@ async def test_concurrent_inserts_share_round_trips_and_stay_per_tenant(
     seqs = await asyncio.gather(
         *(gc.insert(user_message(tenants[i % 3].tenant_id, convs[i % 3])) for i in range(50))
     )
+    await gc.aclose()
     assert all(isinstance(s, int) for s in seqs)
-    assert len(set(seqs)) == 50
     assert gc.rows == 50
     assert gc.batches < 50  # gathered together: the rows share round trips
     for i, t in enumerate(tenants):
@@ -60,11 +60,12 @@ async def test_concurrent_inserts_share_round_trips_and_stay_per_tenant(
             count = await conn.fetchval(
                 "SELECT message_count FROM conversations WHERE conversation_id = $1", convs[i]
             )
-        mine = {s for j, s in enumerate(seqs) if j % 3 == i}
-        assert {r["seq"] for r in rows} == mine  # only this tenant's rows are visible
+        mine = [s for j, s in enumerate(seqs) if j % 3 == i]
+        assert {r["seq"] for r in rows} == set(mine)  # only this tenant's rows are visible
         assert {r["conversation_id"] for r in rows} == {convs[i]}
+        # numbered within the conversation, whatever the others wrote in the same batches
+        assert sorted(mine) == list(range(1, len(mine) + 1))
         assert count == len(mine)
-    await gc.aclose()
 
 
 async def test_bad_row_fails_alone_and_duplicate_is_none(

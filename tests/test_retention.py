@@ -509,7 +509,8 @@ async def test_values_only_deleted_messages_held_leave_the_redaction_map(
     tid, cid = tenant.tenant_id, UUID(w["conversation_id"])
     first_two = "SELECT seq FROM messages WHERE conversation_id = $1 ORDER BY seq LIMIT 2"
     await owner_pool.execute(
-        f"UPDATE messages SET created_at = now() - interval '100 days' WHERE seq IN ({first_two})",
+        "UPDATE messages SET created_at = now() - interval '100 days'"
+        f" WHERE conversation_id = $1 AND seq IN ({first_two})",
         cid,
     )
     vault = Vault(KeyRing((MASTER_KEY,)))

@@ -7,8 +7,8 @@ from datetime import timedelta
 import asyncpg
 
 from gateway.fake_upstream import FakeUpstream
-from gateway.provision import NewTenant
-from tests.conftest import Gateway, chat, hello, recv_until, reply_text
+from gateway.provision import NewTenant, create_tenant
+from tests.conftest import ORIGIN, Gateway, chat, hello, recv_until, reply_text
 
 
 async def test_full_chat_streams_and_stores(
@@ -340,3 +340,36 @@ async def test_new_sessions_are_rate_limited_per_ip(
         "SELECT count(*) FROM sessions WHERE tenant_id = $1", tenant.tenant_id
     )
     assert sessions == 2
+
+
+async def test_message_numbers_count_this_conversation_only(
+    offline_gateway: Gateway, tenant: NewTenant, app_pool: asyncpg.Pool
+) -> None:
+    """A visitor's seq numbers are positions in its own conversation: the traffic of
+    another conversation, of another tenant, between two of its messages leaves no gap
+    (a number shared by every tenant told each how much the others stored)."""
+    other = await create_tenant(app_pool, "seq-other", [ORIGIN])
+    ws = await offline_gateway.ws(tenant.site_key)
+    await hello(ws)
+    first = await chat(ws, "a", "first")
+    busy = await offline_gateway.ws(other.site_key)
+    await hello(busy)
+    for i in range(5):
+        await chat(busy, f"o{i}", "another site's visitor")
+    second = await chat(ws, "b", "second")
+    await busy.close()
+    assert [(f["type"], f["seq"]) for f in first + second if f["type"] in ("ack", "done")] == [
+        ("ack", 1),
+        ("done", 2),
+        ("ack", 3),
+        ("done", 4),
+    ]
+    # a re-send of a stored message takes no number of its own
+    again = await chat(ws, "b", "second")
+    assert [f["seq"] for f in again if f["type"] in ("ack", "done")] == [3, 4]
+    third = await chat(ws, "c", "third")
+    assert [f["seq"] for f in third if f["type"] in ("ack", "done")] == [5, 6]
+    await ws.send_json({"type": "history"})
+    page = (await recv_until(ws, "history"))[-1]["messages"]
+    assert [m["seq"] for m in page] == [1, 2, 3, 4, 5, 6]
+    await ws.close()
