@@ -154,8 +154,6 @@ RETENTION_KINDS = frozenset(
         "conversations",
         "sessions",
         "subjects",
-        "consents",
-        "privacy_requests",
         "session_ips",
         "redaction_maps",
         "redaction_entries",

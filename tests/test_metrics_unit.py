@@ -59,6 +59,15 @@ def test_helpers_map_unknown_values_to_other() -> None:
     assert sample_value(body, "omnigate_http_requests_total", {"route": "unmatched"}) >= 1
 
 
+def test_retention_kinds_are_what_a_pass_counts() -> None:
+    """The label set of omnigate_retention_purged_total is exactly the kinds a retention
+    pass reports: none missing (counted as "other"), none documented that never comes."""
+    from gateway import retention
+
+    assert set(retention._METRIC_KIND) == set(retention.KINDS)
+    assert set(retention._METRIC_KIND.values()) == metrics.RETENTION_KINDS
+
+
 def test_register_routes_extends_the_route_set() -> None:
     metrics.register_routes(["/api/admin/conversations/{conversation_id}"])
     metrics.count_http_request("/api/admin/conversations/{conversation_id}", 200)
