@@ -22,8 +22,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import psutil
@@ -66,6 +67,8 @@ ONE_SESSION_MESSAGES = 200
 HEAVY_ROUNDS = 3
 # The scale runs: one worker and two take turns.
 SCALE_ROUNDS = 3
+
+K = TypeVar("K")  # what names the gateways that take turns
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,7 +464,7 @@ class Runner:
         worker's database pool has grown), and they take turns in SCALE_ROUNDS rounds,
         so drift on a shared machine hits both alike.
         """
-        n, m = self.cfg["sessions"], self.cfg["messages"]
+        n = self.cfg["sessions"]
         if not _redis_up(self.args.redis_url):
             self.results["scale"] = {"ratio": None, "reason": "Redis unreachable"}
             self.say("scale: skipped, Redis unreachable")
@@ -473,29 +476,42 @@ class Runner:
         try:
             for _gw, url in gws.values():
                 await run_ws(url, site, n, 2)
-            acc = {w: (RunStats(f"ws_workers{w}", n, 0), Usage()) for w in gws}
-            per_round = math.ceil(m / SCALE_ROUNDS)
-            for _ in range(SCALE_ROUNDS):
-                for w, (gw, url) in gws.items():
-                    stats, usage = acc[w]
-                    stats.absorb(
-                        await usage.measure(
-                            gw, self.fake, lambda url=url: run_ws(url, site, n, per_round)
-                        )
-                    )
-            for w, (stats, usage) in acc.items():
-                self.record(f"ws_workers{w}", stats, usage)
+            names = {w: f"ws_workers{w}" for w in gws}
+            rates = await self.take_turns(gws, names, SCALE_ROUNDS, run_ws)
         finally:
             for gw, _url in gws.values():
                 gw.stop()
-        w1, w2 = acc[1][0].rate, acc[2][0].rate
+        w1, w2 = rates[1].rate, rates[2].rate
         self.results["scale"] = {"w1": w1, "w2": w2, "ratio": w2 / w1 if w1 else None,
                                  "rounds": SCALE_ROUNDS, "redis": True}  # fmt: skip
+
+    async def take_turns(
+        self,
+        gws: dict[K, tuple[Child, str]],
+        names: dict[K, str],
+        rounds: int,
+        load: Callable[[str, str, int, int], Awaitable[RunStats]],
+    ) -> dict[K, RunStats]:
+        """The same load at N sessions on each gateway in turn, `rounds` times (M messages
+        in all per session), so drift on a shared machine hits each alike; each
+        gateway's rounds are recorded together under its name."""
+        assert self.tenant is not None
+        site, n = self.tenant.site_key, self.cfg["sessions"]
+        per_round = math.ceil(self.cfg["messages"] / rounds)
+        acc = {k: (RunStats(names[k], n, 0), Usage()) for k in gws}
+        for _ in range(rounds):
+            for k, (gw, url) in gws.items():
+                stats, usage = acc[k]
+                run = partial(load, url, site, n, per_round)
+                stats.absorb(await usage.measure(gw, self.fake, run))
+        for k, (stats, usage) in acc.items():
+            self.record(names[k], stats, usage)
+        return {k: stats for k, (stats, _usage) in acc.items()}
 
     async def run_heavy(self) -> None:
         """ws at N sessions beside a visitor sending order lists: searched inline vs in a helper."""
         assert self.tenant is not None
-        n, m = self.cfg["sessions"], self.cfg["messages"]
+        n = self.cfg["sessions"]
         site = self.tenant.site_key
         modes = {"inline": "0", "helper": "1"}
         gws = {
@@ -506,19 +522,10 @@ class Runner:
             for _gw, url in gws.values():
                 await run_ws(url, site, n, 2)
                 await run_ws_beside(url, site, 2, 2)  # the helper has started
-            acc = {mode: (RunStats(f"ws_beside_{mode}", n, 0), Usage()) for mode in gws}
-            per_round = math.ceil(m / HEAVY_ROUNDS)
-            for _ in range(HEAVY_ROUNDS):
-                for mode, (gw, url) in gws.items():
-                    stats, usage = acc[mode]
-                    stats.absorb(
-                        await usage.measure(
-                            gw, self.fake, lambda url=url: run_ws_beside(url, site, n, per_round)
-                        )
-                    )
-            for mode, (stats, usage) in acc.items():
-                self.record(f"ws_beside_{mode}", stats, usage)
-                self.results["runs"][f"ws_beside_{mode}"]["neighbour_answered"] = stats.neighbour
+            names = {mode: f"ws_beside_{mode}" for mode in gws}
+            done = await self.take_turns(gws, names, HEAVY_ROUNDS, run_ws_beside)
+            for mode, stats in done.items():
+                self.results["runs"][names[mode]]["neighbour_answered"] = stats.neighbour
             self.results["heavy"] = {"message_chars": len(heavy_text(1)), "rounds": HEAVY_ROUNDS}
         finally:
             for gw, _url in gws.values():
