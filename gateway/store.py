@@ -169,7 +169,7 @@ class ResumedSession:
 
 
 # migrations/0015 (0010 with `verified`): sets the tenant itself, one autocommit round trip
-_RESUME = "SELECT * FROM omnigate_resume($1, $2, $3, $4, $5, $6, $7)"
+_RESUME = "SELECT * FROM omnigate_resume($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
 async def resume(
@@ -181,8 +181,12 @@ async def resume(
     gpc: bool,
     session_days: int,
     recent: int,
+    external_ref: bytes | None,
 ) -> ResumedSession | None:
-    """A live session by token hash, touched, with its consent, redaction map and history.
+    """A live session by token hash, touched, with its consent, redaction map and history;
+    only one whose subject's external_ref is `external_ref` (a verified site user's
+    session for that user alone, an anonymous one for a hello that verifies as no one):
+    any other is neither returned nor touched (migrations/0020).
 
     One round trip instead of seven (the SSE fallback resumes on every message), with the
     subject's wrapped data key for a process that has not cached it. The
@@ -191,7 +195,7 @@ async def resume(
     nothing and commits without a WAL flush.
     """
     row = await pool.fetchrow(
-        _RESUME, tenant_id, token_hash, ip_anon, dnt, gpc, session_days, recent
+        _RESUME, tenant_id, token_hash, ip_anon, dnt, gpc, session_days, recent, external_ref
     )
     if row is None:
         return None

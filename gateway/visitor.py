@@ -217,19 +217,16 @@ async def open_session(
     signals = signals_from(ctx.signal_headers, hello.get("signals"), cp.policy.honor_dnt)
     grant, revoke = consent_changes(hello.get("consent") or {})
     age = hello.get("age_confirmed")
-    resumed = await _resume(svc, tenant_id, cp, ctx, hello, signals)
-    user = hello.get("user")
-    if resumed is not None and (user is not None or resumed[1].verified):
-        if not await _same_user(svc, tenant_id, resumed[1], user):
-            # another site user on this browser, one who just signed in, or someone
-            # after a signed-in user left: never the session, history and data of
-            # whoever the cookie or token belonged to
-            resumed = None
+    # who the hello verifies as (None: no one), before any session is looked up: the
+    # session of another site user on this browser, of one who just signed in, or of a
+    # signed-in user who left is never resumed, nor touched by the attempt
+    ref = await _hello_ref(svc, tenant_id, hello.get("user"))
+    resumed = await _resume(svc, tenant_id, cp, ctx, hello, signals, ref)
     if resumed is None:
         await _may_open_session(svc, tenant_id, cp, ctx)
         # a new session and its consent commit together, or not at all
         async with tenant_tx(svc.pool, tenant_id) as conn:
-            v, new_subject = await _new_session(conn, svc, tenant_id, cp, ctx, hello, signals)
+            v, new_subject = await _new_session(conn, svc, tenant_id, cp, ctx, signals, ref)
             changes = await apply_consent(conn, v, cp, grant, revoke, age, "widget")
         if not new_subject:  # a known user's subject may have sockets open elsewhere
             await announce_consent(svc, v, changes)
@@ -260,8 +257,10 @@ async def _resume(
     ctx: RequestContext,
     hello: Mapping[str, Any],
     signals: Signals,
+    ref: bytes | None,
 ) -> tuple[str, store.ResumedSession] | None:
-    """The live session named by hello's token, else by the cookie's, with its token."""
+    """The live session named by hello's token, else by the cookie's, with its token:
+    one that belongs to the visitor `ref` names (store.resume)."""
     for token in (hello.get("session_token"), ctx.cookie_token):
         if not token:
             continue
@@ -274,6 +273,7 @@ async def _resume(
             signals.gpc,
             cp.policy.session_days,
             CONTEXT_MESSAGES,
+            ref,
         )
         if found is not None:
             return token, found
@@ -298,20 +298,13 @@ async def _may_open_session(
         )
 
 
-async def _same_user(
-    svc: Services, tenant_id: UUID, found: store.ResumedSession, user: Any
-) -> bool:
-    """Whether the session `found` may be resumed by a hello that names `user` (or none):
-    a verified user's session only by a hello that verifies as that user; an anonymous
-    one by a hello whose claim does not verify (ignored, as everywhere), never by a
-    verified user (whose own session is elsewhere, or new)."""
+async def _hello_ref(svc: Services, tenant_id: UUID, user: Any) -> bytes | None:
+    """The external_ref hello's `user` verifies as; None for no user, or one that does
+    not verify (ignored, as everywhere)."""
     if user is None:
-        return not found.verified
+        return None
     async with tenant_tx(svc.pool, tenant_id) as conn:
-        ref = await identity.verified_ref(conn, svc.keyring, svc.hash_keys, tenant_id, user)
-        if ref is None:
-            return not found.verified
-        return await store.subject_by_ref(conn, tenant_id, ref) == found.session.subject_id
+        return await identity.verified_ref(conn, svc.keyring, svc.hash_keys, tenant_id, user)
 
 
 def _visitor(
@@ -342,16 +335,12 @@ async def _new_session(
     tenant_id: UUID,
     cp: CompiledPolicy,
     ctx: RequestContext,
-    hello: Mapping[str, Any],
     signals: Signals,
+    ref: bytes | None,
 ) -> tuple[Visitor, bool]:
-    """A new session, for a new subject or a verified site user's existing one; and
-    whether the subject is new."""
+    """A new session, for a new subject or the existing one of the verified site user
+    `ref` names; and whether the subject is new."""
     token = ctx.new_token or new_token()
-    # a verified site user id links to its existing subject; anything else is a new one
-    ref = await identity.verified_ref(
-        conn, svc.keyring, svc.hash_keys, tenant_id, hello.get("user")
-    )
     subject_id, dek = await identity.subject_for_ref(conn, svc.keyring, tenant_id, ref)
     if dek is not None:  # made just now
         svc.vault.remember(tenant_id, subject_id, dek)

@@ -214,6 +214,51 @@ async def test_a_session_is_resumed_only_by_its_own_user(
     await ws.close()
 
 
+async def test_a_refused_resume_leaves_the_users_session_untouched(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    # the next person on ann's browser, with her cookie, GPC on, from another address:
+    # refused, and none of it is written to ann's session (her export would show another
+    # person's address and signals), nor her session's expiry slid by them
+    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
+    secret = body["identity_secret"]
+    ann, bob = ({"id": uid, "hash": identity.user_hash(secret, uid)} for uid in ("ann-3", "bob-3"))
+    ws = await offline_gateway.ws(tenant.site_key)
+    first = await hello(ws, user=ann)
+    await ws.close()
+    conversation = uuid.UUID(first["conversation_id"])
+    # a minute later: a resume now would touch the row whatever changed
+    await owner_pool.execute(
+        "UPDATE sessions SET last_seen_at = now() - interval '2 minutes'"
+        " WHERE conversation_id = $1",
+        conversation,
+    )
+    row = (
+        "SELECT subject_id, ip_anon, dnt, gpc, last_seen_at, expires_at FROM sessions"
+        " WHERE conversation_id = $1"
+    )
+    before = await owner_pool.fetchrow(row, conversation)
+    for claim in ({}, {"user": bob}):
+        ws = await offline_gateway.ws(
+            tenant.site_key, headers={"Sec-GPC": "1", "X-Forwarded-For": "198.51.100.9"}
+        )
+        other = await hello(ws, session_token=first["session_token"], **claim)
+        assert other["resumed"] is False, claim
+        await ws.close()
+    assert await owner_pool.fetchrow(row, conversation) == before
+    records = await owner_pool.fetchval(
+        "SELECT count(*) FROM signal_records WHERE subject_id = $1", before["subject_id"]
+    )
+    assert records == 0
+    # ann herself, with the same headers, resumes and is touched
+    ws = await offline_gateway.ws(tenant.site_key, headers={"Sec-GPC": "1"})
+    again = await hello(ws, session_token=first["session_token"], user=ann)
+    await ws.close()
+    assert again["resumed"] is True
+    after = await owner_pool.fetchrow(row, conversation)
+    assert after["gpc"] is True and after["expires_at"] > before["expires_at"]
+
+
 async def test_a_verified_session_answers_the_privacy_api_only_to_its_token(
     offline_gateway: Gateway, tenant: NewTenant
 ) -> None:
