@@ -295,6 +295,9 @@ def _subscribe(svc: Services) -> None:
 
     async def subject_restricted(payload: dict[str, Any]) -> None:
         key = (UUID(payload["tenant_id"]), UUID(payload["subject_id"]))
+        # a hello loading this subject's session now joins `live` after this: it reads
+        # restriction and consent again before its first message (connection.hello)
+        connection.ConsentChanges.count += 1
         for conn in list(svc.live.get(key, ())):
             if conn.visitor is not None:
                 conn.visitor.restricted = True

@@ -374,6 +374,40 @@ async def test_the_fallback_reads_a_change_announced_while_its_session_loaded(
     assert events[-1]["code"] == "consent_required"
 
 
+async def test_a_restriction_announced_while_a_session_loads_holds_on_that_socket(
+    gateway: Gateway,
+    fake: tuple[FakeUpstream, str],
+    app_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the restriction's event finds no connection to mark (the hello has not joined the
+    # live registry yet): the hello must read restriction again before forwarding
+    upstream, _ = fake
+    t = await tenant_with(app_pool, **REQUIRED)
+    ws = await gateway.ws(t.site_key)
+    token = (await hello(ws, consent={"ai_processing": True}))["session_token"]
+    await ws.close()
+    real = connection.open_session
+
+    async def restricted_meanwhile(*args: Any) -> Any:
+        v = await real(*args)  # the session is loaded: not restricted
+        async with gateway.session.post(
+            gateway.url("/api/gdpr/request"), json={"kind": "restriction"}, headers=session(token)
+        ) as resp:
+            assert resp.status == 201
+        return v
+
+    monkeypatch.setattr(connection, "open_session", restricted_meanwhile)
+    ws = await gateway.ws(t.site_key)
+    await hello(ws, session_token=token)
+    monkeypatch.setattr(connection, "open_session", real)
+    upstream.reset()
+    frames = await chat(ws, "m", "after the restriction")
+    await ws.close()
+    assert upstream.requests == []
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "consent_required"
+
+
 async def test_storage_revoked_during_a_write_keeps_the_reply_out_of_storage(
     gateway: Gateway,
     app_pool: asyncpg.Pool,
