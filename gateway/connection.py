@@ -192,8 +192,12 @@ class Connection:
                 metrics.count_privacy_signal(signal)
         await self.send(welcome(self.visitor, cp))
         await self._ask_consent_if_needed()
+        if not self._socket and self.visitor.resumed:
+            # the HTTP fallback sends its hello with every message: a page view is the
+            # hello that starts a session there, not each message (docs/protocol.md)
+            return
         try:
-            await record_page_view(self.svc, self.visitor, data.get("context"), self.ctx.client)
+            await record_page_view(self.svc, self.visitor, cp, data.get("context"), self.ctx.client)
         except chat.STORAGE_ERRORS as exc:
             # a lost page view must not turn a good hello into an error the widget retries
             log.warning("page view not recorded", extra={"kind": type(exc).__name__})

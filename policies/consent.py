@@ -46,11 +46,14 @@ class Signals:
     source: str = ""
 
 
-def _truthy_dnt(value: object) -> bool:
-    # navigator.doNotTrack is "1" / "yes" when on, "0" / "unspecified" / null otherwise.
-    if value is True:
+def _signal_on(value: object) -> bool:
+    # navigator.doNotTrack is "1" / "yes" when on, "0" / "unspecified" / null otherwise;
+    # navigator.globalPrivacyControl is a boolean, which a widget may send as it is, as a
+    # number or as a string. Both signals are read alike, and any form of "on" counts:
+    # when in doubt, less processing.
+    if value is True or (type(value) is int and value == 1):
         return True
-    return isinstance(value, str) and value.strip().lower() in ("1", "yes")
+    return isinstance(value, str) and value.strip().lower() in ("1", "yes", "true")
 
 
 def signals_from(headers: Mapping[str, str], hello_signals: object, honor_dnt: bool) -> Signals:
@@ -67,10 +70,10 @@ def signals_from(headers: Mapping[str, str], hello_signals: object, honor_dnt: b
         dnt = True
         sources.append("header:dnt")
     if isinstance(hello_signals, Mapping):
-        if hello_signals.get("gpc") is True:
+        if _signal_on(hello_signals.get("gpc")):
             gpc = True
             sources.append("hello:gpc")
-        if honor_dnt and _truthy_dnt(hello_signals.get("dnt")):
+        if honor_dnt and _signal_on(hello_signals.get("dnt")):
             dnt = True
             sources.append("hello:dnt")
     return Signals(dnt=dnt, gpc=gpc, source=",".join(sources))

@@ -72,28 +72,31 @@ def _trusted(ip: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
 def client_ip(
     peer: str | None, xff_values: Sequence[str], trusted: Sequence[IPNetwork]
 ) -> IPAddress | None:
-    """Return the client: the peer, or the X-Forwarded-For hop a trusted peer vouches for."""
+    """Return the client: the peer, or the X-Forwarded-For hop a trusted peer vouches for.
+
+    Several header lines are one list, joined in order (RFC 9110 §5.3). The list is
+    walked from the right: each trusted hop vouches for the one before it, and the first
+    untrusted hop is the client. Entries left of it were written by the client and may be
+    anything, so they are never parsed. An entry at or right of the client that does not
+    parse (an empty one included) means a proxy we trust wrote something we cannot read:
+    the peer is used.
+    """
     peer_ip = parse_ip(peer) if peer else None
     if peer_ip is None:
         return None
-    # Only a trusted proxy may speak for someone else; and several XFF header lines cannot be
-    # ordered reliably, so the chain is believed only when it arrives as exactly one line.
-    if not _trusted(peer_ip, trusted) or len(xff_values) != 1:
+    # Only a trusted proxy may speak for someone else.
+    if not _trusted(peer_ip, trusted):
         return peer_ip
-    hops: list[IPAddress] = []
-    for entry in xff_values[0].split(","):
+    furthest = peer_ip
+    for entry in reversed(",".join(xff_values).split(",")):
         ip = _parse_xff_entry(entry)
         if ip is None:
             return peer_ip
-        hops.append(ip)
-    # Walk from the right: each trusted hop vouches for the one before it. The first
-    # untrusted hop is the client; anything left of it was written by the client and may be
-    # spoofed, so it is never looked at.
-    for ip in reversed(hops):
         if not _trusted(ip, trusted):
             return ip
+        furthest = ip
     # Every hop is one of our proxies: the furthest one is the best we know.
-    return hops[0] if hops else peer_ip
+    return furthest
 
 
 def parse_trusted_proxies(spec: str) -> tuple[IPNetwork, ...]:

@@ -365,3 +365,25 @@ async def test_a_client_leaving_mid_upload_is_not_a_storage_outage(
     await until(lambda: _requests(499) == gone + 1)
     assert _requests(503) == outages
     assert not [r for r in caplog.records if r.getMessage() == "storage unavailable"]
+
+
+async def test_fallback_records_one_page_view_per_session_not_per_message(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    """The fallback sends its hello with every message: only the hello that starts the
+    session records the page view (docs/protocol.md), not each message."""
+    token = None
+    for i in range(3):
+        h: dict[str, Any] = {"consent": {"analytics": True}, "context": {"page": "/pricing"}}
+        if token:
+            h["session_token"] = token
+        _, _, body = await post(
+            offline_gateway, tenant.site_key, {"id": f"m{i}", "text": "hi", "hello": h}
+        )
+        welcome = parse_sse(body)[0]
+        assert welcome["type"] == "welcome" and welcome["resumed"] is (i > 0), welcome
+        token = welcome["session_token"]
+    paths = await owner_pool.fetch(
+        "SELECT page_path FROM analytics_events WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert [r["page_path"] for r in paths] == ["/pricing"]

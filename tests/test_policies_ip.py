@@ -52,10 +52,21 @@ TRUSTED = parse_trusted_proxies("10.0.0.0/8, 2001:db8:ffff::/48, 192.0.2.1")
         ("10.0.0.5", ["  198.51.100.1  "], "198.51.100.1"),
         # All hops trusted: the furthest proxy is the best we know.
         ("10.0.0.5", ["10.0.0.8, 10.0.0.9"], "10.0.0.8"),
-        # Several XFF header lines cannot be ordered: use the peer.
-        ("10.0.0.5", ["198.51.100.1", "6.6.6.6"], "10.0.0.5"),
-        # Malformed entries: use the peer.
+        # Several XFF header lines are one list, in order (RFC 9110 section 5.3).
+        ("10.0.0.5", ["198.51.100.1", "6.6.6.6"], "6.6.6.6"),
+        ("10.0.0.5", ["6.6.6.6, 198.51.100.1", "10.0.0.9"], "198.51.100.1"),
+        ("10.0.0.5", ["garbage", "198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.5", ["", "198.51.100.1"], "198.51.100.1"),
+        # Whatever the client wrote left of its own hop is never parsed (nginx's
+        # proxy_add_x_forwarded_for appends the client to the header it sent).
+        ("10.0.0.5", ["garbage, 198.51.100.7"], "198.51.100.7"),
+        ("10.0.0.5", ["unknown, , [::1, 198.51.100.7, 10.0.0.9"], "198.51.100.7"),
+        ("10.0.0.5", ["garbage, 198.51.100.7, 10.0.0.9, 192.0.2.1"], "198.51.100.7"),
+        # Malformed entries at or right of the client: use the peer.
         ("10.0.0.5", ["198.51.100.1, garbage"], "10.0.0.5"),
+        ("10.0.0.5", ["198.51.100.1", "garbage"], "10.0.0.5"),
+        ("10.0.0.5", ["198.51.100.1, garbage, 10.0.0.9"], "10.0.0.5"),
+        ("10.0.0.5", ["garbage, 10.0.0.9"], "10.0.0.5"),
         ("10.0.0.5", ["198.51.100.1,,10.0.0.9"], "10.0.0.5"),
         ("10.0.0.5", [""], "10.0.0.5"),
         ("10.0.0.5", ["unknown"], "10.0.0.5"),
@@ -87,7 +98,16 @@ TRUSTED = parse_trusted_proxies("10.0.0.0/8, 2001:db8:ffff::/48, 192.0.2.1")
         "xff-spaces",
         "all-trusted",
         "several-xff-lines",
+        "several-xff-lines-chain",
+        "client-garbage-line-left",
+        "empty-line-left",
+        "client-garbage-left",
+        "client-garbage-several-left",
+        "client-garbage-left-two-proxies",
         "malformed-entry",
+        "malformed-entry-own-line",
+        "malformed-between-proxies",
+        "malformed-client-hop",
         "empty-entry",
         "empty-header",
         "unknown-token",
