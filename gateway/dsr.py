@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gateway import audit, bus, metrics
 from gateway.crypto import CryptoError
 from gateway.vault import Vault
+from policies import TRACKING_PURPOSES as TRACKING
 
 GDPR_KINDS = frozenset(
     {
@@ -40,7 +41,8 @@ GDPR_KINDS = frozenset(
 CCPA_KINDS = frozenset({"know", "delete", "opt_out"})
 #: kinds that switch tracking off at intake, and the purposes they revoke
 TRACKING_OFF_KINDS = frozenset({"objection", "opt_out"})
-TRACKING_PURPOSES = ("analytics", "marketing")
+# in a fixed order: the effects a request reports, and the rows it records
+TRACKING_PURPOSES = tuple(sorted(TRACKING))
 ACK_WITHIN = timedelta(hours=48)
 #: at most; a GDPR request is due within one month too (`deadlines`)
 DUE_WITHIN = {"gdpr": timedelta(days=30), "ccpa": timedelta(days=45)}

@@ -20,6 +20,7 @@ from gateway.protocol import BAD_REQUEST, RATE_LIMITED, SESSION_INVALID, Protoco
 from gateway.services import Services
 from policies import (
     PURPOSES,
+    TRACKING_PURPOSES,
     CompiledPolicy,
     ConsentState,
     PlaceholderMap,
@@ -228,8 +229,10 @@ async def open_session(
         async with tenant_tx(svc.pool, tenant_id) as conn:
             v, new_subject = await _new_session(conn, svc, tenant_id, cp, ctx, signals, ref)
             changes = await apply_consent(conn, v, cp, grant, revoke, age, "widget")
+            v.consent, by_signal = _known_consumer_gpc(v.consent, cp, ref, signals)
+            await record_consent(conn, v, cp, by_signal, "signal")
         if not new_subject:  # a known user's subject may have sockets open elsewhere
-            await announce_consent(svc, v, changes)
+            await announce_consent(svc, v, changes + by_signal)
         return v
     token, found = resumed
     v = _visitor(tenant_id, found.session, token, consent_state(found.consents, cp), signals, ctx)
@@ -238,16 +241,33 @@ async def open_session(
     except CryptoError:
         raise ProtocolError(SESSION_INVALID, "this session's data was erased") from None
     state, changes = consent_update(v, cp, grant, revoke, age)
+    state, by_signal = _known_consumer_gpc(state, cp, ref, signals)
     # the common resume writes nothing: no transaction at all
-    if changes or found.unanswered:
+    if changes or by_signal or found.unanswered:
         async with tenant_tx(svc.pool, tenant_id) as conn:
             await record_consent(conn, v, cp, changes, "widget")
+            await record_consent(conn, v, cp, by_signal, "signal")
             if found.unanswered:
                 await _mark_interrupted(svc, conn, v, cipher)
-        await announce_consent(svc, v, changes)
+        await announce_consent(svc, v, changes + by_signal)
     v.consent = state
     _load_context(svc, v, found, cipher)
     return v
+
+
+def _known_consumer_gpc(
+    state: ConsentState, cp: CompiledPolicy, ref: bytes | None, signals: Signals
+) -> tuple[ConsentState, list[tuple[str, bool]]]:
+    """Global Privacy Control from a verified site user holds for the user, not only for
+    this browser: recorded as a refusal of analytics and marketing (source `signal`),
+    which every session of the user loads and its open sockets apply (CCPA regulations
+    §7025(c)(1): a signal from a known consumer applies to the consumer). An anonymous
+    visitor's GPC holds for the browser that sends it (`effective_purposes`). Recorded
+    once: a refusal already on record is not written again."""
+    if ref is None or not signals.gpc:
+        return state, []
+    new, events = apply_consent_change(state, (), TRACKING_PURPOSES, cp.policy.consent_version)
+    return new, [(e.purpose, e.granted) for e in events]
 
 
 async def _resume(

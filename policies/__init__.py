@@ -3,6 +3,7 @@
 from .analytics import coarse_client, page_path, referrer_origin
 from .compiled import CompiledPolicy, compile_policy
 from .consent import (
+    TRACKING_PURPOSES,
     ChatDecision,
     ConsentEvent,
     ConsentState,
@@ -54,6 +55,7 @@ __all__ = [
     "ENTITIES",
     "IP_MODES",
     "PURPOSES",
+    "TRACKING_PURPOSES",
     "ChatDecision",
     "CompiledPolicy",
     "ConsentEvent",

@@ -259,6 +259,49 @@ async def test_a_refused_resume_leaves_the_users_session_untouched(
     assert after["gpc"] is True and after["expires_at"] > before["expires_at"]
 
 
+async def test_gpc_from_a_verified_user_holds_on_their_other_devices(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    # a known consumer's signal applies to the consumer, not only to the browser that
+    # sends it: the laptop (no signal) and the laptop's open socket stop tracking too
+    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
+    ann = {"id": "ann-5", "hash": identity.user_hash(body["identity_secret"], "ann-5")}
+    laptop = await offline_gateway.ws(tenant.site_key)
+    before = await hello(laptop, user=ann, consent={"analytics": True}, context={"page": "/"})
+    assert before["policy"]["tracking"] == "on"
+    phone = await offline_gateway.ws(tenant.site_key, headers={"Sec-GPC": "1"})
+    assert (await hello(phone, user=ann))["policy"]["tracking"] == "off"
+    await phone.close()
+    # the open laptop socket is told (a fresh welcome), as for any consent change
+    welcome = await laptop.receive_json(timeout=5)
+    assert welcome["type"] == "welcome" and welcome["policy"]["tracking"] == "off"
+    await laptop.close()
+    later = await offline_gateway.ws(tenant.site_key)
+    again = await hello(later, user=ann, context={"page": "/pricing"})
+    await later.close()
+    assert again["policy"]["tracking"] == "off"
+    subject = await _subject(owner_pool, before["conversation_id"])
+    rows = await owner_pool.fetch(
+        "SELECT purpose, granted, source FROM consents WHERE subject_id = $1 ORDER BY consent_id",
+        subject,
+    )
+    assert [tuple(r) for r in rows] == [
+        ("analytics", True, "widget"),
+        ("analytics", False, "signal"),
+        ("marketing", False, "signal"),
+    ]
+    events = await owner_pool.fetchval(
+        "SELECT count(*) FROM analytics_events WHERE subject_id = $1", subject
+    )
+    assert events == 1  # the laptop's first hello, before the signal; none after
+    # a second signalled hello records nothing more
+    phone = await offline_gateway.ws(tenant.site_key, headers={"Sec-GPC": "1"})
+    await hello(phone, user=ann)
+    await phone.close()
+    count = "SELECT count(*) FROM consents WHERE subject_id = $1"
+    assert await owner_pool.fetchval(count, subject) == 3
+
+
 async def test_a_verified_session_answers_the_privacy_api_only_to_its_token(
     offline_gateway: Gateway, tenant: NewTenant
 ) -> None:
