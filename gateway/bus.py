@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError
 
 from gateway import metrics
-from gateway.redisconn import REDIS_ERRORS
+from gateway.redisconn import HEALTH_CHECK_INTERVAL, REDIS_ERRORS
 
 log = logging.getLogger("omnigate.bus")
 
@@ -74,6 +74,10 @@ BUS_CHANNEL = "og:bus"
 PENDING_MAX = 1000
 # How long closing waits to send what is still queued.
 CLOSE_FLUSH_TIMEOUT = 2.0
+# The subscriber's longest wait for a message: queued events are re-sent this often.
+POLL_INTERVAL = 1.0
+# What the subscriber's own PINGs carry (their PONGs come back on the subscription).
+PING_TAG = "omnigate-bus"
 
 
 def _invalidate_everything() -> list[tuple[str, dict[str, Any]]]:
@@ -116,6 +120,13 @@ class RedisBus(LocalBus):
     within a second (the subscriber's poll); if any had to be dropped,
     `on_reconnect()`'s events go to the other processes first, so a dropped
     revocation is never simply lost.
+
+    A Redis that goes silent without closing the connection (a stopped or dead host, an
+    old primary dropped by a failover) would leave the subscription waiting forever: the
+    subscriber PINGs on it after `health_check_interval` seconds without a message and,
+    if nothing (PONG included) has come back `health_check_interval` seconds after that,
+    drops it as a gap. redis-py's own pub/sub health check only sends its PING and never
+    checks the answer, so the subscriber client has it off (`connect_subscriber`).
     """
 
     def __init__(
@@ -126,6 +137,7 @@ class RedisBus(LocalBus):
         on_reconnect: Callable[[], list[tuple[str, dict[str, Any]]]] = _invalidate_everything,
         pending_max: int = PENDING_MAX,
         subscriber: Redis | None = None,
+        health_check_interval: float = HEALTH_CHECK_INTERVAL,
     ) -> None:
         super().__init__()
         self.redis = redis
@@ -133,11 +145,14 @@ class RedisBus(LocalBus):
         self.channel = channel
         self.reconnect_delay = reconnect_delay
         self.on_reconnect = on_reconnect
+        self.health_check_interval = health_check_interval
         self.origin = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self.connected = asyncio.Event()
         self._pending: collections.deque[bytes] = collections.deque(maxlen=pending_max)
         # an event was pushed out of a full `_pending`: the others must invalidate everything
         self._dropped = False
+        # one flush of `_pending` at a time (a publish and the subscriber's poll may both try)
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     async def publish(self, kind: str, payload: dict[str, Any]) -> None:
@@ -194,9 +209,12 @@ class RedisBus(LocalBus):
 
     async def _run(self) -> None:
         assert self.subscriber is not None
+        loop = asyncio.get_running_loop()
+        interval = self.health_check_interval  # 0 or less: no PINGs, no silence detection
+        poll = min(POLL_INTERVAL, interval / 2) if interval > 0 else POLL_INTERVAL
         first = True
         while True:
-            # every drop of this subscription must end in the except branch below, never
+            # every drop of this subscription must end in the except branches below, never
             # in a silent re-subscription: the subscriber client does not retry, and a
             # connection found closed between reads counts as dropped too
             pubsub = self.subscriber.pubsub(ignore_subscribe_messages=True)
@@ -210,12 +228,24 @@ class RedisBus(LocalBus):
                         await self.deliver(kind, payload)
                     await self._flush_pending()
                 first = False
+                # the last time anything came on the subscription, and the PING sent since
+                heard, pinged = loop.time(), None
                 while True:
                     if pubsub.connection is None or not pubsub.connection.is_connected:
                         raise ConnectionError("bus subscription dropped")
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        await self._receive(message["data"])
+                    message = await pubsub.get_message(timeout=poll)
+                    now = loop.time()
+                    if message is not None:  # an event or our PING's PONG
+                        heard, pinged = now, None
+                        if message.get("type") == "message":
+                            await self._receive(message["data"])
+                    elif pinged is not None and now - pinged >= interval:
+                        # silent for twice the interval, our PING unanswered: a Redis that
+                        # stopped answering without closing the connection
+                        raise ConnectionError("bus subscription silent")
+                    if interval > 0 and pinged is None and now - heard >= interval:
+                        await pubsub.ping(PING_TAG)
+                        pinged = now
                     if self._pending or self._dropped:
                         # a publish timed out while the subscription held: nothing else
                         # would send it before the next event, which may never come.
@@ -225,12 +255,20 @@ class RedisBus(LocalBus):
                             await self._flush_pending()
             except asyncio.CancelledError:
                 raise
-            except REDIS_ERRORS as exc:
-                if self.connected.is_set() or first:
+            except Exception as exc:
+                # a Redis error, or a fault of our own: either way events may have been
+                # missed, so it is a gap (re-subscribe, invalidate), never a dead task
+                if not isinstance(exc, REDIS_ERRORS):
+                    log.error(
+                        "redis bus subscriber failed; subscribing again",
+                        extra={"error": type(exc).__name__, "stage": _stage(exc)},
+                    )
+                elif self.connected.is_set() or first:
                     log.warning(
                         "redis bus disconnected; retrying",
                         extra={"error": type(exc).__name__},
                     )
+                if self.connected.is_set() or first:
                     metrics.REDIS_UP.set(0)
                 self.connected.clear()
                 first = False
@@ -251,12 +289,32 @@ class RedisBus(LocalBus):
         await self.deliver(kind, payload)
 
     async def _flush_pending(self) -> None:
-        if self._dropped:
-            # what was dropped is unknown: the others forget and re-read everything first
-            for kind, payload in self.on_reconnect():
-                event = {"kind": kind, "payload": payload, "origin": self.origin}
-                await self.redis.publish(self.channel, orjson.dumps(event))
-            self._dropped = False
-        while self._pending:
-            await self.redis.publish(self.channel, self._pending[0])
-            self._pending.popleft()
+        async with self._flushing:
+            if self._dropped:
+                # what was dropped is unknown: the others forget and re-read everything first
+                for kind, payload in self.on_reconnect():
+                    event = {"kind": kind, "payload": payload, "origin": self.origin}
+                    await self.redis.publish(self.channel, orjson.dumps(event))
+                self._dropped = False
+            while self._pending:
+                # taken off before sending: a publish queueing meanwhile appends behind it
+                message = self._pending.popleft()
+                try:
+                    await self.redis.publish(self.channel, message)
+                except BaseException:
+                    # not sent (or not known to be): first again, ahead of anything newer
+                    if len(self._pending) == self._pending.maxlen:
+                        self._dropped = True  # appendleft pushes the newest out
+                    self._pending.appendleft(message)
+                    raise
+
+
+def _stage(exc: BaseException) -> str:
+    """Where `exc` was raised, as `module.function`: a fixed code, never its message."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "unknown"
+    frame = tb.tb_frame
+    return f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -118,10 +119,11 @@ async def announce(svc: Services, tenant_id: UUID, actor: str, erased: Erased) -
     """After the erasure committed: forget the key everywhere, close sockets, sign."""
     subject_id = erased.subject_id
     svc.vault.cache.forget(tenant_id, subject_id)
-    # every process (this one included) forgets the key and closes the subject's sockets
-    await svc.bus.publish(
-        bus.SUBJECT_ERASED, {"tenant_id": str(tenant_id), "subject_id": str(subject_id)}
-    )
+    # every process (this one included) forgets the key and closes the subject's sockets;
+    # the erasure is committed: a handler cancelled now (its client gone, the shutdown
+    # grace over) must not cancel telling them
+    payload = {"tenant_id": str(tenant_id), "subject_id": str(subject_id)}
+    await asyncio.shield(svc.bus.publish(bus.SUBJECT_ERASED, payload))
     body = {
         "type": "omnigate.deletion-certificate/1",
         "certificate_id": str(erased.certificate_id),

@@ -19,7 +19,11 @@ from redis.exceptions import ConnectionError, RedisError
 # A dead or partitioned Redis costs at most this per attempt (and attempts are rationed).
 SOCKET_TIMEOUT = 0.05
 CONNECT_TIMEOUT = 0.1
-# Idle pub/sub connections are pinged this often, so a silent partition is noticed.
+# An idle connection is checked (PING, PONG awaited) before its next command after this
+# many seconds. The bus's subscription is checked by the bus itself (`gateway.bus.RedisBus`):
+# it PINGs after this long without a message and drops the subscription as a gap when
+# nothing has come back after as long again. redis-py's pub/sub health check only sends
+# its PING and never looks for the answer, so it would not notice a silent Redis.
 HEALTH_CHECK_INTERVAL = 5
 
 # Everything a Redis call can raise when Redis is away (builtin TimeoutError is an OSError).
@@ -50,8 +54,13 @@ def connect_subscriber(url: str, **overrides: Any) -> Redis:
     never learns that events published in the gap were lost. Without one, every drop
     raises to the subscriber, which re-subscribes itself and catches up
     (`gateway.bus.RedisBus`).
+
+    redis-py's own health check is off: on a subscription it sends PING but never checks
+    that PONG comes back, and it hides those PONGs from the reader. The bus pings itself
+    and sees the answers (a Redis that went silent without closing the connection).
     """
-    return connect(url, **{"retry": Retry(NoBackoff(), 0), **overrides})
+    kwargs: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+    return connect(url, **{**kwargs, **overrides})
 
 
 def safe_url(url: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -49,8 +50,10 @@ async def _intake(request: web.Request, regime: str, kinds: frozenset[str]) -> w
                 error(401, "session_invalid", "the session is not valid")
         row = await dsr.create(conn, who.tenant_id, who.subject_id, regime, kind, details, cipher)
     # open sockets of this subject, on every process: a restriction stops processing,
-    # an objection or opt-out revokes the tracking purposes, before their next message
-    await dsr.publish_effects(svc.bus, who.tenant_id, who.subject_id, kind)
+    # an objection or opt-out revokes the tracking purposes, before their next message.
+    # The request is committed: a handler cancelled now (its client gone, the shutdown
+    # grace over) must not cancel telling them
+    await asyncio.shield(dsr.publish_effects(svc.bus, who.tenant_id, who.subject_id, kind))
     return _json(dsr.public(dsr.opened(row, cipher, who.tenant_id)), status=201)
 
 
@@ -176,10 +179,18 @@ async def admin_transition(request: web.Request, admin: Admin) -> web.Response:
             await _audit_details_read(conn, admin, [doc])
     except dsr.RequestError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
-    if erased is not None:
-        await announce(svc, tenant_id, admin.actor, erased)
-    await dsr.publish_outcome(svc.bus, tenant_id, row)
+    # committed: a handler cancelled now must not cancel telling every process
+    await asyncio.shield(_announce_transition(svc, tenant_id, admin.actor, erased, row))
     return json_response(dsr.public(doc, admin=True))
+
+
+async def _announce_transition(
+    svc: Services, tenant_id: UUID, actor: str, erased: Erased | None, row: asyncpg.Record
+) -> None:
+    """After a transition committed: its erasure, then what it changed for open sockets."""
+    if erased is not None:
+        await announce(svc, tenant_id, actor, erased)
+    await dsr.publish_outcome(svc.bus, tenant_id, row)
 
 
 async def _fulfil_erasure(

@@ -77,12 +77,16 @@ class TenantRegistry:
 
     def _rechecked(self, tenant_id: UUID, task: asyncio.Task[CompiledPolicy]) -> None:
         del self._rechecks[tenant_id]
-        if tenant_id in self._read_at:
-            # the next recheck in POLICY_RECHECK, whatever this one found: a database
-            # that is down is not tried again by every message
+        # A read that was installed already restarted the interval (`install`). One thrown
+        # away because a policy changed meanwhile (maybe another tenant's) leaves the
+        # cached policy as stale as before: the next message rechecks again.
+        failed = task.cancelled() or task.exception() is not None
+        if failed and tenant_id in self._read_at:
+            # the next recheck in POLICY_RECHECK: a database that is down is not tried
+            # again by every message
             self._read_at[tenant_id] = time.monotonic()
         if not task.cancelled() and task.exception() is not None:
-            # the cached policy keeps answering; the next message tries again
+            # the cached policy keeps answering; the next recheck tries again
             log.warning("policy recheck failed", extra={"kind": type(task.exception()).__name__})
 
     async def _load(self, tenant_id: UUID) -> CompiledPolicy:

@@ -262,3 +262,34 @@ async def test_a_failed_recheck_waits_its_interval_before_the_next(
         assert not registry._rechecks
     failed = [r for r in caplog.records if r.getMessage() == "policy recheck failed"]
     assert len(failed) == 1
+
+
+async def test_a_recheck_thrown_away_by_another_change_is_tried_again_at_once(
+    app_pool: asyncpg.Pool, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recheck whose answer is not cached (another tenant's policy changed while it read)
+    found nothing out: the policy it checked is as stale as before, so the next message
+    rechecks again instead of serving it for another interval."""
+    tid = tenant.tenant_id
+    registry = TenantRegistry(app_pool)
+    first = await registry.policy(tid)
+    # another process stored version 2 and its notice was lost (Redis down)
+    await set_policy(app_pool, tenant, 2, allowed_origins=[NEW_ORIGIN])
+    registry._read_at[tid] -= tenants_module.POLICY_RECHECK + 1  # due for its recheck
+    gate = Gate(tenant_tx)
+    monkeypatch.setattr(tenants_module, "tenant_tx", gate)
+    assert await registry.policy(tid) is first  # answers; rechecks behind, held by the gate
+    recheck = registry._rechecks[tid]
+
+    async def change() -> None:
+        registry.invalidate(UUID(int=0))  # another tenant's change
+
+    await gate.race(recheck, change)
+    await until(lambda: tid not in registry._rechecks)
+    assert registry._policies[tid] is first  # the recheck's answer was not cached
+    assert await registry.policy(tid) is first  # still stale: answers, and...
+    assert tid in registry._rechecks  # ...reads again now, not an interval later
+    await until(lambda: tid not in registry._rechecks)
+    cp = await registry.policy(tid)
+    assert cp.version == 2 and cp.origin_allowed(NEW_ORIGIN)
+    assert tid not in registry._rechecks  # fresh again: no further read
