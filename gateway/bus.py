@@ -62,6 +62,12 @@ class LocalBus:
             except Exception:
                 log.exception("bus handler failed", extra={"kind": kind})
 
+    def hears_all(self) -> bool:
+        """Whether every change published anywhere reaches this process's handlers now: in
+        one process, always. While not, a connection must read what it acts on from the
+        record (`Connection._answer_in_order`)."""
+        return True
+
     async def start(self) -> None:
         """Nothing to connect in-process."""
 
@@ -154,6 +160,10 @@ class RedisBus(LocalBus):
         # one flush of `_pending` at a time (a publish and the subscriber's poll may both try)
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+
+    def hears_all(self) -> bool:
+        """Only while subscribed: with Redis away, other processes' events are missed."""
+        return self.connected.is_set()
 
     async def publish(self, kind: str, payload: dict[str, Any]) -> None:
         """Deliver here now, then to every other process through Redis."""

@@ -228,6 +228,11 @@ class Connection:
         while True:
             msg_id, text = await self._queue.get()
             try:
+                if not self.svc.bus.hears_all():
+                    # Redis is away: a revocation, restriction or erasure made through
+                    # another process would not reach this socket. Read the record
+                    # before each message until the bus is back (fail closed)
+                    v.consent_stale = True
                 # an attribute test per message; the read only when a change is owed
                 if v.consent_stale and not await self.consent_read(v, msg_id):
                     continue

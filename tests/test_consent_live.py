@@ -22,12 +22,14 @@ from gateway.provision import NewTenant
 from tests.conftest import Database, Gateway, chat, hello, on_fake, start_gateway
 from tests.support import (
     ORIGIN,
+    PrivateRedis,
     Server,
     parse_sse,
     post,
     start_server,
     stop_server,
     tenant_with,
+    until,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -190,6 +192,45 @@ async def test_consent_changed_on_one_instance_reaches_a_socket_on_another(
     assert (await chat(ws, "again", "let through"))[-1]["type"] == "done"
     assert len(upstream.requests) == 1
     await ws.close()
+
+
+@pytest.mark.parametrize("change", ["revoke", "restrict", "erase"])
+async def test_with_redis_away_a_change_on_another_instance_holds_on_this_socket(
+    settings: Settings,
+    fake: tuple[FakeUpstream, str],
+    private_redis: PrivateRedis,
+    app_pool: asyncpg.Pool,
+    change: str,
+) -> None:
+    # instance a cannot hear instance b's event: the socket on a reads the record before
+    # each message while its bus is down, and refuses what the record no longer allows
+    upstream = fake[0]
+    s = on_fake(replace(settings, redis_url=private_redis.url), fake[1])
+    async for a in start_gateway(s):
+        async for b in start_gateway(s):
+            t = await tenant_with(app_pool, **REQUIRED)
+            ws = await a.ws(t.site_key)
+            w = await hello(ws, consent={"ai_processing": True, "conversation_storage": False})
+            token = w["session_token"]
+            assert (await chat(ws, "m1", "before"))[-1]["type"] == "done"
+            private_redis.stop()
+            for g in (a, b):
+                bus_of = g.server.app[SERVICES].bus
+                await until(lambda bus_of=bus_of: not bus_of.hears_all(), timeout=5)
+            path, body, status = {
+                "revoke": ("/api/privacy/consent", {"revoke": ["ai_processing"]}, 200),
+                "restrict": ("/api/gdpr/request", {"kind": "restriction"}, 201),
+                "erase": ("/api/privacy/delete", None, 200),
+            }[change]
+            async with b.session.post(b.url(path), json=body, headers=session(token)) as resp:
+                assert resp.status == status, await resp.text()
+            upstream.reset()
+            frames = await chat(ws, "m2", "after the change on b")
+            assert upstream.requests == []
+            assert frames[-1]["type"] == "error", frames
+            expected = "session_invalid" if change == "erase" else "consent_required"
+            assert frames[-1]["code"] == expected
+            await ws.close()
 
 
 async def test_a_bus_gap_makes_open_sockets_read_consent_again(
