@@ -171,16 +171,14 @@ async def migrations_current(pool: Pool) -> bool:
     return {p.name for p in migration_files()} <= set(await applied_migrations(pool))
 
 
-NOT_MIGRATED = (
-    "the database is not migrated for this release: run `omnigate migrate` "
-    "(or set OMNIGATE_ADMIN_DATABASE_URL and serve migrates at start)"
-)
+NOT_MIGRATED = "the database is not migrated for this release: run `omnigate migrate`"
 
 
-async def require_migrations(pool: Pool) -> None:
-    """Raise DatabaseError (NOT_MIGRATED) unless every migration this code knows is applied."""
+async def require_migrations(pool: Pool, hint: str = "") -> None:
+    """Raise DatabaseError (NOT_MIGRATED, then `hint`) unless every migration this code
+    knows is applied."""
     if not await migrations_current(pool):
-        raise DatabaseError(NOT_MIGRATED)
+        raise DatabaseError(NOT_MIGRATED + hint)
 
 
 def _role_of(url: str) -> tuple[str, str | None]:

@@ -190,7 +190,9 @@ async def _check_database(url: str) -> None:
     pool = await create_pool(url, min_size=1, max_size=1)
     try:
         await check_app_role(pool)
-        await require_migrations(pool)
+        await require_migrations(
+            pool, " (or set OMNIGATE_ADMIN_DATABASE_URL and serve migrates at start)"
+        )
     finally:
         await pool.close()
 

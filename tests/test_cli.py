@@ -493,6 +493,7 @@ def test_jobs_with_the_admin_url_set_do_not_migrate_or_touch_the_app_role(
         assert unmigrated.returncode == 1, unmigrated.stderr
         line = _one_error_line(unmigrated)
         assert "omnigate migrate" in line and password not in line
+        assert "serve migrates at start" not in line  # the admin URL is already set
         asyncio.run(db.migrate(owner_url, app_url))
         before = asyncio.run(rolpassword())
         for args in (["audit", "verify"], TENANT_CREATE):
