@@ -385,9 +385,9 @@ async def test_message_numbers_go_on_per_conversation_after_the_upgrade(
     files = db.migration_files()
     upgrade = [f.name for f in files].index("0019_conversation_seq.sql")
     admin = await asyncpg.connect(database.owner_url)
-    await admin.execute(f'CREATE ROLE "{owner_role}" LOGIN CREATEROLE')
-    await admin.execute(f'CREATE DATABASE "{name}" OWNER "{owner_role}"')
     try:
+        await admin.execute(f'CREATE ROLE "{owner_role}" LOGIN CREATEROLE')
+        await admin.execute(f'CREATE DATABASE "{name}" OWNER "{owner_role}"')
         owner_url = with_user(database.owner_url, owner_role, name)
         monkeypatch.setattr(db, "migration_files", lambda: files[:upgrade])
         await db.migrate(owner_url, None)
