@@ -67,17 +67,23 @@ RETURNING holder
 """
 ANALYTICS_DAYS = 730
 
-# Messages are deleted in three statements of one transaction, conversations locked
-# before their messages as every other writer locks them (an erasure's cascade, the
-# insert functions), never waiting (SKIP LOCKED: a conversation busy now is taken by a
-# later batch or pass), so retention deadlocks with nothing. A conversation that has a
+# Messages are deleted in four statements of one transaction (find their conversations,
+# lock them, mark their maps, delete), conversations locked before their messages as
+# every other writer locks them (an erasure's cascade, the insert functions), never
+# waiting (SKIP LOCKED: a conversation busy now is left to the next pass, and this one
+# goes on with the others), so retention deadlocks with nothing. A conversation that has a
 # map is marked for `prune_maps` (it holds the keys; SQL cannot open the map) in the
 # transaction that deletes its messages, so a pass cut short loses no mark.
+_OLD_CONVERSATIONS = """
+SELECT DISTINCT conversation_id FROM (
+    SELECT conversation_id FROM messages
+    WHERE tenant_id = $1 AND created_at < $2 AND conversation_id <> ALL($4::uuid[])
+    LIMIT $3) m
+"""
 _LOCK_OLD_CONVERSATIONS = """
 SELECT c.conversation_id, c.redaction_sealed IS NOT NULL AND NOT c.map_prune_due
 FROM conversations c
-WHERE c.tenant_id = $1 AND c.conversation_id IN (
-    SELECT conversation_id FROM messages WHERE tenant_id = $1 AND created_at < $2 LIMIT $3)
+WHERE c.tenant_id = $1 AND c.conversation_id = ANY($2::uuid[])
 FOR UPDATE OF c SKIP LOCKED
 """
 _MARK_MAPS = """
@@ -379,11 +385,22 @@ async def purge_tenant(
 
 
 async def _delete_messages(pool: Pool, tenant_id: UUID, cutoff: datetime, batch: int) -> int:
-    """Delete messages older than `cutoff`, marking their conversations' maps for pruning."""
+    """Delete messages older than `cutoff`, marking their conversations' maps for pruning.
+
+    A conversation busy now (a message being written, an erasure) is skipped for the
+    rest of the pass, not waited for, and the pass goes on with the others: the next
+    pass takes it.
+    """
     total = 0
+    busy: list[UUID] = []
     while True:
         async with tenant_tx(pool, tenant_id) as conn:
-            rows = await conn.fetch(_LOCK_OLD_CONVERSATIONS, tenant_id, cutoff, batch)
+            wanted = [
+                r[0] for r in await conn.fetch(_OLD_CONVERSATIONS, tenant_id, cutoff, batch, busy)
+            ]
+            if not wanted:
+                return total
+            rows = await conn.fetch(_LOCK_OLD_CONVERSATIONS, tenant_id, wanted)
             marked = [cid for cid, mark in rows if mark]
             if marked:
                 await conn.execute(_MARK_MAPS, tenant_id, marked)
@@ -392,7 +409,9 @@ async def _delete_messages(pool: Pool, tenant_id: UUID, cutoff: datetime, batch:
                 ids = [cid for cid, _ in rows]
                 n = int(await conn.fetchval(_DELETE_MESSAGES, tenant_id, cutoff, ids, batch))
         total += n
-        if n < batch:
+        skipped = set(wanted).difference(cid for cid, _ in rows)
+        busy += skipped
+        if n < batch and not skipped:
             return total
 
 

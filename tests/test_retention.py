@@ -643,3 +643,38 @@ async def test_a_map_that_does_not_open_stays_marked_and_the_others_are_pruned(
     due = "SELECT map_prune_due FROM conversations WHERE conversation_id = $1"
     assert await owner_pool.fetchval(due, good_c) is False
     assert await owner_pool.fetchval(due, bad_c) is True
+
+
+async def test_a_busy_conversation_is_skipped_and_the_pass_goes_on(
+    offline_gateway: Gateway,
+    tenant: NewTenant,
+    owner_pool: asyncpg.Pool,
+    app_pool: asyncpg.Pool,
+) -> None:
+    # A conversation locked by a writer (an erasure, a message being stored) is not
+    # waited for; the pass deletes every other conversation's old messages and leaves
+    # that one to the next pass. It used to stop at the first batch it could not lock.
+    busy = await chatted(offline_gateway, tenant, "busy one")
+    other = await chatted(offline_gateway, tenant, "the other")
+    tid = tenant.tenant_id
+    busy_id, other_id = UUID(busy["conversation_id"]), UUID(other["conversation_id"])
+    await owner_pool.execute(
+        "UPDATE messages SET created_at = now() - interval '100 days'"
+        " WHERE conversation_id = ANY($1::uuid[])",
+        [busy_id, other_id],
+    )
+    count = "SELECT count(*) FROM messages WHERE conversation_id = $1"
+    async with tenant_tx(app_pool, tid) as conn:
+        await conn.execute(
+            "SELECT 1 FROM conversations WHERE tenant_id = $1 AND conversation_id = $2 FOR UPDATE",
+            tid,
+            busy_id,
+        )
+        # a batch of one message: the busy conversation's come first, in insertion order
+        summary = await asyncio.wait_for(run_retention(app_pool, batch=1), 10)
+    assert summary["messages_deleted"] == 2
+    assert await owner_pool.fetchval(count, other_id) == 0
+    assert await owner_pool.fetchval(count, busy_id) == 2
+    again = await run_retention(app_pool, batch=1)  # the lock is gone: the next pass
+    assert again["messages_deleted"] == 2
+    assert await owner_pool.fetchval(count, busy_id) == 0
