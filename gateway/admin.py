@@ -219,13 +219,22 @@ async def put_policy(request: web.Request, admin: Admin) -> web.Response:
 
 @admin_route
 async def policy_history(request: web.Request, admin: Admin) -> web.Response:
-    """Every policy version, newest first: who, when, what changed."""
+    """Every policy version, newest first: who, when, what changed; `before` (a version)
+    pages back, like the audit log's `before` (a seq)."""
+    # admin_data imports this module: its helpers are loaded by the time a request arrives
+    from gateway.admin_data import MAX_PAGE, int_param
+
+    limit = int_param(request, "limit", 100, MAX_PAGE)
+    before = int_param(request, "before", 2**62, 2**62) if "before" in request.query else None
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
         rows = await conn.fetch(
             "SELECT version, created_at, created_by, diff FROM policies WHERE tenant_id = $1 "
-            "ORDER BY version DESC LIMIT 1000",
+            "AND ($2::bigint IS NULL OR version < $2) ORDER BY version DESC LIMIT $3",
             admin.tenant_id,
+            before,
+            limit + 1,
         )
+    page = rows[:limit]
     versions = [
         {
             "version": r["version"],
@@ -233,9 +242,10 @@ async def policy_history(request: web.Request, admin: Admin) -> web.Response:
             "created_by": r["created_by"],
             "diff": orjson.loads(r["diff"]),
         }
-        for r in rows
+        for r in page
     ]
-    return json_response({"versions": versions})
+    nxt = page[-1]["version"] if len(rows) > limit else None
+    return json_response({"versions": versions, "next_before": nxt})
 
 
 def setup_routes(app: web.Application) -> None:

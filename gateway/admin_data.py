@@ -34,7 +34,7 @@ def _bad(field: str, message: str) -> ApiError:
     )
 
 
-def _int_param(request: web.Request, name: str, default: int, hi: int) -> int:
+def int_param(request: web.Request, name: str, default: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -118,7 +118,7 @@ LIMIT $7
 @admin_route
 async def list_conversations(request: web.Request, admin: Admin) -> web.Response:
     """Conversation metadata, newest activity first, keyset-paginated; never any text."""
-    limit = _int_param(request, "limit", 50, MAX_PAGE)
+    limit = int_param(request, "limit", 50, MAX_PAGE)
     since, until = _time_param(request, "since"), _time_param(request, "until")
     cursor = request.query.get("cursor")
     after_at, after_id = decode_cursor(cursor) if cursor else (None, None)
@@ -213,8 +213,8 @@ def _transcript(cid: UUID, conv: asyncpg.Record, messages: list[dict[str, Any]])
 @admin_route
 async def list_audit(request: web.Request, admin: Admin) -> web.Response:
     """Audit entries, newest first; `before` (a seq) pages back."""
-    limit = _int_param(request, "limit", 100, MAX_PAGE)
-    before = _int_param(request, "before", 2**62, 2**62) if "before" in request.query else None
+    limit = int_param(request, "limit", 100, MAX_PAGE)
+    before = int_param(request, "before", 2**62, 2**62) if "before" in request.query else None
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
         rows = await conn.fetch(
             "SELECT seq, at, actor, action, target, details FROM audit_log WHERE tenant_id = $1 "

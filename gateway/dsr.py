@@ -296,9 +296,17 @@ async def get(
 
 
 async def list_requests(
-    conn: asyncpg.Connection, tenant_id: UUID, status: str | None, limit: int
+    conn: asyncpg.Connection,
+    tenant_id: UUID,
+    status: str | None,
+    limit: int,
+    after: tuple[datetime, UUID] | None = None,
 ) -> list[asyncpg.Record]:
-    """Requests of a tenant, soonest due first, optionally of one status or filter (FILTERS)."""
+    """Requests of a tenant, soonest due first, optionally of one status or filter (FILTERS).
+
+    Keyset-paginated on (due_at, request_id), a total order: `after` is the position of
+    the previous page's last request, and only the requests after it are listed.
+    """
     statuses: list[str] | None = [status] if status else None
     where = "($2::text[] IS NULL OR status = ANY($2::text[]))"
     if status in ("overdue", "open"):
@@ -308,12 +316,16 @@ async def list_requests(
     if status == "ack_overdue":
         statuses = [UNACKNOWLEDGED]
         where += " AND ack_due_at < now()"
+    after_at, after_id = after if after is not None else (None, None)
     return list(
         await conn.fetch(
             f"SELECT {_COLUMNS} FROM privacy_requests WHERE tenant_id = $1 AND {where}"  # noqa: S608
-            " ORDER BY due_at, request_id LIMIT $3",
+            " AND ($3::timestamptz IS NULL OR (due_at, request_id) > ($3, $4::uuid))"
+            " ORDER BY due_at, request_id LIMIT $5",
             tenant_id,
             statuses,
+            after_at,
+            after_id,
             limit,
         )
     )

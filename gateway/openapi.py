@@ -160,9 +160,15 @@ _ADMIN_PATHS: dict[str, dict[str, Operation]] = {
                         "items": _obj(
                             version=INT, created_at=T, created_by=S, diff={"type": "object"}
                         ),
-                    }
+                    },
+                    next_before=_nullable(INT),
                 )
             ),
+            params=[
+                _q("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "default 100"),
+                _q("before", INT, "only versions < before (next_before of the previous page)"),
+            ],
+            errors=("400",),
         )
     },
     "/api/admin/conversations": {
@@ -459,7 +465,12 @@ _PRIVACY_PATHS: dict[str, dict[str, Operation]] = {
     "/api/admin/requests": {
         "get": _admin(
             "Privacy requests of the tenant, with deadlines (reading details is audited)",
-            _json(_obj(requests={"type": "array", "items": _PRIVACY_REQUEST})),
+            _json(
+                _obj(
+                    requests={"type": "array", "items": _PRIVACY_REQUEST},
+                    next_cursor=_nullable(S),
+                )
+            ),
             params=[
                 _q(
                     "status",
@@ -477,8 +488,9 @@ _PRIVACY_PATHS: dict[str, dict[str, Operation]] = {
                     "only requests of this status or filter (absent: all)",
                 ),
                 _q("limit", INT, "default 100, clamped to 1-1000"),
+                _q("cursor", S, "next_cursor of the previous page (with the same status)"),
             ],
-            errors=("422",),
+            errors=("400", "422"),
         )
     },
     "/api/admin/requests/{id}/{action}": {

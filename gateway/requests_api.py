@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import audit, dsr, metrics
 from gateway.admin import Admin, ApiError, admin_route, json_response, parse_uuid, read_json
+from gateway.admin_data import decode_cursor, encode_cursor
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
 from gateway.db import Pool, tenant_tx
@@ -127,7 +128,9 @@ async def request_status(request: web.Request) -> web.Response:
 async def admin_list(request: web.Request, admin: Admin) -> web.Response:
     """The tenant's requests, soonest due first; ?status=received|...|open|overdue|ack_overdue.
 
-    Reading the visitors' details is audited (`request.details_read`, one per request).
+    Keyset-paginated like the conversation list: `cursor` is the previous page's
+    `next_cursor` (null on the last page). Reading the visitors' details is audited
+    (`request.details_read`, one per request returned).
     """
     status = request.query.get("status") or None
     if status is not None and status not in (*dsr.STATUSES, *dsr.FILTERS):
@@ -136,11 +139,19 @@ async def admin_list(request: web.Request, admin: Admin) -> web.Response:
         limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
     except ValueError:
         raise ApiError(422, "bad_limit", "limit must be an integer") from None
+    cursor = request.query.get("cursor")
+    after = decode_cursor(cursor) if cursor else None
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
-        rows = await dsr.list_requests(conn, admin.tenant_id, status, limit)
-        docs = await _opened(admin.svc, conn, admin.tenant_id, rows)
+        rows = await dsr.list_requests(conn, admin.tenant_id, status, limit + 1, after)
+        page = rows[:limit]
+        docs = await _opened(admin.svc, conn, admin.tenant_id, page)
         await _audit_details_read(conn, admin, docs)
-    return json_response({"requests": [dsr.public(d, admin=True) for d in docs]})
+    nxt = None
+    if len(rows) > limit:
+        nxt = encode_cursor(page[-1]["due_at"], page[-1]["request_id"])
+    return json_response(
+        {"requests": [dsr.public(d, admin=True) for d in docs], "next_cursor": nxt}
+    )
 
 
 @admin_route

@@ -491,3 +491,89 @@ async def test_storage_outage_is_still_503(
     monkeypatch.setattr(store, "latest_policy", gone)
     status, body = await call(offline_gateway, "GET", "/api/admin/policy", tenant.admin_key)
     assert status == 503 and body["error"]["code"] == "storage_unavailable"
+
+
+async def _history_pages(
+    g: Gateway, key: str, limit: int, before: int | None = None
+) -> list[dict[str, object]]:
+    """GET /api/admin/policy/history page by page, following next_before to its null."""
+    pages: list[dict[str, object]] = []
+    while True:
+        params = {"limit": str(limit), **({"before": str(before)} if before is not None else {})}
+        status, page = await call(g, "GET", "/api/admin/policy/history", key, params=params)
+        assert status == 200, page
+        pages.append(page)
+        before = page["next_before"]
+        if before is None:
+            return pages
+        assert len(pages) < 20, "next_before does not advance"
+
+
+async def _seven_versions(g: Gateway, t: NewTenant) -> None:
+    """Versions 2 to 7 on top of the tenant's first: retention_days 31 to 36."""
+    for days in range(31, 37):
+        status, body = await call(
+            g, "PUT", "/api/admin/policy", t.admin_key, {"retention_days": days}
+        )
+        assert status == 200, body
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_policy_history_pages_back_with_before(
+    offline_gateway: Gateway, tenant: NewTenant
+) -> None:
+    g, key = offline_gateway, tenant.admin_key
+    await _seven_versions(g, tenant)
+    pages = await _history_pages(g, key, limit=3)
+    assert [[v["version"] for v in p["versions"]] for p in pages] == [[7, 6, 5], [4, 3, 2], [1]]
+    assert [p["next_before"] for p in pages] == [5, 2, None]
+    versions = [v for p in pages for v in p["versions"]]
+    assert versions[0]["diff"] == {"retention_days": {"old": 35, "new": 36}}
+    assert versions[-1]["created_by"] == "cli"
+    # the default page (100) holds all seven: no next page
+    status, whole = await call(g, "GET", "/api/admin/policy/history", key)
+    assert status == 200 and whole["next_before"] is None
+    assert [v["version"] for v in whole["versions"]] == [7, 6, 5, 4, 3, 2, 1]
+    # from any version down; nothing before the first
+    rest = await _history_pages(g, key, limit=2, before=6)
+    assert [[v["version"] for v in p["versions"]] for p in rest] == [[5, 4], [3, 2], [1]]
+    status, empty = await call(g, "GET", "/api/admin/policy/history", key, params={"before": "1"})
+    assert status == 200 and empty == {"versions": [], "next_before": None}
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"before": "x"}, "before"),
+        ({"before": "0"}, "before"),
+        ({"before": "-3"}, "before"),
+        ({"before": "2.5"}, "before"),
+        ({"before": str(2**62 + 1)}, "before"),
+        ({"before": ""}, "before"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+    ],
+    ids=[
+        "word",
+        "zero",
+        "negative",
+        "fraction",
+        "huge",
+        "empty",
+        "limit-0",
+        "limit-101",
+        "limit-word",
+    ],
+)
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_policy_history_refuses_a_bad_page(
+    offline_gateway: Gateway, tenant: NewTenant, params: dict[str, str], field: str
+) -> None:
+    """Refused as the audit log refuses them: 400 bad_request naming the parameter."""
+    status, body = await call(
+        offline_gateway, "GET", "/api/admin/policy/history", tenant.admin_key, params=params
+    )
+    assert status == 400, body
+    assert body["error"]["code"] == "bad_request"
+    assert [f["field"] for f in body["error"]["fields"]] == [field]

@@ -785,3 +785,134 @@ async def test_a_ccpa_request_is_extended_once_by_up_to_45_days(
     )
     assert status == 409 and err["error"]["code"] == "deadline_passed"
     await ws.close()
+
+
+async def _requests_pages(
+    g: Gateway, t: NewTenant, limit: int, status: str | None = None
+) -> list[dict[str, Any]]:
+    """GET /api/admin/requests page by page, following next_cursor to its null."""
+    pages: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params = {"limit": str(limit), **({"status": status} if status else {})}
+        if cursor is not None:
+            params["cursor"] = cursor
+        async with g.session.get(
+            g.url("/api/admin/requests"), params=params, headers=admin(t)
+        ) as r:
+            assert r.status == 200, await r.text()
+            page = await r.json()
+        pages.append(page)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(pages) < 20, "the cursor does not advance"
+
+
+async def _seven_requests(
+    g: Gateway, t: NewTenant, owner_pool: asyncpg.Pool
+) -> tuple[Any, list[tuple[datetime, str]]]:
+    """Seven requests, five sharing a due_at (microseconds and all), some with details;
+    (the visitor's socket, every (due_at, id) in list order)."""
+    ws, token = await new_visitor(g, t)
+    ids = []
+    for i in range(7):
+        body: dict[str, Any] = {"kind": "access"}
+        if i % 2 == 0:
+            body["details"] = f"note {i}"
+        status, doc = await post(g, "/api/gdpr/request", session(token), body)
+        assert status == 201, doc
+        ids.append(doc["id"])
+    shared = datetime(2031, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
+    due = [shared + timedelta(days=1), *[shared] * 5, shared - timedelta(days=1)]
+    for request_id, at in zip(ids, due, strict=True):
+        await owner_pool.execute(
+            "UPDATE privacy_requests SET due_at = $2 WHERE request_id = $1::uuid", request_id, at
+        )
+    rows = await owner_pool.fetch(
+        "SELECT request_id, due_at FROM privacy_requests WHERE tenant_id = $1", t.tenant_id
+    )
+    # PostgreSQL orders uuids byte by byte: the order of their canonical text
+    order = sorted((r["due_at"], str(r["request_id"])) for r in rows)
+    return ws, order
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_admin_requests_page_by_cursor_each_request_once(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws, order = await _seven_requests(g, tenant, owner_pool)
+    pages = await _requests_pages(g, tenant, limit=3)
+    assert [len(p["requests"]) for p in pages] == [3, 3, 1]
+    assert all(p["next_cursor"] for p in pages[:-1]) and pages[-1]["next_cursor"] is None
+    listed = [(ts(x["due_at"]), x["id"]) for p in pages for x in p["requests"]]
+    assert listed == order
+    # a page boundary inside the five that share a due_at loses and repeats nothing
+    assert len({x for _, x in listed}) == 7
+    # each request's details read is audited once, for the page that returned it
+    # (never for the row read ahead to know whether another page follows)
+    audited = await owner_pool.fetch(
+        "SELECT target FROM audit_log WHERE tenant_id = $1 AND action = 'request.details_read'",
+        tenant.tenant_id,
+    )
+    with_details = [f"request:{x['id']}" for p in pages for x in p["requests"] if x["details"]]
+    assert len(with_details) == 4
+    assert sorted(a["target"] for a in audited) == sorted(with_details)
+    # a page that holds exactly the rest: no next page
+    whole = await _requests_pages(g, tenant, limit=7)
+    assert len(whole) == 1 and [x["id"] for x in whole[0]["requests"]] == [x for _, x in order]
+    await ws.close()
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_admin_requests_status_filter_holds_across_pages(
+    offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
+) -> None:
+    g = offline_gateway
+    ws, order = await _seven_requests(g, tenant, owner_pool)
+    acked = {order[1][1], order[3][1]}
+    for request_id in acked:
+        status, _ = await post(
+            g, f"/api/admin/requests/{request_id}/acknowledge", admin(tenant), {}
+        )
+        assert status == 200
+    received = await _requests_pages(g, tenant, limit=2, status="received")
+    assert [len(p["requests"]) for p in received] == [2, 2, 1]
+    assert [x["id"] for p in received for x in p["requests"]] == [
+        x for _, x in order if x not in acked
+    ]
+    assert {x["status"] for p in received for x in p["requests"]} == {"received"}
+    acknowledged = await _requests_pages(g, tenant, limit=1, status="acknowledged")
+    assert [[x["id"] for x in p["requests"]] for p in acknowledged] == [
+        [x] for _, x in order if x in acked
+    ]
+    # a filter over both statuses still walks all seven, in order, once each
+    opened = await _requests_pages(g, tenant, limit=3, status="open")
+    assert [x["id"] for p in opened for x in p["requests"]] == [x for _, x in order]
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "!!!",
+        "bm90IGpzb24",  # "not json"
+        "WyIyMDMxLTAxLTAxVDAwOjAwOjAwKzAwOjAwIiw1XQ",  # ["2031-01-01T00:00:00+00:00", 5]
+        "WyIyMDMxLTAxLTAxVDAwOjAwOjAwIiwiMDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAwIl0",
+    ],
+    ids=["not-base64", "not-json", "numeric-id", "naive-time"],
+)
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_admin_requests_refuse_a_cursor_not_from_the_api(
+    offline_gateway: Gateway, tenant: NewTenant, cursor: str
+) -> None:
+    """Refused as the conversation list refuses one: 400 bad_request naming `cursor`."""
+    g = offline_gateway
+    async with g.session.get(
+        g.url("/api/admin/requests"), params={"cursor": cursor}, headers=admin(tenant)
+    ) as r:
+        assert r.status == 400, await r.text()
+        err = (await r.json())["error"]
+    assert err["code"] == "bad_request"
+    assert err["fields"] == [{"field": "cursor", "message": "is not a cursor from this API"}]
