@@ -112,12 +112,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             status=400,
         )
     except STORAGE_ERRORS as exc:
-        transport = request.transport
-        if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
-            # the client went away (mid-upload, say): aiohttp fails the body's read with
-            # ConnectionResetError. Not a storage outage, and nobody is left to answer;
-            # counted as 499 (client closed request). A database connection failing while
-            # the client is still connected still reaches the 503 below.
+        if isinstance(exc, ConnectionError) and request.content.exception() is exc:
+            # the client went away mid-upload: aiohttp fails the body's read with the
+            # ConnectionResetError it set on the body when the connection was lost. Not a
+            # storage outage, and nobody is left to answer; counted as 499 (client closed
+            # request). A database connection failing (ConnectionRefusedError from asyncpg
+            # during an outage), whether or not the client is still there, reaches the 503.
             log.debug("client went away", extra={"route": template})
             metrics.count_http_request(template, 499)
             return web.Response(status=499)

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import ClientResponse, ServerDisconnectedError, web
 
-from gateway import connection, metrics
+from gateway import connection, metrics, ws
 from gateway.appkeys import SERVICES
 from gateway.fake_upstream import FakeUpstream
 from gateway.provision import NewTenant
@@ -365,6 +365,36 @@ async def test_a_client_leaving_mid_upload_is_not_a_storage_outage(
     await until(lambda: _requests(499) == gone + 1)
     assert _requests(503) == outages
     assert not [r for r in caplog.records if r.getMessage() == "storage unavailable"]
+
+
+async def test_an_outage_met_after_the_client_left_is_still_an_outage(
+    offline_gateway: Gateway, tenant: NewTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL refusing connections is a storage outage (503, logged) even when the
+    client has gone by the time it is met: only a body read cut by the client is a 499."""
+    closed = asyncio.Event()
+
+    async def unreachable(request: Any) -> Any:
+        await closed.wait()
+        await asyncio.sleep(0.1)  # the server has seen the connection close
+        raise ConnectionRefusedError("database unreachable")
+
+    monkeypatch.setattr(ws, "_tenant_and_policy", unreachable)
+    outages, gone = _requests(503), _requests(499)
+    url = urlsplit(offline_gateway.url(f"/v1/widget/chat?site={tenant.site_key}"))
+    _, writer = await asyncio.open_connection(url.hostname, url.port)
+    body = b'{"id": "m1", "text": "hi"}'
+    writer.write(
+        f"POST {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\nOrigin: {ORIGIN}\r\n"
+        f"Content-Length: {len(body)}\r\nContent-Type: application/json\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    closed.set()
+    await until(lambda: _requests(503) == outages + 1)
+    assert _requests(499) == gone
 
 
 async def test_fallback_records_one_page_view_per_session_not_per_message(
