@@ -263,10 +263,15 @@ def _known_consumer_gpc(
     which every session of the user loads and its open sockets apply (CCPA regulations
     §7025(c)(1): a signal from a known consumer applies to the consumer). An anonymous
     visitor's GPC holds for the browser that sends it (`effective_purposes`). Recorded
-    once: a refusal already on record is not written again."""
+    once: a refusal already on record is not written again.
+
+    A purpose the policy requires is not refused: a refusal would stop the user chatting
+    anywhere, where GPC stops only tracking; on the browser that sends it the signal still
+    switches it off, as for anyone."""
     if ref is None or not signals.gpc:
         return state, []
-    new, events = apply_consent_change(state, (), TRACKING_PURPOSES, cp.policy.consent_version)
+    purposes = TRACKING_PURPOSES - cp.required
+    new, events = apply_consent_change(state, (), purposes, cp.policy.consent_version)
     return new, [(e.purpose, e.granted) for e in events]
 
 

@@ -10,7 +10,7 @@ import pytest
 from gateway import identity, metrics
 from gateway.provision import NewTenant
 from tests.conftest import Gateway, chat, hello
-from tests.support import call
+from tests.support import call, tenant_with
 
 
 @pytest.mark.parametrize(
@@ -300,6 +300,31 @@ async def test_gpc_from_a_verified_user_holds_on_their_other_devices(
     await phone.close()
     count = "SELECT count(*) FROM consents WHERE subject_id = $1"
     assert await owner_pool.fetchval(count, subject) == 3
+
+
+async def test_gpc_from_a_verified_user_does_not_refuse_what_the_site_requires(
+    offline_gateway: Gateway, app_pool: asyncpg.Pool, owner_pool: asyncpg.Pool
+) -> None:
+    # a site that requires analytics to chat: the signal switches tracking off on this
+    # browser, as for an anonymous visitor, and refuses only what is not required
+    t = await tenant_with(app_pool, required_consents=["analytics"])
+    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", t.admin_key)
+    ann = {"id": "ann-6", "hash": identity.user_hash(body["identity_secret"], "ann-6")}
+    for n in range(2):
+        phone = await offline_gateway.ws(t.site_key, headers={"Sec-GPC": "1"})
+        w = await hello(phone, user=ann, consent={"analytics": True} if n == 0 else {})
+        assert w["policy"]["tracking"] == "off"
+        assert (await chat(phone, f"m{n}", "hello"))[-1]["type"] == "done"
+        await phone.close()
+    subject = await _subject(owner_pool, w["conversation_id"])
+    rows = await owner_pool.fetch(
+        "SELECT purpose, granted, source FROM consents WHERE subject_id = $1 ORDER BY consent_id",
+        subject,
+    )
+    assert [tuple(r) for r in rows] == [
+        ("analytics", True, "widget"),
+        ("marketing", False, "signal"),
+    ]
 
 
 async def test_a_verified_session_answers_the_privacy_api_only_to_its_token(
