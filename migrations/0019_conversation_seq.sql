@@ -6,8 +6,10 @@
 -- the UPDATE of last_message_at). The primary key (tenant_id, conversation_id, seq)
 -- stays unique, and every reader of seq already names the conversation.
 --
--- Existing conversations go on from their highest seq; new ones start at 1. A number
--- already seen stays what it was, so a widget holding one orders the next correctly.
+-- Existing conversations go on from their highest seq, and one whose messages retention
+-- has already deleted from past every number the shared counter gave; new ones start at
+-- 1. A number already seen stays what it was, and the next is above it, so a widget
+-- holding one orders the next correctly.
 ALTER TABLE conversations ADD COLUMN next_seq bigint NOT NULL DEFAULT 1;
 
 -- The backfill must see every tenant's rows: an owner that is not a superuser is
@@ -19,16 +21,23 @@ UPDATE conversations c SET next_seq = m.top + 1
 FROM (SELECT tenant_id, conversation_id, max(seq) AS top FROM messages
       GROUP BY tenant_id, conversation_id) m
 WHERE c.tenant_id = m.tenant_id AND c.conversation_id = m.conversation_id;
+UPDATE conversations c SET next_seq = nextval(pg_get_serial_sequence('messages', 'seq'))
+WHERE c.message_count > 0 AND NOT EXISTS (
+    SELECT 1 FROM messages m
+    WHERE m.tenant_id = c.tenant_id AND m.conversation_id = c.conversation_id);
 ALTER TABLE conversations FORCE ROW LEVEL SECURITY;
 ALTER TABLE messages FORCE ROW LEVEL SECURITY;
 
 ALTER TABLE messages ALTER COLUMN seq DROP IDENTITY;
 
--- Writers that do not name a seq (the previous release's functions during a rolling
--- restart, an operator's INSERT) take the next one here. The functions below name it,
+-- Writers that do not name a seq (the ten-argument functions of 0004 and 0006, which
+-- releases before 0014 called, and an operator's INSERT) take the next one here; the
+-- previous release calls the functions below, which take it from the counter themselves,
 -- so the message path does not pay for a second update of the conversation row. A
--- conversation that is not there (erased, or another tenant's under row-level
--- security) gets 0, so the insert fails on its foreign key as it always did.
+-- BEFORE trigger runs before ON CONFLICT is checked: a re-send through those older
+-- functions takes a number it does not keep (a gap, never a duplicate). A conversation
+-- that is not there (erased, or another tenant's under row-level security) gets 0, so
+-- the insert fails on its foreign key as it always did.
 CREATE FUNCTION omnigate_message_seq() RETURNS trigger
     LANGUAGE plpgsql SECURITY INVOKER
     AS $$

@@ -394,7 +394,8 @@ async def test_message_numbers_go_on_per_conversation_after_the_upgrade(
         pool = await create_pool(owner_url, min_size=1, max_size=2)
         try:
             t = await create_tenant(pool, "upgrade", ["https://shop.example"])
-            a, b = uuid.uuid4(), uuid.uuid4()
+            # d: a conversation whose three messages retention has already deleted
+            a, b, d = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
             async with tenant_tx(pool, t.tenant_id) as conn:
                 subject = uuid.uuid4()
                 await conn.execute(
@@ -402,13 +403,14 @@ async def test_message_numbers_go_on_per_conversation_after_the_upgrade(
                     t.tenant_id,
                     subject,
                 )
-                for conv in (a, b):
+                for conv, count in ((a, 3), (b, 2), (d, 3)):
                     await conn.execute(
-                        "INSERT INTO conversations (tenant_id, conversation_id, subject_id) "
-                        "VALUES ($1, $2, $3)",
+                        "INSERT INTO conversations (tenant_id, conversation_id, subject_id,"
+                        " message_count) VALUES ($1, $2, $3, $4)",
                         t.tenant_id,
                         conv,
                         subject,
+                        count,
                     )
                 for conv in (a, b, a, b, a):  # a: 1, 3, 5; b: 2, 4
                     await conn.execute(
@@ -433,16 +435,26 @@ async def test_message_numbers_go_on_per_conversation_after_the_upgrade(
                 "SELECT omnigate_insert_message($1, $2, $3, 'user', NULL, NULL, 'complete',"
                 " NULL, '\\x00', NULL, false, NULL)"
             )
-            # the previous release's function, during a rolling restart: names no seq
+            # the function of releases before 0014, still defined: it names no seq
             old = (
                 "SELECT omnigate_insert_message($1, $2, $3, 'user', NULL, NULL, 'complete',"
                 " NULL, '\\x00', NULL)"
             )
             got = [
                 await pool.fetchval(sql, t.tenant_id, conv, uuid.uuid4())
-                for sql, conv in ((new, a), (new, b), (new, c), (old, a), (new, a), (old, c))
+                for sql, conv in (
+                    (new, a),
+                    (new, b),
+                    (new, c),
+                    (old, a),
+                    (new, a),
+                    (old, c),
+                    (new, d),
+                )
             ]
-            assert got == [6, 5, 1, 7, 8, 2]
+            # d goes on past every number the shared counter gave (5): a widget that
+            # showed its deleted messages orders the new one after them
+            assert got == [6, 5, 1, 7, 8, 2, 6]
             forced = await pool.fetch(
                 "SELECT relname FROM pg_class WHERE relforcerowsecurity"
                 " AND relname IN ('messages', 'conversations')"
