@@ -43,6 +43,8 @@ def _obj(**props: Any) -> dict[str, Any]:
 S = {"type": "string"}
 INT = {"type": "integer"}
 B = {"type": "boolean"}
+# a privacy signal as a widget may send it: on when true, 1, "1", "yes" or "true"
+SIGNAL = {"anyOf": [B, INT, S, {"type": "null"}]}
 T = {"type": "string", "format": "date-time"}
 U = {"type": "string", "format": "uuid"}
 
@@ -303,7 +305,7 @@ _FALLBACK_BODY = {
                     **_obj(
                         session_token=_nullable(S),
                         consent=_nullable({"type": "object", "additionalProperties": B}),
-                        signals=_nullable(_obj(dnt=B, gpc=B)),
+                        signals=_nullable(_obj(dnt=SIGNAL, gpc=SIGNAL)),
                         user=_nullable(_obj(id=S, hash=S)),
                         age_confirmed=B,
                         context=_nullable({"type": "object"}),

@@ -164,11 +164,10 @@ class ResumedSession:
     recent: list[asyncpg.Record]
     # the subject's kek id and wrapped data key, None once destroyed
     wrapped_key: tuple[str, bytes] | None
-    # the subject is a verified site user: resumed only by a hello that verifies as them
-    verified: bool
 
 
-# migrations/0015 (0010 with `verified`): sets the tenant itself, one autocommit round trip
+# migrations/0020 (0015 matching the hello's verified user): sets the tenant itself, one
+# autocommit round trip
 _RESUME = "SELECT * FROM omnigate_resume($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
@@ -206,7 +205,6 @@ async def resume(
         row["unanswered"],
         row["recent"],
         None if row["wrapped_key"] is None else (row["kek_id"], row["wrapped_key"]),
-        row["verified"],
     )
 
 
