@@ -160,6 +160,8 @@ class RedisBus(LocalBus):
         # one flush of `_pending` at a time (a publish and the subscriber's poll may both try)
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        # publishes under way: closing waits for them (a shielded one outlives its caller)
+        self._publishing: set[asyncio.Task[Any]] = set()
 
     def hears_all(self) -> bool:
         """Only while subscribed: with Redis away, other processes' events are missed."""
@@ -167,6 +169,17 @@ class RedisBus(LocalBus):
 
     async def publish(self, kind: str, payload: dict[str, Any]) -> None:
         """Deliver here now, then to every other process through Redis."""
+        task = asyncio.current_task()
+        if task is None:  # not in a task (no event loop runs one): nothing to wait for
+            await self._publish(kind, payload)
+            return
+        self._publishing.add(task)
+        try:
+            await self._publish(kind, payload)
+        finally:
+            self._publishing.discard(task)
+
+    async def _publish(self, kind: str, payload: dict[str, Any]) -> None:
         await self.deliver(kind, payload)
         message = orjson.dumps({"kind": kind, "payload": payload, "origin": self.origin})
         try:
@@ -204,6 +217,11 @@ class RedisBus(LocalBus):
                 await self._task
             self._task = None
         self.connected.clear()
+        others = self._publishing - {asyncio.current_task()}
+        if others:
+            # an erasure committed just before shutdown is being published (shielded from
+            # its cancelled handler): one that fails now queues its event, sent below
+            await asyncio.wait(others, timeout=CLOSE_FLUSH_TIMEOUT)
         if self._pending or self._dropped:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):

@@ -474,6 +474,24 @@ async def test_a_publish_racing_the_polls_flush_leaves_the_subscriber_alive(
             await c.aclose()
 
 
+async def test_closing_waits_for_a_publish_still_under_way() -> None:
+    """Shutdown cancels a handler whose erasure committed; its publish, shielded, goes
+    on. One that fails after closing began queues its event: closing waits for it, then
+    sends what is queued, rather than leave it behind unsent."""
+    slow = SlowRedis(fail=1)
+    b = RedisBus(slow)  # type: ignore[arg-type]
+
+    async def handler() -> None:  # as erasure.announce publishes, after its commit
+        await asyncio.shield(b.publish(bus.SUBJECT_ERASED, {"n": 1}))
+
+    caller = asyncio.create_task(handler())
+    await asyncio.sleep(0.001)  # the publish is sending
+    caller.cancel()
+    await b.close()
+    assert slow.sent == [{"n": 1}]
+    assert not b._pending
+
+
 async def test_a_fault_in_the_subscriber_is_a_gap_not_its_end(
     redis_url: str, channel: str, caplog: pytest.LogCaptureFixture
 ) -> None:
