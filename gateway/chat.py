@@ -58,6 +58,7 @@ def _busy(msg_id: str) -> ProtocolError:
         "this message is being answered on another connection; send it again shortly",
         id=msg_id,
         retry_after=BUSY_RETRY_AFTER,
+        reason="busy",
     )
 
 

@@ -54,6 +54,7 @@ class ProtocolError(Exception):
         id: str | None = None,
         retry_after: float | None = None,
         outcome: str | None = None,
+        reason: str | None = None,
     ) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
@@ -61,6 +62,8 @@ class ProtocolError(Exception):
         self.message = message
         self.id = id
         self.retry_after = retry_after
+        # a finer cause within the code, from a closed set (docs/protocol.md): `busy`
+        self.reason = reason
         # the message outcome for metrics when the code alone does not say it
         self.outcome = outcome
 
@@ -154,6 +157,8 @@ def error_frame(exc: ProtocolError) -> dict[str, Any]:
         frame["id"] = exc.id
     if exc.retry_after is not None:
         frame["retry_after"] = exc.retry_after
+    if exc.reason is not None:
+        frame["reason"] = exc.reason
     return frame
 
 

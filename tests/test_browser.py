@@ -505,14 +505,19 @@ class ScriptedServer:
     [
         (
             {"code": "rate_limited", "message": "slow down", "retry_after": 1.2},
-            "Trying again in 2 s",
+            "sending messages too quickly. Trying again in 2 s",
+            False,
+        ),
+        (
+            {"code": "rate_limited", "message": "x", "retry_after": 0.5, "reason": "busy"},
+            "being answered in another tab. Checking again in 1 s",
             False,
         ),
         ({"code": "storage_unavailable", "message": "x", "retry_after": 0.2}, "Retrying", False),
         ({"code": "upstream_unavailable", "message": "x"}, "unavailable right now", True),
         ({"code": "upstream_timeout", "message": "x"}, "took too long", True),
     ],
-    ids=["rate_limited", "storage_unavailable", "upstream_unavailable", "upstream_timeout"],
+    ids=["rate_limited", "busy", "storage_unavailable", "upstream_unavailable", "upstream_timeout"],
 )
 async def test_error_states_are_shown_and_recovered(
     live: Live,

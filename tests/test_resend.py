@@ -39,6 +39,7 @@ def busy(frame: dict[str, object], msg_id: str) -> bool:
     return (
         frame["type"] == "error"
         and frame["code"] == "rate_limited"
+        and frame.get("reason") == "busy"  # not the visitor's own rate: the widget says so
         and frame["id"] == msg_id
         and isinstance(frame["retry_after"], float)
         and frame["retry_after"] > 0

@@ -536,7 +536,13 @@
           retryHelloLater((wait || 1) * 1000);
           return;
         }
-        setStatus("You are sending messages too quickly. Trying again in " + (wait || 1) + " s.", "rate");
+        if (f.reason === "busy") {
+          // the same message is being answered in another tab of this conversation: not
+          // the visitor's pace; its stored answer comes with the next try
+          setStatus("This message is being answered in another tab. Checking again in " + (wait || 1) + " s.", "rate");
+        } else {
+          setStatus("You are sending messages too quickly. Trying again in " + (wait || 1) + " s.", "rate");
+        }
         if (msg) retryLater(msg, (wait || 1) * 1000);
         return;
       case "consent_required":
