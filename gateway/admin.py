@@ -13,9 +13,11 @@ exactly like objects that do not exist; nothing ever answers 403.
 
 from __future__ import annotations
 
+import base64
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -79,6 +81,74 @@ def error_response(exc: ApiError) -> web.Response:
     headers = {"WWW-Authenticate": 'Bearer realm="omnigate-admin"'} if exc.status == 401 else None
     body = {"error": {"code": exc.code, "message": exc.message, **exc.extra}}
     return json_response(body, exc.status, headers)
+
+
+# --- query parameters, shared by the admin routes that page -----------------------
+
+MAX_PAGE = 100
+
+
+def bad_param(field: str, message: str) -> ApiError:
+    """400 `bad_request` naming the query parameter at fault."""
+    return ApiError(
+        400, "bad_request", f"{field}: {message}", fields=[{"field": field, "message": message}]
+    )
+
+
+def int_param(request: web.Request, name: str, default: int, hi: int) -> int:
+    """Query parameter `name` as an integer in 1..hi (`default` when absent); else 400."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_param(name, "must be an integer") from None
+    if not 1 <= value <= hi:
+        raise bad_param(name, f"must be between 1 and {hi}")
+    return value
+
+
+def aware(value: datetime) -> bool:
+    """Whether `value` has a time zone and lies within years 1-9999 in UTC.
+
+    PostgreSQL stores timestamptz in UTC: a time near either end whose offset moves it
+    past the range could not even be sent as a query argument.
+    """
+    if value.tzinfo is None or value.utcoffset() is None:
+        return False
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        return False
+    return True
+
+
+def encode_cursor(at: datetime, conversation_id: UUID) -> str:
+    """An opaque cursor for keyset pagination by (a time, an id): the conversation list's
+    (last_message_at, conversation_id), the privacy requests' (due_at, request_id)."""
+    raw = orjson.dumps([at.isoformat(), str(conversation_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """The position a cursor names; 400 when it was not made by encode_cursor."""
+    bad = bad_param("cursor", "is not a cursor from this API")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        pos = orjson.loads(raw)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise bad from None
+    # decoded JSON may be anything: only the exact shape encode_cursor writes is a cursor
+    if not (isinstance(pos, list) and len(pos) == 2 and all(isinstance(p, str) for p in pos)):
+        raise bad
+    try:
+        at, cid = datetime.fromisoformat(pos[0]), UUID(pos[1])
+    except ValueError:
+        raise bad from None
+    if not aware(at):
+        raise bad
+    return at, cid
 
 
 def parse_uuid(value: str, what: str) -> UUID:
@@ -221,9 +291,6 @@ async def put_policy(request: web.Request, admin: Admin) -> web.Response:
 async def policy_history(request: web.Request, admin: Admin) -> web.Response:
     """Every policy version, newest first: who, when, what changed; `before` (a version)
     pages back, like the audit log's `before` (a seq)."""
-    # admin_data imports this module: its helpers are loaded by the time a request arrives
-    from gateway.admin_data import MAX_PAGE, int_param
-
     limit = int_param(request, "limit", 100, MAX_PAGE)
     before = int_param(request, "before", 2**62, 2**62) if "before" in request.query else None
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -13,9 +12,15 @@ from aiohttp import web
 
 from gateway import audit, identity, store
 from gateway.admin import (
+    MAX_PAGE,
     Admin,
     ApiError,
     admin_route,
+    aware,
+    bad_param,
+    decode_cursor,
+    encode_cursor,
+    int_param,
     json_response,
     not_found,
     parse_uuid,
@@ -24,42 +29,7 @@ from gateway.admin import (
 from gateway.crypto import CryptoError
 from gateway.db import tenant_tx
 
-MAX_PAGE = 100
 MAX_TRANSCRIPT = 1000
-
-
-def _bad(field: str, message: str) -> ApiError:
-    return ApiError(
-        400, "bad_request", f"{field}: {message}", fields=[{"field": field, "message": message}]
-    )
-
-
-def int_param(request: web.Request, name: str, default: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _bad(name, "must be an integer") from None
-    if not 1 <= value <= hi:
-        raise _bad(name, f"must be between 1 and {hi}")
-    return value
-
-
-def _aware(value: datetime) -> bool:
-    """Whether `value` has a time zone and lies within years 1-9999 in UTC.
-
-    PostgreSQL stores timestamptz in UTC: a time near either end whose offset moves it
-    past the range could not even be sent as a query argument.
-    """
-    if value.tzinfo is None or value.utcoffset() is None:
-        return False
-    try:
-        value.astimezone(UTC)
-    except OverflowError:
-        return False
-    return True
 
 
 def _time_param(request: web.Request, name: str) -> datetime | None:
@@ -69,36 +39,12 @@ def _time_param(request: web.Request, name: str) -> datetime | None:
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
-        raise _bad(name, "must be an ISO 8601 timestamp with a time zone") from None
-    if not _aware(value):
-        raise _bad(name, "must be an ISO 8601 timestamp with a time zone, in years 1-9999 in UTC")
+        raise bad_param(name, "must be an ISO 8601 timestamp with a time zone") from None
+    if not aware(value):
+        raise bad_param(
+            name, "must be an ISO 8601 timestamp with a time zone, in years 1-9999 in UTC"
+        )
     return value
-
-
-def encode_cursor(at: datetime, conversation_id: UUID) -> str:
-    """An opaque cursor for keyset pagination by (last_message_at, conversation_id)."""
-    raw = orjson.dumps([at.isoformat(), str(conversation_id)])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
-    """The position a cursor names; 400 when it was not made by encode_cursor."""
-    bad = _bad("cursor", "is not a cursor from this API")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        pos = orjson.loads(raw)
-    except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise bad from None
-    # decoded JSON may be anything: only the exact shape encode_cursor writes is a cursor
-    if not (isinstance(pos, list) and len(pos) == 2 and all(isinstance(p, str) for p in pos)):
-        raise bad
-    try:
-        at, cid = datetime.fromisoformat(pos[0]), UUID(pos[1])
-    except ValueError:
-        raise bad from None
-    if not _aware(at):
-        raise bad
-    return at, cid
 
 
 _LIST = """
@@ -128,7 +74,7 @@ async def list_conversations(request: web.Request, admin: Admin) -> web.Response
         try:
             subject_id = UUID(subject)
         except ValueError:
-            raise _bad("subject", "must be a subject id") from None
+            raise bad_param("subject", "must be a subject id") from None
     async with tenant_tx(admin.svc.pool, admin.tenant_id) as conn:
         rows = await conn.fetch(
             _LIST, admin.tenant_id, since, until, after_at, after_id, subject_id, limit + 1

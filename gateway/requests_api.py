@@ -13,8 +13,16 @@ from aiohttp import web
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import audit, dsr, metrics
-from gateway.admin import Admin, ApiError, admin_route, json_response, parse_uuid, read_json
-from gateway.admin_data import decode_cursor, encode_cursor
+from gateway.admin import (
+    Admin,
+    ApiError,
+    admin_route,
+    decode_cursor,
+    encode_cursor,
+    json_response,
+    parse_uuid,
+    read_json,
+)
 from gateway.appkeys import SERVICES
 from gateway.crypto import CryptoError
 from gateway.db import Pool, tenant_tx

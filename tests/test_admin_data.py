@@ -14,8 +14,7 @@ from aiohttp import ClientWebSocketResponse, WSMsgType
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway import netguard
-from gateway.admin import ApiError
-from gateway.admin_data import decode_cursor, encode_cursor
+from gateway.admin import ApiError, decode_cursor, encode_cursor
 from gateway.appkeys import SERVICES
 from gateway.config import Settings
 from gateway.fake_upstream import FakeUpstream
