@@ -33,6 +33,19 @@ async def page_views(owner_pool: asyncpg.Pool, tenant_id: UUID) -> list[str]:
     return [r["page_path"] for r in rows]
 
 
+async def revoke_analytics(g: Gateway, token: str) -> None:
+    """The visitor withdraws analytics through the privacy API (another tab, say)."""
+    status, _ = await call(
+        g,
+        "POST",
+        "/api/privacy/consent",
+        None,
+        json={"revoke": ["analytics"]},
+        headers={"Authorization": f"Session {token}"},
+    )
+    assert status == 200
+
+
 async def settled(ws: Any) -> None:
     """The hello's page view is written before its socket answers the next frame."""
     await ws.send_json({"type": "ping"})
@@ -58,15 +71,7 @@ async def test_revocation_during_hello_stops_its_page_view(
         v = await real(svc, tenant_id, cp, ctx, data)
         # the visitor withdraws analytics in the privacy panel of another tab meanwhile:
         # the connection is not yet live, so only the record knows
-        status, _ = await call(
-            g,
-            "POST",
-            "/api/privacy/consent",
-            None,
-            json={"revoke": ["analytics"]},
-            headers={"Authorization": f"Session {v.token}"},
-        )
-        assert status == 200
+        await revoke_analytics(g, v.token)
         return v
 
     monkeypatch.setattr(connection, "open_session", open_then_revoke)
@@ -114,15 +119,7 @@ async def test_the_record_decides_as_of_the_insert(
     await owner_pool.execute(sql, subject_id, False)
     assert await record_page_view(svc, v, cp, {"page": "/d"}, {})
     # withdrawn elsewhere, the event not yet applied to what the connection holds
-    status, _ = await call(
-        g,
-        "POST",
-        "/api/privacy/consent",
-        None,
-        json={"revoke": ["analytics"]},
-        headers={"Authorization": f"Session {v.token}"},
-    )
-    assert status == 200
+    await revoke_analytics(g, v.token)
     assert "analytics" in v.consent.granted
     assert not await record_page_view(svc, v, cp, {"page": "/e"}, {})
     await ws.close()

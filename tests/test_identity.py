@@ -40,6 +40,12 @@ async def _subject(owner_pool: asyncpg.Pool, conversation_id: str) -> uuid.UUID:
     return sid
 
 
+async def _users(g: Gateway, t: NewTenant, *uids: str) -> list[dict[str, str]]:
+    """Hello `user` claims that verify: a new identity secret for the tenant, each id signed."""
+    _, body = await call(g, "POST", "/api/admin/identity-secret", t.admin_key)
+    return [{"id": uid, "hash": identity.user_hash(body["identity_secret"], uid)} for uid in uids]
+
+
 def _unverified() -> float:
     return metrics.IDENTITY_UNVERIFIED._value.get()  # type: ignore[no-any-return]
 
@@ -94,8 +100,7 @@ async def test_verified_user_shares_one_subject_across_sockets(
 async def test_a_new_session_of_a_known_user_keeps_the_users_consent(
     offline_gateway: Gateway, tenant: NewTenant
 ) -> None:
-    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
-    user = {"id": "customer-7", "hash": identity.user_hash(body["identity_secret"], "customer-7")}
+    [user] = await _users(offline_gateway, tenant, "customer-7")
     ws1 = await offline_gateway.ws(tenant.site_key)
     first = await hello(ws1, user=user, consent={"ai_processing": True, "analytics": True})
     assert sorted(first["policy"]["granted"]) == ["ai_processing", "analytics"]
@@ -130,8 +135,7 @@ async def test_user_without_a_secret_is_ignored(
 async def test_erase_by_user(
     offline_gateway: Gateway, tenant: NewTenant, owner_pool: asyncpg.Pool
 ) -> None:
-    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
-    user = {"id": "gone-7", "hash": identity.user_hash(body["identity_secret"], "gone-7")}
+    [user] = await _users(offline_gateway, tenant, "gone-7")
     ws = await offline_gateway.ws(tenant.site_key)
     w = await hello(ws, user=user, consent={"conversation_storage": True})
     await chat(ws, "a", "remember me")
@@ -167,9 +171,7 @@ async def test_a_session_is_resumed_only_by_its_own_user(
 ) -> None:
     # One browser, two site users: the cookie or token of the first must not hand the
     # second the first one's conversation (nor, through it, their export or erasure).
-    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
-    secret = body["identity_secret"]
-    ann, bob = ({"id": uid, "hash": identity.user_hash(secret, uid)} for uid in ("ann-1", "bob-2"))
+    ann, bob = await _users(offline_gateway, tenant, "ann-1", "bob-2")
     ws = await offline_gateway.ws(tenant.site_key)
     first = await hello(ws, user=ann)
     assert (await chat(ws, "a", "ann's question"))[-1]["type"] == "done"
@@ -220,9 +222,7 @@ async def test_a_refused_resume_leaves_the_users_session_untouched(
     # the next person on ann's browser, with her cookie, GPC on, from another address:
     # refused, and none of it is written to ann's session (her export would show another
     # person's address and signals), nor her session's expiry slid by them
-    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
-    secret = body["identity_secret"]
-    ann, bob = ({"id": uid, "hash": identity.user_hash(secret, uid)} for uid in ("ann-3", "bob-3"))
+    ann, bob = await _users(offline_gateway, tenant, "ann-3", "bob-3")
     ws = await offline_gateway.ws(tenant.site_key)
     first = await hello(ws, user=ann)
     await ws.close()
@@ -264,8 +264,7 @@ async def test_gpc_from_a_verified_user_holds_on_their_other_devices(
 ) -> None:
     # a known consumer's signal applies to the consumer, not only to the browser that
     # sends it: the laptop (no signal) and the laptop's open socket stop tracking too
-    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
-    ann = {"id": "ann-5", "hash": identity.user_hash(body["identity_secret"], "ann-5")}
+    [ann] = await _users(offline_gateway, tenant, "ann-5")
     laptop = await offline_gateway.ws(tenant.site_key)
     before = await hello(laptop, user=ann, consent={"analytics": True}, context={"page": "/"})
     assert before["policy"]["tracking"] == "on"
@@ -308,8 +307,7 @@ async def test_gpc_from_a_verified_user_does_not_refuse_what_the_site_requires(
     # a site that requires analytics to chat: the signal switches tracking off on this
     # browser, as for an anonymous visitor, and refuses only what is not required
     t = await tenant_with(app_pool, required_consents=["analytics"])
-    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", t.admin_key)
-    ann = {"id": "ann-6", "hash": identity.user_hash(body["identity_secret"], "ann-6")}
+    [ann] = await _users(offline_gateway, t, "ann-6")
     for n in range(2):
         phone = await offline_gateway.ws(t.site_key, headers={"Sec-GPC": "1"})
         w = await hello(phone, user=ann, consent={"analytics": True} if n == 0 else {})
@@ -332,8 +330,7 @@ async def test_a_verified_session_answers_the_privacy_api_only_to_its_token(
 ) -> None:
     # ann signed out of the site, but the site cannot clear the gateway's cookie: the
     # next person on the browser still sends it, and must not get her export with it
-    _, body = await call(offline_gateway, "POST", "/api/admin/identity-secret", tenant.admin_key)
-    ann = {"id": "ann-9", "hash": identity.user_hash(body["identity_secret"], "ann-9")}
+    [ann] = await _users(offline_gateway, tenant, "ann-9")
     ws = await offline_gateway.ws(tenant.site_key)
     w = await hello(ws, user=ann)
     assert (await chat(ws, "a", "ann's question"))[-1]["type"] == "done"
